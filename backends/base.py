@@ -1,0 +1,290 @@
+"""The backend interface: the one seam between the dialect-neutral core and an inference engine.
+
+An engine owns one thread (the "owner thread"). Every call into the inference library
+(loading, prompt processing, sampling) happens on that thread; the event loop only
+enqueues work and reads results from a :class:`TokenStream`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Generator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+log = logging.getLogger("mlxserve.backends")
+
+T = TypeVar("T")
+
+# How many recent tokens repetition, presence and frequency penalties look at, on both backends.
+PENALTY_WINDOW = 64
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings a request may set; both backends honour all of them."""
+
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What an engine generates: prompt token ids in, sampled token ids out."""
+
+    prompt: tuple[int, ...]
+    sampling: SamplingParams
+    max_tokens: int
+    stop_token_ids: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model. ``context_length`` is the window the instance serves."""
+
+    context_length: int
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the core needs to know about a loaded model."""
+
+    format: Literal["mlx", "gguf"]
+    context_length: int
+    eos_token_ids: frozenset[int]
+    # Prepended to raw-text prompts when the model's tokenizer adds it by default.
+    bos_token_id: int | None
+    bos_token: str
+    eos_token: str
+    chat_template: str | None
+    # SentencePiece-style vocabularies encode a leading space on the first word.
+    strip_leading_space: bool = False
+
+
+@dataclass(frozen=True)
+class Token:
+    """One sampled token (never an end-of-generation token)."""
+
+    id: int
+
+
+@dataclass(frozen=True)
+class PromptProgress:
+    processed: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last item of every stream. ``generated`` counts every sampled token, stop tokens too."""
+
+    reason: Literal["stop", "length", "cancelled"]
+    generated: int
+
+
+class EngineError(Exception):
+    """The engine failed while generating."""
+
+
+class QueueFull(Exception):
+    """The engine's request queue is full."""
+
+
+StreamItem = Token | PromptProgress | Finished
+
+
+class TokenStream:
+    """An async stream of a request's tokens, fed from the owner thread without polling."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[StreamItem | BaseException] = asyncio.Queue()
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request at its next step (prompt processing included)."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def put(self, item: StreamItem | BaseException) -> None:
+        """Called from the owner thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:
+            # The event loop is closed: nobody is listening any more.
+            self._cancel.set()
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> StreamItem:
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def next_batch(self, timeout: float | None = None) -> list[StreamItem]:
+        """The next item and every other one already waiting, so a fast engine is drained in
+        bulk; an empty list if nothing arrived within ``timeout`` seconds."""
+        try:
+            first = await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return []
+        if isinstance(first, BaseException):
+            raise first
+        items: list[StreamItem] = [first]
+        while not isinstance(items[-1], Finished) and not self._queue.empty():
+            items.append(await self.__anext__())
+        return items
+
+
+@dataclass
+class _Job:
+    request: GenerationRequest
+    stream: TokenStream
+
+
+@dataclass
+class _Call:
+    fn: Callable[[], Any]
+    future: Future[Any] = field(default_factory=Future)
+
+
+class Engine(ABC):
+    """One loaded model. Subclasses implement :meth:`_load`, :meth:`_steps` and the tokenizer."""
+
+    format: Literal["mlx", "gguf"]
+
+    def __init__(self, path: Path, options: LoadOptions, *, max_queue: int = 64) -> None:
+        self.path = path
+        self.options = options
+        self._max_queue = max_queue
+        self._inbox: queue.Queue[_Job | _Call | None] = queue.Queue()
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"engine:{path.name}", daemon=True)
+        self._thread.start()
+        self.info: EngineInfo = self.call(self._load).result()
+
+    # --- to implement -------------------------------------------------------------------
+
+    @abstractmethod
+    def _load(self) -> EngineInfo:
+        """Load the model (on the owner thread) and describe it."""
+
+    @abstractmethod
+    def _steps(
+        self, request: GenerationRequest, stream: TokenStream
+    ) -> Generator[int | PromptProgress, None, None]:
+        """Process the prompt, then yield sampled token ids forever (the caller stops it).
+
+        Called on the owner thread. Between prompt chunks it yields :class:`PromptProgress`
+        so that a cancelled request is dropped before its prompt is fully processed.
+        """
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text``, special tokens parsed, no BOS added. Thread-safe."""
+
+    @abstractmethod
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a token stands for (empty for control tokens). Thread-safe."""
+
+    @abstractmethod
+    def _unload(self) -> None:
+        """Free the model's memory (on the owner thread)."""
+
+    # --- shared machinery ---------------------------------------------------------------
+
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn`` on the owner thread."""
+        item = _Call(fn)
+        self._inbox.put(item)
+        return item.future
+
+    def submit(self, request: GenerationRequest) -> TokenStream:
+        """Queue a generation; its tokens arrive on the returned stream."""
+        with self._pending_lock:
+            if self._pending >= self._max_queue:
+                raise QueueFull(f"{self._pending} requests are already waiting for this model")
+            self._pending += 1
+        stream = TokenStream(asyncio.get_running_loop())
+        self._inbox.put(_Job(request, stream))
+        return stream
+
+    @property
+    def pending(self) -> int:
+        """Requests queued or running."""
+        return self._pending
+
+    def close(self) -> None:
+        """Stop the owner thread after the queued work and free the model."""
+        if self._thread.is_alive():
+            self.call(self._unload)
+            self._inbox.put(None)
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            item = self._inbox.get()
+            if item is None:
+                return
+            if isinstance(item, _Call):
+                if not item.future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    item.future.set_result(item.fn())
+                except BaseException as exc:  # handed to the waiting caller
+                    item.future.set_exception(exc)
+                continue
+            try:
+                self._generate(item)
+            finally:
+                with self._pending_lock:
+                    self._pending -= 1
+
+    def _generate(self, job: _Job) -> None:
+        request, stream = job.request, job.stream
+        generated = 0
+        reason: Literal["stop", "length", "cancelled"] = "length"
+        try:
+            if stream.cancelled:
+                stream.put(Finished("cancelled", 0))
+                return
+            steps = self._steps(request, stream)
+            try:
+                for step in steps:
+                    if stream.cancelled:
+                        reason = "cancelled"
+                        break
+                    if isinstance(step, PromptProgress):
+                        stream.put(step)
+                        continue
+                    generated += 1
+                    if step in request.stop_token_ids:
+                        reason = "stop"
+                        break
+                    stream.put(Token(step))
+                    if generated >= request.max_tokens:
+                        break
+            finally:
+                steps.close()
+            stream.put(Finished(reason, generated))
+        except Exception as exc:
+            log.exception("generation failed on %s", self.path.name)
+            stream.put(EngineError(f"{type(exc).__name__}: {exc}"))

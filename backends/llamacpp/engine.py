@@ -1,0 +1,120 @@
+"""GGUF engine: llama.cpp through llama-cpp-python, on its own owner thread."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+from collections.abc import Generator
+
+import llama_cpp
+from llama_cpp import Llama
+
+from backends.base import (
+    PENALTY_WINDOW,
+    Engine,
+    EngineInfo,
+    GenerationRequest,
+    PromptProgress,
+    TokenStream,
+)
+
+# Prompt tokens evaluated between two cancellation checks (also llama.cpp's batch size).
+PREFILL_CHUNK = 512
+
+
+class LlamaCppEngine(Engine):
+    """A GGUF model behind the backend interface."""
+
+    format = "gguf"
+
+    def _load(self) -> EngineInfo:
+        llm = Llama(
+            model_path=str(self.path),
+            n_ctx=self.options.context_length,
+            n_batch=PREFILL_CHUNK,
+            n_gpu_layers=-1,
+            n_threads=max(1, os.cpu_count() or 1),
+            last_n_tokens_size=PENALTY_WINDOW,
+            verbose=False,
+        )
+        self._llm = llm
+        vocab = llm._model.vocab
+        self._vocab = vocab
+        self._piece_cache: dict[int, bytes] = {}
+        n_vocab = llm.n_vocab()
+        eog = frozenset(t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
+        meta = llm.metadata
+        bos = llm.token_bos()
+        strip = (
+            llama_cpp.llama_vocab_type(vocab) == llama_cpp.LLAMA_VOCAB_TYPE_SPM
+            and meta.get("tokenizer.ggml.add_space_prefix", "true") != "false"
+        )
+        return EngineInfo(
+            format="gguf",
+            context_length=llm.n_ctx(),
+            eos_token_ids=eog,
+            bos_token_id=bos if bos >= 0 and llama_cpp.llama_vocab_get_add_bos(vocab) else None,
+            bos_token=self._text(bos) if bos >= 0 else "",
+            eos_token=self._text(llm.token_eos()),
+            chat_template=meta.get("tokenizer.chat_template"),
+            strip_leading_space=strip,
+        )
+
+    def _text(self, token_id: int) -> str:
+        raw = llama_cpp.llama_vocab_get_text(self._vocab, token_id)
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self._piece_cache.get(token_id)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token_id, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self._vocab, token_id, buf, len(buf), 0, False)
+            piece = buf.raw[: max(n, 0)]
+            self._piece_cache[token_id] = piece
+        return piece
+
+    def _steps(
+        self, request: GenerationRequest, stream: TokenStream
+    ) -> Generator[int | PromptProgress, None, None]:
+        llm = self._llm
+        prompt = list(request.prompt)
+        # Reuse the KV cache of the longest prefix shared with the previous request, then
+        # evaluate the rest in chunks so that a cancelled request stops between them.
+        # The last prompt token is left for generate(), which needs its logits.
+        shared = 0
+        for a, b in zip(llm.input_ids[: llm.n_tokens], prompt[:-1], strict=False):
+            if a != b:
+                break
+            shared += 1
+        llm.n_tokens = shared
+        total = len(prompt)
+        while llm.n_tokens < total - 1:
+            if stream.cancelled:
+                return
+            end = min(llm.n_tokens + PREFILL_CHUNK, total - 1)
+            llm.eval(prompt[llm.n_tokens : end])
+            yield PromptProgress(llm.n_tokens, total)
+        p = request.sampling
+        llm.set_seed(p.seed % (1 << 32) if p.seed is not None else random.getrandbits(31))
+        yield from llm.generate(
+            prompt,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            min_p=p.min_p,
+            temp=p.temperature,
+            repeat_penalty=p.repeat_penalty,
+            frequency_penalty=p.frequency_penalty,
+            presence_penalty=p.presence_penalty,
+            reset=True,
+        )
+
+    def _unload(self) -> None:
+        self._llm.close()
+        del self._llm

@@ -1,0 +1,54 @@
+"""The ASGI application."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from mlxserve import __version__
+from mlxserve.errors import MlxServeError
+from mlxserve.routes import openai
+from mlxserve.routes.common import error_response
+from mlxserve.settings import Settings
+from mlxserve.state import AppState
+
+
+async def health(request: Request) -> Response:
+    state: AppState = request.app.state.mlxserve
+    return JSONResponse(
+        {
+            "status": "ok",
+            "version": __version__,
+            "loaded": [i.id for i in state.manager.loaded()],
+        }
+    )
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build the server: every piece of state hangs off ``app.state.mlxserve``."""
+    settings = settings or Settings()
+    state = AppState.build(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state.registry.scan()
+        yield
+        await state.manager.close()
+
+    app = Starlette(
+        routes=[Route("/health", health, methods=["GET"]), *openai.routes],
+        exception_handlers={
+            MlxServeError: error_response,
+            HTTPException: error_response,
+            Exception: error_response,
+        },
+        lifespan=lifespan,
+    )
+    app.state.mlxserve = state
+    return app

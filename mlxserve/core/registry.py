@@ -1,0 +1,317 @@
+"""Model discovery: LM Studio's folder layout, metadata read from the files, never the weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from mlxserve.core.templates import template_supports_tools
+
+log = logging.getLogger("mlxserve.registry")
+
+# A model key is "publisher/model"; both parts are plain folder names.
+_KEY_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SPLIT_GGUF = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+# Written by our generator into demo models so that they are labelled everywhere.
+DEMO_MARKER = "mlxserve-demo.json"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A downloaded model, as read from its files."""
+
+    key: str
+    publisher: str
+    name: str
+    format: Literal["mlx", "gguf"]
+    path: Path  # the model folder
+    weights: Path  # the GGUF file, or the MLX folder
+    architecture: str
+    quantization: str
+    bits_per_weight: float
+    size_bytes: int
+    params_string: str
+    max_context_length: int
+    trained_for_tool_use: bool
+    type: Literal["llm", "embedding"] = "llm"
+    description: str | None = None
+
+    @property
+    def display_name(self) -> str:
+        return self.name
+
+
+def valid_key_part(part: str) -> bool:
+    return bool(_KEY_PART.match(part)) and ".." not in part
+
+
+def params_string(n: int) -> str:
+    """``494_032_768`` -> ``"494M"``; ``7_241_732_096`` -> ``"7.2B"``."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            value = n / scale
+            text = f"{value:.1f}" if value < 10 else f"{value:.0f}"
+            return text.removesuffix(".0") + unit
+    return str(n)
+
+
+class UnusableModel(Exception):
+    """A folder that looks like a model but cannot be served; the message says why."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnusableModel(f"{path.name} is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise UnusableModel(f"{path.name} is not a JSON object")
+    return data
+
+
+def _demo_description(folder: Path) -> str | None:
+    marker = folder / DEMO_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return str(json.loads(marker.read_text()).get("description", "demo model"))
+    except (OSError, json.JSONDecodeError):
+        return "demo model"
+
+
+def _mlx_info(publisher: str, folder: Path) -> ModelInfo:
+    from safetensors import safe_open
+
+    config = _read_json(folder / "config.json")
+    files = sorted(folder.glob("*.safetensors"))
+    quant = config.get("quantization") or config.get("quantization_config") or {}
+    bits = quant.get("bits") if isinstance(quant, dict) else None
+    n_params = 0
+    dtypes: set[str] = set()
+    for file in files:
+        try:
+            with safe_open(str(file), framework="numpy") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    sl = f.get_slice(name)
+                    dtype = str(sl.get_dtype())
+                    numel = 1
+                    for d in sl.get_shape():
+                        numel *= int(d)
+                    if bits and (name.endswith(".scales") or name.endswith(".biases")):
+                        continue
+                    if bits and dtype in ("U32", "uint32"):
+                        numel = numel * 32 // int(bits)
+                    else:
+                        dtypes.add(dtype)
+                    n_params += numel
+        except Exception as exc:  # safetensors raises its own error types
+            raise UnusableModel(f"{file.name} is not a readable safetensors file ({exc})") from exc
+    architectures = config.get("architectures") or []
+    architecture = str(config.get("model_type") or (architectures[0] if architectures else "?"))
+    text_config = config.get("text_config")
+    if not isinstance(text_config, dict):
+        text_config = {}
+    max_ctx = (
+        config.get("max_position_embeddings")
+        or text_config.get("max_position_embeddings")
+        or config.get("n_positions")
+        or 2048
+    )
+    if bits:
+        quantization, bpw = f"{int(bits)}bit", float(bits)
+    else:
+        dtype = (sorted(dtypes) or [str(config.get("torch_dtype", "F16"))])[0].upper()
+        dtype = {"FLOAT32": "F32", "FLOAT16": "F16", "BFLOAT16": "BF16"}.get(dtype, dtype)
+        quantization = dtype
+        bpw = float(re.sub(r"\D", "", dtype) or 16)
+    tokenizer_config: dict[str, Any] = {}
+    if (folder / "tokenizer_config.json").is_file():
+        tokenizer_config = _read_json(folder / "tokenizer_config.json")
+    template = tokenizer_config.get("chat_template")
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8", errors="replace")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        template = " ".join(str(t.get("template", "")) for t in template if isinstance(t, dict))
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    return ModelInfo(
+        key=f"{publisher}/{folder.name}",
+        publisher=publisher,
+        name=folder.name,
+        format="mlx",
+        path=folder,
+        weights=folder,
+        architecture=architecture,
+        quantization=quantization,
+        bits_per_weight=bpw,
+        size_bytes=size,
+        params_string=params_string(n_params),
+        max_context_length=int(max_ctx),
+        trained_for_tool_use=template_supports_tools(template),
+        description=_demo_description(folder),
+    )
+
+
+def _gguf_field(reader: Any, name: str) -> Any:
+    field = reader.get_field(name)
+    if field is None:
+        return None
+    return field.contents()
+
+
+def _gguf_info(publisher: str, folder: Path, file: Path, shards: list[Path]) -> ModelInfo:
+    from gguf import GGUFReader, LlamaFileType
+
+    try:
+        reader = GGUFReader(str(file), "r")
+    except Exception as exc:  # the gguf package raises ValueError, struct errors and more
+        raise UnusableModel(f"{file.name} is not a readable GGUF file ({exc})") from exc
+    arch = str(_gguf_field(reader, "general.architecture") or "?")
+    file_type = _gguf_field(reader, "general.file_type")
+    n_params = sum(int(t.n_elements) for t in reader.tensors)
+    n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    if file_type is not None:
+        try:
+            quantization = LlamaFileType(int(file_type)).name
+            quantization = quantization.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            quantization = f"type-{file_type}"
+    else:
+        quantization = "?"
+    split_count = _gguf_field(reader, "split.count")
+    if split_count and int(split_count) > 1:
+        # Only the first shard's tensors were counted; estimate from the total size.
+        total = sum(p.stat().st_size for p in shards)
+        n_params = int(n_params * total / max(file.stat().st_size, 1))
+        n_bytes = int(n_bytes * total / max(file.stat().st_size, 1))
+    bpw = round(n_bytes * 8 / n_params, 2) if n_params else 0.0
+    max_ctx = _gguf_field(reader, f"{arch}.context_length") or 2048
+    template = _gguf_field(reader, "tokenizer.chat_template")
+    model_type: Literal["llm", "embedding"] = (
+        "embedding" if _gguf_field(reader, f"{arch}.pooling_type") else "llm"
+    )
+    del reader
+    return ModelInfo(
+        key=f"{publisher}/{folder.name}",
+        publisher=publisher,
+        name=folder.name,
+        format="gguf",
+        path=folder,
+        weights=file,
+        architecture=arch,
+        quantization=quantization,
+        bits_per_weight=bpw,
+        size_bytes=sum(p.stat().st_size for p in shards),
+        params_string=params_string(n_params),
+        max_context_length=int(max_ctx),
+        trained_for_tool_use=template_supports_tools(template),
+        type=model_type,
+        description=_demo_description(folder),
+    )
+
+
+def _inspect(publisher: str, folder: Path) -> ModelInfo:
+    ggufs = sorted(
+        p for p in folder.glob("*.gguf") if p.is_file() and not p.name.startswith("mmproj")
+    )
+    if ggufs:
+        first_shards = [p for p in ggufs if not _SPLIT_GGUF.search(p.name)] or [
+            p for p in ggufs if _SPLIT_GGUF.search(p.name) and "-00001-of-" in p.name
+        ]
+        if not first_shards:
+            raise UnusableModel("split GGUF without its first shard")
+        file = first_shards[0]
+        match = _SPLIT_GGUF.search(file.name)
+        shards = [file]
+        if match:
+            stem = file.name[: match.start()]
+            shards = sorted(folder.glob(f"{stem}-*-of-{match.group(2)}.gguf"))
+        if len(first_shards) > 1:
+            log.info(
+                "%s/%s holds several GGUF files; serving %s", publisher, folder.name, file.name
+            )
+        return _gguf_info(publisher, folder, file, shards)
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        return _mlx_info(publisher, folder)
+    raise UnusableModel("neither config.json with *.safetensors (MLX) nor a .gguf file (GGUF)")
+
+
+class Registry:
+    """The models under one root, rescanned on demand; unchanged folders are not re-read."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._cache: dict[Path, tuple[tuple[Any, ...], ModelInfo | None]] = {}
+        self._reported: dict[Path, str] = {}
+
+    def _fingerprint(self, folder: Path) -> tuple[Any, ...]:
+        entries = []
+        for p in sorted(folder.iterdir()):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            entries.append((p.name, st.st_size, st.st_mtime_ns))
+        return tuple(entries)
+
+    def scan(self) -> list[ModelInfo]:
+        """Every usable model, sorted by key. Unusable folders are logged once, then skipped."""
+        found: list[ModelInfo] = []
+        if not self.root.is_dir():
+            return found
+        seen: set[Path] = set()
+        for publisher_dir in sorted(self.root.iterdir()):
+            if not publisher_dir.is_dir() or publisher_dir.name.startswith("."):
+                continue
+            for folder in sorted(publisher_dir.iterdir()):
+                if not folder.is_dir() or folder.name.startswith("."):
+                    continue
+                seen.add(folder)
+                info = self._inspect_cached(publisher_dir.name, folder)
+                if info is not None:
+                    found.append(info)
+        for gone in set(self._cache) - seen:
+            del self._cache[gone]
+        return found
+
+    def _inspect_cached(self, publisher: str, folder: Path) -> ModelInfo | None:
+        try:
+            fingerprint = self._fingerprint(folder)
+        except OSError as exc:
+            self._report(folder, f"cannot be read ({exc.strerror})")
+            return None
+        cached = self._cache.get(folder)
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        info: ModelInfo | None = None
+        if not (valid_key_part(publisher) and valid_key_part(folder.name)):
+            self._report(folder, "its name is not a valid model key part")
+        else:
+            try:
+                info = _inspect(publisher, folder)
+                self._reported.pop(folder, None)
+            except UnusableModel as exc:
+                self._report(folder, str(exc))
+            except Exception as exc:  # a scan never crashes on one bad folder
+                self._report(folder, f"{type(exc).__name__}: {exc}")
+        self._cache[folder] = (fingerprint, info)
+        return info
+
+    def _report(self, folder: Path, reason: str) -> None:
+        if self._reported.get(folder) != reason:
+            self._reported[folder] = reason
+            rel = folder.relative_to(self.root) if folder.is_relative_to(self.root) else folder
+            log.warning("skipping %s: %s", rel, reason)
+
+    def get(self, key: str) -> ModelInfo | None:
+        """The model with this key, or None. Never touches a path outside the root."""
+        parts = key.split("/")
+        if len(parts) != 2 or not all(valid_key_part(p) for p in parts):
+            return None
+        for info in self.scan():
+            if info.key == key:
+                return info
+        return None

@@ -1,0 +1,91 @@
+"""Typed errors, raised anywhere and rendered once per dialect at the HTTP edge."""
+
+from __future__ import annotations
+
+
+class MlxServeError(Exception):
+    """Base class. ``status`` is the HTTP status; ``kind`` the OpenAI error ``type``."""
+
+    status = 500
+    kind = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(MlxServeError):
+    status = 400
+    kind = "invalid_request_error"
+    code = "invalid_request"
+
+
+class InvalidJSON(InvalidRequest):
+    code = "invalid_json"
+
+
+class ModelNotFound(MlxServeError):
+    status = 404
+    kind = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"Model '{model}' was not found. GET /v1/models lists the available models.",
+            param="model",
+        )
+
+
+class ModelNotLoaded(MlxServeError):
+    status = 400
+    kind = "invalid_request_error"
+    code = "model_not_loaded"
+
+
+class ModelLoadFailed(MlxServeError):
+    status = 500
+    kind = "server_error"
+    code = "model_load_failed"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+    def __init__(self, n_prompt_tokens: int, n_ctx: int) -> None:
+        super().__init__(
+            f"This model's maximum context length is {n_ctx} tokens, however you requested "
+            f"{n_prompt_tokens} tokens in the prompt. Please reduce the length of the messages "
+            "or load the model with a larger context length.",
+            param="messages",
+        )
+        self.n_prompt_tokens = n_prompt_tokens
+        self.n_ctx = n_ctx
+
+
+class Overloaded(MlxServeError):
+    status = 503
+    kind = "overloaded_error"
+    code = "server_busy"
+    retry_after_seconds = 1
+
+
+class NotFoundRoute(MlxServeError):
+    status = 404
+    kind = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(MlxServeError):
+    status = 405
+    kind = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class EngineFailure(MlxServeError):
+    """The backend failed while generating; not the client's fault."""
+
+    status = 500
+    kind = "server_error"
+    code = "engine_error"

@@ -1,0 +1,245 @@
+"""OpenAI wire schemas (requests only; responses are rendered by the routes).
+
+Unknown fields are accepted and ignored, as OpenAI clients send many. Fields we cannot honour
+are refused with a 400 rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+
+from mlxserve.core.types import CoreRequest, SamplingParams
+from mlxserve.errors import InvalidRequest
+
+MAX_STOPS = 16
+MAX_STOP_LENGTH = 256
+
+
+def _clean_text(value: str) -> str:
+    """Reject strings that cannot become UTF-8 (lone surrogates) before a tokenizer sees them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("text contains characters that are not valid Unicode") from exc
+    return value
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(_Lenient):
+    type: Literal["text"]
+    text: str
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, v: str) -> str:
+        return _clean_text(v)
+
+
+class OtherPart(_Lenient):
+    type: str
+
+
+class FunctionCall(_Lenient):
+    name: str
+    arguments: str = ""
+
+
+class ToolCall(_Lenient):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart | OtherPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v: Any) -> Any:
+        return _clean_text(v) if isinstance(v, str) else v
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if not isinstance(part, TextPart):
+                raise InvalidRequest(
+                    f"Content parts of type '{part.type}' are not supported by this model; "
+                    "only 'text' parts are.",
+                    param="messages",
+                )
+            parts.append(part.text)
+        return "".join(parts)
+
+    def to_template(self) -> dict[str, Any]:
+        """The message as chat templates expect it (HF conventions)."""
+        role = "system" if self.role == "developer" else self.role
+        out: dict[str, Any] = {"role": role, "content": self.text()}
+        if self.name:
+            out["name"] = self.name
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            calls = []
+            for call in self.tool_calls:
+                try:
+                    arguments: Any = json.loads(call.function.arguments or "{}")
+                except json.JSONDecodeError:
+                    arguments = call.function.arguments
+                calls.append(
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.function.name, "arguments": arguments},
+                    }
+                )
+            out["tool_calls"] = calls
+        return out
+
+
+class StreamOptions(_Lenient):
+    include_usage: StrictBool = False
+
+
+Stop = (
+    Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
+    | Annotated[
+        list[Annotated[str, Field(max_length=MAX_STOP_LENGTH)]], Field(max_length=MAX_STOPS)
+    ]
+    | None
+)
+
+
+class _Sampling(_Lenient):
+    """Sampling fields shared by chat and text completions (top_k, min_p and repeat_penalty
+    are the extensions llama.cpp and LM Studio accept)."""
+
+    model: str = Field(min_length=1, max_length=512)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0, le=100_000)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repeat_penalty: float | None = Field(default=None, gt=0, le=10)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: Stop = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=1, description="only one choice per request")
+    logprobs: StrictBool | int | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return _clean_text(v)
+        if isinstance(v, list):
+            return [_clean_text(s) for s in v]
+        return v
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> _Sampling:
+        if self.logprobs:
+            raise ValueError("logprobs are not supported")
+        return self
+
+    def sampling(self, default_temperature: float) -> SamplingParams:
+        return SamplingParams(
+            temperature=default_temperature if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            repeat_penalty=self.repeat_penalty or 1.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            seed=self.seed,
+        )
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _refuse_unimplemented(self) -> ChatCompletionRequest:
+        if self.tools:
+            raise ValueError("tools are not supported by this server yet")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError(
+                f"response_format type '{self.response_format.get('type')}' is not supported "
+                "by this server yet"
+            )
+        return self
+
+    def to_core(self, default_temperature: float) -> CoreRequest:
+        return CoreRequest(
+            model=self.model,
+            sampling=self.sampling(default_temperature),
+            messages=tuple(m.to_template() for m in self.messages),
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            stops=self.stop_list(),
+        )
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    echo: StrictBool = False
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1, le=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError("exactly one prompt per request is supported")
+            return _clean_text(v[0])
+        return _clean_text(v)
+
+    @model_validator(mode="after")
+    def _refuse_unimplemented(self) -> CompletionRequest:
+        if self.echo:
+            raise ValueError("echo is not supported")
+        if self.suffix:
+            raise ValueError("suffix (fill-in-the-middle) is not supported")
+        return self
+
+    def to_core(self, default_temperature: float) -> CoreRequest:
+        assert isinstance(self.prompt, str)
+        if not self.prompt:
+            raise InvalidRequest("prompt must not be empty", param="prompt")
+        return CoreRequest(
+            model=self.model,
+            sampling=self.sampling(default_temperature),
+            prompt=self.prompt,
+            max_tokens=self.max_tokens if self.max_tokens is not None else 16,
+            stops=self.stop_list(),
+        )

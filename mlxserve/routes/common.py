@@ -1,0 +1,167 @@
+"""What every route shares: body parsing, error envelopes, SSE framing, disconnect handling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import anyio
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from mlxserve.errors import (
+    InvalidJSON,
+    InvalidRequest,
+    MethodNotAllowed,
+    MlxServeError,
+    NotFoundRoute,
+    Overloaded,
+)
+
+log = logging.getLogger("mlxserve.http")
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    body = await request.body()
+    if not body.strip():
+        raise InvalidJSON("The request body is empty; a JSON object is expected.")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidJSON(f"The request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InvalidJSON(f"The request body must be a JSON object, not {type(data).__name__}.")
+    return data
+
+
+def _param(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not out:
+            out = str(part)
+        elif part in ("str", "list", "int", "float", "bool") or "[" in str(part):
+            # pydantic adds union member names to the location; they mean nothing to clients
+            continue
+        else:
+            out += f".{part}"
+    return out
+
+
+def parse(model: type[M], data: dict[str, Any]) -> M:
+    """Validate ``data`` against a wire model; the first problem becomes a 400 naming its field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        param = _param(tuple(err["loc"])) or None
+        msg = err["msg"].removeprefix("Value error, ")
+        text = f"Invalid value for '{param}': {msg}" if param else msg
+        raise InvalidRequest(text, param=param) from None
+
+
+def openai_error_body(exc: MlxServeError) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": exc.message,
+            "type": exc.kind,
+            "param": exc.param,
+            "code": exc.code,
+        }
+    }
+
+
+def error_headers(exc: MlxServeError) -> dict[str, str]:
+    if isinstance(exc, Overloaded):
+        return {"Retry-After": str(exc.retry_after_seconds)}
+    if exc.status >= 500:
+        # Deterministic server faults: tell the official SDKs not to retry them.
+        return {"x-should-retry": "false"}
+    return {}
+
+
+def as_mlxserve_error(exc: Exception) -> MlxServeError:
+    if isinstance(exc, MlxServeError):
+        return exc
+    if isinstance(exc, HTTPException):
+        if exc.status_code == 404:
+            return NotFoundRoute("No such endpoint. See README.md for the API.")
+        if exc.status_code == 405:
+            return MethodNotAllowed("This endpoint does not accept that HTTP method.")
+        err = MlxServeError(str(exc.detail))
+        err.status = exc.status_code
+        err.kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return err
+    log.error("unhandled error", exc_info=exc)
+    return MlxServeError(f"Internal server error: {type(exc).__name__}")
+
+
+async def error_response(request: Request, exc: Exception) -> JSONResponse:
+    """The exception handler for every route: one place that renders errors."""
+    err = as_mlxserve_error(exc)
+    return JSONResponse(openai_error_body(err), status_code=err.status, headers=error_headers(err))
+
+
+class EventStreamResponse(StreamingResponse):
+    """An SSE response that notices a client leaving even while it has nothing to send
+    (queued, or processing a long prompt), and then stops the body iterator, whose
+    ``finally`` cancels the generation."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: Any, **kwargs: Any) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(content, headers=headers, **kwargs)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+
+            async def stream() -> None:
+                with contextlib.suppress(OSError):
+                    await self.stream_response(send)
+                group.cancel_scope.cancel()
+
+            group.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            group.cancel_scope.cancel()
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {payload}\n\n"
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Run ``work`` unless the client goes away first; then cancel it and return None."""
+    job = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if job in done:
+            return job.result()
+        job.cancel()
+        log.info("client disconnected; request cancelled")
+        return None
+    finally:
+        watcher.cancel()
+        if not job.done():
+            job.cancel()

@@ -1,0 +1,21 @@
+"""What the app holds: built once by :func:`mlxserve.app.create_app`, no module globals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlxserve.core.manager import ModelManager
+from mlxserve.core.registry import Registry
+from mlxserve.settings import Settings
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    registry: Registry
+    manager: ModelManager
+
+    @classmethod
+    def build(cls, settings: Settings) -> AppState:
+        registry = Registry(settings.models_root)
+        return cls(settings=settings, registry=registry, manager=ModelManager(settings, registry))
