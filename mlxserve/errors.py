@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._:-]{0,127})?$")
+
 
 class MlxServeError(Exception):
     """Base class. ``status`` is the HTTP status; ``kind`` the OpenAI error ``type``."""
@@ -32,8 +36,10 @@ class ModelNotFound(MlxServeError):
     code = "model_not_found"
 
     def __init__(self, model: str) -> None:
+        # Echo the name only when it is a plain model key, never anything path-like.
+        shown = f"'{model}'" if _PLAIN_KEY.match(model) else "requested"
         super().__init__(
-            f"Model '{model}' was not found. GET /v1/models lists the available models.",
+            f"Model {shown} was not found. GET /v1/models lists the available models.",
             param="model",
         )
 

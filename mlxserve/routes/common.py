@@ -45,6 +45,9 @@ async def read_json(request: Request) -> dict[str, Any]:
     return data
 
 
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
 def _param(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
@@ -52,7 +55,7 @@ def _param(loc: tuple[int | str, ...]) -> str:
             out += f"[{part}]"
         elif not out:
             out = str(part)
-        elif part in ("str", "list", "int", "float", "bool") or "[" in str(part):
+        elif not part.isidentifier() or part[0].isupper() or part in _TYPE_NAMES:
             # pydantic adds union member names to the location; they mean nothing to clients
             continue
         else:
