@@ -176,6 +176,7 @@ class Engine(ABC):
         self._max_queue = max_queue
         self._inbox: queue.Queue[_Job | _Call | None] = queue.Queue()
         self._pending = 0
+        self.generated_tokens = 0
         self._pending_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"engine:{path.name}", daemon=True)
         self._thread.start()
@@ -276,6 +277,7 @@ class Engine(ABC):
                         stream.put(step)
                         continue
                     generated += 1
+                    self.generated_tokens += 1
                     if step in request.stop_token_ids:
                         reason = "stop"
                         break

@@ -25,7 +25,15 @@ async def health(request: Request) -> Response:
         {
             "status": "ok",
             "version": __version__,
-            "loaded": [i.id for i in state.manager.loaded()],
+            "loaded": [
+                {
+                    "id": i.id,
+                    "format": i.info.format,
+                    "pending": i.engine.pending,
+                    "generated_tokens": i.engine.generated_tokens,
+                }
+                for i in state.manager.loaded()
+            ],
         }
     )
 

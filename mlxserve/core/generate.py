@@ -106,7 +106,7 @@ async def start(manager: ModelManager, request: CoreRequest) -> Generation:
                 prompt=tuple(tokens),
                 sampling=request.sampling,
                 max_tokens=max_tokens,
-                stop_token_ids=info.eos_token_ids,
+                stop_token_ids=frozenset() if request.ignore_eos else info.eos_token_ids,
             )
         )
     except QueueFull as exc:

@@ -29,6 +29,7 @@ class CoreRequest:
     prompt: str | None = None
     max_tokens: int | None = None
     stops: tuple[str, ...] = ()
+    ignore_eos: bool = False
     template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 

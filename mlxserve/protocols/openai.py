@@ -142,6 +142,8 @@ class _Sampling(_Lenient):
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1, description="only one choice per request")
     logprobs: StrictBool | int | None = None
+    # llama.cpp's extension: keep generating past the end-of-text token (benchmarks, tests).
+    ignore_eos: StrictBool = False
 
     @field_validator("stop")
     @classmethod
@@ -204,6 +206,7 @@ class ChatCompletionRequest(_Sampling):
             model=self.model,
             sampling=self.sampling(default_temperature),
             messages=tuple(m.to_template() for m in self.messages),
+            ignore_eos=self.ignore_eos,
             max_tokens=self.max_completion_tokens or self.max_tokens,
             stops=self.stop_list(),
         )
@@ -240,6 +243,7 @@ class CompletionRequest(_Sampling):
             model=self.model,
             sampling=self.sampling(default_temperature),
             prompt=self.prompt,
+            ignore_eos=self.ignore_eos,
             max_tokens=self.max_tokens if self.max_tokens is not None else 16,
             stops=self.stop_list(),
         )

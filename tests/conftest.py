@@ -1,0 +1,91 @@
+"""Shared fixtures: generated test models (cached) and a real server on a free loopback port."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS_CACHE = Path(os.environ.get("MLXSERVE_TEST_MODELS_DIR", REPO / ".cache" / "test-models"))
+PUBLISHER = "mlxserve-test"
+MLX_KEY = f"{PUBLISHER}/tiny-qwen2-mlx"
+GGUF_KEY = f"{PUBLISHER}/tiny-qwen2-gguf"
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location(
+        "make_test_models", REPO / "scripts" / "make_test_models.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def make_models():
+    """The generator module (scripts/make_test_models.py)."""
+    return _generator()
+
+
+@pytest.fixture(scope="session")
+def models_root(make_models) -> Path:
+    """A models directory holding the tiny Qwen2 chat model as MLX and as GGUF (same weights)."""
+    make_models.generate(MODELS_CACHE, publisher=PUBLISHER, name="tiny-qwen2", seed=0)
+    return MODELS_CACHE
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, models_dir: Path, home: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = home / "server.log"
+        env = {**os.environ, "MLXSERVE_HOME": str(home)}
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlxserve", "serve", "--port", str(self.port),
+             "--models-dir", str(models_dir), *extra],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log_path.read_text()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError(f"server did not start:\n{self.log_path.read_text()}")
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=5).json()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def server(models_root, tmp_path_factory):
+    srv = Server(models_root, tmp_path_factory.mktemp("home"))
+    yield srv
+    srv.stop()
