@@ -55,6 +55,9 @@ class LoadOptions:
     """How to load a model. ``context_length`` is the window the instance serves."""
 
     context_length: int
+    # Keep the KV cache in 32-bit floats: right for f32 weights, where MLX computes (and
+    # caches) in f32 too, so both formats give the same logits.
+    kv_cache_f32: bool = False
 
 
 @dataclass(frozen=True)

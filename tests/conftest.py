@@ -57,9 +57,20 @@ class Server:
         env = {**os.environ, "MLXSERVE_HOME": str(home)}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlxserve", "serve", "--port", str(self.port),
-             "--models-dir", str(models_dir), *extra],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "mlxserve",
+                "serve",
+                "--port",
+                str(self.port),
+                "--models-dir",
+                str(models_dir),
+                *extra,
+            ],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

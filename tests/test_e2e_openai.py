@@ -31,12 +31,17 @@ def stream_text(client, model, messages=HELLO, **kw):
     kw.setdefault("max_tokens", 24)
     chunks = list(
         client.chat.completions.create(
-            model=model, messages=messages, stream=True,
-            stream_options={"include_usage": True}, **kw
+            model=model,
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},
+            **kw,
         )
     )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     return text, finish, chunks
 
 
@@ -69,13 +74,18 @@ def test_streamed_chat_equals_unstreamed(client, model):
     usage = chunks[-1].usage
     assert chunks[-1].choices == []
     assert (usage.prompt_tokens, usage.completion_tokens) == (
-        whole.usage.prompt_tokens, whole.usage.completion_tokens)
+        whole.usage.prompt_tokens,
+        whole.usage.completion_tokens,
+    )
     assert all(c.usage is None for c in chunks[:-1])
 
 
 def test_no_usage_chunk_unless_asked(client):
-    chunks = list(client.chat.completions.create(
-        model=MLX_KEY, messages=HELLO, stream=True, max_tokens=4, temperature=0))
+    chunks = list(
+        client.chat.completions.create(
+            model=MLX_KEY, messages=HELLO, stream=True, max_tokens=4, temperature=0
+        )
+    )
     assert all(c.choices for c in chunks)
 
 
@@ -83,8 +93,10 @@ def test_no_usage_chunk_unless_asked(client):
     "messages",
     [
         HELLO,
-        [{"role": "system", "content": "You are terse."},
-         {"role": "user", "content": "Name three colours, please."}],
+        [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Name three colours, please."},
+        ],
         [{"role": "user", "content": "Café, naïve, 日本語 and emoji 🎉: say something."}],
     ],
 )
@@ -100,10 +112,14 @@ def test_format_parity_chat(client, messages):
 def test_format_parity_completions_and_stream(client):
     out = {}
     for model in MODELS:
-        r = client.completions.create(model=model, prompt="Once upon a time", max_tokens=20,
-                                      temperature=0)
-        s = list(client.completions.create(model=model, prompt="Once upon a time", max_tokens=20,
-                                           temperature=0, stream=True))
+        r = client.completions.create(
+            model=model, prompt="Once upon a time", max_tokens=20, temperature=0
+        )
+        s = list(
+            client.completions.create(
+                model=model, prompt="Once upon a time", max_tokens=20, temperature=0, stream=True
+            )
+        )
         assert "".join(c.choices[0].text for c in s) == r.choices[0].text
         assert r.object == "text_completion"
         out[model] = (r.choices[0].text, r.choices[0].finish_reason, r.usage.model_dump())
@@ -121,22 +137,27 @@ def test_max_tokens_gives_length(client, model):
 def test_stop_string_cuts_output(client, model):
     full = chat(client, model, max_tokens=40, extra_body={"ignore_eos": True})
     text = full.choices[0].message.content
-    stop = next((text[i:i + 3] for i in range(4, len(text) - 3) if text[i:i + 3].strip()), None)
+    stop = next((text[i : i + 3] for i in range(4, len(text) - 3) if text[i : i + 3].strip()), None)
     if stop is None:
         pytest.skip("the model's output has no usable substring")
     r = chat(client, model, max_tokens=40, stop=[stop], extra_body={"ignore_eos": True})
     assert r.choices[0].message.content == text[: text.index(stop)]
     assert r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens < full.usage.completion_tokens
-    streamed, finish, _ = stream_text(client, model, max_tokens=40, stop=stop,
-                                      extra_body={"ignore_eos": True})
+    streamed, finish, _ = stream_text(
+        client, model, max_tokens=40, stop=stop, extra_body={"ignore_eos": True}
+    )
     assert streamed == r.choices[0].message.content and finish == ["stop"]
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_seed_makes_sampling_reproducible(client, model):
-    kw = dict(temperature=1.0, top_p=0.9, top_k=50, min_p=0.01, max_tokens=16,
-              extra_body={"ignore_eos": True, "repeat_penalty": 1.1})
+    kw = dict(
+        temperature=1.0,
+        top_p=0.9,
+        max_tokens=16,
+        extra_body={"ignore_eos": True, "repeat_penalty": 1.1, "top_k": 50, "min_p": 0.01},
+    )
     a = chat(client, model, seed=1234, presence_penalty=0.5, frequency_penalty=0.5, **kw)
     b = chat(client, model, seed=1234, presence_penalty=0.5, frequency_penalty=0.5, **kw)
     assert a.choices[0].message.content == b.choices[0].message.content
@@ -155,7 +176,8 @@ def test_ten_concurrent_streams_across_two_models(server, client):
         async def one(model, msgs):
             parts = []
             stream = await aclient.chat.completions.create(
-                model=model, messages=msgs, stream=True, temperature=0, max_tokens=20)
+                model=model, messages=msgs, stream=True, temperature=0, max_tokens=20
+            )
             async for c in stream:
                 if c.choices and c.choices[0].delta.content:
                     parts.append(c.choices[0].delta.content)
@@ -178,8 +200,14 @@ def _instance(server, key):
 def test_disconnect_mid_stream_frees_the_engine(server, client, model):
     chat(client, model, max_tokens=2)  # loaded
     before = _instance(server, model)["generated_tokens"]
-    body = {"model": model, "messages": HELLO, "stream": True, "max_tokens": 3500,
-            "temperature": 0, "ignore_eos": True}
+    body = {
+        "model": model,
+        "messages": HELLO,
+        "stream": True,
+        "max_tokens": 3500,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
         seen = 0

@@ -116,3 +116,11 @@ def test_missing_root_is_empty(tmp_path):
 )
 def test_params_string(n, text):
     assert params_string(n) == text
+
+
+def test_demo_marker_labels_the_model(tmp_path):
+    make_mlx(tmp_path / "mlxserve" / "demo-random-weights-x")
+    marker = tmp_path / "mlxserve" / "demo-random-weights-x" / "mlxserve-demo.json"
+    marker.write_text(json.dumps({"description": "DEMO: random weights"}))
+    (model,) = Registry(tmp_path).scan()
+    assert model.description == "DEMO: random weights"

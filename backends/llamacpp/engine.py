@@ -29,6 +29,7 @@ class LlamaCppEngine(Engine):
     format = "gguf"
 
     def _load(self) -> EngineInfo:
+        kv_type = llama_cpp.GGML_TYPE_F32 if self.options.kv_cache_f32 else llama_cpp.GGML_TYPE_F16
         llm = Llama(
             model_path=str(self.path),
             n_ctx=self.options.context_length,
@@ -37,6 +38,8 @@ class LlamaCppEngine(Engine):
             n_threads=max(1, os.cpu_count() or 1),
             last_n_tokens_size=PENALTY_WINDOW,
             verbose=False,
+            type_k=kv_type,
+            type_v=kv_type,
         )
         self._llm = llm
         vocab = llm._model.vocab

@@ -97,7 +97,10 @@ class ModelManager:
                     open_engine,
                     info.format,
                     info.weights,
-                    LoadOptions(context_length=context_length),
+                    LoadOptions(
+                        context_length=context_length,
+                        kv_cache_f32=info.quantization == "F32",
+                    ),
                     max_queue=self.settings.max_queue_per_model,
                 )
             except Exception as exc:
