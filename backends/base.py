@@ -16,7 +16,10 @@ from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from backends.constraint import GrammarCache, GrammarConstraint
 
 log = logging.getLogger("mlxserve.backends")
 
@@ -48,6 +51,8 @@ class GenerationRequest:
     sampling: SamplingParams
     max_tokens: int
     stop_token_ids: frozenset[int] = frozenset()
+    # Constrained decoding: only tokens this grammar allows are sampled.
+    constraint: GrammarConstraint | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,8 @@ class Engine(ABC):
     """One loaded model. Subclasses implement :meth:`_load`, :meth:`_steps` and the tokenizer."""
 
     format: Literal["mlx", "gguf"]
+    # Set by ``_load``: the engine's llguidance tokenizer and compiled grammars.
+    grammars: GrammarCache
 
     def __init__(self, path: Path, options: LoadOptions, *, max_queue: int = 64) -> None:
         self.path = path

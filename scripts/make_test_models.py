@@ -106,6 +106,18 @@ CHAT_TEMPLATE = r"""
 {%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
 """.strip()
 
+# The same template for a model that thinks first (DeepSeek-R1 / Qwen3 style): the generation
+# prompt opens <think>, or gives an empty thinking block when enable_thinking is false.
+THINKING_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}",
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{- '<think>\\n\\n</think>\\n\\n' -}}{%- else -%}{{- '<think>\\n' -}}{%- endif -%}"
+    "{%- endif -%}",
+)
+assert THINKING_TEMPLATE != CHAT_TEMPLATE
+TEMPLATES = {"tools": CHAT_TEMPLATE, "thinking": THINKING_TEMPLATE}
+
 # The server's registry reads this file (mlxserve.core.registry.DEMO_MARKER) to label a model.
 DEMO_MARKER = "mlxserve-demo.json"
 DEMO_PUBLISHER = "mlxserve"
@@ -289,7 +301,11 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def write_mlx(
-    folder: Path, weights: dict[str, np.ndarray], vocab: Vocab, tokenizer_json: str
+    folder: Path,
+    weights: dict[str, np.ndarray],
+    vocab: Vocab,
+    tokenizer_json: str,
+    template: str = CHAT_TEMPLATE,
 ) -> None:
     from safetensors.numpy import save_file
 
@@ -312,12 +328,18 @@ def write_mlx(
     _write_json(folder / "tokenizer_config.json", {
         "tokenizer_class": "Qwen2Tokenizer", "add_bos_token": False, "add_prefix_space": False,
         "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "unk_token": None, "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+        "unk_token": None, "chat_template": template, "clean_up_tokenization_spaces": False,
         "errors": "replace", "model_max_length": CONTEXT, "split_special_tokens": False,
     })
 
 
-def write_gguf(path: Path, weights: dict[str, np.ndarray], vocab: Vocab, name: str) -> None:
+def write_gguf(
+    path: Path,
+    weights: dict[str, np.ndarray],
+    vocab: Vocab,
+    name: str,
+    template: str = CHAT_TEMPLATE,
+) -> None:
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch="qwen2")
@@ -342,7 +364,7 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], vocab: Vocab, name: s
     writer.add_eos_token_id(vocab.id_of("<|im_end|>"))
     writer.add_pad_token_id(vocab.id_of("<|endoftext|>"))
     writer.add_add_bos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(template)
     for hf_name, array in weights.items():  # tied embeddings: no output.weight
         writer.add_tensor(gguf_name(hf_name), array)
     writer.write_header_to_file()
@@ -399,10 +421,12 @@ def generate(
     formats: Sequence[str] = FORMATS,
     vocab: Path | None = None,
     description: str | None = None,
+    template: str = "tools",
 ) -> dict[str, Path]:
     """Write the models; return {"mlx": model folder, "gguf": .gguf file} for the formats asked.
 
-    A ``description`` is written to DEMO_MARKER in each folder: the server labels such a
+    ``template`` picks the chat template: "tools" (ChatML with tools) or "thinking" (the
+    same, opening a <think> block). A ``description`` is written to DEMO_MARKER in each folder: the server labels such a
     model with it (used for the demo models ``scripts/serve`` installs)."""
     unknown = set(formats) - set(FORMATS)
     if unknown:
@@ -422,9 +446,9 @@ def generate(
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-{fmt}-", dir=base))
         try:
             if fmt == "mlx":
-                write_mlx(tmp, weights, voc, build_tokenizer_json(voc))
+                write_mlx(tmp, weights, voc, build_tokenizer_json(voc), TEMPLATES[template])
             else:
-                write_gguf(tmp / f"{name}-f32.gguf", weights, voc, name)
+                write_gguf(tmp / f"{name}-f32.gguf", weights, voc, name, TEMPLATES[template])
             if description:
                 _write_json(tmp / DEMO_MARKER, {"description": description})
             _write_json(tmp / STAMP_FILE, _stamp(fmt, name, seed, tmp))

@@ -18,6 +18,9 @@ MODELS_CACHE = Path(os.environ.get("MLXSERVE_TEST_MODELS_DIR", REPO / ".cache" /
 PUBLISHER = "mlxserve-test"
 MLX_KEY = f"{PUBLISHER}/tiny-qwen2-mlx"
 GGUF_KEY = f"{PUBLISHER}/tiny-qwen2-gguf"
+# The same weights with a chat template that opens a <think> block.
+THINK_MLX_KEY = f"{PUBLISHER}/tiny-qwen2-think-mlx"
+THINK_GGUF_KEY = f"{PUBLISHER}/tiny-qwen2-think-gguf"
 
 
 def _generator():
@@ -38,8 +41,12 @@ def make_models():
 
 @pytest.fixture(scope="session")
 def models_root(make_models) -> Path:
-    """A models directory holding the tiny Qwen2 chat model as MLX and as GGUF (same weights)."""
+    """A models directory holding the tiny Qwen2 chat model as MLX and as GGUF (same weights),
+    and its thinking variant."""
     make_models.generate(MODELS_CACHE, publisher=PUBLISHER, name="tiny-qwen2", seed=0)
+    make_models.generate(
+        MODELS_CACHE, publisher=PUBLISHER, name="tiny-qwen2-think", seed=0, template="thinking"
+    )
     return MODELS_CACHE
 
 

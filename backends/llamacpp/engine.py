@@ -5,10 +5,12 @@ from __future__ import annotations
 import ctypes
 import os
 import random
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 
 import llama_cpp
-from llama_cpp import Llama
+import numpy as np
+from llama_cpp import Llama, LogitsProcessorList
+from llguidance.llamacpp import lltokenizer_from_vocab
 
 from backends.base import (
     PENALTY_WINDOW,
@@ -18,9 +20,22 @@ from backends.base import (
     PromptProgress,
     TokenStream,
 )
+from backends.constraint import GrammarCache, GrammarConstraint
 
 # Prompt tokens evaluated between two cancellation checks (also llama.cpp's batch size).
 PREFILL_CHUNK = 512
+
+
+def _constrain(
+    constraint: GrammarConstraint, n_prompt: int
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    def process(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        generated = len(input_ids) - n_prompt
+        if generated > 0:
+            constraint.observe(generated, int(input_ids[-1]))
+        return np.where(constraint.allowed(scores.shape[-1]), scores, -np.inf).astype(scores.dtype)
+
+    return process
 
 
 class LlamaCppEngine(Engine):
@@ -52,6 +67,10 @@ class LlamaCppEngine(Engine):
         strip = (
             llama_cpp.llama_vocab_type(vocab) == llama_cpp.LLAMA_VOCAB_TYPE_SPM
             and meta.get("tokenizer.ggml.add_space_prefix", "true") != "false"
+        )
+        self.grammars = GrammarCache(
+            lambda: lltokenizer_from_vocab(vocab, n_vocab=n_vocab, eos_token=sorted(eog)),
+            n_vocab,
         )
         return EngineInfo(
             format="gguf",
@@ -106,6 +125,9 @@ class LlamaCppEngine(Engine):
             yield PromptProgress(llm.n_tokens, total)
         p = request.sampling
         llm.set_seed(p.seed % (1 << 32) if p.seed is not None else random.getrandbits(31))
+        processors = None
+        if request.constraint is not None:
+            processors = LogitsProcessorList([_constrain(request.constraint, len(prompt))])
         yield from llm.generate(
             prompt,
             top_k=p.top_k,
@@ -115,6 +137,7 @@ class LlamaCppEngine(Engine):
             repeat_penalty=p.repeat_penalty,
             frequency_penalty=p.frequency_penalty,
             presence_penalty=p.presence_penalty,
+            logits_processor=processors,
             reset=True,
         )
 

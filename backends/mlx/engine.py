@@ -8,6 +8,7 @@ import random
 from collections.abc import Callable, Generator
 from typing import Any
 
+import llguidance.hf
 import mlx.core as mx
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import generate_step
@@ -22,6 +23,7 @@ from backends.base import (
     SamplingParams,
     TokenStream,
 )
+from backends.constraint import GrammarCache, GrammarConstraint
 
 # Prompt tokens processed between two cancellation checks.
 PREFILL_CHUNK = 512
@@ -59,6 +61,19 @@ def _decoder_kinds(decoder: dict[str, Any] | None) -> set[str]:
     return {str(decoder.get("type"))}
 
 
+def _constrain(
+    constraint: GrammarConstraint, n_prompt: int
+) -> Callable[[mx.array, mx.array], mx.array]:
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        generated = tokens.size - n_prompt
+        if generated > 0:
+            constraint.observe(generated, int(tokens[-1].tolist()))  # type: ignore[arg-type]
+        allowed = mx.array(constraint.allowed(logits.shape[-1]))
+        return mx.where(allowed, logits, -mx.inf)
+
+    return process
+
+
 class MLXEngine(Engine):
     """An mlx-lm model behind the backend interface."""
 
@@ -87,6 +102,13 @@ class MLXEngine(Engine):
                 d.get("type") == "Strip" and d.get("start", 0) > 0
                 for d in decoder.get("decoders", [])
             )
+        vocab_size = int(model.args.vocab_size)
+        self.grammars = GrammarCache(
+            lambda: llguidance.hf.from_tokenizer(
+                hf, n_vocab=vocab_size, eos_token=sorted(tokenizer.eos_token_ids)
+            ),
+            vocab_size,
+        )
         return EngineInfo(
             format="mlx",
             context_length=self.options.context_length,
@@ -162,6 +184,9 @@ class MLXEngine(Engine):
             frequency_penalty=p.frequency_penalty or None,
             frequency_context_size=PENALTY_WINDOW,
         )
+
+        if request.constraint is not None:
+            processors.append(_constrain(request.constraint, len(request.prompt)))
 
         def on_progress(done: int, total: int) -> None:
             if stream.cancelled:

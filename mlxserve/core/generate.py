@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 from backends.base import (
     EngineError,
@@ -14,10 +16,76 @@ from backends.base import (
     Token,
     TokenStream,
 )
+from backends.constraint import GrammarConstraint, GrammarError
+from mlxserve.core.grammar import json_schema_grammar, lark_grammar
 from mlxserve.core.manager import Instance, ModelManager
+from mlxserve.core.reasoning import ReasoningSplitter, prompt_opens_thinking, reasoning_support
 from mlxserve.core.textstream import TextAssembler
-from mlxserve.core.types import CoreRequest, Done, Event, Idle, Progress, TextDelta, Usage
+from mlxserve.core.tools import ToolCallParser, ToolFormat, detect_format, forcing_grammar
+from mlxserve.core.tools import lmstudio_tool_prompt as tool_prompt
+from mlxserve.core.types import (
+    CoreRequest,
+    Done,
+    Event,
+    Idle,
+    Progress,
+    ReasoningDelta,
+    TextDelta,
+    Usage,
+)
 from mlxserve.errors import ContextLengthExceeded, EngineFailure, InvalidRequest, Overloaded
+
+REASONING_OFF = ("off", "none")
+
+
+class OutputPipeline:
+    """Token ids -> text (stop strings) -> reasoning split -> tool calls: the same for every
+    dialect and every backend."""
+
+    def __init__(
+        self,
+        assembler: TextAssembler,
+        splitter: ReasoningSplitter | None,
+        tools: ToolCallParser | None,
+    ) -> None:
+        self.assembler = assembler
+        self.splitter = splitter
+        self.tools = tools
+        self.reasoning_tokens = 0
+
+    @property
+    def stopped(self) -> bool:
+        return self.assembler.stopped
+
+    @property
+    def called_tools(self) -> bool:
+        return bool(self.tools and self.tools.calls)
+
+    def token(self, token_id: int) -> list[Event]:
+        if self.splitter is not None and self.splitter.in_reasoning:
+            self.reasoning_tokens += 1
+        return self._text(self.assembler.add(token_id), final=self.assembler.stopped)
+
+    def finish(self) -> list[Event]:
+        return self._text(self.assembler.finish(), final=True)
+
+    def _text(self, text: str, *, final: bool) -> list[Event]:
+        pieces = self.splitter.feed(text) if self.splitter and text else []
+        if self.splitter is None and text:
+            pieces = [(False, text)]
+        if final and self.splitter is not None:
+            pieces += self.splitter.finish()
+        out: list[Event] = []
+        for reasoning, piece in pieces:
+            if reasoning:
+                out.append(ReasoningDelta(piece))
+            elif self.tools is not None:
+                out += self.tools.feed(piece)
+            else:
+                out.append(TextDelta(piece))
+        if final and self.tools is not None:
+            out += self.tools.finish()
+        return out
 
 
 class Generation:
@@ -25,19 +93,22 @@ class Generation:
     iteration early) stops the engine's work for it."""
 
     def __init__(
-        self,
-        instance: Instance,
-        prompt_tokens: int,
-        stream: TokenStream,
-        assembler: TextAssembler,
+        self, instance: Instance, prompt_tokens: int, stream: TokenStream, output: OutputPipeline
     ) -> None:
         self.instance = instance
         self.prompt_tokens = prompt_tokens
         self._stream = stream
-        self._assembler = assembler
+        self._output = output
 
     def cancel(self) -> None:
         self._stream.cancel()
+
+    def _done(self, reason: str, generated: int) -> Done:
+        finish = "stop" if reason == "stop" else "length"
+        if finish == "stop" and self._output.called_tools:
+            finish = "tool_calls"
+        usage = Usage(self.prompt_tokens, generated, self._output.reasoning_tokens)
+        return Done(finish, usage)  # type: ignore[arg-type]
 
     async def events(self, idle_seconds: float | None = None) -> AsyncIterator[Event]:
         """The generation's events; :class:`Idle` after each ``idle_seconds`` of silence."""
@@ -50,28 +121,85 @@ class Generation:
                 for item in batch:
                     if isinstance(item, Token):
                         generated += 1
-                        text = self._assembler.add(item.id)
-                        if text:
-                            yield TextDelta(text)
-                        if self._assembler.stopped:
+                        for event in self._output.token(item.id):
+                            yield event
+                        if self._output.stopped:
                             self._stream.cancel()
-                            yield Done("stop", Usage(self.prompt_tokens, generated))
+                            yield self._done("stop", generated)
                             return
                     elif isinstance(item, PromptProgress):
                         yield Progress(item.processed, item.total)
                     elif isinstance(item, Finished):
-                        tail = self._assembler.finish()
-                        if tail:
-                            yield TextDelta(tail)
-                        yield Done(
-                            "stop" if item.reason == "stop" else "length",
-                            Usage(self.prompt_tokens, item.generated),
-                        )
+                        for event in self._output.finish():
+                            yield event
+                        yield self._done(item.reason, item.generated)
                         return
         except EngineError as exc:
             raise EngineFailure(f"Generation failed: {exc}") from exc
         finally:
             self._stream.cancel()
+
+
+@dataclass
+class _Plan:
+    """What a request needs beyond its messages: template arguments, a grammar, parsers."""
+
+    messages: list[dict[str, Any]]
+    template_kwargs: dict[str, Any]
+    grammar: str | None = None
+    tool_parser: ToolCallParser | None = None
+    reasoning: bool = False
+
+
+def _plan(instance: Instance, request: CoreRequest) -> _Plan:
+    source = instance.template.source
+    plan = _Plan(list(request.messages or ()), dict(request.template_kwargs))
+    support = reasoning_support(source)
+    wants_reasoning = request.reasoning is not None and request.reasoning not in REASONING_OFF
+    if wants_reasoning and not support.supported:
+        raise InvalidRequest(
+            f"Model '{instance.id}' does not support reasoning; leave the reasoning setting out "
+            "or set it to 'off'.",
+            param="reasoning",
+        )
+    if request.tools and request.tool_choice != "none":
+        fmt = detect_format(source)
+        functions = list(request.tools)
+        if fmt is ToolFormat.LMSTUDIO:
+            plan.messages = _with_system(plan.messages, tool_prompt(functions))
+        else:
+            plan.template_kwargs["tools"] = [{"type": "function", "function": f} for f in functions]
+        plan.tool_parser = ToolCallParser(fmt, {f["name"] for f in functions})
+        forced = request.tool_choice
+        if forced == "required" or isinstance(forced, dict):
+            chosen = functions
+            if isinstance(forced, dict):
+                chosen = [f for f in functions if f["name"] == forced["name"]]
+            parallel = request.parallel_tool_calls and not isinstance(forced, dict)
+            lark = forcing_grammar(fmt, chosen, parallel)
+            plan.grammar = lark_grammar(lark, "tools")
+    if plan.grammar is None and request.json_schema is not None:
+        plan.grammar = json_schema_grammar(request.json_schema, "response_format")
+    if support.switchable:
+        if plan.grammar is not None:
+            # A grammar governs the whole reply, so there is no room for a thinking block.
+            plan.template_kwargs["enable_thinking"] = False
+        elif request.reasoning is not None:
+            plan.template_kwargs["enable_thinking"] = wants_reasoning
+    if request.reasoning in ("low", "medium", "high"):
+        plan.template_kwargs.setdefault("reasoning_effort", request.reasoning)
+    plan.reasoning = support.supported and not (
+        plan.grammar is not None or request.reasoning in REASONING_OFF
+    )
+    return plan
+
+
+def _with_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    if messages and messages[0].get("role") == "system":
+        first = dict(messages[0])
+        first["content"] = f"{first.get('content') or ''}\n\n{text}".strip()
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
 
 
 async def start(manager: ModelManager, request: CoreRequest) -> Generation:
@@ -82,13 +210,15 @@ async def start(manager: ModelManager, request: CoreRequest) -> Generation:
     instance = await manager.get(request.model)
     engine = instance.engine
     info = engine.info
+    plan = _plan(instance, request)
     if request.messages is not None:
         text = instance.template.render(
-            list(request.messages), add_generation_prompt=True, **request.template_kwargs
+            plan.messages, add_generation_prompt=True, **plan.template_kwargs
         )
         tokens = await asyncio.to_thread(engine.tokenize, text)
     else:
-        tokens = await asyncio.to_thread(engine.tokenize, request.prompt or "")
+        text = request.prompt or ""
+        tokens = await asyncio.to_thread(engine.tokenize, text)
         if info.bos_token_id is not None and tokens[:1] != [info.bos_token_id]:
             tokens.insert(0, info.bos_token_id)
     if not tokens:
@@ -96,6 +226,12 @@ async def start(manager: ModelManager, request: CoreRequest) -> Generation:
     n_ctx = instance.context_length
     if len(tokens) >= n_ctx:
         raise ContextLengthExceeded(len(tokens), n_ctx)
+    constraint: GrammarConstraint | None = None
+    if plan.grammar is not None:
+        try:
+            constraint = await asyncio.to_thread(engine.grammars.constraint, plan.grammar)
+        except GrammarError as exc:
+            raise InvalidRequest(f"This grammar cannot be enforced: {exc}") from exc
     # The reply gets whatever room the context has left; a larger max_tokens is clamped and
     # the reply then ends with finish_reason "length".
     room = n_ctx - len(tokens)
@@ -107,6 +243,7 @@ async def start(manager: ModelManager, request: CoreRequest) -> Generation:
                 sampling=request.sampling,
                 max_tokens=max_tokens,
                 stop_token_ids=frozenset() if request.ignore_eos else info.eos_token_ids,
+                constraint=constraint,
             )
         )
     except QueueFull as exc:
@@ -114,4 +251,8 @@ async def start(manager: ModelManager, request: CoreRequest) -> Generation:
     assembler = TextAssembler(
         engine.token_bytes, request.stops, strip_leading_space=info.strip_leading_space
     )
-    return Generation(instance, len(tokens), stream, assembler)
+    splitter = None
+    if plan.reasoning and request.messages is not None:
+        splitter = ReasoningSplitter(in_reasoning=prompt_opens_thinking(text))
+    output = OutputPipeline(assembler, splitter, plan.tool_parser)
+    return Generation(instance, len(tokens), stream, output)

@@ -155,24 +155,19 @@ def _mlx_info(publisher: str, folder: Path) -> ModelInfo:
     )
 
 
-def _gguf_field(reader: Any, name: str) -> Any:
-    field = reader.get_field(name)
-    if field is None:
-        return None
-    return field.contents()
-
-
 def _gguf_info(publisher: str, folder: Path, file: Path, shards: list[Path]) -> ModelInfo:
-    from gguf import GGUFReader, LlamaFileType
+    from gguf import LlamaFileType
+
+    from mlxserve.core.gguf_header import GGUFFormatError, read_header
 
     try:
-        reader = GGUFReader(str(file), "r")
-    except Exception as exc:  # the gguf package raises ValueError, struct errors and more
+        header = read_header(file)
+    except (OSError, GGUFFormatError) as exc:
         raise UnusableModel(f"{file.name} is not a readable GGUF file ({exc})") from exc
-    arch = str(_gguf_field(reader, "general.architecture") or "?")
-    file_type = _gguf_field(reader, "general.file_type")
-    n_params = sum(int(t.n_elements) for t in reader.tensors)
-    n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    meta = header.metadata
+    arch = str(meta.get("general.architecture") or "?")
+    file_type = meta.get("general.file_type")
+    n_params, n_bytes = header.n_params, header.n_bytes
     if file_type is not None:
         try:
             quantization = LlamaFileType(int(file_type)).name
@@ -181,19 +176,18 @@ def _gguf_info(publisher: str, folder: Path, file: Path, shards: list[Path]) -> 
             quantization = f"type-{file_type}"
     else:
         quantization = "?"
-    split_count = _gguf_field(reader, "split.count")
+    split_count = meta.get("split.count")
     if split_count and int(split_count) > 1:
         # Only the first shard's tensors were counted; estimate from the total size.
         total = sum(p.stat().st_size for p in shards)
         n_params = int(n_params * total / max(file.stat().st_size, 1))
         n_bytes = int(n_bytes * total / max(file.stat().st_size, 1))
     bpw = round(n_bytes * 8 / n_params, 2) if n_params else 0.0
-    max_ctx = _gguf_field(reader, f"{arch}.context_length") or 2048
-    template = _gguf_field(reader, "tokenizer.chat_template")
+    max_ctx = meta.get(f"{arch}.context_length") or 2048
+    template = meta.get("tokenizer.chat_template")
     model_type: Literal["llm", "embedding"] = (
-        "embedding" if _gguf_field(reader, f"{arch}.pooling_type") else "llm"
+        "embedding" if meta.get(f"{arch}.pooling_type") else "llm"
     )
-    del reader
     return ModelInfo(
         key=f"{publisher}/{folder.name}",
         publisher=publisher,

@@ -13,6 +13,10 @@ __all__ = [
     "Event",
     "Idle",
     "Progress",
+    "ReasoningDelta",
+    "ToolCallDelta",
+    "ToolCallEnd",
+    "ToolCallStart",
     "SamplingParams",
     "TextDelta",
     "Usage",
@@ -31,12 +35,22 @@ class CoreRequest:
     stops: tuple[str, ...] = ()
     ignore_eos: bool = False
     template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Function tools ({"name", "description", "parameters"}) and how they may be used:
+    # "auto", "none", "required", or {"name": ...} for one named function.
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: str | dict[str, str] = "auto"
+    parallel_tool_calls: bool = True
+    # Structured output: the reply is JSON matching this schema (enforced while decoding).
+    json_schema: dict[str, Any] | None = None
+    # "off", "on", "low", "medium", "high"; None leaves the model's default.
+    reasoning: str | None = None
 
 
 @dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    reasoning_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -49,6 +63,31 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallStart:
+    index: int
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A fragment of a call's arguments (JSON text); the fragments join to the whole."""
+
+    index: int
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ToolCallEnd:
+    index: int
+
+
+@dataclass(frozen=True)
 class Progress:
     """Prompt processing progress."""
 
@@ -58,7 +97,7 @@ class Progress:
 
 @dataclass(frozen=True)
 class Done:
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     usage: Usage
 
 
@@ -67,4 +106,13 @@ class Idle:
     """Nothing happened for a while (a long prompt or a queue): streams send a keep-alive."""
 
 
-Event = TextDelta | Progress | Idle | Done
+Event = (
+    TextDelta
+    | ReasoningDelta
+    | ToolCallStart
+    | ToolCallDelta
+    | ToolCallEnd
+    | Progress
+    | Idle
+    | Done
+)

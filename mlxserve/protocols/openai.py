@@ -182,29 +182,112 @@ class _Sampling(_Lenient):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(_Sampling):
+class FunctionDef(_Lenient):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+    def to_core(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        if self.description:
+            out["description"] = self.description
+        out["parameters"] = self.parameters or {"type": "object", "properties": {}}
+        return out
+
+
+class ToolDef(_Lenient):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Lenient):
+    name: str
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(_Lenient):
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_present(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object with a 'schema'")
+        return self
+
+    def as_json_schema(self) -> dict[str, Any] | None:
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema" and self.json_schema is not None:
+            return self.json_schema.schema_
+        return None
+
+
+class _Structured(_Sampling):
+    response_format: ResponseFormat | None = None
+
+    def json_schema(self) -> dict[str, Any] | None:
+        return self.response_format.as_json_schema() if self.response_format else None
+
+
+REASONING_EFFORT = {
+    "none": "off",
+    "minimal": "low",
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+}
+
+
+class ChatCompletionRequest(_Structured):
     messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[ToolDef] | None = Field(default=None, max_length=512)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
 
     @model_validator(mode="after")
-    def _refuse_unimplemented(self) -> ChatCompletionRequest:
-        if self.tools:
-            raise ValueError("tools are not supported by this server yet")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError(
-                f"response_format type '{self.response_format.get('type')}' is not supported "
-                "by this server yet"
-            )
+    def _tools_consistent(self) -> ChatCompletionRequest:
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tool names must be unique")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            if self.tool_choice.function.name not in names:
+                raise ValueError(
+                    f"tool_choice names '{self.tool_choice.function.name}', which is not in tools"
+                )
+        elif self.tool_choice in ("required",) and not names:
+            raise ValueError("tool_choice 'required' needs at least one tool in tools")
         return self
+
+    def _tool_choice(self) -> str | dict[str, str]:
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return {"name": self.tool_choice.function.name}
+        return self.tool_choice or "auto"
 
     def to_core(self, default_temperature: float) -> CoreRequest:
         return CoreRequest(
             model=self.model,
             sampling=self.sampling(default_temperature),
+            tools=tuple(t.function.to_core() for t in self.tools or []),
+            tool_choice=self._tool_choice(),
+            parallel_tool_calls=self.parallel_tool_calls is not False,
+            json_schema=self.json_schema(),
+            reasoning=REASONING_EFFORT[self.reasoning_effort] if self.reasoning_effort else None,
             messages=tuple(m.to_template() for m in self.messages),
             ignore_eos=self.ignore_eos,
             max_tokens=self.max_completion_tokens or self.max_tokens,
@@ -212,7 +295,7 @@ class ChatCompletionRequest(_Sampling):
         )
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(_Structured):
     prompt: str | list[str]
     echo: StrictBool = False
     suffix: str | None = None
@@ -243,6 +326,7 @@ class CompletionRequest(_Sampling):
             model=self.model,
             sampling=self.sampling(default_temperature),
             prompt=self.prompt,
+            json_schema=self.json_schema(),
             ignore_eos=self.ignore_eos,
             max_tokens=self.max_tokens if self.max_tokens is not None else 16,
             stops=self.stop_list(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
@@ -15,7 +16,15 @@ from mlxserve import __version__
 from mlxserve.core import generate
 from mlxserve.core.generate import Generation
 from mlxserve.core.registry import ModelInfo
-from mlxserve.core.types import Done, Idle, TextDelta
+from mlxserve.core.types import (
+    Done,
+    Event,
+    Idle,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallStart,
+)
 from mlxserve.errors import MlxServeError, ModelNotFound
 from mlxserve.protocols.openai import ChatCompletionRequest, CompletionRequest
 from mlxserve.routes.common import (
@@ -58,52 +67,137 @@ async def get_model(request: Request) -> Response:
     return JSONResponse(_model_object(info))
 
 
-def _usage(done: Done) -> dict[str, int]:
-    return {
+def _usage(done: Done) -> dict[str, Any]:
+    usage: dict[str, Any] = {
         "prompt_tokens": done.usage.prompt_tokens,
         "completion_tokens": done.usage.completion_tokens,
         "total_tokens": done.usage.total_tokens,
     }
+    if done.usage.reasoning_tokens:
+        usage["completion_tokens_details"] = {"reasoning_tokens": done.usage.reasoning_tokens}
+    return usage
 
 
-async def _collect(gen: Generation) -> tuple[str, Done]:
-    parts: list[str] = []
-    async for event in gen.events():
+@dataclass
+class _Reply:
+    """A whole reply, gathered from the events."""
+
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, event: Event) -> None:
         if isinstance(event, TextDelta):
-            parts.append(event.text)
-        elif isinstance(event, Done):
-            return "".join(parts), event
+            self.text.append(event.text)
+        elif isinstance(event, ReasoningDelta):
+            self.reasoning.append(event.text)
+        elif isinstance(event, ToolCallStart):
+            self.calls[event.index] = {
+                "id": event.id,
+                "type": "function",
+                "function": {"name": event.name, "arguments": ""},
+            }
+        elif isinstance(event, ToolCallDelta):
+            self.calls[event.index]["function"]["arguments"] += event.arguments
+
+    def message(self) -> dict[str, Any]:
+        content = "".join(self.text)
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": content if content or not self.calls else None,
+        }
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        if self.calls:
+            message["tool_calls"] = [self.calls[i] for i in sorted(self.calls)]
+        return message
+
+
+async def _collect(gen: Generation) -> tuple[_Reply, Done]:
+    reply = _Reply()
+    async for event in gen.events():
+        if isinstance(event, Done):
+            return reply, event
+        reply.add(event)
     raise MlxServeError("generation ended without a result")
+
+
+def _chat_delta(event: Event) -> dict[str, Any] | None:
+    """The chunk delta for one event (OpenAI's streamed tool-call shape: the first chunk of a
+    call has its index, id, type and name with empty arguments; then argument fragments)."""
+    if isinstance(event, TextDelta):
+        return {"content": event.text}
+    if isinstance(event, ReasoningDelta):
+        return {"reasoning_content": event.text}
+    if isinstance(event, ToolCallStart):
+        call = {
+            "index": event.index,
+            "id": event.id,
+            "type": "function",
+            "function": {"name": event.name, "arguments": ""},
+        }
+        return {"tool_calls": [call]}
+    if isinstance(event, ToolCallDelta):
+        return {"tool_calls": [{"index": event.index, "function": {"arguments": event.arguments}}]}
+    return None
+
+
+def _completion_delta(event: Event) -> dict[str, Any] | None:
+    return {"text": event.text} if isinstance(event, TextDelta) else None
 
 
 async def _stream(
     gen: Generation,
-    chunk: Callable[[str | None, str | None], dict[str, Any]],
+    envelope: Callable[[dict[str, Any]], dict[str, Any]],
+    choice: Callable[[Event | None, str | None], dict[str, Any] | None],
+    opening: dict[str, Any] | None,
     include_usage: bool,
     ping_seconds: float,
 ) -> AsyncIterator[str]:
-    """OpenAI SSE: an opening chunk, text chunks, a finish chunk, an optional usage chunk,
-    then ``[DONE]``. An error after the stream has started is sent as an ``error`` object
-    and the stream ends without ``[DONE]``."""
+    """OpenAI SSE: an opening chunk, one chunk per event, a finish chunk, an optional usage
+    chunk, then ``[DONE]``. An error after the stream has started is sent as an ``error``
+    object and the stream ends without ``[DONE]``."""
     try:
-        yield sse(chunk(None, None))
+        if opening is not None:
+            yield sse(envelope(opening))
         async for event in gen.events(ping_seconds):
-            if isinstance(event, TextDelta):
-                yield sse(chunk(event.text, None))
-            elif isinstance(event, Idle):
+            if isinstance(event, Idle):
                 yield ": ping\n\n"
             elif isinstance(event, Done):
-                yield sse(chunk(None, event.finish_reason))
+                yield sse(envelope(choice(None, event.finish_reason) or {}))
                 if include_usage:
-                    final = chunk(None, None)
+                    final = envelope({})
                     final["choices"] = []
                     final["usage"] = _usage(event)
                     yield sse(final)
+            else:
+                part = choice(event, None)
+                if part is not None:
+                    yield sse(envelope(part))
         yield sse("[DONE]")
     except MlxServeError as exc:
         yield sse(openai_error_body(exc))
     finally:
         gen.cancel()
+
+
+def _envelope(
+    kind: str, cid: str, created: int, model: str, include_usage: bool
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def wrap(choice: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": cid,
+            "object": kind,
+            "created": created,
+            "model": model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": [choice] if choice else [],
+        }
+        if include_usage:
+            out["usage"] = None
+        return out
+
+    return wrap
 
 
 async def chat_completions(request: Request) -> Response:
@@ -113,55 +207,40 @@ async def chat_completions(request: Request) -> Response:
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), gen.instance.id
 
     if body.stream:
-        opened = False
 
-        def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
-            nonlocal opened
-            delta: dict[str, Any] = {}
-            if not opened:
-                delta, opened = {"role": "assistant", "content": ""}, True
-            elif text is not None:
-                delta = {"content": text}
-            out: dict[str, Any] = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "system_fingerprint": FINGERPRINT,
-                "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-                ],
-            }
-            if body.include_usage:
-                out["usage"] = None
-            return out
+        def choice(event: Event | None, finish: str | None) -> dict[str, Any] | None:
+            delta = {} if event is None else _chat_delta(event)
+            if delta is None:
+                return None
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
+        opening = {
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+        envelope = _envelope("chat.completion.chunk", cid, created, model, body.include_usage)
         return EventStreamResponse(
-            _stream(gen, chunk, body.include_usage, state.settings.sse_ping_seconds)
+            _stream(
+                gen, envelope, choice, opening, body.include_usage, state.settings.sse_ping_seconds
+            )
         )
 
     result = await unless_disconnected(request, _collect(gen))
     if result is None:
         return Response(status_code=204)
-    text, done = result
-    return JSONResponse(
+    reply, done = result
+    out = _envelope("chat.completion", cid, created, model, False)(
         {
-            "id": cid,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "system_fingerprint": FINGERPRINT,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": done.finish_reason,
-                }
-            ],
-            "usage": _usage(done),
+            "index": 0,
+            "message": reply.message(),
+            "logprobs": None,
+            "finish_reason": done.finish_reason,
         }
     )
+    out["usage"] = _usage(done)
+    return JSONResponse(out)
 
 
 async def completions(request: Request) -> Response:
@@ -170,36 +249,32 @@ async def completions(request: Request) -> Response:
     gen = await generate.start(state.manager, body.to_core(state.settings.default_temperature))
     cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), gen.instance.id
 
-    def envelope(choice: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "id": cid,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "system_fingerprint": FINGERPRINT,
-            "choices": [choice],
-        }
-
     if body.stream:
 
-        def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
-            out = envelope(
-                {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            )
-            if body.include_usage:
-                out["usage"] = None
-            return out
+        def choice(event: Event | None, finish: str | None) -> dict[str, Any] | None:
+            part = {"text": ""} if event is None else _completion_delta(event)
+            if part is None:
+                return None
+            return {"index": 0, **part, "logprobs": None, "finish_reason": finish}
 
+        envelope = _envelope("text_completion", cid, created, model, body.include_usage)
         return EventStreamResponse(
-            _stream(gen, chunk, body.include_usage, state.settings.sse_ping_seconds)
+            _stream(
+                gen, envelope, choice, None, body.include_usage, state.settings.sse_ping_seconds
+            )
         )
 
     result = await unless_disconnected(request, _collect(gen))
     if result is None:
         return Response(status_code=204)
-    text, done = result
-    out = envelope(
-        {"index": 0, "text": text, "logprobs": None, "finish_reason": done.finish_reason}
+    reply, done = result
+    out = _envelope("text_completion", cid, created, model, False)(
+        {
+            "index": 0,
+            "text": "".join(reply.text),
+            "logprobs": None,
+            "finish_reason": done.finish_reason,
+        }
     )
     out["usage"] = _usage(done)
     return JSONResponse(out)
