@@ -28,11 +28,19 @@ class GrammarConstraint:
         self._bitmask = allocate_token_bitmask(1, vocab_size)
         self.consumed = 0
 
+    def advance(self, token: int) -> None:
+        """The token sampled at the step just masked."""
+        self._matcher.consume_token(token)
+        self.consumed += 1
+
     def observe(self, generated: int, last_token: int) -> None:
-        """Called before each step with how many tokens were generated and the last one."""
+        """For engines that show the whole history: ``generated`` tokens so far, the last one."""
         if generated > self.consumed:
-            self._matcher.consume_token(last_token)
-            self.consumed = generated
+            self.advance(last_token)
+
+    def mask_inplace(self, logits: np.ndarray) -> None:
+        """Set every token the grammar forbids to -inf in a contiguous logits vector."""
+        np.putmask(logits, ~self.allowed(logits.shape[-1]), -np.inf)
 
     def allowed(self, size: int) -> np.ndarray:
         """A boolean mask over ``size`` logits (tokens past the tokenizer's are never allowed)."""

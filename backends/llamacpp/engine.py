@@ -5,11 +5,11 @@ from __future__ import annotations
 import ctypes
 import os
 import random
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 
 import llama_cpp
 import numpy as np
-from llama_cpp import Llama, LogitsProcessorList
+from llama_cpp import Llama
 from llguidance.llamacpp import lltokenizer_from_vocab
 
 from backends.base import (
@@ -20,22 +20,10 @@ from backends.base import (
     PromptProgress,
     TokenStream,
 )
-from backends.constraint import GrammarCache, GrammarConstraint
+from backends.constraint import GrammarCache
 
 # Prompt tokens evaluated between two cancellation checks (also llama.cpp's batch size).
 PREFILL_CHUNK = 512
-
-
-def _constrain(
-    constraint: GrammarConstraint, n_prompt: int
-) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    def process(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        generated = len(input_ids) - n_prompt
-        if generated > 0:
-            constraint.observe(generated, int(input_ids[-1]))
-        return np.where(constraint.allowed(scores.shape[-1]), scores, -np.inf).astype(scores.dtype)
-
-    return process
 
 
 class LlamaCppEngine(Engine):
@@ -61,6 +49,7 @@ class LlamaCppEngine(Engine):
         self._vocab = vocab
         self._piece_cache: dict[int, bytes] = {}
         n_vocab = llm.n_vocab()
+        self._n_vocab = n_vocab
         eog = frozenset(t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
         meta = llm.metadata
         bos = llm.token_bos()
@@ -108,8 +97,8 @@ class LlamaCppEngine(Engine):
         llm = self._llm
         prompt = list(request.prompt)
         # Reuse the KV cache of the longest prefix shared with the previous request, then
-        # evaluate the rest in chunks so that a cancelled request stops between them.
-        # The last prompt token is left for generate(), which needs its logits.
+        # evaluate the rest in chunks so that a cancelled request stops between them. The last
+        # prompt token is always evaluated again: sampling needs its logits.
         shared = 0
         for a, b in zip(llm.input_ids[: llm.n_tokens], prompt[:-1], strict=False):
             if a != b:
@@ -117,19 +106,18 @@ class LlamaCppEngine(Engine):
             shared += 1
         llm.n_tokens = shared
         total = len(prompt)
-        while llm.n_tokens < total - 1:
+        while llm.n_tokens < total:
             if stream.cancelled:
                 return
-            end = min(llm.n_tokens + PREFILL_CHUNK, total - 1)
-            llm.eval(prompt[llm.n_tokens : end])
-            yield PromptProgress(llm.n_tokens, total)
+            llm.eval(prompt[llm.n_tokens : llm.n_tokens + PREFILL_CHUNK])
+            if llm.n_tokens < total:
+                yield PromptProgress(llm.n_tokens, total)
         p = request.sampling
         llm.set_seed(p.seed % (1 << 32) if p.seed is not None else random.getrandbits(31))
-        processors = None
-        if request.constraint is not None:
-            processors = LogitsProcessorList([_constrain(request.constraint, len(prompt))])
-        yield from llm.generate(
-            prompt,
+        # llama-cpp-python's own sampler chain (penalties, top-k/p, min-p, temperature,
+        # seeded draw); a grammar masks the context's logits in place before it samples, which
+        # costs far less than its Python logits-processor hook.
+        sampler = llm._init_sampler(
             top_k=p.top_k,
             top_p=p.top_p,
             min_p=p.min_p,
@@ -137,9 +125,18 @@ class LlamaCppEngine(Engine):
             repeat_penalty=p.repeat_penalty,
             frequency_penalty=p.frequency_penalty,
             presence_penalty=p.presence_penalty,
-            logits_processor=processors,
-            reset=True,
         )
+        constraint = request.constraint
+        n_vocab = self._n_vocab
+        while True:
+            if constraint is not None:
+                logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+                constraint.mask_inplace(logits)
+            token = sampler.sample(llm._ctx, -1)
+            if constraint is not None:
+                constraint.advance(token)
+            yield token
+            llm.eval([token])
 
     def _unload(self) -> None:
         self._llm.close()
