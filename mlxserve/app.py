@@ -13,7 +13,7 @@ from starlette.routing import Route
 
 from mlxserve import __version__
 from mlxserve.errors import MlxServeError
-from mlxserve.routes import openai
+from mlxserve.routes import embeddings, openai
 from mlxserve.routes.common import error_response
 from mlxserve.settings import Settings
 from mlxserve.state import AppState
@@ -33,6 +33,16 @@ async def health(request: Request) -> Response:
                     "generated_tokens": i.engine.generated_tokens,
                 }
                 for i in state.manager.loaded()
+            ]
+            + [
+                {
+                    "id": e.id,
+                    "format": e.info.format,
+                    "type": "embedding",
+                    "pending": e.engine.pending,
+                    "embedded_inputs": e.engine.embedded_inputs,
+                }
+                for e in state.manager.loaded_embedders()
             ],
         }
     )
@@ -48,9 +58,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         state.registry.scan()
         yield
         await state.manager.close()
+        state.chats.close()
 
     app = Starlette(
-        routes=[Route("/health", health, methods=["GET"]), *openai.routes],
+        routes=[Route("/health", health, methods=["GET"]), *openai.routes, *embeddings.routes],
         exception_handlers={
             MlxServeError: error_response,
             HTTPException: error_response,

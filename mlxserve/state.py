@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mlxserve.core.chatstore import ChatStore
 from mlxserve.core.manager import ModelManager
 from mlxserve.core.registry import Registry
 from mlxserve.settings import Settings
@@ -14,8 +15,15 @@ class AppState:
     settings: Settings
     registry: Registry
     manager: ModelManager
+    # Stored responses of stateful chats (/api/v1/chat, /v1/responses).
+    chats: ChatStore
 
     @classmethod
     def build(cls, settings: Settings) -> AppState:
         registry = Registry(settings.models_root)
-        return cls(settings=settings, registry=registry, manager=ModelManager(settings, registry))
+        return cls(
+            settings=settings,
+            registry=registry,
+            manager=ModelManager(settings, registry),
+            chats=ChatStore(settings.home / "chats.sqlite3"),
+        )
