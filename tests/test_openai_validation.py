@@ -72,13 +72,20 @@ def test_malformed_bodies(client, path, raw):
         ({"model": ""}, "model"),
         ({"model": 7}, "model"),
         ({"logprobs": True}, None),
-        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]},
-         "tools[0].function.name"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "bad name!"}}]},
+            "tools[0].function.name",
+        ),
         ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
         ({"tool_choice": "required"}, None),
         ({"tool_choice": "sometimes"}, "tool_choice"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}],
-          "tool_choice": {"type": "function", "function": {"name": "g"}}}, None),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            None,
+        ),
         ({"tools": [{"type": "function", "function": {"name": "f"}}] * 2}, None),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
@@ -149,3 +156,26 @@ def test_models_list_empty_and_missing_model(client):
     assert client.get("/v1/models").json() == {"object": "list", "data": []}
     assert_openai_error(client.get("/v1/models/acme/none"), 404)
     assert client.get("/health").json()["status"] == "ok"
+
+
+def test_error_envelopes_follow_the_dialect_of_the_path():
+    from mlxserve.errors import InvalidRequest, ModelNotFound
+    from mlxserve.routes.common import error_body_for
+
+    bad = InvalidRequest("nope", param="x")
+    assert error_body_for("/v1/messages", bad) == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": "nope"},
+    }
+    assert error_body_for("/api/v1/chat", ModelNotFound("a/b"))["error"]["type"] == (
+        "model_not_found"
+    )
+    assert error_body_for("/api/v1/chat", bad) == {
+        "error": {
+            "type": "invalid_request",
+            "message": "nope",
+            "code": "invalid_request",
+            "param": "x",
+        }
+    }
+    assert error_body_for("/v1/chat/completions", bad)["error"]["param"] == "x"

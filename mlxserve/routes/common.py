@@ -111,10 +111,59 @@ def as_mlxserve_error(exc: Exception) -> MlxServeError:
     return MlxServeError(f"Internal server error: {type(exc).__name__}")
 
 
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_body(exc: MlxServeError) -> dict[str, Any]:
+    """Anthropic's envelope: ``{"type": "error", "error": {"type", "message"}}``."""
+    kind = _ANTHROPIC_TYPES.get(exc.status)
+    if kind is None:
+        kind = "invalid_request_error" if exc.status < 500 else "api_error"
+    return {"type": "error", "error": {"type": kind, "message": exc.message}}
+
+
+def lmstudio_error_body(exc: MlxServeError) -> dict[str, Any]:
+    """LM Studio v1's envelope: ``{"error": {"type", "message", "code"?, "param"?}}``."""
+    if exc.code == "model_not_found":
+        kind = "model_not_found"
+    elif exc.status == 501:
+        kind = "not_implemented"
+    elif exc.status < 500:
+        kind = "invalid_request"
+    else:
+        kind = "internal_error"
+    error: dict[str, Any] = {"type": kind, "message": exc.message}
+    if exc.code:
+        error["code"] = exc.code
+    if exc.param:
+        error["param"] = exc.param
+    return {"error": error}
+
+
+def error_body_for(path: str, exc: MlxServeError) -> dict[str, Any]:
+    """The error envelope of the dialect a path speaks."""
+    if path.startswith("/v1/messages"):
+        return anthropic_error_body(exc)
+    if path.startswith("/api/v1/"):
+        return lmstudio_error_body(exc)
+    return openai_error_body(exc)
+
+
 async def error_response(request: Request, exc: Exception) -> JSONResponse:
     """The exception handler for every route: one place that renders errors."""
     err = as_mlxserve_error(exc)
-    return JSONResponse(openai_error_body(err), status_code=err.status, headers=error_headers(err))
+    return JSONResponse(
+        error_body_for(request.url.path, err), status_code=err.status, headers=error_headers(err)
+    )
 
 
 class EventStreamResponse(StreamingResponse):
