@@ -72,8 +72,8 @@ def main() -> int:
     gen.generate(args.models_dir, publisher="mlxserve-test", name="tiny-qwen2", seed=0)
 
     # Grammar compile time (schema -> grammar -> matcher on the real Qwen2 tokenizer).
-    from transformers import AutoTokenizer
     import llguidance.hf
+    from transformers import AutoTokenizer
 
     tok = llguidance.hf.from_tokenizer(AutoTokenizer.from_pretrained(
         str(args.models_dir / "mlxserve-test" / "tiny-qwen2-mlx")))

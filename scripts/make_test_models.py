@@ -426,8 +426,9 @@ def generate(
     """Write the models; return {"mlx": model folder, "gguf": .gguf file} for the formats asked.
 
     ``template`` picks the chat template: "tools" (ChatML with tools) or "thinking" (the
-    same, opening a <think> block). A ``description`` is written to DEMO_MARKER in each folder: the server labels such a
-    model with it (used for the demo models ``scripts/serve`` installs)."""
+    same, opening a <think> block). A ``description`` is written to DEMO_MARKER in each
+    folder: the server labels such a model with it (the demo models ``scripts/serve``
+    installs)."""
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown formats: {sorted(unknown)}")
