@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from backends.base import Engine, LoadOptions
+from backends.embedding import EmbeddingEngine
 
 
 def open_engine(
@@ -23,4 +24,19 @@ def open_engine(
         from backends.llamacpp.engine import LlamaCppEngine
 
         return LlamaCppEngine(weights, options, max_queue=max_queue)
+    raise ValueError(f"unknown model format {format!r}")
+
+
+def open_embedding_engine(
+    format: Literal["mlx", "gguf"], weights: Path, options: LoadOptions, *, max_queue: int = 64
+) -> EmbeddingEngine:
+    """Load the embedding model ``weights`` (an MLX folder or a GGUF file)."""
+    if format == "mlx":
+        from backends.mlx.embeddings import MLXEmbeddingEngine
+
+        return MLXEmbeddingEngine(weights, options, max_queue=max_queue)
+    if format == "gguf":
+        from backends.llamacpp.embeddings import LlamaCppEmbeddingEngine
+
+        return LlamaCppEmbeddingEngine(weights, options, max_queue=max_queue)
     raise ValueError(f"unknown model format {format!r}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import random
 from collections.abc import Callable, Generator
@@ -24,6 +23,7 @@ from backends.base import (
     TokenStream,
 )
 from backends.constraint import GrammarCache, GrammarConstraint
+from backends.mlx import release_thread_memory
 
 # Prompt tokens processed between two cancellation checks.
 PREFILL_CHUNK = 512
@@ -210,5 +210,4 @@ class MLXEngine(Engine):
 
     def _unload(self) -> None:
         del self._model
-        gc.collect()
-        mx.clear_cache()
+        release_thread_memory()
