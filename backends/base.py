@@ -63,6 +63,13 @@ class LoadOptions:
     # Keep the KV cache in 32-bit floats: right for f32 weights, where MLX computes (and
     # caches) in f32 too, so both formats give the same logits.
     kv_cache_f32: bool = False
+    # LM Studio's llama.cpp load options (None: the engine's default). Engines that have no
+    # such setting ignore them and leave them out of ``EngineInfo.load_config``.
+    eval_batch_size: int | None = None
+    flash_attention: bool | None = None
+    offload_kv_cache_to_gpu: bool | None = None
+    # Experts used per token, for mixture-of-experts models.
+    num_experts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,9 @@ class EngineInfo:
     chat_template: str | None
     # SentencePiece-style vocabularies encode a leading space on the first word.
     strip_leading_space: bool = False
+    # The load options (beyond the context length) this engine applied, as LM Studio names
+    # them: what ``load_config`` reports.
+    load_config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

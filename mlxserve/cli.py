@@ -16,7 +16,19 @@ def _settings(args: argparse.Namespace) -> Any:
     from mlxserve.settings import Settings
 
     overrides: dict[str, Any] = {}
-    for name in ("host", "port", "models_dir", "default_context_length", "log_level"):
+    names = (
+        "host",
+        "port",
+        "models_dir",
+        "default_context_length",
+        "log_level",
+        "jit_loading",
+        "ttl_seconds",
+        "auto_evict",
+        "load_guardrail",
+        "guardrail_memory_gb",
+    )
+    for name in names:
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -129,6 +141,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="context length models are loaded with (default 4096, capped by the model)",
     )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    lifecycle = serve.add_argument_group("model lifecycle")
+    lifecycle.add_argument(
+        "--no-jit",
+        dest="jit_loading",
+        action="store_const",
+        const=False,
+        help="inference requests use only loaded models (load them with POST "
+        "/api/v1/models/load); /v1/models then lists loaded models only",
+    )
+    lifecycle.add_argument(
+        "--ttl",
+        dest="ttl_seconds",
+        type=float,
+        metavar="SECONDS",
+        help="unload a just-in-time loaded model after this many idle seconds "
+        "(default 3600; 0: never)",
+    )
+    lifecycle.add_argument(
+        "--no-auto-evict",
+        dest="auto_evict",
+        action="store_const",
+        const=False,
+        help="keep earlier just-in-time loaded models when another one is loaded",
+    )
+    lifecycle.add_argument(
+        "--no-guardrail",
+        dest="load_guardrail",
+        action="store_const",
+        const=False,
+        help="load models even when their estimated memory exceeds what is free",
+    )
+    lifecycle.add_argument(
+        "--guardrail-memory-gb",
+        dest="guardrail_memory_gb",
+        type=float,
+        metavar="GB",
+        help="memory budget for loaded models, in place of the machine's free memory",
+    )
     serve.set_defaults(func=cmd_serve)
 
     ls = sub.add_parser("ls", help="list downloaded models")

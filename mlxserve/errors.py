@@ -44,6 +44,22 @@ class ModelNotFound(MlxServeError):
         )
 
 
+class InstanceNotFound(MlxServeError):
+    """No loaded model instance has this id (``/api/v1/models/unload``)."""
+
+    status = 404
+    kind = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, instance_id: str) -> None:
+        shown = f"'{instance_id}'" if _PLAIN_KEY.match(instance_id) else "given"
+        super().__init__(
+            f"No loaded model instance with id {shown}. GET /api/v1/models lists the loaded "
+            "instances of each model.",
+            param="instance_id",
+        )
+
+
 class ModelNotLoaded(MlxServeError):
     status = 400
     kind = "invalid_request_error"
@@ -68,6 +84,12 @@ class ContextLengthExceeded(InvalidRequest):
         )
         self.n_prompt_tokens = n_prompt_tokens
         self.n_ctx = n_ctx
+
+
+class InputTooLong(InvalidRequest):
+    """An embedding input longer than the model's window, and truncation was not asked for."""
+
+    code = "context_length_exceeded"
 
 
 class Overloaded(MlxServeError):

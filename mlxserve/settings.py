@@ -28,6 +28,16 @@ class Settings(BaseSettings):
     default_temperature: float = Field(default=0.8, ge=0.0, le=2.0)
     # Whether an inference request may load a model that is not loaded yet.
     jit_loading: bool = True
+    # Idle seconds after which a just-in-time loaded model is unloaded (LM Studio's default
+    # is 60 minutes); a request's ``ttl`` overrides it; 0 keeps JIT loads until evicted.
+    ttl_seconds: float = Field(default=3600.0, ge=0.0)
+    # Loading a model just in time first unloads the models loaded just in time before it
+    # (explicitly loaded models are never evicted).
+    auto_evict: bool = True
+    # Refuse a load whose estimated memory (weights + KV cache) exceeds what is free.
+    load_guardrail: bool = True
+    # A fixed memory budget for loaded models (GB) in place of the machine's free memory.
+    guardrail_memory_gb: float | None = Field(default=None, gt=0.0)
     # How many requests may wait for one loaded model before new ones get 503.
     max_queue_per_model: int = Field(default=64, ge=1)
     # Interval between SSE keep-alive comments while a stream produces nothing; 0 turns them off.

@@ -6,10 +6,13 @@ import ctypes
 import os
 import random
 from collections.abc import Generator
+from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
 from llama_cpp import Llama
+from llama_cpp._utils import suppress_stdout_stderr
 from llguidance.llamacpp import lltokenizer_from_vocab
 
 from backends.base import (
@@ -26,24 +29,67 @@ from backends.constraint import GrammarCache
 PREFILL_CHUNK = 512
 
 
+def _moe_key(path: Path) -> str | None:
+    """The metadata key that sets how many experts a mixture-of-experts GGUF uses per token,
+    or None for a dense model. Reads the file's metadata and vocabulary only, no tensors."""
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    with suppress_stdout_stderr(disable=False):
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        return None
+
+    def meta(key: str) -> str | None:
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    try:
+        arch = meta("general.architecture")
+        experts = meta(f"{arch}.expert_count") if arch else None
+    finally:
+        llama_cpp.llama_model_free(model)
+    if not experts or experts == "0":
+        return None
+    return f"{arch}.expert_used_count"
+
+
 class LlamaCppEngine(Engine):
     """A GGUF model behind the backend interface."""
 
     format = "gguf"
 
     def _load(self) -> EngineInfo:
-        kv_type = llama_cpp.GGML_TYPE_F32 if self.options.kv_cache_f32 else llama_cpp.GGML_TYPE_F16
+        options = self.options
+        kv_type = llama_cpp.GGML_TYPE_F32 if options.kv_cache_f32 else llama_cpp.GGML_TYPE_F16
+        self._n_batch = options.eval_batch_size or PREFILL_CHUNK
+        flash = bool(options.flash_attention)
+        offload = options.offload_kv_cache_to_gpu is not False
+        moe = _moe_key(self.path) if options.num_experts else None
+        overrides: dict[str, bool | int | float | str] | None = None
+        if moe and options.num_experts:
+            overrides = {moe: options.num_experts}
         llm = Llama(
             model_path=str(self.path),
-            n_ctx=self.options.context_length,
-            n_batch=PREFILL_CHUNK,
+            n_ctx=options.context_length,
+            n_batch=self._n_batch,
             n_gpu_layers=-1,
             n_threads=max(1, os.cpu_count() or 1),
             last_n_tokens_size=PENALTY_WINDOW,
             verbose=False,
             type_k=kv_type,
             type_v=kv_type,
+            flash_attn=flash,
+            offload_kqv=offload,
+            kv_overrides=overrides,
         )
+        load_config: dict[str, Any] = {
+            "eval_batch_size": self._n_batch,
+            "flash_attention": flash,
+            "offload_kv_cache_to_gpu": offload,
+        }
+        if overrides:
+            load_config["num_experts"] = options.num_experts
         self._llm = llm
         vocab = llm._model.vocab
         self._vocab = vocab
@@ -70,6 +116,7 @@ class LlamaCppEngine(Engine):
             eos_token=self._text(llm.token_eos()),
             chat_template=meta.get("tokenizer.chat_template"),
             strip_leading_space=strip,
+            load_config=load_config,
         )
 
     def _text(self, token_id: int) -> str:
@@ -109,7 +156,7 @@ class LlamaCppEngine(Engine):
         while llm.n_tokens < total:
             if stream.cancelled:
                 return
-            llm.eval(prompt[llm.n_tokens : llm.n_tokens + PREFILL_CHUNK])
+            llm.eval(prompt[llm.n_tokens : llm.n_tokens + self._n_batch])
             if llm.n_tokens < total:
                 yield PromptProgress(llm.n_tokens, total)
         p = request.sampling

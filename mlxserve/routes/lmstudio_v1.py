@@ -1,0 +1,319 @@
+"""LM Studio's native REST API v1: models, load, unload, and stateful chat with named SSE
+events (``/api/v1/*``). Errors use LM Studio's envelope (``routes.common.error_body_for``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from mlxserve.core import generate
+from mlxserve.core.generate import Generation
+from mlxserve.core.manager import Instance, Loaded
+from mlxserve.core.registry import ModelInfo
+from mlxserve.core.types import Done, Event, Idle, Progress, ReasoningDelta, TextDelta
+from mlxserve.errors import MlxServeError
+from mlxserve.protocols.lmstudio import ChatRequest, LoadModelRequest, UnloadModelRequest
+from mlxserve.routes.common import (
+    EventStreamResponse,
+    as_mlxserve_error,
+    lmstudio_error_body,
+    parse,
+    read_json,
+    sse,
+    unless_disconnected,
+)
+from mlxserve.state import AppState
+
+
+def model_entry(info: ModelInfo, instances: list[Loaded]) -> dict[str, Any]:
+    """One model as ``GET /api/v1/models`` lists it."""
+    llm = info.type == "llm"
+    entry: dict[str, Any] = {
+        "type": info.type,
+        "publisher": info.publisher,
+        "key": info.key,
+        "display_name": info.display_name,
+    }
+    if llm:
+        entry["architecture"] = info.architecture
+    entry |= {
+        "quantization": {"name": info.quantization, "bits_per_weight": info.bits_per_weight},
+        "size_bytes": info.size_bytes,
+        "params_string": info.params_string or None,
+        "loaded_instances": [{"id": i.id, "config": dict(i.load_config)} for i in instances],
+        "max_context_length": info.max_context_length,
+        "format": info.format,
+    }
+    if llm:
+        capabilities: dict[str, Any] = {
+            "vision": False,
+            "trained_for_tool_use": info.trained_for_tool_use,
+        }
+        if info.reasoning_options:
+            capabilities["reasoning"] = {
+                "allowed_options": list(info.reasoning_options),
+                "default": "on",
+            }
+        entry["capabilities"] = capabilities
+        entry["description"] = info.description
+    return entry
+
+
+async def list_models(request: Request) -> Response:
+    state: AppState = request.app.state.mlxserve
+    models = [model_entry(m, state.manager.instances_of(m.key)) for m in state.registry.scan()]
+    return JSONResponse({"models": models})
+
+
+async def load_model(request: Request) -> Response:
+    state: AppState = request.app.state.mlxserve
+    body = parse(LoadModelRequest, await read_json(request))
+    info = state.manager.find_model(body.model)
+    instance = await state.manager.load_any(info, body.to_load_request())
+    out: dict[str, Any] = {
+        "type": info.type,
+        "instance_id": instance.id,
+        "load_time_seconds": round(instance.load_seconds, 3),
+        "status": "loaded",
+    }
+    if body.echo_load_config:
+        out["load_config"] = dict(instance.load_config)
+    return JSONResponse(out)
+
+
+async def unload_model(request: Request) -> Response:
+    state: AppState = request.app.state.mlxserve
+    body = parse(UnloadModelRequest, await read_json(request))
+    instance = await state.manager.unload(body.instance_id)
+    return JSONResponse({"instance_id": instance.id})
+
+
+@dataclass
+class _Turn:
+    """One chat turn as it runs: its output items, its timings, and the named SSE events
+    its core events make (the same for the streamed and the whole reply)."""
+
+    instance_id: str
+    load_seconds: float | None = None
+    started: float = 0.0
+    first_at: float | None = None
+    ended: float | None = None
+    prompt_tokens: int = 0
+    items: list[dict[str, Any]] = field(default_factory=list)
+    open: str | None = None
+    done: Done | None = None
+    response_id: str | None = None
+
+    def begin(self, gen: Generation, load_seconds: float | None, started: float) -> None:
+        self.instance_id = gen.instance.id
+        self.prompt_tokens = gen.prompt_tokens
+        self.started = started
+        if load_seconds is not None:
+            self.load_seconds = load_seconds
+
+    def _switch(self, kind: str | None) -> list[tuple[str, dict[str, Any]]]:
+        out: list[tuple[str, dict[str, Any]]] = []
+        if self.open == kind:
+            return out
+        if self.open is not None:
+            out.append((f"{self.open}.end", {}))
+        if kind is not None:
+            out.append((f"{kind}.start", {}))
+            self.items.append({"type": kind, "content": ""})
+        self.open = kind
+        return out
+
+    def feed(self, event: Event) -> list[tuple[str, dict[str, Any]]]:
+        """The named events for one core event."""
+        out: list[tuple[str, dict[str, Any]]] = []
+        if isinstance(event, Progress):
+            if self.first_at is None and event.total:
+                out.append(
+                    ("prompt_processing.progress", {"progress": event.processed / event.total})
+                )
+            return out
+        if not isinstance(event, (TextDelta, ReasoningDelta, Done)):
+            return out
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+            out.append(("prompt_processing.progress", {"progress": 1.0}))
+            out.append(("prompt_processing.end", {}))
+        if isinstance(event, Done):
+            if not any(item["type"] == "message" for item in self.items):
+                out += self._switch("message")
+            out += self._switch(None)
+            self.done = event
+            self.ended = time.perf_counter()
+            return out
+        kind = "reasoning" if isinstance(event, ReasoningDelta) else "message"
+        out += self._switch(kind)
+        self.items[-1]["content"] += event.text
+        out.append((f"{kind}.delta", {"content": event.text}))
+        return out
+
+    def message_text(self) -> str:
+        return "".join(i["content"] for i in self.items if i["type"] == "message")
+
+    def stats(self) -> dict[str, Any]:
+        usage = self.done.usage if self.done is not None else None
+        output_tokens = usage.completion_tokens if usage else 0
+        ttft = (self.first_at - self.started) if self.first_at is not None else 0.0
+        generating = 0.0
+        if self.first_at is not None and self.ended is not None:
+            generating = self.ended - self.first_at
+            if generating <= 1e-6:
+                generating = self.ended - self.started
+        stats: dict[str, Any] = {
+            "input_tokens": usage.prompt_tokens if usage else self.prompt_tokens,
+            "total_output_tokens": output_tokens,
+            "reasoning_output_tokens": usage.reasoning_tokens if usage else 0,
+            "tokens_per_second": round(output_tokens / generating, 3) if generating > 0 else 0.0,
+            "time_to_first_token_seconds": round(max(ttft, 0.0), 3),
+        }
+        if self.load_seconds is not None:
+            stats["model_load_time_seconds"] = round(self.load_seconds, 3)
+        return stats
+
+    def result(self) -> dict[str, Any]:
+        items = [i for i in self.items if i["content"] or i["type"] == "message"]
+        body: dict[str, Any] = {
+            "model_instance_id": self.instance_id,
+            "output": items,
+            "stats": self.stats(),
+        }
+        if self.response_id is not None:
+            body["response_id"] = self.response_id
+        return body
+
+
+@dataclass
+class _Chat:
+    """What a chat request needs once parsed: the messages to send and how to store them."""
+
+    state: AppState
+    body: ChatRequest
+    messages: list[dict[str, Any]]
+    new_messages: list[dict[str, Any]]
+
+    async def begin(self, model: str) -> tuple[Generation, float | None, float]:
+        """Resolve (loading if needed) and queue the generation, holding the instance until it
+        is queued. Returns it, the load time if this request loaded the model, and when it
+        was queued."""
+        manager = self.state.manager
+        body = self.body
+        async with manager.use(model, ttl=body.ttl, context_length=body.context_length) as (
+            instance,
+            load_seconds,
+        ):
+            started = time.perf_counter()
+            core = body.to_core(instance.id, self.messages, self.state.settings.default_temperature)
+            gen = await generate.start(manager, core)
+        return gen, load_seconds, started
+
+    async def store(self, turn: _Turn, gen: Generation) -> None:
+        if not self.body.store or turn.done is None:
+            return
+        turn.response_id = await self.state.chats.asave(
+            parent_id=self.body.previous_response_id,
+            model=gen.instance.info.key,
+            system=self.body.system_prompt,
+            input=self.new_messages,
+            output=[{"role": "assistant", "content": turn.message_text()}],
+        )
+
+    async def run(self, turn: _Turn, gen: Generation) -> _Turn:
+        async for event in gen.events():
+            turn.feed(event)
+            if turn.done is not None:
+                break
+        await self.store(turn, gen)
+        return turn
+
+
+def _named(name: str, data: dict[str, Any]) -> str:
+    return sse({"type": name, **data}, event=name)
+
+
+async def _events(
+    chat: _Chat, turn: _Turn, gen: Generation | None, load: ModelInfo | None
+) -> AsyncIterator[str]:
+    """LM Studio's named events: always ``chat.start`` first and ``chat.end`` last, with an
+    ``error`` event before it if something failed after the stream began."""
+    ping = chat.state.settings.sse_ping_seconds
+    yield _named("chat.start", {"model_instance_id": turn.instance_id})
+    try:
+        if gen is None:
+            assert load is not None
+            yield _named("model_load.start", {"model_instance_id": turn.instance_id})
+            waited = time.perf_counter()
+            gen, load_seconds, started = await chat.begin(load.key)
+            loaded = load_seconds if load_seconds is not None else started - waited
+            turn.begin(gen, loaded, started)
+            ids = {"model_instance_id": turn.instance_id}
+            yield _named("model_load.progress", {**ids, "progress": 1.0})
+            yield _named("model_load.end", {**ids, "load_time_seconds": round(loaded, 3)})
+        yield _named("prompt_processing.start", {})
+        async for event in gen.events(ping):
+            if isinstance(event, Idle):
+                yield ": ping\n\n"
+                continue
+            for name, data in turn.feed(event):
+                yield _named(name, data)
+            if turn.done is not None:
+                break
+        await chat.store(turn, gen)
+    except Exception as exc:
+        yield _named("error", lmstudio_error_body(as_mlxserve_error(exc)))
+    finally:
+        if gen is not None:
+            gen.cancel()
+    yield _named("chat.end", {"result": turn.result()})
+
+
+async def chat(request: Request) -> Response:
+    state: AppState = request.app.state.mlxserve
+    body = parse(ChatRequest, await read_json(request))
+    body.check_supported()
+    system = body.system_prompt
+    history: list[dict[str, Any]] = []
+    if body.previous_response_id is not None:
+        conversation = await state.chats.aconversation(body.previous_response_id)
+        history = conversation.messages
+        system = system or conversation.system
+    new_messages = body.user_messages()
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [*history, *new_messages]
+    chat = _Chat(state, body, messages, new_messages)
+    target = state.manager.resolve(body.model)
+    if body.stream and not isinstance(target, Instance):
+        # The load happens inside the stream, so that its events can be sent as it goes.
+        turn = _Turn(state.manager.next_instance_id(target.key))
+        return EventStreamResponse(_events(chat, turn, None, target))
+    gen, load_seconds, started = await chat.begin(body.model)
+    turn = _Turn(gen.instance.id)
+    turn.begin(gen, load_seconds, started)
+    if body.stream:
+        return EventStreamResponse(_events(chat, turn, gen, None))
+    try:
+        finished = await unless_disconnected(request, chat.run(turn, gen))
+    finally:
+        gen.cancel()
+    if finished is None:
+        return Response(status_code=204)
+    if finished.done is None:
+        raise MlxServeError("generation ended without a result")
+    return JSONResponse(finished.result())
+
+
+routes = [
+    Route("/api/v1/models", list_models, methods=["GET"]),
+    Route("/api/v1/models/load", load_model, methods=["POST"]),
+    Route("/api/v1/models/unload", unload_model, methods=["POST"]),
+    Route("/api/v1/chat", chat, methods=["POST"]),
+]
