@@ -1,0 +1,346 @@
+"""OpenAI Responses API wire schemas (``POST /v1/responses``; responses are rendered by
+``routes/responses.py``).
+
+Unknown fields are accepted and ignored. Input items, content parts and tools of a kind we
+cannot honour (images, files, hosted tools, ...) are refused with a 400 naming them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import Discriminator, Field, StrictBool, Tag, field_validator, model_validator
+
+from mlxserve.core.types import CoreRequest, SamplingParams
+from mlxserve.errors import InvalidRequest
+from mlxserve.protocols.openai import (
+    MAX_TTL_SECONDS,
+    REASONING_EFFORT,
+    FunctionDef,
+    _Lenient,
+)
+from mlxserve.protocols.unicode import check_unicode
+
+# Tags are capitalised so that error locations name the client's fields, not our union members.
+_ITEM_TAGS = {
+    "message": "Message",
+    "function_call": "FunctionCall",
+    "function_call_output": "FunctionCallOutput",
+    "reasoning": "Reasoning",
+}
+_PART_TAGS = {"input_text": "Text", "output_text": "Text", "refusal": "Refusal"}
+
+
+def _tag(tags: dict[str, str], default: str | None = None) -> Any:
+    def pick(value: Any) -> str:
+        kind = getattr(value, "type", None)
+        if isinstance(value, dict):
+            kind = value.get("type", default)
+        return tags.get(kind, "Other") if isinstance(kind, str) else "Other"
+
+    return Discriminator(pick)
+
+
+class TextPart(_Lenient):
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class RefusalPart(_Lenient):
+    type: Literal["refusal"]
+    refusal: str
+
+
+class OtherPart(_Lenient):
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _refuse(cls, v: str) -> str:
+        raise ValueError(
+            f"content parts of type '{v}' are not supported by this server; "
+            "only 'input_text' and 'output_text' are"
+        )
+
+
+Part = Annotated[
+    Annotated[TextPart, Tag("Text")]
+    | Annotated[RefusalPart, Tag("Refusal")]
+    | Annotated[OtherPart, Tag("Other")],
+    _tag(_PART_TAGS),
+]
+
+
+def _str_or_list(value: Any) -> str:
+    return "Str" if isinstance(value, str) else "List"
+
+
+# A string or a list of parts; tagged so that a bad part is reported, not "not a string".
+Content = Annotated[
+    Annotated[str, Tag("Str")] | Annotated[list[Part], Tag("List")], Discriminator(_str_or_list)
+]
+
+
+def _text_of(content: str | list[Any]) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(p.refusal if isinstance(p, RefusalPart) else p.text for p in content)
+
+
+class MessageItem(_Lenient):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: Content
+
+
+class FunctionCallItem(_Lenient):
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1, max_length=256)
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = ""
+
+
+class FunctionCallOutputItem(_Lenient):
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1, max_length=256)
+    output: Content
+
+
+class ReasoningText(_Lenient):
+    type: str
+    text: str = ""
+
+
+class ReasoningItem(_Lenient):
+    type: Literal["reasoning"]
+    summary: list[ReasoningText] = Field(default_factory=list)
+    content: list[ReasoningText] | None = None
+
+    def text(self) -> str:
+        return "".join(p.text for p in (self.content or self.summary))
+
+
+class OtherItem(_Lenient):
+    type: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _object(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError("each input item must be an object with a 'type'")
+        return data
+
+    @field_validator("type")
+    @classmethod
+    def _refuse(cls, v: str) -> str:
+        raise ValueError(
+            f"input items of type '{v}' are not supported; use 'message', 'function_call', "
+            "'function_call_output' or 'reasoning'"
+        )
+
+
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("Message")]
+    | Annotated[FunctionCallItem, Tag("FunctionCall")]
+    | Annotated[FunctionCallOutputItem, Tag("FunctionCallOutput")]
+    | Annotated[ReasoningItem, Tag("Reasoning")]
+    | Annotated[OtherItem, Tag("Other")],
+    _tag(_ITEM_TAGS, default="message"),
+]
+
+
+class FunctionTool(FunctionDef):
+    type: Literal["function"]
+
+
+class OtherTool(_Lenient):
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _refuse(cls, v: str) -> str:
+        raise ValueError(f"tools of type '{v}' are not supported; only 'function' tools are")
+
+
+Tool = Annotated[
+    Annotated[FunctionTool, Tag("Function")] | Annotated[OtherTool, Tag("Other")],
+    _tag({"function": "Function"}),
+]
+
+
+class FunctionChoice(_Lenient):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+    @model_validator(mode="after")
+    def _schema_present(self) -> TextFormat:
+        if self.type == "json_schema" and self.schema_ is None:
+            raise ValueError("type 'json_schema' needs a 'schema'")
+        return self
+
+    def as_json_schema(self) -> dict[str, Any] | None:
+        if self.type == "json_object":
+            return {"type": "object"}
+        return self.schema_ if self.type == "json_schema" else None
+
+
+class TextConfig(_Lenient):
+    format: TextFormat | None = None
+
+
+class ReasoningConfig(_Lenient):
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+
+
+def _arguments(text: str) -> Any:
+    """Arguments as chat templates expect them: a dict, or the raw text if it is not JSON."""
+    try:
+        return json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return text
+
+
+class ResponsesRequest(_Lenient):
+    model: str = Field(min_length=1, max_length=512)
+    input: (
+        Annotated[
+            Annotated[str, Tag("Str")] | Annotated[list[InputItem], Tag("List")],
+            Discriminator(_str_or_list),
+        ]
+        | None
+    ) = None
+    instructions: str | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=512)
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+    text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    store: StrictBool = True
+    previous_response_id: str | None = Field(default=None, min_length=1, max_length=256)
+    stream: StrictBool = False
+    top_logprobs: int | None = None
+    background: StrictBool | None = None
+    # Extensions LM Studio and llama.cpp accept.
+    top_k: int | None = Field(default=None, ge=0, le=100_000)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repeat_penalty: float | None = Field(default=None, gt=0, le=10)
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    ignore_eos: StrictBool = False
+    # LM Studio's: idle seconds before a just-in-time loaded model is unloaded.
+    ttl: float | None = Field(default=None, gt=0, le=MAX_TTL_SECONDS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data: Any) -> Any:
+        check_unicode(data)
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ResponsesRequest:
+        extra = self.model_extra or {}
+        for name in ("conversation", "prompt"):
+            if extra.get(name) is not None:
+                raise InvalidRequest(
+                    f"'{name}' is not supported by this server; continue a conversation with "
+                    "previous_response_id.",
+                    param=name,
+                )
+        if self.top_logprobs:
+            raise InvalidRequest("Log probabilities are not supported.", param="top_logprobs")
+        if self.background:
+            raise InvalidRequest("Background responses are not supported.", param="background")
+        if self.input is None or self.input == []:
+            raise InvalidRequest("'input' is required and must not be empty.", param="input")
+        names = [t.name for t in self.tools or [] if isinstance(t, FunctionTool)]
+        if len(set(names)) != len(names):
+            raise InvalidRequest("Tool names must be unique.", param="tools")
+        if isinstance(self.tool_choice, FunctionChoice) and self.tool_choice.name not in names:
+            raise InvalidRequest(
+                f"tool_choice names '{self.tool_choice.name}', which is not in tools.",
+                param="tool_choice",
+            )
+        if self.tool_choice == "required" and not names:
+            raise InvalidRequest(
+                "tool_choice 'required' needs at least one tool in tools.", param="tool_choice"
+            )
+        return self
+
+    def input_messages(self) -> list[dict[str, Any]]:
+        """The input as chat-template messages: function calls join the assistant message
+        before them, reasoning items ride on the assistant message after them."""
+        if isinstance(self.input, str):
+            return [{"role": "user", "content": self.input}]
+        out: list[dict[str, Any]] = []
+        reasoning = ""
+        for item in self.input or []:
+            if isinstance(item, ReasoningItem):
+                reasoning += item.text()
+                continue
+            if isinstance(item, FunctionCallOutputItem):
+                out.append(
+                    {"role": "tool", "tool_call_id": item.call_id, "content": _text_of(item.output)}
+                )
+                continue
+            if isinstance(item, MessageItem):
+                role = "system" if item.role == "developer" else item.role
+                out.append({"role": role, "content": _text_of(item.content)})
+            elif isinstance(item, FunctionCallItem):
+                if not out or out[-1]["role"] != "assistant":
+                    out.append({"role": "assistant", "content": ""})
+                call = {
+                    "id": item.call_id,
+                    "type": "function",
+                    "function": {"name": item.name, "arguments": _arguments(item.arguments)},
+                }
+                out[-1].setdefault("tool_calls", []).append(call)
+            if reasoning and out[-1]["role"] == "assistant":
+                out[-1]["reasoning_content"] = reasoning
+                reasoning = ""
+        return out
+
+    def _tool_choice(self) -> str | dict[str, str]:
+        if isinstance(self.tool_choice, FunctionChoice):
+            return {"name": self.tool_choice.name}
+        return self.tool_choice or "auto"
+
+    def to_core(self, default_temperature: float, history: list[dict[str, Any]]) -> CoreRequest:
+        """The core request: ``instructions``, then the stored ``history`` of
+        ``previous_response_id`` (instructions are not carried over, as OpenAI documents),
+        then this input."""
+        messages = list(history) + self.input_messages()
+        if self.instructions:
+            messages.insert(0, {"role": "system", "content": self.instructions})
+        effort = self.reasoning.effort if self.reasoning else None
+        text_format = self.text.format if self.text else None
+        return CoreRequest(
+            model=self.model,
+            sampling=SamplingParams(
+                temperature=default_temperature if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p,
+                top_k=self.top_k or 0,
+                min_p=self.min_p or 0.0,
+                repeat_penalty=self.repeat_penalty or 1.0,
+                seed=self.seed,
+            ),
+            messages=tuple(messages),
+            max_tokens=self.max_output_tokens,
+            ignore_eos=self.ignore_eos,
+            tools=tuple(t.to_core() for t in self.tools or [] if isinstance(t, FunctionTool)),
+            tool_choice=self._tool_choice(),
+            parallel_tool_calls=self.parallel_tool_calls is not False,
+            json_schema=text_format.as_json_schema() if text_format else None,
+            reasoning=REASONING_EFFORT.get(effort, "high") if effort else None,
+            ttl=self.ttl,
+        )

@@ -1,0 +1,331 @@
+"""OpenAI Responses API: ``POST /v1/responses``.
+
+An adapter over the one generation path: the request becomes a core request (with the stored
+history of ``previous_response_id`` in front), the core's events are cut into output items by
+:class:`~mlxserve.routes.blocks.Blocks`, and the items are rendered as Responses events
+(streamed, each with its ``sequence_number``) or gathered into one response object. Stored
+turns go into the chat store shared with LM Studio's ``/api/v1/chat``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from mlxserve.core import generate
+from mlxserve.core.chatstore import new_response_id
+from mlxserve.core.generate import Generation
+from mlxserve.core.types import CoreRequest, Done, Event, Idle
+from mlxserve.errors import InvalidRequest, MlxServeError
+from mlxserve.protocols.responses import ResponsesRequest
+from mlxserve.routes.blocks import Appended, Block, Blocks, Change, Opened, gather
+from mlxserve.routes.common import EventStreamResponse, parse, read_json, sse, unless_disconnected
+from mlxserve.state import AppState
+
+_PREFIX = {"text": "msg", "reasoning": "rs", "tool": "fc"}
+# The core names request fields as chat completions does; say them as this API does.
+_FIELDS = {"response_format": "text.format", "messages": "input"}
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _reasoning_part(text: str) -> dict[str, Any]:
+    return {"type": "reasoning_text", "text": text}
+
+
+# The content part each kind of item has (function calls have none).
+_PART = {"text": "output_text", "reasoning": "reasoning_text"}
+
+
+def _part(kind: str, text: str) -> dict[str, Any]:
+    return _text_part(text) if kind == "text" else _reasoning_part(text)
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return text
+
+
+class ResponseRenderer:
+    """One response: its object (at any point of its life) and the stream events that lead
+    there. Streamed and gathered responses go through the same steps, so they agree."""
+
+    def __init__(
+        self, body: ResponsesRequest, raw: dict[str, Any], core: CoreRequest, model: str
+    ) -> None:
+        self.id = new_response_id()
+        self.body = body
+        self.raw = raw
+        self.core = core
+        self.model = model
+        self.created_at = int(time.time())
+        self.blocks = Blocks()
+        self.output: list[dict[str, Any]] = []
+        self.status = "in_progress"
+        self.done: Done | None = None
+        self.error: dict[str, Any] | None = None
+        self._item_ids: dict[int, str] = {}
+
+    # -- the response object
+
+    def response(self) -> dict[str, Any]:
+        done = self.done
+        incomplete = {"reason": "max_output_tokens"} if self.status == "incomplete" else None
+        finished = self.status in ("completed", "incomplete")
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "completed_at": int(time.time()) if finished else None,
+            "status": self.status,
+            "model": self.model,
+            "output": list(self.output),
+            "usage": self._usage(done) if done is not None else None,
+            "previous_response_id": self.body.previous_response_id,
+            "instructions": self.body.instructions,
+            "error": self.error,
+            "incomplete_details": incomplete,
+            "parallel_tool_calls": self.core.parallel_tool_calls,
+            "tool_choice": self.raw.get("tool_choice") or "auto",
+            "tools": self.raw.get("tools") or [],
+            "temperature": self.core.sampling.temperature,
+            "top_p": self.core.sampling.top_p,
+            "max_output_tokens": self.body.max_output_tokens,
+            "text": self.raw.get("text") or {"format": {"type": "text"}},
+            "reasoning": {"effort": self.body.reasoning.effort if self.body.reasoning else None},
+            "store": self.body.store,
+            "metadata": self.raw.get("metadata") or {},
+            "truncation": "disabled",
+            "background": False,
+        }
+
+    @staticmethod
+    def _usage(done: Done) -> dict[str, Any]:
+        return {
+            "input_tokens": done.usage.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": done.usage.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": done.usage.reasoning_tokens},
+            "total_tokens": done.usage.total_tokens,
+        }
+
+    def opening(self) -> list[dict[str, Any]]:
+        return [
+            {"type": "response.created", "response": self.response()},
+            {"type": "response.in_progress", "response": self.response()},
+        ]
+
+    def feed(self, event: Event) -> list[dict[str, Any]]:
+        return self._render(self.blocks.feed(event))
+
+    def finish(self, done: Done) -> list[dict[str, Any]]:
+        """Close the open item and settle the status; :meth:`terminal` comes after."""
+        self.done = done
+        self.status = "incomplete" if done.finish_reason == "length" else "completed"
+        return self._render(self.blocks.finish())
+
+    def terminal(self) -> dict[str, Any]:
+        return {"type": f"response.{self.status}", "response": self.response()}
+
+    def failed(self, exc: MlxServeError) -> dict[str, Any]:
+        self.status = "failed"
+        self.error = {"code": "server_error", "message": exc.message}
+        return {"type": "response.failed", "response": self.response()}
+
+    # -- output items
+
+    def _item(self, block: Block, status: str, *, whole: bool) -> dict[str, Any]:
+        item_id = self._item_ids[block.index]
+        if block.kind == "text":
+            content = [_text_part(block.text)] if whole else []
+            return {
+                "id": item_id,
+                "type": "message",
+                "role": "assistant",
+                "status": status,
+                "content": content,
+            }
+        if block.kind == "reasoning":
+            content = [_reasoning_part(block.text)] if whole else []
+            return {
+                "id": item_id,
+                "type": "reasoning",
+                "summary": [],
+                "content": content,
+                "status": status,
+            }
+        return {
+            "id": item_id,
+            "type": "function_call",
+            "status": status,
+            "call_id": block.call_id,
+            "name": block.name,
+            "arguments": block.text if whole else "",
+        }
+
+    def _render(self, changes: list[Change]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for change in changes:
+            if isinstance(change, Opened):
+                out += self._opened(change.block)
+            elif isinstance(change, Appended):
+                out.append(self._appended(change.block, change.text))
+            else:
+                out += self._closed(change.block)
+        return out
+
+    def _where(self, block: Block) -> dict[str, Any]:
+        where: dict[str, Any] = {
+            "output_index": block.index,
+            "item_id": self._item_ids[block.index],
+        }
+        if block.kind != "tool":
+            where["content_index"] = 0
+        return where
+
+    def _opened(self, block: Block) -> list[dict[str, Any]]:
+        self._item_ids[block.index] = f"{_PREFIX[block.kind]}_{uuid.uuid4().hex}"
+        item = self._item(block, "in_progress", whole=False)
+        out = [{"type": "response.output_item.added", "output_index": block.index, "item": item}]
+        if block.kind != "tool":
+            part = _part(block.kind, "")
+            out.append({"type": "response.content_part.added", **self._where(block), "part": part})
+        return out
+
+    def _appended(self, block: Block, text: str) -> dict[str, Any]:
+        if block.kind == "tool":
+            name = "response.function_call_arguments.delta"
+            return {"type": name, **self._where(block), "delta": text}
+        event = {"type": f"response.{_PART[block.kind]}.delta", **self._where(block), "delta": text}
+        if block.kind == "text":
+            event["logprobs"] = []
+        return event
+
+    def _closed(self, block: Block) -> list[dict[str, Any]]:
+        where = self._where(block)
+        out: list[dict[str, Any]] = []
+        if block.kind == "tool":
+            name = "response.function_call_arguments.done"
+            out.append({"type": name, **where, "name": block.name, "arguments": block.text})
+        else:
+            done = {"type": f"response.{_PART[block.kind]}.done", **where, "text": block.text}
+            if block.kind == "text":
+                done["logprobs"] = []
+            part = _part(block.kind, block.text)
+            out += [done, {"type": "response.content_part.done", **where, "part": part}]
+        status = "incomplete" if self.status == "incomplete" else "completed"
+        item = self._item(block, status, whole=True)
+        self.output.append(item)
+        out.append({"type": "response.output_item.done", "output_index": block.index, "item": item})
+        return out
+
+    def template_output(self) -> list[dict[str, Any]]:
+        """The reply as one chat-template assistant message, for the chat store."""
+        blocks = self.blocks.blocks
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": "".join(b.text for b in blocks if b.kind == "text"),
+        }
+        reasoning = "".join(b.text for b in blocks if b.kind == "reasoning")
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        calls = [
+            {
+                "id": b.call_id,
+                "type": "function",
+                "function": {"name": b.name, "arguments": _arguments(b.text)},
+            }
+            for b in blocks
+            if b.kind == "tool"
+        ]
+        if calls:
+            message["tool_calls"] = calls
+        return [message]
+
+
+async def _stream(
+    gen: Generation,
+    renderer: ResponseRenderer,
+    save: Callable[[], Awaitable[None]],
+    ping_seconds: float,
+) -> AsyncIterator[str]:
+    """Responses SSE: named events, numbered from 0, ending on a terminal event (no [DONE])."""
+    sequence = 0
+
+    def emit(event: dict[str, Any]) -> str:
+        nonlocal sequence
+        event["sequence_number"] = sequence
+        sequence += 1
+        return sse(event, event["type"])
+
+    try:
+        for event in renderer.opening():
+            yield emit(event)
+        async for item in gen.events(ping_seconds):
+            if isinstance(item, Idle):
+                yield ": ping\n\n"
+                continue
+            if isinstance(item, Done):
+                for event in renderer.finish(item):
+                    yield emit(event)
+                await save()
+                yield emit(renderer.terminal())
+                return
+            for event in renderer.feed(item):
+                yield emit(event)
+    except MlxServeError as exc:
+        yield emit(renderer.failed(exc))
+    finally:
+        gen.cancel()
+
+
+async def create_response(request: Request) -> Response:
+    state: AppState = request.app.state.mlxserve
+    raw = await read_json(request)
+    body = parse(ResponsesRequest, raw)
+    history: list[dict[str, Any]] = []
+    if body.previous_response_id is not None:
+        history = (await state.chats.aconversation(body.previous_response_id)).messages
+    core = body.to_core(state.settings.default_temperature, history)
+    try:
+        gen = await generate.start(state.manager, core)
+    except InvalidRequest as exc:
+        exc.param = _FIELDS.get(exc.param or "", exc.param)
+        raise
+    renderer = ResponseRenderer(body, raw, core, gen.instance.id)
+
+    async def save() -> None:
+        if body.store:
+            await state.chats.asave(
+                response_id=renderer.id,
+                parent_id=body.previous_response_id,
+                model=gen.instance.info.key,
+                system=body.instructions,
+                input=body.input_messages(),
+                output=renderer.template_output(),
+            )
+
+    if body.stream:
+        return EventStreamResponse(_stream(gen, renderer, save, state.settings.sse_ping_seconds))
+
+    finished = await unless_disconnected(request, gather(gen, renderer))
+    if finished is None:
+        return Response(status_code=204)
+    if not finished:
+        raise MlxServeError("generation ended without a result")
+    await save()
+    return JSONResponse(renderer.response())
+
+
+routes = [Route("/v1/responses", create_response, methods=["POST"])]
