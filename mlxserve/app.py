@@ -13,7 +13,7 @@ from starlette.routing import Route
 
 from mlxserve import __version__
 from mlxserve.errors import MlxServeError
-from mlxserve.routes import embeddings, openai
+from mlxserve.routes import anthropic, embeddings, lmstudio_v0, lmstudio_v1, openai, responses
 from mlxserve.routes.common import error_response
 from mlxserve.settings import Settings
 from mlxserve.state import AppState
@@ -56,12 +56,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state.registry.scan()
+        state.manager.start()
         yield
         await state.manager.close()
         state.chats.close()
 
     app = Starlette(
-        routes=[Route("/health", health, methods=["GET"]), *openai.routes, *embeddings.routes],
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            *openai.routes,
+            *embeddings.routes,
+            *responses.routes,
+            *anthropic.routes,
+            *lmstudio_v1.routes,
+            *lmstudio_v0.routes,
+        ],
         exception_handlers={
             MlxServeError: error_response,
             HTTPException: error_response,

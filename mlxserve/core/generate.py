@@ -58,6 +58,10 @@ class OutputPipeline:
         return self.assembler.stopped
 
     @property
+    def stop_sequence(self) -> str | None:
+        return self.assembler.stop_sequence
+
+    @property
     def called_tools(self) -> bool:
         return bool(self.tools and self.tools.calls)
 
@@ -108,7 +112,8 @@ class Generation:
         if finish == "stop" and self._output.called_tools:
             finish = "tool_calls"
         usage = Usage(self.prompt_tokens, generated, self._output.reasoning_tokens)
-        return Done(finish, usage)  # type: ignore[arg-type]
+        stop = self._output.stop_sequence if finish == "stop" else None
+        return Done(finish, usage, stop)  # type: ignore[arg-type]
 
     async def events(self, idle_seconds: float | None = None) -> AsyncIterator[Event]:
         """The generation's events; :class:`Idle` after each ``idle_seconds`` of silence."""
@@ -202,15 +207,10 @@ def _with_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, An
     return [{"role": "system", "content": text}, *messages]
 
 
-async def start(manager: ModelManager, request: CoreRequest) -> Generation:
-    """Resolve the model, render and tokenize the prompt, check it fits, and queue it.
-
-    Everything that can be the client's fault is raised here, before a response starts.
-    """
-    instance = await manager.get(request.model)
+async def _prompt(instance: Instance, request: CoreRequest, plan: _Plan) -> tuple[str, list[int]]:
+    """The rendered prompt and its token ids."""
     engine = instance.engine
     info = engine.info
-    plan = _plan(instance, request)
     if request.messages is not None:
         text = instance.template.render(
             plan.messages, add_generation_prompt=True, **plan.template_kwargs
@@ -221,6 +221,33 @@ async def start(manager: ModelManager, request: CoreRequest) -> Generation:
         tokens = await asyncio.to_thread(engine.tokenize, text)
         if info.bos_token_id is not None and tokens[:1] != [info.bos_token_id]:
             tokens.insert(0, info.bos_token_id)
+    return text, tokens
+
+
+async def count_prompt_tokens(manager: ModelManager, request: CoreRequest) -> int:
+    """How many tokens ``request``'s prompt is, rendered exactly as :func:`start` renders it."""
+    instance = await manager.get(request.model, ttl=request.ttl)
+    with manager.holding(instance):
+        _, tokens = await _prompt(instance, request, _plan(instance, request))
+    return len(tokens)
+
+
+async def start(manager: ModelManager, request: CoreRequest) -> Generation:
+    """Resolve the model, render and tokenize the prompt, check it fits, and queue it.
+
+    Everything that can be the client's fault is raised here, before a response starts.
+    """
+    instance = await manager.get(request.model, ttl=request.ttl)
+    # Held until the work is queued on the engine, which then finishes it before it closes.
+    with manager.holding(instance):
+        return await _admit(instance, request)
+
+
+async def _admit(instance: Instance, request: CoreRequest) -> Generation:
+    engine = instance.engine
+    info = engine.info
+    plan = _plan(instance, request)
+    text, tokens = await _prompt(instance, request, plan)
     if not tokens:
         raise InvalidRequest("The prompt is empty after tokenization.", param="messages")
     n_ctx = instance.context_length

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from mlxserve.core.reasoning import reasoning_support
 from mlxserve.core.templates import template_supports_tools
 
 log = logging.getLogger("mlxserve.registry")
@@ -18,6 +19,10 @@ _KEY_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SPLIT_GGUF = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 # Written by our generator into demo models so that they are labelled everywhere.
 DEMO_MARKER = "mlxserve-demo.json"
+# Encoder families: their checkpoints make embeddings, never text.
+_ENCODER_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "distilbert", "nomic_bert", "modernbert", "mpnet"}
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,9 @@ class ModelInfo:
     trained_for_tool_use: bool
     type: Literal["llm", "embedding"] = "llm"
     description: str | None = None
+    # LM Studio's reasoning settings the chat template allows: () none, ("on",) it always
+    # thinks, ("off", "on") it has a switch.
+    reasoning_options: tuple[str, ...] = ()
 
     @property
     def display_name(self) -> str:
@@ -81,6 +89,23 @@ def _demo_description(folder: Path) -> str | None:
         return str(json.loads(marker.read_text()).get("description", "demo model"))
     except (OSError, json.JSONDecodeError):
         return "demo model"
+
+
+def _reasoning_options(template: Any) -> tuple[str, ...]:
+    if not isinstance(template, str):
+        return ()
+    support = reasoning_support(template)
+    if not support.supported:
+        return ()
+    return ("off", "on") if support.switchable else ("on",)
+
+
+def _mlx_model_type(folder: Path, config: dict[str, Any]) -> Literal["llm", "embedding"]:
+    """A sentence-transformers folder, or an encoder architecture, is an embedding model."""
+    sentence_transformers = ("modules.json", "config_sentence_transformers.json")
+    if any((folder / name).is_file() for name in sentence_transformers):
+        return "embedding"
+    return "embedding" if config.get("model_type") in _ENCODER_TYPES else "llm"
 
 
 def _mlx_info(publisher: str, folder: Path) -> ModelInfo:
@@ -151,6 +176,8 @@ def _mlx_info(publisher: str, folder: Path) -> ModelInfo:
         params_string=params_string(n_params),
         max_context_length=int(max_ctx),
         trained_for_tool_use=template_supports_tools(template),
+        reasoning_options=_reasoning_options(template),
+        type=_mlx_model_type(folder, config),
         description=_demo_description(folder),
     )
 
@@ -202,6 +229,7 @@ def _gguf_info(publisher: str, folder: Path, file: Path, shards: list[Path]) -> 
         params_string=params_string(n_params),
         max_context_length=int(max_ctx),
         trained_for_tool_use=template_supports_tools(template),
+        reasoning_options=_reasoning_options(template),
         type=model_type,
         description=_demo_description(folder),
     )

@@ -27,6 +27,8 @@ class TextAssembler:
         self._strip_leading_space = strip_leading_space
         self._started = False
         self.stopped = False
+        # The stop string that ended the text, once one has.
+        self.stop_sequence: str | None = None
 
     def add(self, token_id: int) -> str:
         """Feed one token; returns the text that is now safe to emit (maybe empty)."""
@@ -55,6 +57,7 @@ class TextAssembler:
         cut = self._earliest_stop()
         if cut is not None:
             self.stopped = True
+            self.stop_sequence = next(s for s in self._stops if self._pending.find(s) == cut)
             out, self._pending = self._pending[:cut], ""
             return out
         keep = self._held_back()

@@ -44,6 +44,8 @@ class CoreRequest:
     json_schema: dict[str, Any] | None = None
     # "off", "on", "low", "medium", "high"; None leaves the model's default.
     reasoning: str | None = None
+    # Idle seconds before a just-in-time loaded model is unloaded (LM Studio's ``ttl``).
+    ttl: float | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,8 @@ class Progress:
 class Done:
     finish_reason: Literal["stop", "length", "tool_calls"]
     usage: Usage
+    # The stop string that ended the reply (finish_reason "stop"); None for end-of-text.
+    stop_sequence: str | None = None
 
 
 @dataclass(frozen=True)

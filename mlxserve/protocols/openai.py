@@ -16,6 +16,7 @@ from mlxserve.errors import InvalidRequest
 
 MAX_STOPS = 16
 MAX_STOP_LENGTH = 256
+MAX_TTL_SECONDS = 365 * 24 * 3600
 
 
 def _clean_text(value: str) -> str:
@@ -144,6 +145,8 @@ class _Sampling(_Lenient):
     logprobs: StrictBool | int | None = None
     # llama.cpp's extension: keep generating past the end-of-text token (benchmarks, tests).
     ignore_eos: StrictBool = False
+    # LM Studio's extension: idle seconds before a just-in-time loaded model is unloaded.
+    ttl: float | None = Field(default=None, gt=0, le=MAX_TTL_SECONDS)
 
     @field_validator("stop")
     @classmethod
@@ -292,6 +295,7 @@ class ChatCompletionRequest(_Structured):
             ignore_eos=self.ignore_eos,
             max_tokens=self.max_completion_tokens or self.max_tokens,
             stops=self.stop_list(),
+            ttl=self.ttl,
         )
 
 
@@ -330,4 +334,5 @@ class CompletionRequest(_Structured):
             ignore_eos=self.ignore_eos,
             max_tokens=self.max_tokens if self.max_tokens is not None else 16,
             stops=self.stop_list(),
+            ttl=self.ttl,
         )

@@ -190,9 +190,11 @@ class EventStreamResponse(StreamingResponse):
             group.cancel_scope.cancel()
 
 
-def sse(data: dict[str, Any] | str) -> str:
+def sse(data: dict[str, Any] | str, event: str | None = None) -> str:
+    """One server-sent event; ``event`` names it (the dialects with named events)."""
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"data: {payload}\n\n"
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n"
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:

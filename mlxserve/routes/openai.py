@@ -15,6 +15,7 @@ from starlette.routing import Route
 from mlxserve import __version__
 from mlxserve.core import generate
 from mlxserve.core.generate import Generation
+from mlxserve.core.manager import Loaded
 from mlxserve.core.registry import ModelInfo
 from mlxserve.core.types import (
     Done,
@@ -54,7 +55,12 @@ def _model_object(info: ModelInfo) -> dict[str, Any]:
 
 async def list_models(request: Request) -> Response:
     state: AppState = request.app.state.mlxserve
-    models = [_model_object(m) for m in state.registry.scan()]
+    if state.settings.jit_loading:
+        models = [_model_object(m) for m in state.registry.scan()]
+    else:
+        # Without JIT only loaded models can answer, so only they are listed (LM Studio).
+        loaded: list[Loaded] = [*state.manager.loaded(), *state.manager.loaded_embedders()]
+        models = [_model_object(i.info) | {"id": i.id} for i in loaded]
     return JSONResponse({"object": "list", "data": models})
 
 
