@@ -21,7 +21,6 @@ from mlxserve.protocols.openai import (
     MAX_TTL_SECONDS,
     _Lenient,
 )
-from mlxserve.protocols.unicode import check_unicode
 
 _BLOCK_TAGS = {
     "text": "Text",
@@ -239,12 +238,6 @@ class CountTokensRequest(_Lenient):
     output_config: OutputConfig | None = None
     # LM Studio's: idle seconds before a just-in-time loaded model is unloaded.
     ttl: float | None = Field(default=None, gt=0, le=MAX_TTL_SECONDS)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unicode(cls, data: Any) -> Any:
-        check_unicode(data)
-        return data
 
     @model_validator(mode="after")
     def _tools_consistent(self) -> CountTokensRequest:

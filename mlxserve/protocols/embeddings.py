@@ -28,12 +28,6 @@ def _token_id(value: Any) -> bool:
 def _check_text(text: str, param: str) -> str:
     if not text:
         raise InvalidRequest(f"'{param}' must not be an empty string.", param=param)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidRequest(
-            f"'{param}' contains characters that are not valid Unicode.", param=param
-        ) from None
     return text
 
 

@@ -16,7 +16,6 @@ from pydantic import (
     Field,
     StrictBool,
     Tag,
-    field_validator,
 )
 
 from mlxserve.core.manager import LoadRequest
@@ -26,15 +25,6 @@ from mlxserve.protocols.openai import MAX_TTL_SECONDS
 
 MAX_CONTEXT_LENGTH = 1 << 24
 Ttl = Annotated[float, Field(gt=0, le=MAX_TTL_SECONDS)]
-
-
-def _utf8(value: str) -> str:
-    """Reject strings that cannot become UTF-8 (lone surrogates) before a tokenizer sees them."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError("text contains characters that are not valid Unicode") from exc
-    return value
 
 
 class _Strict(BaseModel):
@@ -80,11 +70,6 @@ class TextInput(_Lenient):
     # The docs call the text item "message"; their examples also send "text".
     type: Literal["message", "text"]
     content: str
-
-    @field_validator("content")
-    @classmethod
-    def _content(cls, v: str) -> str:
-        return _utf8(v)
 
 
 class ImageInput(_Lenient):
@@ -135,11 +120,6 @@ class ChatRequest(_Lenient):
         default=None, pattern=r"^resp_[A-Za-z0-9_-]{1,128}$", max_length=133
     )
     ttl: Ttl | None = None
-
-    @field_validator("input", "system_prompt")
-    @classmethod
-    def _text(cls, v: Any) -> Any:
-        return _utf8(v) if isinstance(v, str) else v
 
     def check_supported(self) -> None:
         """Refuse what cannot be honoured yet, naming the field."""

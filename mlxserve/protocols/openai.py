@@ -19,15 +19,6 @@ MAX_STOP_LENGTH = 256
 MAX_TTL_SECONDS = 365 * 24 * 3600
 
 
-def _clean_text(value: str) -> str:
-    """Reject strings that cannot become UTF-8 (lone surrogates) before a tokenizer sees them."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError("text contains characters that are not valid Unicode") from exc
-    return value
-
-
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -35,11 +26,6 @@ class _Lenient(BaseModel):
 class TextPart(_Lenient):
     type: Literal["text"]
     text: str
-
-    @field_validator("text")
-    @classmethod
-    def _text(cls, v: str) -> str:
-        return _clean_text(v)
 
 
 class OtherPart(_Lenient):
@@ -63,11 +49,6 @@ class ChatMessage(_Lenient):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
-
-    @field_validator("content")
-    @classmethod
-    def _content(cls, v: Any) -> Any:
-        return _clean_text(v) if isinstance(v, str) else v
 
     def text(self) -> str:
         if self.content is None:
@@ -147,15 +128,6 @@ class _Sampling(_Lenient):
     ignore_eos: StrictBool = False
     # LM Studio's extension: idle seconds before a just-in-time loaded model is unloaded.
     ttl: float | None = Field(default=None, gt=0, le=MAX_TTL_SECONDS)
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            return _clean_text(v)
-        if isinstance(v, list):
-            return [_clean_text(s) for s in v]
-        return v
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _Sampling:
@@ -311,8 +283,8 @@ class CompletionRequest(_Structured):
         if isinstance(v, list):
             if len(v) != 1:
                 raise ValueError("exactly one prompt per request is supported")
-            return _clean_text(v[0])
-        return _clean_text(v)
+            return v[0]
+        return v
 
     @model_validator(mode="after")
     def _refuse_unimplemented(self) -> CompletionRequest:

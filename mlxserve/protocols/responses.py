@@ -20,7 +20,6 @@ from mlxserve.protocols.openai import (
     FunctionDef,
     _Lenient,
 )
-from mlxserve.protocols.unicode import check_unicode
 
 # Tags are capitalised so that error locations name the client's fields, not our union members.
 _ITEM_TAGS = {
@@ -240,12 +239,6 @@ class ResponsesRequest(_Lenient):
     ignore_eos: StrictBool = False
     # LM Studio's: idle seconds before a just-in-time loaded model is unloaded.
     ttl: float | None = Field(default=None, gt=0, le=MAX_TTL_SECONDS)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unicode(cls, data: Any) -> Any:
-        check_unicode(data)
-        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> ResponsesRequest:

@@ -24,6 +24,7 @@ from mlxserve.errors import (
     NotFoundRoute,
     Overloaded,
 )
+from mlxserve.protocols.unicode import check_unicode
 
 log = logging.getLogger("mlxserve.http")
 
@@ -42,6 +43,7 @@ async def read_json(request: Request) -> dict[str, Any]:
         raise InvalidJSON(f"The request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise InvalidJSON(f"The request body must be a JSON object, not {type(data).__name__}.")
+    check_unicode(data)
     return data
 
 
