@@ -40,14 +40,20 @@ class GrammarConstraint:
 
     def mask_inplace(self, logits: np.ndarray) -> None:
         """Set every token the grammar forbids to -inf in a contiguous logits vector."""
-        np.putmask(logits, ~self.allowed(logits.shape[-1]), -np.inf)
+        logits[self._bits(logits.shape[-1], forbidden=True)] = -np.inf
 
     def allowed(self, size: int) -> np.ndarray:
         """A boolean mask over ``size`` logits (tokens past the tokenizer's are never allowed)."""
+        return self._bits(size, forbidden=False)
+
+    def _bits(self, size: int, *, forbidden: bool) -> np.ndarray:
         fill_next_token_bitmask(self._matcher, self._bitmask)
-        bits = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little").astype(bool)
+        # Unpacking the inverted words gives the forbidden set directly, without a pass over
+        # the whole vocabulary to invert it.
+        words = ~self._bitmask if forbidden else self._bitmask
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little").view(bool)
         if bits.size < size:
-            bits = np.concatenate([bits, np.zeros(size - bits.size, dtype=bool)])
+            bits = np.concatenate([bits, np.full(size - bits.size, forbidden)])
         return bits[:size]
 
 
