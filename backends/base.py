@@ -200,7 +200,12 @@ class Engine(ABC):
         self._pending_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"engine:{path.name}", daemon=True)
         self._thread.start()
-        self.info: EngineInfo = self.call(self._load).result()
+        try:
+            self.info: EngineInfo = self.call(self._load).result()
+        except BaseException:
+            self._inbox.put(None)  # a failed load must not leave its owner thread behind
+            self._thread.join(timeout=30)
+            raise
 
     # --- to implement -------------------------------------------------------------------
 

@@ -76,7 +76,12 @@ class EmbeddingEngine(ABC):
         self._inbox: queue.Queue[_Call | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=f"embed:{path.name}", daemon=True)
         self._thread.start()
-        self.info: EmbeddingInfo = self._call(self._load).result()
+        try:
+            self.info: EmbeddingInfo = self._call(self._load).result()
+        except BaseException:
+            self._inbox.put(None)  # a failed load must not leave its owner thread behind
+            self._thread.join(timeout=30)
+            raise
 
     # --- to implement -------------------------------------------------------------------
 

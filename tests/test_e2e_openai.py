@@ -253,3 +253,9 @@ def test_bad_requests_on_a_loaded_model(server, client, model):
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     # ...and the server keeps serving
     assert chat(client, model, max_tokens=2).choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_top_k_beyond_the_vocabulary_keeps_every_token(client, model):
+    r = chat(client, model, max_tokens=4, extra_body={"top_k": 100_000}, temperature=0.7)
+    assert r.choices[0].finish_reason in ("stop", "length")

@@ -179,3 +179,9 @@ def test_error_envelopes_follow_the_dialect_of_the_path():
         }
     }
     assert error_body_for("/v1/chat/completions", bad)["error"]["param"] == "x"
+
+
+def test_deeply_nested_json_is_400(client):
+    raw = b'{"model": "a/b", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    r = client.post("/v1/chat/completions", content=raw)
+    assert_openai_error(r, 400, code="invalid_json")

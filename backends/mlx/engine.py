@@ -103,6 +103,7 @@ class MLXEngine(Engine):
                 for d in decoder.get("decoders", [])
             )
         vocab_size = int(model.args.vocab_size)
+        self._vocab_size = vocab_size
         self.grammars = GrammarCache(
             lambda: llguidance.hf.from_tokenizer(
                 hf, n_vocab=vocab_size, eos_token=sorted(tokenizer.eos_token_ids)
@@ -151,7 +152,8 @@ class MLXEngine(Engine):
         if p.temperature == 0:
             return lambda logprobs: mx.argmax(logprobs, axis=-1)
         filters: list[Callable[[mx.array], mx.array]] = []
-        if p.top_k > 0:
+        # A top-k as large as the vocabulary keeps every token (mlx-lm refuses such a k).
+        if 0 < p.top_k < self._vocab_size:
             filters.append(lambda x: apply_top_k(x, p.top_k))
         if 0 < p.top_p < 1:
             filters.append(lambda x: apply_top_p(x, p.top_p))

@@ -458,8 +458,10 @@ class ModelManager:
             log.exception("loading %s failed", info.key)
             # Whatever the failed load allocated is garbage now: give it back.
             await asyncio.to_thread(gc.collect)
+            # The exception text may hold the file's absolute path: it stays in the log.
             raise ModelLoadFailed(
-                f"Model '{info.key}' failed to load: {type(exc).__name__}: {exc}"
+                f"Model '{info.key}' failed to load ({type(exc).__name__}); the server log "
+                "has the details."
             ) from exc
         elapsed = time.perf_counter() - started
         instance_id = request.identifier or self.next_instance_id(info.key)
@@ -585,5 +587,7 @@ class ModelManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
             self._reaper = None
+        # Loads and unloads still in flight finish first, so none leaves an engine open.
+        await asyncio.gather(*self._background, return_exceptions=True)
         for instance in self._all():
             await self._retire(instance, "shutting down")

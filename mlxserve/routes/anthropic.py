@@ -26,6 +26,7 @@ from mlxserve.routes.blocks import Appended, Block, Blocks, Change, Opened, gath
 from mlxserve.routes.common import (
     EventStreamResponse,
     anthropic_error_body,
+    as_mlxserve_error,
     parse,
     read_json,
     sse,
@@ -193,8 +194,8 @@ async def _stream(
                 yield sse(data, name)
             if isinstance(event, Done):
                 return
-    except MlxServeError as exc:
-        yield sse(anthropic_error_body(exc), "error")
+    except Exception as exc:  # whatever fails, the client gets the dialect's error event
+        yield sse(anthropic_error_body(as_mlxserve_error(exc)), "error")
     finally:
         gen.cancel()
 

@@ -41,6 +41,8 @@ async def read_json(request: Request) -> dict[str, Any]:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidJSON(f"The request body is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise InvalidJSON("The request body nests JSON too deeply.") from None
     if not isinstance(data, dict):
         raise InvalidJSON(f"The request body must be a JSON object, not {type(data).__name__}.")
     check_unicode(data)
@@ -188,8 +190,14 @@ class EventStreamResponse(StreamingResponse):
                 group.cancel_scope.cancel()
 
             group.start_soon(stream)
-            await self.listen_for_disconnect(receive)
-            group.cancel_scope.cancel()
+            try:
+                await self.listen_for_disconnect(receive)
+            finally:
+                group.cancel_scope.cancel()
+        # Runs the iterator's ``finally`` (which cancels the generation) now, not at GC.
+        aclose = getattr(self.body_iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def sse(data: dict[str, Any] | str, event: str | None = None) -> str:

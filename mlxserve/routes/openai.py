@@ -30,6 +30,7 @@ from mlxserve.errors import MlxServeError, ModelNotFound
 from mlxserve.protocols.openai import ChatCompletionRequest, CompletionRequest
 from mlxserve.routes.common import (
     EventStreamResponse,
+    as_mlxserve_error,
     openai_error_body,
     parse,
     read_json,
@@ -181,8 +182,8 @@ async def _stream(
                 if part is not None:
                     yield sse(envelope(part))
         yield sse("[DONE]")
-    except MlxServeError as exc:
-        yield sse(openai_error_body(exc))
+    except Exception as exc:  # whatever fails, the client gets the dialect's error event
+        yield sse(openai_error_body(as_mlxserve_error(exc)))
     finally:
         gen.cancel()
 

@@ -26,7 +26,14 @@ from mlxserve.core.types import CoreRequest, Done, Event, Idle
 from mlxserve.errors import InvalidRequest, MlxServeError
 from mlxserve.protocols.responses import ResponsesRequest
 from mlxserve.routes.blocks import Appended, Block, Blocks, Change, Opened, gather
-from mlxserve.routes.common import EventStreamResponse, parse, read_json, sse, unless_disconnected
+from mlxserve.routes.common import (
+    EventStreamResponse,
+    as_mlxserve_error,
+    parse,
+    read_json,
+    sse,
+    unless_disconnected,
+)
 from mlxserve.state import AppState
 
 _PREFIX = {"text": "msg", "reasoning": "rs", "tool": "fc"}
@@ -284,8 +291,8 @@ async def _stream(
                 return
             for event in renderer.feed(item):
                 yield emit(event)
-    except MlxServeError as exc:
-        yield emit(renderer.failed(exc))
+    except Exception as exc:  # whatever fails, the client gets the dialect's error event
+        yield emit(renderer.failed(as_mlxserve_error(exc)))
     finally:
         gen.cancel()
 
