@@ -240,10 +240,11 @@ async def start(manager: ModelManager, request: CoreRequest) -> Generation:
     instance = await manager.get(request.model, ttl=request.ttl)
     # Held until the work is queued on the engine, which then finishes it before it closes.
     with manager.holding(instance):
-        return await _admit(instance, request)
+        return await admit(instance, request)
 
 
-async def _admit(instance: Instance, request: CoreRequest) -> Generation:
+async def admit(instance: Instance, request: CoreRequest) -> Generation:
+    """Render, tokenize, check and queue ``request`` on an instance the caller holds."""
     engine = instance.engine
     info = engine.info
     plan = _plan(instance, request)

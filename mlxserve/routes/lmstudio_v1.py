@@ -213,7 +213,9 @@ class _Chat:
         ):
             started = time.perf_counter()
             core = body.to_core(instance.id, self.messages, self.state.settings.default_temperature)
-            gen = await generate.start(manager, core)
+            # The instance is held: queue on it, not on a second lookup that could race an
+            # eviction of this very instance.
+            gen = await generate.admit(instance, core)
         return gen, load_seconds, started
 
     async def store(self, turn: _Turn, gen: Generation) -> None:
