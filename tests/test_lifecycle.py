@@ -154,19 +154,21 @@ def test_concurrent_first_requests_load_once(http, life):
     assert list(loaded(http)) == [GGUF_KEY]
 
 
-@pytest.mark.parametrize(("model", "cycles"), [(GGUF_KEY, 5), (MLX_KEY, 4)])
-def test_unloading_frees_memory(http, life, model, cycles):
+@pytest.mark.parametrize("model", [GGUF_KEY, MLX_KEY])
+def test_unloading_frees_memory(http, life, model):
+    cycles = 9
     samples = []
-    for _ in range(cycles + 1):
+    for _ in range(cycles):
         r = http.post("/api/v1/models/load", json={"model": model})
         assert r.status_code == 200, r.text
         chat(http, r.json()["instance_id"])
         http.post("/api/v1/models/unload", json={"instance_id": r.json()["instance_id"]})
         samples.append(rss_mb(life.proc.pid))
-    # A leak would keep each cycle's weights (45-50 MB) in the process; allocator noise is
-    # well below that, so the floor stays flat after the first cycle.
-    first, last = min(samples[1:3]), min(samples[-2:])
-    assert last - first < 60, samples
+    # A leak would keep each cycle's weights (45-50 MB) in the process. RSS after an unload
+    # swings by tens of MB (allocator and MLX caches), so compare the floors of the early and
+    # late cycles and allow well under half a model per cycle in between.
+    first, last = min(samples[1:4]), min(samples[-3:])
+    assert last - first < 20 * (cycles - 4), samples
 
 
 @pytest.fixture(scope="module")
