@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator
@@ -17,6 +16,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from backends.owner import OwnerThread
 
 if TYPE_CHECKING:
     from backends.constraint import GrammarCache, GrammarConstraint
@@ -116,10 +117,6 @@ class EngineError(Exception):
     """The engine failed while generating."""
 
 
-class QueueFull(Exception):
-    """The engine's request queue is full."""
-
-
 StreamItem = Token | PromptProgress | Finished
 
 
@@ -171,18 +168,6 @@ class TokenStream:
         return items
 
 
-@dataclass
-class _Job:
-    request: GenerationRequest
-    stream: TokenStream
-
-
-@dataclass
-class _Call:
-    fn: Callable[[], Any]
-    future: Future[Any] = field(default_factory=Future)
-
-
 class Engine(ABC):
     """One loaded model. Subclasses implement :meth:`_load`, :meth:`_steps` and the tokenizer."""
 
@@ -193,18 +178,12 @@ class Engine(ABC):
     def __init__(self, path: Path, options: LoadOptions, *, max_queue: int = 64) -> None:
         self.path = path
         self.options = options
-        self._max_queue = max_queue
-        self._inbox: queue.Queue[_Job | _Call | None] = queue.Queue()
-        self._pending = 0
         self.generated_tokens = 0
-        self._pending_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name=f"engine:{path.name}", daemon=True)
-        self._thread.start()
+        self._owner = OwnerThread(f"engine:{path.name}", max_queue)
         try:
-            self.info: EngineInfo = self.call(self._load).result()
+            self.info: EngineInfo = self._owner.call(self._load).result()
         except BaseException:
-            self._inbox.put(None)  # a failed load must not leave its owner thread behind
-            self._thread.join(timeout=30)
+            self._owner.close()  # a failed load must not leave its owner thread behind
             raise
 
     # --- to implement -------------------------------------------------------------------
@@ -239,53 +218,24 @@ class Engine(ABC):
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn`` on the owner thread."""
-        item = _Call(fn)
-        self._inbox.put(item)
-        return item.future
+        return self._owner.call(fn)
 
     def submit(self, request: GenerationRequest) -> TokenStream:
         """Queue a generation; its tokens arrive on the returned stream."""
-        with self._pending_lock:
-            if self._pending >= self._max_queue:
-                raise QueueFull(f"{self._pending} requests are already waiting for this model")
-            self._pending += 1
         stream = TokenStream(asyncio.get_running_loop())
-        self._inbox.put(_Job(request, stream))
+        self._owner.submit(lambda: self._generate(request, stream))
         return stream
 
     @property
     def pending(self) -> int:
         """Requests queued or running."""
-        return self._pending
+        return self._owner.pending
 
     def close(self) -> None:
         """Stop the owner thread after the queued work and free the model."""
-        if self._thread.is_alive():
-            self.call(self._unload)
-            self._inbox.put(None)
-            self._thread.join(timeout=30)
+        self._owner.close(self._unload)
 
-    def _run(self) -> None:
-        while True:
-            item = self._inbox.get()
-            if item is None:
-                return
-            if isinstance(item, _Call):
-                if not item.future.set_running_or_notify_cancel():
-                    continue
-                try:
-                    item.future.set_result(item.fn())
-                except BaseException as exc:  # handed to the waiting caller
-                    item.future.set_exception(exc)
-                continue
-            try:
-                self._generate(item)
-            finally:
-                with self._pending_lock:
-                    self._pending -= 1
-
-    def _generate(self, job: _Job) -> None:
-        request, stream = job.request, job.stream
+    def _generate(self, request: GenerationRequest, stream: TokenStream) -> None:
         generated = 0
         reason: Literal["stop", "length", "cancelled"] = "length"
         try:

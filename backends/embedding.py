@@ -8,20 +8,18 @@ similar lengths share a batch), never one by one.
 
 from __future__ import annotations
 
-import queue
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
 import numpy as np
 
-from backends.base import LoadOptions, QueueFull
-
-T = TypeVar("T")
+from backends.base import LoadOptions
+from backends.owner import OwnerThread
 
 Pooling = Literal["mean", "cls", "last", "max"]
 
@@ -48,12 +46,6 @@ class EmbeddingCancelled(Exception):
     """The request was cancelled before all its inputs were embedded."""
 
 
-@dataclass
-class _Call:
-    fn: Callable[[], Any]
-    future: Future[Any] = field(default_factory=Future)
-
-
 class EmbeddingEngine(ABC):
     """One loaded embedding model. Subclasses implement :meth:`_load`, :meth:`_encode`,
     :meth:`tokenize` and :meth:`_unload`; :meth:`embed` does the batching."""
@@ -68,19 +60,12 @@ class EmbeddingEngine(ABC):
     def __init__(self, path: Path, options: LoadOptions, *, max_queue: int = 64) -> None:
         self.path = path
         self.options = options
-        self._max_queue = max_queue
-        self._pending = 0
-        self._pending_lock = threading.Lock()
         self.embedded_inputs = 0
-        self._closed = False
-        self._inbox: queue.Queue[_Call | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name=f"embed:{path.name}", daemon=True)
-        self._thread.start()
+        self._owner = OwnerThread(f"embed:{path.name}", max_queue)
         try:
-            self.info: EmbeddingInfo = self._call(self._load).result()
+            self.info: EmbeddingInfo = self._owner.call(self._load).result()
         except BaseException:
-            self._inbox.put(None)  # a failed load must not leave its owner thread behind
-            self._thread.join(timeout=30)
+            self._owner.close()  # a failed load must not leave its owner thread behind
             raise
 
     # --- to implement -------------------------------------------------------------------
@@ -110,52 +95,17 @@ class EmbeddingEngine(ABC):
         """Queue ``inputs`` (complete token sequences, each within the context length); the
         future holds their float32 vectors in order, normalized if the model says so.
         Setting ``cancel`` drops the work between two batches."""
-        with self._pending_lock:
-            if self._closed:
-                raise RuntimeError("this model has been unloaded")
-            if self._pending >= self._max_queue:
-                raise QueueFull(f"{self._pending} requests are already waiting for this model")
-            self._pending += 1
         stop = cancel or threading.Event()
-        future = self._call(lambda: self._embed_all(inputs, stop))
-        # Released however the call ends: done, failed, or cancelled while still queued.
-        future.add_done_callback(lambda _: self._release())
-        return future
+        return self._owner.submit(lambda: self._embed_all(inputs, stop))
 
     @property
     def pending(self) -> int:
         """Requests queued or running."""
-        return self._pending
+        return self._owner.pending
 
     def close(self) -> None:
         """Stop the owner thread after the queued work and free the model."""
-        with self._pending_lock:
-            self._closed = True
-        if self._thread.is_alive():
-            self._call(self._unload)
-            self._inbox.put(None)
-            self._thread.join(timeout=30)
-
-    def _release(self) -> None:
-        with self._pending_lock:
-            self._pending -= 1
-
-    def _call(self, fn: Callable[[], T]) -> Future[T]:
-        item = _Call(fn)
-        self._inbox.put(item)
-        return item.future
-
-    def _run(self) -> None:
-        while True:
-            item = self._inbox.get()
-            if item is None:
-                return
-            if not item.future.set_running_or_notify_cancel():
-                continue
-            try:
-                item.future.set_result(item.fn())
-            except BaseException as exc:  # handed to the waiting caller
-                item.future.set_exception(exc)
+        self._owner.close(self._unload)
 
     def batches(self, lengths: Sequence[int]) -> list[list[int]]:
         """Indices of the inputs grouped into forward passes: shortest first, each pass within

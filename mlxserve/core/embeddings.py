@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backends.base import QueueFull
 from backends.embedding import EmbeddingCancelled, EmbeddingInfo
+from backends.owner import QueueFull
 from mlxserve.core.manager import ModelManager
 from mlxserve.errors import EngineFailure, InputTooLong, InvalidRequest, Overloaded
 

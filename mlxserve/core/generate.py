@@ -12,11 +12,11 @@ from backends.base import (
     Finished,
     GenerationRequest,
     PromptProgress,
-    QueueFull,
     Token,
     TokenStream,
 )
 from backends.constraint import GrammarConstraint, GrammarError
+from backends.owner import QueueFull
 from mlxserve.core.grammar import json_schema_grammar, lark_grammar
 from mlxserve.core.manager import Instance, ModelManager
 from mlxserve.core.reasoning import ReasoningSplitter, prompt_opens_thinking, reasoning_support

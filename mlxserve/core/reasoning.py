@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mlxserve.core.textstream import partial_suffix
+
 THINK_START = "<think>"
 THINK_END = "</think>"
 
@@ -30,13 +32,6 @@ def prompt_opens_thinking(prompt: str) -> bool:
     return tail.endswith(THINK_START)
 
 
-def _partial_suffix(text: str, tag: str) -> int:
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
-
-
 class ReasoningSplitter:
     """Streams text apart into reasoning and content, holding back a tag split across chunks.
 
@@ -61,7 +56,7 @@ class ReasoningSplitter:
                     self._pending = self._pending[at + len(THINK_END) :]
                     self.in_reasoning, self._after_think = False, True
                     continue
-                keep = _partial_suffix(self._pending, THINK_END)
+                keep = partial_suffix(self._pending, THINK_END)
                 self._out(out, True, self._pending[: len(self._pending) - keep])
                 self._pending = self._pending[len(self._pending) - keep :]
                 break

@@ -6,6 +6,15 @@ import codecs
 from collections.abc import Callable
 
 
+def partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of ``tag``: text to hold
+    back because it may be the start of ``tag``."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
 class TextAssembler:
     """Turns a stream of token ids into text deltas and detects stop strings.
 
@@ -71,10 +80,4 @@ class TextAssembler:
 
     def _held_back(self) -> int:
         """Length of the longest tail of the pending text that begins some stop string."""
-        best = 0
-        for stop in self._stops:
-            for n in range(min(len(stop) - 1, len(self._pending)), best, -1):
-                if self._pending.endswith(stop[:n]):
-                    best = n
-                    break
-        return best
+        return max((partial_suffix(self._pending, stop) for stop in self._stops), default=0)

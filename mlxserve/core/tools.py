@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any
 
 from mlxserve.core.grammar import strict_json
+from mlxserve.core.textstream import partial_suffix
 from mlxserve.core.types import TextDelta, ToolCallDelta, ToolCallEnd, ToolCallStart
 
 
@@ -132,13 +133,6 @@ def _value_end(text: str) -> int | None:
     return None
 
 
-def _partial_suffix(text: str, tag: str) -> int:
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
-
-
 def _calls_in(body: str, args_key: str) -> list[tuple[str, str]] | None:
     """(name, arguments JSON) for each call in a block body, or None if it is not valid."""
     try:
@@ -221,7 +215,7 @@ class ToolCallParser:
             self._block, self._pending = "", self._pending[at + len(opener) :]
             self._opener = opener
             return True
-        keep = _partial_suffix(self._pending, opener)
+        keep = partial_suffix(self._pending, opener)
         if self.fmt is ToolFormat.LLAMA3 and not self._seen_text and not self._pending.strip():
             keep = len(self._pending)
         self._text(out, self._pending[: len(self._pending) - keep])
@@ -279,7 +273,7 @@ class ToolCallParser:
         end = _value_end(value)
         upto = len(value) if end is None else end
         if self.markers.close:
-            upto = min(upto, len(value) - _partial_suffix(value, self.markers.close))
+            upto = min(upto, len(value) - partial_suffix(value, self.markers.close))
         if upto > self._streamed:
             out.append(ToolCallDelta(self.calls, value[self._streamed : upto]))
             self._streamed = upto
