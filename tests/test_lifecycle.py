@@ -165,10 +165,11 @@ def test_unloading_frees_memory(http, life, model):
         http.post("/api/v1/models/unload", json={"instance_id": r.json()["instance_id"]})
         samples.append(rss_mb(life.proc.pid))
     # A leak would keep each cycle's weights (45-50 MB) in the process. RSS after an unload
-    # swings by tens of MB (allocator and MLX caches), so compare the floors of the early and
-    # late cycles and allow well under half a model per cycle in between.
+    # swings by tens of MB and its floor creeps a few MB a cycle (allocator arenas, MLX and
+    # tokenizer caches; more when the CPU is contended), so compare the floors of the early
+    # and late cycles and allow well under a model's size per cycle in between.
     first, last = min(samples[1:4]), min(samples[-3:])
-    assert last - first < 20 * (cycles - 4), samples
+    assert last - first < 30 * (cycles - 4), samples
 
 
 @pytest.fixture(scope="module")
