@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -73,7 +74,7 @@ class _Timed:
     """A whole reply with LM Studio's timings."""
 
     started: float
-    reply: openai._Reply = field(default_factory=openai._Reply)
+    reply: openai.Reply = field(default_factory=openai.Reply)
     first_at: float | None = None
     ended: float = 0.0
     done: Done | None = None
@@ -136,60 +137,44 @@ async def _whole(request: Request, gen: Generation, started: float) -> _Timed | 
         gen.cancel()
 
 
-async def chat_completions(request: Request) -> Response:
+async def _v0(
+    request: Request,
+    model: type[ChatCompletionRequest] | type[CompletionRequest],
+    streamed: Callable[[Request], Awaitable[Response]],
+    render: Callable[[str, int, str, openai.Reply, Done], dict[str, Any]],
+    prefix: str,
+) -> Response:
+    """The OpenAI shape plus v0's ``stats``, ``model_info`` and ``runtime``; streams are the
+    OpenAI route's."""
     state: AppState = request.app.state.mlxserve
-    body = parse(ChatCompletionRequest, await read_json(request))
+    body = parse(model, await read_json(request))
     if body.stream:
-        return await openai.chat_completions(request)
+        return await streamed(request)
     started = time.perf_counter()
     gen = await generate.start(state.manager, body.to_core(state.settings.default_temperature))
     timed = await _whole(request, gen, started)
     if timed is None or timed.done is None:
         return Response(status_code=204)
-    out = {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": gen.instance.id,
-        "choices": [
-            {
-                "index": 0,
-                "logprobs": None,
-                "finish_reason": timed.done.finish_reason,
-                "message": timed.reply.message(),
-            }
-        ],
-        "usage": openai._usage(timed.done),
-    }
+    out = render(
+        f"{prefix}-{uuid.uuid4().hex}", int(time.time()), gen.instance.id, timed.reply, timed.done
+    )
     return JSONResponse(out | timed.extras(gen))
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _v0(
+        request,
+        ChatCompletionRequest,
+        openai.chat_completions,
+        openai.chat_completion_body,
+        "chatcmpl",
+    )
 
 
 async def completions(request: Request) -> Response:
-    state: AppState = request.app.state.mlxserve
-    body = parse(CompletionRequest, await read_json(request))
-    if body.stream:
-        return await openai.completions(request)
-    started = time.perf_counter()
-    gen = await generate.start(state.manager, body.to_core(state.settings.default_temperature))
-    timed = await _whole(request, gen, started)
-    if timed is None or timed.done is None:
-        return Response(status_code=204)
-    out = {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": gen.instance.id,
-        "choices": [
-            {
-                "index": 0,
-                "text": "".join(timed.reply.text),
-                "logprobs": None,
-                "finish_reason": timed.done.finish_reason,
-            }
-        ],
-        "usage": openai._usage(timed.done),
-    }
-    return JSONResponse(out | timed.extras(gen))
+    return await _v0(
+        request, CompletionRequest, openai.completions, openai.text_completion_body, "cmpl"
+    )
 
 
 routes = [

@@ -74,7 +74,7 @@ async def get_model(request: Request) -> Response:
     return JSONResponse(_model_object(info))
 
 
-def _usage(done: Done) -> dict[str, Any]:
+def usage_body(done: Done) -> dict[str, Any]:
     usage: dict[str, Any] = {
         "prompt_tokens": done.usage.prompt_tokens,
         "completion_tokens": done.usage.completion_tokens,
@@ -86,7 +86,7 @@ def _usage(done: Done) -> dict[str, Any]:
 
 
 @dataclass
-class _Reply:
+class Reply:
     """A whole reply, gathered from the events."""
 
     text: list[str] = field(default_factory=list)
@@ -120,8 +120,8 @@ class _Reply:
         return message
 
 
-async def _collect(gen: Generation) -> tuple[_Reply, Done]:
-    reply = _Reply()
+async def _collect(gen: Generation) -> tuple[Reply, Done]:
+    reply = Reply()
     async for event in gen.events():
         if isinstance(event, Done):
             return reply, event
@@ -175,7 +175,7 @@ async def _stream(
                 if include_usage:
                     final = envelope({})
                     final["choices"] = []
-                    final["usage"] = _usage(event)
+                    final["usage"] = usage_body(event)
                     yield sse(final)
             else:
                 part = choice(event, None)
@@ -205,6 +205,36 @@ def _envelope(
         return out
 
     return wrap
+
+
+def chat_completion_body(
+    cid: str, created: int, model: str, reply: Reply, done: Done
+) -> dict[str, Any]:
+    """A whole (not streamed) chat completion."""
+    choice = {
+        "index": 0,
+        "message": reply.message(),
+        "logprobs": None,
+        "finish_reason": done.finish_reason,
+    }
+    return _envelope("chat.completion", cid, created, model, False)(choice) | {
+        "usage": usage_body(done)
+    }
+
+
+def text_completion_body(
+    cid: str, created: int, model: str, reply: Reply, done: Done
+) -> dict[str, Any]:
+    """A whole (not streamed) text completion."""
+    choice = {
+        "index": 0,
+        "text": "".join(reply.text),
+        "logprobs": None,
+        "finish_reason": done.finish_reason,
+    }
+    return _envelope("text_completion", cid, created, model, False)(choice) | {
+        "usage": usage_body(done)
+    }
 
 
 async def chat_completions(request: Request) -> Response:
@@ -237,17 +267,7 @@ async def chat_completions(request: Request) -> Response:
     result = await unless_disconnected(request, _collect(gen))
     if result is None:
         return Response(status_code=204)
-    reply, done = result
-    out = _envelope("chat.completion", cid, created, model, False)(
-        {
-            "index": 0,
-            "message": reply.message(),
-            "logprobs": None,
-            "finish_reason": done.finish_reason,
-        }
-    )
-    out["usage"] = _usage(done)
-    return JSONResponse(out)
+    return JSONResponse(chat_completion_body(cid, created, model, *result))
 
 
 async def completions(request: Request) -> Response:
@@ -274,17 +294,7 @@ async def completions(request: Request) -> Response:
     result = await unless_disconnected(request, _collect(gen))
     if result is None:
         return Response(status_code=204)
-    reply, done = result
-    out = _envelope("text_completion", cid, created, model, False)(
-        {
-            "index": 0,
-            "text": "".join(reply.text),
-            "logprobs": None,
-            "finish_reason": done.finish_reason,
-        }
-    )
-    out["usage"] = _usage(done)
-    return JSONResponse(out)
+    return JSONResponse(text_completion_body(cid, created, model, *result))
 
 
 routes = [
