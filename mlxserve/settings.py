@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     max_queue_per_model: int = Field(default=64, ge=1)
     # Interval between SSE keep-alive comments while a stream produces nothing; 0 turns them off.
     sse_ping_seconds: float = Field(default=15.0, ge=0.0)
+    # Every API route requires ``Authorization: Bearer <token>`` (tokens: ``mlxserve token``).
+    require_auth: bool = False
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> Settings:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mlxserve.auth import TokenStore
 from mlxserve.core.chatstore import ChatStore
 from mlxserve.core.manager import ModelManager
 from mlxserve.core.registry import Registry
@@ -17,6 +18,8 @@ class AppState:
     manager: ModelManager
     # Stored responses of stateful chats (/api/v1/chat, /v1/responses).
     chats: ChatStore
+    # API tokens (checked only when ``settings.require_auth``).
+    tokens: TokenStore
 
     @classmethod
     def build(cls, settings: Settings) -> AppState:
@@ -26,4 +29,5 @@ class AppState:
             registry=registry,
             manager=ModelManager(settings, registry),
             chats=ChatStore(settings.home / "chats.sqlite3"),
+            tokens=TokenStore(settings.home / "tokens.json"),
         )

@@ -1,0 +1,121 @@
+"""API tokens, as LM Studio has them: off unless required, created with the CLI, stored hashed.
+
+A token is ``mlxs-<id>-<secret>``; only the SHA-256 of the whole token is stored, and
+verification compares digests with :func:`hmac.compare_digest`. The store is a small JSON
+file under ``MLXSERVE_HOME`` written atomically, so the CLI and a running server can share
+it: the server re-reads it when the file changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+TOKEN_PREFIX = "mlxs-"
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: str
+    name: str
+    created_at: int
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class TokenStore:
+    """Hashed API tokens in ``<home>/tokens.json``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._mtime: float | None = None
+        self._entries: list[dict[str, object]] = []
+
+    # -- file ------------------------------------------------------------------
+    def _load(self) -> list[dict[str, object]]:
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            self._mtime, self._entries = None, []
+            return self._entries
+        if mtime != self._mtime:
+            data = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+            entries = data.get("tokens", []) if isinstance(data, dict) else []
+            self._entries = [e for e in entries if isinstance(e, dict)]
+            self._mtime = mtime
+        return self._entries
+
+    def _save(self, entries: list[dict[str, object]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tokens-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"tokens": entries}, f, indent=2)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._mtime = None
+
+    # -- API -------------------------------------------------------------------
+    def create(self, name: str = "") -> tuple[TokenInfo, str]:
+        """A new token: its public info and the token itself (shown once, never stored)."""
+        with self._lock:
+            entries = list(self._load())
+            token_id = secrets.token_hex(4)
+            while any(e.get("id") == token_id for e in entries):
+                token_id = secrets.token_hex(4)
+            token = f"{TOKEN_PREFIX}{token_id}-{secrets.token_urlsafe(32)}"
+            info = TokenInfo(id=token_id, name=name, created_at=int(time.time()))
+            entry = {"id": info.id, "name": name, "created_at": info.created_at}
+            entries.append({**entry, "sha256": _digest(token)})
+            self._save(entries)
+            return info, token
+
+    def list(self) -> list[TokenInfo]:
+        with self._lock:
+            return [
+                TokenInfo(
+                    id=str(e.get("id")),
+                    name=str(e.get("name", "")),
+                    created_at=int(str(e.get("created_at", 0))),
+                )
+                for e in self._load()
+            ]
+
+    def revoke(self, token_id: str) -> bool:
+        """Remove a token by id (or by name when no id matches); False when none matched."""
+        with self._lock:
+            entries = list(self._load())
+            kept = [e for e in entries if e.get("id") != token_id]
+            if len(kept) == len(entries):
+                kept = [e for e in entries if e.get("name") != token_id]
+            if len(kept) == len(entries):
+                return False
+            self._save(kept)
+            return True
+
+    def verify(self, token: str) -> bool:
+        """Whether ``token`` is a live token; constant time in the token's content."""
+        digest = _digest(token)
+        with self._lock:
+            try:
+                entries = self._load()
+            except (OSError, ValueError):
+                return False
+            ok = False
+            for e in entries:
+                ok |= hmac.compare_digest(digest, str(e.get("sha256", "")))
+            return ok
