@@ -56,6 +56,10 @@ class GenerationRequest:
     constraint: GrammarConstraint | None = None
 
 
+# GGUF sequences decoded in parallel, at most: each reserves a full context window of KV.
+GGUF_MAX_PARALLEL = 4
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """How to load a model. ``context_length`` is the window the instance serves."""
@@ -71,6 +75,17 @@ class LoadOptions:
     offload_kv_cache_to_gpu: bool | None = None
     # Experts used per token, for mixture-of-experts models.
     num_experts: int | None = None
+    # Sequences decoded together in one batch; more requests wait for a free place.
+    max_batch_size: int = 8
+    # Prompt tokens processed per step while other requests decode.
+    prefill_chunk: int = 512
+    # Memory the prompt cache (KV of finished requests, for prefix reuse) may keep.
+    prompt_cache_bytes: int = 1 << 30
+
+    def kv_windows(self, fmt: str) -> int:
+        """Context windows of KV cache a model of format ``fmt`` reserves when loaded: a
+        GGUF context holds one per sequence decoded in parallel; MLX grows its caches."""
+        return max(1, min(self.max_batch_size, GGUF_MAX_PARALLEL)) if fmt == "gguf" else 1
 
 
 @dataclass(frozen=True)
@@ -101,8 +116,11 @@ class Token:
 
 @dataclass(frozen=True)
 class PromptProgress:
+    """Prompt tokens processed so far; ``cached`` of them came from the prompt cache."""
+
     processed: int
     total: int
+    cached: int = 0
 
 
 @dataclass(frozen=True)
@@ -168,8 +186,59 @@ class TokenStream:
         return items
 
 
+class Job:
+    """One request on the owner thread: applies stop tokens and ``max_tokens`` to what the
+    engine samples, and ends the request's stream exactly once."""
+
+    def __init__(
+        self, request: GenerationRequest, stream: TokenStream, release: Callable[[], None]
+    ) -> None:
+        self.request = request
+        self.stream = stream
+        self._release = release
+        self.generated = 0
+        self.done = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self.stream.cancelled
+
+    def progress(self, processed: int, total: int, cached: int = 0) -> None:
+        if 0 < processed < total:
+            self.stream.put(PromptProgress(processed, total, cached))
+
+    def accept(self, token: int) -> bool:
+        """Take a sampled token; True when the request is finished."""
+        self.generated += 1
+        if token in self.request.stop_token_ids:
+            self.finish("stop")
+            return True
+        self.stream.put(Token(token))
+        if self.generated >= self.request.max_tokens:
+            self.finish("length")
+        return self.done
+
+    def finish(self, reason: Literal["stop", "length", "cancelled"]) -> None:
+        if not self.done:
+            self.done = True
+            # Released first: whoever sees the end of the stream sees the engine free too.
+            self._release()
+            self.stream.put(Finished(reason, self.generated))
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            self._release()
+            self.stream.put(EngineError(f"{type(exc).__name__}: {exc}"))
+
+
 class Engine(ABC):
-    """One loaded model. Subclasses implement :meth:`_load`, :meth:`_steps` and the tokenizer."""
+    """One loaded model. Subclasses implement :meth:`_load`, :meth:`_steps` and the tokenizer.
+
+    Requests run interleaved on the owner thread: each owner-thread step advances every
+    running request by one token. By default each request runs its own :meth:`_steps`
+    generator; engines that batch override :meth:`_admit`, :meth:`busy` and :meth:`step`.
+    """
 
     format: Literal["mlx", "gguf"]
     # Set by ``_load``: the engine's llguidance tokenizer and compiled grammars.
@@ -179,7 +248,8 @@ class Engine(ABC):
         self.path = path
         self.options = options
         self.generated_tokens = 0
-        self._owner = OwnerThread(f"engine:{path.name}", max_queue)
+        self._setup()
+        self._owner = OwnerThread(f"engine:{path.name}", max_queue, pump=self)
         try:
             self.info: EngineInfo = self._owner.call(self._load).result()
         except BaseException:
@@ -188,19 +258,26 @@ class Engine(ABC):
 
     # --- to implement -------------------------------------------------------------------
 
+    def _setup(self) -> None:
+        """Initialise scheduling state before the owner thread starts (no library calls);
+        overrides call this first."""
+        self._solo: list[tuple[Job, Generator[int | PromptProgress, None, None]]] = []
+
     @abstractmethod
     def _load(self) -> EngineInfo:
         """Load the model (on the owner thread) and describe it."""
 
-    @abstractmethod
     def _steps(
         self, request: GenerationRequest, stream: TokenStream
     ) -> Generator[int | PromptProgress, None, None]:
         """Process the prompt, then yield sampled token ids forever (the caller stops it).
 
-        Called on the owner thread. Between prompt chunks it yields :class:`PromptProgress`
-        so that a cancelled request is dropped before its prompt is fully processed.
+        Called on the owner thread by the default :meth:`_admit`; engines that schedule
+        requests themselves may leave it out. Between prompt chunks it yields
+        :class:`PromptProgress` so that a cancelled request is dropped before its prompt is
+        fully processed.
         """
+        raise NotImplementedError(f"{type(self).__name__} schedules its requests itself")
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:
@@ -223,7 +300,8 @@ class Engine(ABC):
     def submit(self, request: GenerationRequest) -> TokenStream:
         """Queue a generation; its tokens arrive on the returned stream."""
         stream = TokenStream(asyncio.get_running_loop())
-        self._owner.submit(lambda: self._generate(request, stream))
+        job = Job(request, stream, self._owner.reserve())
+        self._owner.call(lambda: self._start(job))
         return stream
 
     @property
@@ -232,36 +310,54 @@ class Engine(ABC):
         return self._owner.pending
 
     def close(self) -> None:
-        """Stop the owner thread after the queued work and free the model."""
+        """Stop the owner thread after the queued and running work, and free the model."""
         self._owner.close(self._unload)
 
-    def _generate(self, request: GenerationRequest, stream: TokenStream) -> None:
-        generated = 0
-        reason: Literal["stop", "length", "cancelled"] = "length"
+    # --- scheduling (owner thread) ------------------------------------------------------
+
+    def _start(self, job: Job) -> None:
+        if job.cancelled:
+            job.finish("cancelled")
+            return
         try:
-            if stream.cancelled:
-                stream.put(Finished("cancelled", 0))
-                return
-            steps = self._steps(request, stream)
-            try:
-                for step in steps:
-                    if stream.cancelled:
-                        reason = "cancelled"
-                        break
-                    if isinstance(step, PromptProgress):
-                        stream.put(step)
-                        continue
-                    generated += 1
-                    self.generated_tokens += 1
-                    if step in request.stop_token_ids:
-                        reason = "stop"
-                        break
-                    stream.put(Token(step))
-                    if generated >= request.max_tokens:
-                        break
-            finally:
-                steps.close()
-            stream.put(Finished(reason, generated))
+            self._admit(job)
         except Exception as exc:
-            log.exception("generation failed on %s", self.path.name)
-            stream.put(EngineError(f"{type(exc).__name__}: {exc}"))
+            log.exception("admitting a request failed on %s", self.path.name)
+            job.fail(exc)
+
+    def _admit(self, job: Job) -> None:
+        """Take a request in; it starts at the next step."""
+        self._solo.append((job, self._steps(job.request, job.stream)))
+
+    def busy(self) -> bool:
+        """Whether requests are running (the owner thread then keeps calling :meth:`step`)."""
+        return bool(self._solo)
+
+    def step(self) -> None:
+        """Advance every running request by one token."""
+        self._step_solo()
+
+    def _accept(self, job: Job, token: int) -> bool:
+        self.generated_tokens += 1
+        return job.accept(token)
+
+    def _step_solo(self) -> None:
+        for entry in list(self._solo):
+            job, steps = entry
+            try:
+                if job.cancelled:
+                    job.finish("cancelled")
+                else:
+                    item = next(steps, None)
+                    if item is None:
+                        job.finish("cancelled" if job.cancelled else "length")
+                    elif isinstance(item, PromptProgress):
+                        job.stream.put(item)
+                    else:
+                        self._accept(job, item)
+            except Exception as exc:
+                log.exception("generation failed on %s", self.path.name)
+                job.fail(exc)
+            if job.done:
+                steps.close()
+                self._solo.remove(entry)

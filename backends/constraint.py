@@ -33,11 +33,6 @@ class GrammarConstraint:
         self._matcher.consume_token(token)
         self.consumed += 1
 
-    def observe(self, generated: int, last_token: int) -> None:
-        """For engines that show the whole history: ``generated`` tokens so far, the last one."""
-        if generated > self.consumed:
-            self.advance(last_token)
-
     def mask_inplace(self, logits: np.ndarray) -> None:
         """Set every token the grammar forbids to -inf in a contiguous logits vector."""
         logits[self._bits(logits.shape[-1], forbidden=True)] = -np.inf

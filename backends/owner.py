@@ -8,13 +8,22 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
 
 class QueueFull(Exception):
     """The engine's request queue is full."""
+
+
+class Pump(Protocol):
+    """Work the owner thread advances one step at a time between inbox items (a batch).
+    ``step`` must not raise: it fails the requests it cannot serve instead."""
+
+    def busy(self) -> bool: ...
+
+    def step(self) -> None: ...
 
 
 @dataclass
@@ -25,13 +34,19 @@ class _Call:
 
 class OwnerThread:
     """A thread with an inbox. :meth:`call` runs internal work (load, unload); :meth:`submit`
-    runs a request, counted in :attr:`pending` and bounded by ``max_queue``."""
+    runs a request, counted in :attr:`pending` and bounded by ``max_queue``.
 
-    def __init__(self, name: str, max_queue: int) -> None:
+    With a ``pump``, the thread steps it whenever the inbox is empty and the pump is busy, so
+    a request queued while a batch runs is taken in before the batch's next step.
+    """
+
+    def __init__(self, name: str, max_queue: int, pump: Pump | None = None) -> None:
         self._max_queue = max_queue
+        self._pump = pump
         self._inbox: queue.Queue[_Call | None] = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
+        self._last: Callable[[], None] | None = None
         self.pending = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -42,17 +57,30 @@ class OwnerThread:
         self._inbox.put(item)
         return item.future
 
-    def submit(self, fn: Callable[[], T]) -> Future[T]:
-        """Run a request's ``fn``; :class:`QueueFull` when ``max_queue`` requests wait."""
+    def reserve(self) -> Callable[[], None]:
+        """Count one request as pending until the returned release function is called;
+        :class:`QueueFull` when ``max_queue`` requests are already pending."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("this model has been unloaded")
             if self.pending >= self._max_queue:
                 raise QueueFull(f"{self.pending} requests are already waiting for this model")
             self.pending += 1
+        released = threading.Event()
+
+        def release() -> None:
+            if not released.is_set():
+                released.set()
+                self._release()
+
+        return release
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        """Run a request's ``fn``; :class:`QueueFull` when ``max_queue`` requests wait."""
+        release = self.reserve()
         future = self.call(fn)
         # Released however the call ends: done, failed, or cancelled while still queued.
-        future.add_done_callback(lambda _: self._release())
+        future.add_done_callback(lambda _: release())
         return future
 
     def _release(self) -> None:
@@ -60,19 +88,29 @@ class OwnerThread:
             self.pending -= 1
 
     def close(self, last: Callable[[], None] | None = None, timeout: float = 30) -> None:
-        """Refuse new requests, run ``last`` after the queued work, then stop the thread."""
+        """Refuse new requests, finish the queued and running work, run ``last``, then stop."""
         with self._lock:
             self._closed = True
         if self._thread.is_alive():
-            if last is not None:
-                self.call(last)
+            self._last = last
             self._inbox.put(None)
             self._thread.join(timeout=timeout)
 
     def _run(self) -> None:
+        pump = self._pump
         while True:
-            item = self._inbox.get()
+            busy = pump is not None and pump.busy()
+            try:
+                item = self._inbox.get_nowait() if busy else self._inbox.get()
+            except queue.Empty:
+                assert pump is not None
+                pump.step()
+                continue
             if item is None:
+                while pump is not None and pump.busy():
+                    pump.step()
+                if self._last is not None:
+                    self._last()
                 return
             if not item.future.set_running_or_notify_cancel():
                 continue

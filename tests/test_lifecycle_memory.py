@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from backends.base import LoadOptions
 from mlxserve.core import memory
 from mlxserve.core.registry import Registry
 from tests.conftest import EMBED_GGUF_KEY, GGUF_KEY, MLX_KEY
@@ -27,6 +28,12 @@ def test_estimate_is_weights_plus_kv_cache(registry, key):
     assert est.kv_cache == KV_VALUES_PER_TOKEN * 4 * 1000
     assert memory.estimate(info, 1000).kv_cache == KV_VALUES_PER_TOKEN * 2 * 1000
     assert est.total == est.weights + est.kv_cache
+    # A GGUF context reserves one window per parallel sequence; MLX grows its caches.
+    windows = LoadOptions(context_length=1000).kv_windows(info.format)
+    assert windows == (4 if info.format == "gguf" else 1)
+    assert memory.estimate(info, 1000, windows=windows).kv_cache == windows * 2000 * (
+        KV_VALUES_PER_TOKEN
+    )
 
 
 def test_embedding_models_have_no_kv_cache(registry):

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import random
-from collections.abc import Generator
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
 import numpy as np
 from llama_cpp import Llama
+from llama_cpp._internals import LlamaContext, LlamaSampler
 from llama_cpp._utils import suppress_stdout_stderr
 from llguidance.llamacpp import lltokenizer_from_vocab
 
@@ -19,14 +22,39 @@ from backends.base import (
     PENALTY_WINDOW,
     Engine,
     EngineInfo,
-    GenerationRequest,
-    PromptProgress,
-    TokenStream,
+    Job,
 )
 from backends.constraint import GrammarCache
 
-# Prompt tokens evaluated between two cancellation checks (also llama.cpp's batch size).
-PREFILL_CHUNK = 512
+log = logging.getLogger("mlxserve.backends")
+
+# Prompt tokens evaluated per step when no sequence is decoding.
+IDLE_PREFILL_CHUNK = 2048
+
+
+def _threads() -> tuple[int, int]:
+    """Threads for decoding and for prompt processing. Decoding leaves a core free: llama.cpp's
+    threads spin-wait on each other, so one descheduled thread stalls every step."""
+    cpus = os.cpu_count() or 1
+    return max(1, cpus - 1), cpus
+
+
+@dataclass
+class _Seq:
+    """A request decoding in the shared context as llama.cpp sequence ``seq``."""
+
+    job: Job
+    seq: int
+    prompt: list[int]
+    cached: int
+    sampler: LlamaSampler
+    # Tokens in the KV cache for this sequence, then the sampled token not yet evaluated.
+    tokens: list[int] = field(default_factory=list)
+    pending: int | None = None
+
+    @property
+    def reserve(self) -> int:
+        return len(self.prompt) + self.job.request.max_tokens
 
 
 def _moe_key(path: Path) -> str | None:
@@ -62,19 +90,23 @@ class LlamaCppEngine(Engine):
     def _load(self) -> EngineInfo:
         options = self.options
         kv_type = llama_cpp.GGML_TYPE_F32 if options.kv_cache_f32 else llama_cpp.GGML_TYPE_F16
-        self._n_batch = options.eval_batch_size or PREFILL_CHUNK
+        self._n_batch = options.eval_batch_size or options.prefill_chunk
+        threads, threads_batch = _threads()
         flash = bool(options.flash_attention)
         offload = options.offload_kv_cache_to_gpu is not False
         moe = _moe_key(self.path) if options.num_experts else None
         overrides: dict[str, bool | int | float | str] | None = None
         if moe and options.num_experts:
             overrides = {moe: options.num_experts}
+        # The Llama object serves the vocabulary, metadata and sampler chains; generation
+        # runs in a second context, shared by parallel sequences (see _open_context).
         llm = Llama(
             model_path=str(self.path),
-            n_ctx=options.context_length,
-            n_batch=self._n_batch,
+            n_ctx=256,
+            n_batch=64,
             n_gpu_layers=-1,
-            n_threads=max(1, os.cpu_count() or 1),
+            n_threads=threads,
+            n_threads_batch=threads_batch,
             last_n_tokens_size=PENALTY_WINDOW,
             verbose=False,
             type_k=kv_type,
@@ -91,6 +123,7 @@ class LlamaCppEngine(Engine):
         if overrides:
             load_config["num_experts"] = options.num_experts
         self._llm = llm
+        self._open_context(kv_type)
         vocab = llm._model.vocab
         self._vocab = vocab
         self._piece_cache: dict[int, bytes] = {}
@@ -109,7 +142,7 @@ class LlamaCppEngine(Engine):
         )
         return EngineInfo(
             format="gguf",
-            context_length=llm.n_ctx(),
+            context_length=options.context_length,
             eos_token_ids=eog,
             bos_token_id=bos if bos >= 0 and llama_cpp.llama_vocab_get_add_bos(vocab) else None,
             bos_token=self._text(bos) if bos >= 0 else "",
@@ -138,33 +171,94 @@ class LlamaCppEngine(Engine):
             self._piece_cache[token_id] = piece
         return piece
 
-    def _steps(
-        self, request: GenerationRequest, stream: TokenStream
-    ) -> Generator[int | PromptProgress, None, None]:
-        llm = self._llm
-        prompt = list(request.prompt)
-        # Reuse the KV cache of the longest prefix shared with the previous request, then
-        # evaluate the rest in chunks so that a cancelled request stops between them. The last
-        # prompt token is always evaluated again: sampling needs its logits.
-        shared = 0
-        for a, b in zip(llm.input_ids[: llm.n_tokens], prompt[:-1], strict=False):
-            if a != b:
-                break
-            shared += 1
-        llm.n_tokens = shared
-        total = len(prompt)
-        while llm.n_tokens < total:
-            if stream.cancelled:
+    def _open_context(self, kv_type: int) -> None:
+        llm, options = self._llm, self.options
+        self._parallel = options.kv_windows("gguf")
+        # Half the sequence ids run requests, the rest keep finished ones for prefix reuse.
+        n_seq = min(2 * self._parallel, llama_cpp.llama_max_parallel_sequences())
+        self._cells = options.context_length * self._parallel
+        self._step_tokens = max(self._n_batch, IDLE_PREFILL_CHUNK) + self._parallel
+        params = type(llm.context_params).from_buffer_copy(llm.context_params)
+        params.n_ctx = self._cells
+        params.n_batch = self._step_tokens
+        params.n_ubatch = min(self._n_batch, 512)
+        params.n_seq_max = n_seq
+        params.kv_unified = True
+        with suppress_stdout_stderr(disable=False):
+            self._ctx = LlamaContext(model=llm._model, params=params, verbose=False)
+        self._mem = llama_cpp.llama_get_memory(self._ctx.ctx)
+        self._batch = llama_cpp.llama_batch_init(self._step_tokens, 0, 1)
+        model = llm._model.model
+        n_head = max(1, llama_cpp.llama_model_n_head(model))
+        kv_width = llama_cpp.llama_model_n_embd(model) * llama_cpp.llama_model_n_head_kv(model)
+        elem = 4 if kv_type == llama_cpp.GGML_TYPE_F32 else 2
+        self._token_bytes = 2 * llama_cpp.llama_model_n_layer(model) * kv_width // n_head * elem
+        self._free = list(range(n_seq))
+        # Finished sequences kept for prefix reuse (least recently used first): their tokens.
+        self._kept: OrderedDict[int, list[int]] = OrderedDict()
+
+    # --- parallel sequences (owner thread) ----------------------------------------------
+
+    def _setup(self) -> None:
+        super()._setup()
+        self._waiting: deque[Job] = deque()
+        self._running: list[_Seq] = []
+
+    def _admit(self, job: Job) -> None:
+        self._waiting.append(job)
+
+    def busy(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def step(self) -> None:
+        try:
+            self._step()
+        except Exception as exc:
+            log.exception("generation failed on %s", self.path.name)
+            for s in self._running:
+                s.job.fail(exc)
+                self._drop(s.seq)
+            self._running.clear()
+
+    def _drop(self, seq: int) -> None:
+        llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        self._kept.pop(seq, None)
+        self._free.append(seq)
+
+    def _evict_until(self, fits: Any, keep: int | None = None) -> None:
+        for seq in [s for s in self._kept if s != keep]:
+            if fits():
                 return
-            llm.eval(prompt[llm.n_tokens : llm.n_tokens + self._n_batch])
-            if llm.n_tokens < total:
-                yield PromptProgress(llm.n_tokens, total)
+            self._drop(seq)
+
+    def _kept_cells(self) -> int:
+        return sum(len(t) for t in self._kept.values())
+
+    def _start_seq(self, job: Job) -> None:
+        request = job.request
+        prompt = list(request.prompt)
+        source, shared = None, 0
+        for seq, tokens in self._kept.items():
+            n = _common_prefix(tokens, prompt, len(prompt) - 1)
+            if n > shared:
+                source, shared = seq, n
+        need = len(prompt) + request.max_tokens + sum(s.reserve for s in self._running)
+        self._evict_until(lambda: need + self._kept_cells() <= self._cells, keep=source)
+        if not self._free:
+            self._evict_until(lambda: bool(self._free), keep=source)
+        if need + self._kept_cells() > self._cells or not self._free:
+            source, shared = None, 0
+            self._evict_until(lambda: need + self._kept_cells() <= self._cells and self._free)
+        seq = self._free.pop()
+        if source is not None:
+            self._kept.move_to_end(source)
+            # Unified KV: the copy shares the source's cells, nothing is duplicated.
+            llama_cpp.llama_memory_seq_cp(self._mem, source, seq, 0, shared)
         p = request.sampling
-        llm.set_seed(p.seed % (1 << 32) if p.seed is not None else random.getrandbits(31))
-        # llama-cpp-python's own sampler chain (penalties, top-k/p, min-p, temperature,
-        # seeded draw); a grammar masks the context's logits in place before it samples, which
-        # costs far less than its Python logits-processor hook.
-        sampler = llm._init_sampler(
+        self._llm.set_seed(p.seed % (1 << 32) if p.seed is not None else random.getrandbits(31))
+        # llama-cpp-python's sampler chain (penalties, top-k/p, min-p, temperature, seeded
+        # draw), one per sequence; a grammar masks the logits in place before it samples.
+        sampler = self._llm._init_sampler(
             top_k=p.top_k,
             top_p=p.top_p,
             min_p=p.min_p,
@@ -173,18 +267,97 @@ class LlamaCppEngine(Engine):
             frequency_penalty=p.frequency_penalty,
             presence_penalty=p.presence_penalty,
         )
-        constraint = request.constraint
+        self._running.append(_Seq(job, seq, prompt, shared, sampler, prompt[:shared]))
+        job.progress(shared, len(prompt), shared)
+
+    def _finish_seq(self, s: _Seq) -> None:
+        self._running.remove(s)
+        tokens = s.tokens
+        size = len(tokens) * self._token_bytes
+        if not tokens or size > self.options.prompt_cache_bytes:
+            self._drop(s.seq)
+            return
+        for seq, kept in list(self._kept.items()):
+            if len(kept) <= len(tokens) and tokens[: len(kept)] == kept:
+                self._drop(seq)
+        self._kept[s.seq] = tokens
+        budget = self.options.prompt_cache_bytes // self._token_bytes
+        self._evict_until(lambda: self._kept_cells() <= budget, keep=s.seq)
+
+    def _step(self) -> None:
+        for job in [j for j in self._waiting if j.cancelled]:
+            self._waiting.remove(job)
+            job.finish("cancelled")
+        for s in [s for s in self._running if s.job.cancelled]:
+            s.job.finish("cancelled")
+            self._finish_seq(s)
+        while self._waiting and len(self._running) < self._parallel:
+            self._start_seq(self._waiting.popleft())
+        if not self._running:
+            return
+        batch = self._batch
+        batch.n_tokens = 0
+        outputs: list[tuple[_Seq, int]] = []
+
+        def add(s: _Seq, token: int, logits: bool) -> None:
+            i = batch.n_tokens
+            batch.token[i] = token
+            batch.pos[i] = len(s.tokens)
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = s.seq
+            batch.logits[i] = logits
+            batch.n_tokens = i + 1
+            s.tokens.append(token)
+            if logits:
+                outputs.append((s, i))
+
+        decoding = [s for s in self._running if s.pending is not None]
+        for s in decoding:
+            assert s.pending is not None
+            add(s, s.pending, True)
+            s.pending = None
+        room = self._n_batch if decoding else self._step_tokens - self._parallel
+        for s in self._running:
+            if room <= 0:
+                break
+            done = len(s.tokens)
+            if done >= len(s.prompt):
+                continue
+            chunk = s.prompt[done : done + room]
+            room -= len(chunk)
+            for j, token in enumerate(chunk):
+                add(s, token, done + j == len(s.prompt) - 1)
+            if len(s.tokens) < len(s.prompt):
+                s.job.progress(len(s.tokens), len(s.prompt), s.cached)
+        rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
         n_vocab = self._n_vocab
-        while True:
+        for s, i in outputs:
+            constraint = s.job.request.constraint
             if constraint is not None:
-                logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+                logits = np.ctypeslib.as_array(
+                    llama_cpp.llama_get_logits_ith(self._ctx.ctx, i), shape=(n_vocab,)
+                )
                 constraint.mask_inplace(logits)
-            token = sampler.sample(llm._ctx, -1)
+            token = s.sampler.sample(self._ctx, i)
             if constraint is not None:
                 constraint.advance(token)
-            yield token
-            llm.eval([token])
+            if self._accept(s.job, token):
+                self._finish_seq(s)
+            else:
+                s.pending = token
 
     def _unload(self) -> None:
+        llama_cpp.llama_batch_free(self._batch)
+        self._ctx.close()
         self._llm.close()
-        del self._llm
+        del self._llm, self._ctx
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

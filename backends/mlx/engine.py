@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Callable, Generator
 from typing import Any
@@ -10,7 +11,8 @@ from typing import Any
 import llguidance.hf
 import mlx.core as mx
 from mlx_lm import load as mlx_load
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import BatchGenerator, StopSequences, generate_step
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
 from backends.base import (
@@ -18,15 +20,25 @@ from backends.base import (
     Engine,
     EngineInfo,
     GenerationRequest,
+    Job,
     PromptProgress,
     SamplingParams,
     TokenStream,
 )
 from backends.constraint import GrammarCache, GrammarConstraint
 from backends.mlx import release_thread_memory
+from backends.mlx.prompt_cache import PromptCache
 
-# Prompt tokens processed between two cancellation checks.
-PREFILL_CHUNK = 512
+log = logging.getLogger("mlxserve.backends")
+
+# Prefill chunk when no stream is decoding (small chunks slow prompt processing down).
+IDLE_PREFILL_CHUNK = 2048
+
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+def _greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
 
 
 class _PrefillCancelled(Exception):
@@ -61,13 +73,16 @@ def _decoder_kinds(decoder: dict[str, Any] | None) -> set[str]:
     return {str(decoder.get("type"))}
 
 
-def _constrain(
-    constraint: GrammarConstraint, n_prompt: int
-) -> Callable[[mx.array, mx.array], mx.array]:
+def _constrain(constraint: GrammarConstraint) -> LogitsProcessor:
+    calls = 0
+
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
-        generated = tokens.size - n_prompt
-        if generated > 0:
-            constraint.observe(generated, int(tokens[-1].tolist()))  # type: ignore[arg-type]
+        # Called once per sampled token; from the second call on, the history ends with the
+        # token sampled at the previous call (the batched and the single path alike).
+        nonlocal calls
+        if calls:
+            constraint.advance(int(tokens[-1].item()))  # type: ignore[arg-type]
+        calls += 1
         allowed = mx.array(constraint.allowed(logits.shape[-1]))
         return mx.where(allowed, logits, -mx.inf)
 
@@ -79,9 +94,21 @@ class MLXEngine(Engine):
 
     format = "mlx"
 
+    def _setup(self) -> None:
+        super()._setup()
+        # Requests in the batch by BatchGenerator uid, and how many of their prompt tokens
+        # came from the prompt cache.
+        self._batched: dict[int, tuple[Job, int]] = {}
+
     def _load(self) -> EngineInfo:
         model, tokenizer = mlx_load(str(self.path))[:2]
         self._model = model
+        options = self.options
+        # BatchGenerator merges per-request caches into batch caches; a model whose cache
+        # cannot merge runs every request on the single path.
+        self._batchable = all(hasattr(c, "merge") for c in make_prompt_cache(model))
+        self._batch = self._new_batch()
+        self._prompt_cache = PromptCache(options.prompt_cache_bytes)
         self._tokenizer = tokenizer
         hf = tokenizer._tokenizer
         backend = hf.backend_tokenizer
@@ -148,9 +175,19 @@ class MLXEngine(Engine):
             return bytes([int(token[3:5], 16)])
         return token.replace("\u2581", " ").encode()
 
+    def _new_batch(self) -> BatchGenerator:
+        size = self.options.max_batch_size
+        return BatchGenerator(
+            self._model,
+            completion_batch_size=size,
+            prefill_batch_size=size,
+            prefill_step_size=self.options.prefill_chunk,
+        )
+
     def _sampler(self, p: SamplingParams) -> Callable[[mx.array], mx.array]:
         if p.temperature == 0:
-            return lambda logprobs: mx.argmax(logprobs, axis=-1)
+            # One shared function: a batch whose requests all share it samples in one call.
+            return _greedy
         filters: list[Callable[[mx.array], mx.array]] = []
         # A top-k as large as the vocabulary keeps every token (mlx-lm refuses such a k).
         if 0 < p.top_k < self._vocab_size:
@@ -174,11 +211,9 @@ class MLXEngine(Engine):
 
         return sample
 
-    def _steps(
-        self, request: GenerationRequest, stream: TokenStream
-    ) -> Generator[int | PromptProgress, None, None]:
+    def _processors(self, request: GenerationRequest) -> list[LogitsProcessor]:
         p = request.sampling
-        processors = make_logits_processors(
+        processors: list[LogitsProcessor] = make_logits_processors(
             repetition_penalty=p.repeat_penalty if p.repeat_penalty != 1.0 else None,
             repetition_context_size=PENALTY_WINDOW,
             presence_penalty=p.presence_penalty or None,
@@ -186,9 +221,14 @@ class MLXEngine(Engine):
             frequency_penalty=p.frequency_penalty or None,
             frequency_context_size=PENALTY_WINDOW,
         )
-
         if request.constraint is not None:
-            processors.append(_constrain(request.constraint, len(request.prompt)))
+            processors.append(_constrain(request.constraint))
+        return processors
+
+    def _steps(
+        self, request: GenerationRequest, stream: TokenStream
+    ) -> Generator[int | PromptProgress, None, None]:
+        """The single path: a seeded request, whose draws must not depend on its neighbours."""
 
         def on_progress(done: int, total: int) -> None:
             if stream.cancelled:
@@ -201,15 +241,89 @@ class MLXEngine(Engine):
                 mx.array(request.prompt),
                 self._model,
                 max_tokens=-1,
-                sampler=self._sampler(p),
-                logits_processors=processors,
-                prefill_step_size=PREFILL_CHUNK,
+                sampler=self._sampler(request.sampling),
+                logits_processors=self._processors(request),
+                prefill_step_size=self.options.prefill_chunk,
                 prompt_progress_callback=on_progress,
             ):
                 yield int(token)
         except _PrefillCancelled:
             return
 
+    # --- continuous batching (owner thread) ---------------------------------------------
+
+    def _admit(self, job: Job) -> None:
+        request = job.request
+        if request.sampling.seed is not None or not self._batchable:
+            super()._admit(job)
+            return
+        prompt = list(request.prompt)
+        cache, cached = self._prompt_cache.fetch(prompt)
+        stops = [[t] for t in sorted(request.stop_token_ids)]
+        (uid,) = self._batch.insert(
+            [prompt[cached:]],
+            max_tokens=[request.max_tokens],
+            caches=[cache] if cache is not None else None,
+            all_tokens=[prompt[:cached]],
+            samplers=[self._sampler(request.sampling)],
+            logits_processors=[self._processors(request)],
+            stop_sequences=[StopSequences(stops or None)],
+        )
+        self._batched[uid] = (job, cached)
+        job.progress(cached, len(prompt), cached)
+
+    def busy(self) -> bool:
+        return bool(self._solo) or bool(self._batched)
+
+    def step(self) -> None:
+        if self._solo:
+            self._step_solo()
+        if self._batched:
+            try:
+                self._step_batch()
+            except Exception as exc:
+                log.exception("batched generation failed on %s", self.path.name)
+                for job, _ in self._batched.values():
+                    job.fail(exc)
+                self._batched.clear()
+                self._batch.close()
+                self._batch = self._new_batch()
+
+    def _step_batch(self) -> None:
+        gone = [uid for uid, (job, _) in self._batched.items() if job.cancelled]
+        if gone:
+            self._batch.remove(gone)
+            for uid in gone:
+                self._batched.pop(uid)[0].finish("cancelled")
+            if not self._batched:
+                return
+        decoding = any(job.generated for job, _ in self._batched.values())
+        chunk = self.options.prefill_chunk
+        self._batch.prefill_step_size = chunk if decoding else max(chunk, IDLE_PREFILL_CHUNK)
+        prompt_responses, responses = self._batch.next()
+        for pr in prompt_responses:
+            entry = self._batched.get(pr.uid)
+            if entry is not None:
+                job, cached = entry
+                job.progress(pr.progress[0] + cached, pr.progress[1] + cached, cached)
+        for r in responses:
+            entry = self._batched.get(r.uid)
+            if entry is None:
+                continue
+            job = entry[0]
+            done = self._accept(job, r.token)
+            if r.finish_reason is None and not done:
+                continue
+            del self._batched[r.uid]
+            job.finish("stop" if r.finish_reason == "stop" else "length")
+            cache, tokens = r.prompt_cache, r.all_tokens
+            if r.finish_reason is None:
+                cache, tokens = self._batch.remove([r.uid], return_prompt_caches=True)[r.uid]
+            if cache is not None and tokens is not None:
+                self._prompt_cache.store(tokens, cache)
+
     def _unload(self) -> None:
-        del self._model
+        self._batch.close()
+        self._prompt_cache.clear()
+        del self._batch, self._prompt_cache, self._model
         release_thread_memory()

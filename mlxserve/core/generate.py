@@ -103,6 +103,8 @@ class Generation:
         self.prompt_tokens = prompt_tokens
         self._stream = stream
         self._output = output
+        # Prompt tokens the engine took from its prompt cache instead of processing them.
+        self.cached_tokens = 0
 
     def cancel(self) -> None:
         self._stream.cancel()
@@ -111,7 +113,9 @@ class Generation:
         finish = "stop" if reason == "stop" else "length"
         if finish == "stop" and self._output.called_tools:
             finish = "tool_calls"
-        usage = Usage(self.prompt_tokens, generated, self._output.reasoning_tokens)
+        usage = Usage(
+            self.prompt_tokens, generated, self._output.reasoning_tokens, self.cached_tokens
+        )
         stop = self._output.stop_sequence if finish == "stop" else None
         return Done(finish, usage, stop)  # type: ignore[arg-type]
 
@@ -133,6 +137,7 @@ class Generation:
                             yield self._done("stop", generated)
                             return
                     elif isinstance(item, PromptProgress):
+                        self.cached_tokens = max(self.cached_tokens, item.cached)
                         yield Progress(item.processed, item.total)
                     elif isinstance(item, Finished):
                         for event in self._output.finish():

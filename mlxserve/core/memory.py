@@ -104,8 +104,11 @@ def _gguf_geometry(file: Path) -> tuple[int, int, int] | None:
     return layers, kv_heads, head_dim
 
 
-def estimate(info: ModelInfo, context_length: int, *, kv_f32: bool = False) -> Estimate:
-    """What loading ``info`` with ``context_length`` needs (reads a few files: not on the loop)."""
+def estimate(
+    info: ModelInfo, context_length: int, *, kv_f32: bool = False, windows: int = 1
+) -> Estimate:
+    """What loading ``info`` with ``context_length`` needs (reads a few files: not on the loop);
+    ``windows``: context windows of KV the engine reserves (one per parallel GGUF sequence)."""
     kv = 0
     if info.type == "llm":
         geometry = (
@@ -113,7 +116,8 @@ def estimate(info: ModelInfo, context_length: int, *, kv_f32: bool = False) -> E
         )
         if geometry is not None:
             layers, kv_heads, head_dim = geometry
-            kv = layers * kv_heads * head_dim * 2 * (4 if kv_f32 else 2) * context_length
+            per_token = layers * kv_heads * head_dim * 2 * (4 if kv_f32 else 2)
+            kv = per_token * context_length * windows
     return Estimate(info.size_bytes, kv, context_length)
 
 

@@ -53,6 +53,8 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     reasoning_tokens: int = 0
+    # Prompt tokens served from the engine's prompt cache.
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

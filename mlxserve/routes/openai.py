@@ -79,6 +79,7 @@ def usage_body(done: Done) -> dict[str, Any]:
         "prompt_tokens": done.usage.prompt_tokens,
         "completion_tokens": done.usage.completion_tokens,
         "total_tokens": done.usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": done.usage.cached_tokens},
     }
     if done.usage.reasoning_tokens:
         usage["completion_tokens_details"] = {"reasoning_tokens": done.usage.reasoning_tokens}

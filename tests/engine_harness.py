@@ -1,0 +1,55 @@
+"""Helpers for tests that drive an engine directly (no HTTP)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backends import open_engine
+from backends.base import (
+    Engine,
+    Finished,
+    GenerationRequest,
+    LoadOptions,
+    PromptProgress,
+    SamplingParams,
+    Token,
+)
+from tests.conftest import PUBLISHER
+
+
+def weights(models_root: Path, fmt: str) -> Path:
+    folder = models_root / PUBLISHER / f"tiny-qwen2-{fmt}"
+    return folder if fmt == "mlx" else next(folder.glob("*.gguf"))
+
+
+def load(models_root: Path, fmt: str, **options: int) -> Engine:
+    kw = {"context_length": 2048, "kv_cache_f32": True, **options}
+    return open_engine(fmt, weights(models_root, fmt), LoadOptions(**kw))  # type: ignore[arg-type]
+
+
+@dataclass
+class Result:
+    tokens: list[int] = field(default_factory=list)
+    reason: str = ""
+    cached: int = 0
+
+
+async def generate(
+    engine: Engine, prompt: list[int], max_tokens: int = 16, cancel_after: int | None = None, **sp
+) -> Result:
+    sampling = SamplingParams(**{"temperature": 0.0, **sp})
+    request = GenerationRequest(tuple(prompt), sampling, max_tokens, engine.info.eos_token_ids)
+    stream = engine.submit(request)
+    result = Result()
+    async for item in stream:
+        if isinstance(item, Token):
+            result.tokens.append(item.id)
+            if cancel_after is not None and len(result.tokens) >= cancel_after:
+                stream.cancel()
+        elif isinstance(item, PromptProgress):
+            result.cached = max(result.cached, item.cached)
+        elif isinstance(item, Finished):
+            result.reason = item.reason
+            return result
+    raise AssertionError("the stream ended without Finished")
