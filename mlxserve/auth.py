@@ -1,9 +1,11 @@
 """API tokens, as LM Studio has them: off unless required, created with the CLI, stored hashed.
 
-A token is ``mlxs-<id>-<secret>``; only the SHA-256 of the whole token is stored, and
-verification compares digests with :func:`hmac.compare_digest`. The store is a small JSON
-file under ``MLXSERVE_HOME`` written atomically, so the CLI and a running server can share
-it: the server re-reads it when the file changes.
+A token has LM Studio's shape, ``sk-lm-<id: 8 alphanumerics>:<passkey: 20 alphanumerics>``,
+so the LM Studio SDKs accept it too (they split it into the websocket handshake's
+``clientIdentifier`` and ``clientPasskey``; :meth:`TokenStore.verify_client` checks that
+pair). Only the SHA-256 of the whole token is stored, and verification compares digests with
+:func:`hmac.compare_digest`. The store is a small JSON file under ``MLXSERVE_HOME`` written
+atomically, so the CLI and a running server share it: the server re-reads it when it changes.
 """
 
 from __future__ import annotations
@@ -12,14 +14,22 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
+import string
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-TOKEN_PREFIX = "mlxs-"
+TOKEN_PREFIX = "sk-lm-"
+TOKEN_PATTERN = re.compile(r"^sk-lm-([A-Za-z0-9]{8}):([A-Za-z0-9]{20})$")
+_ALNUM = string.ascii_letters + string.digits
+
+
+def _random_alnum(n: int) -> str:
+    return "".join(secrets.choice(_ALNUM) for _ in range(n))
 
 
 @dataclass(frozen=True)
@@ -30,7 +40,7 @@ class TokenInfo:
 
 
 def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class TokenStore:
@@ -74,10 +84,10 @@ class TokenStore:
         """A new token: its public info and the token itself (shown once, never stored)."""
         with self._lock:
             entries = list(self._load())
-            token_id = secrets.token_hex(4)
+            token_id = _random_alnum(8)
             while any(e.get("id") == token_id for e in entries):
-                token_id = secrets.token_hex(4)
-            token = f"{TOKEN_PREFIX}{token_id}-{secrets.token_urlsafe(32)}"
+                token_id = _random_alnum(8)
+            token = f"{TOKEN_PREFIX}{token_id}:{_random_alnum(20)}"
             info = TokenInfo(id=token_id, name=name, created_at=int(time.time()))
             entry = {"id": info.id, "name": name, "created_at": info.created_at}
             entries.append({**entry, "sha256": _digest(token)})
@@ -119,3 +129,8 @@ class TokenStore:
             for e in entries:
                 ok |= hmac.compare_digest(digest, str(e.get("sha256", "")))
             return ok
+
+    def verify_client(self, client_identifier: str, client_passkey: str) -> bool:
+        """The LM Studio SDK's websocket handshake (``clientIdentifier``, ``clientPasskey``):
+        whether the pair is a live token split in two."""
+        return self.verify(f"{TOKEN_PREFIX}{client_identifier}:{client_passkey}")

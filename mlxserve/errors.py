@@ -99,6 +99,28 @@ class Overloaded(MlxServeError):
     retry_after_seconds = 1
 
 
+class Unauthorized(MlxServeError):
+    """No API token, or one that is not live, while the server requires authentication."""
+
+    status = 401
+    kind = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(MlxServeError):
+    """Refused whoever asks: a Host or Origin this server does not answer (DNS rebinding)."""
+
+    status = 403
+    kind = "permission_error"
+    code = "forbidden"
+
+
+class PayloadTooLarge(MlxServeError):
+    status = 413
+    kind = "invalid_request_error"
+    code = "request_too_large"
+
+
 class NotFoundRoute(MlxServeError):
     status = 404
     kind = "invalid_request_error"
@@ -117,3 +139,20 @@ class EngineFailure(MlxServeError):
     status = 500
     kind = "server_error"
     code = "engine_error"
+
+
+class PermissionDenied(MlxServeError):
+    """A feature this server's settings switch off (per-request MCP servers, mcp.json)."""
+
+    status = 403
+    kind = "permission_error"
+    code = "permission_denied"
+
+
+class McpConnectionError(MlxServeError):
+    """An MCP server could not be reached, or broke off or timed out while in use (OpenAI
+    answers these with 424 Failed Dependency)."""
+
+    status = 424
+    kind = "external_connector_error"
+    code = "mcp_connection_error"

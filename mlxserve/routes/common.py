@@ -38,15 +38,45 @@ async def read_json(request: Request) -> dict[str, Any]:
     if not body.strip():
         raise InvalidJSON("The request body is empty; a JSON object is expected.")
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidJSON(f"The request body is not valid JSON: {exc}") from exc
+    except ValueError:
+        # An integer of thousands of digits (Python refuses to convert it) or NaN/Infinity.
+        raise InvalidJSON(
+            "The request body holds a number JSON cannot carry: NaN, Infinity, or an integer "
+            "thousands of digits long."
+        ) from None
     except RecursionError:
         raise InvalidJSON("The request body nests JSON too deeply.") from None
     if not isinstance(data, dict):
         raise InvalidJSON(f"The request body must be a JSON object, not {type(data).__name__}.")
+    if _depth_exceeds(data, MAX_JSON_DEPTH):
+        raise InvalidJSON(f"The request body nests JSON deeper than {MAX_JSON_DEPTH} levels.")
     check_unicode(data)
     return data
+
+
+# Deeper than any real request (tool schemas included); checked before anything recurses.
+MAX_JSON_DEPTH = 64
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests containers more than ``limit`` deep (iteratively, no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return False
 
 
 _TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
@@ -137,8 +167,8 @@ def anthropic_error_body(exc: MlxServeError) -> dict[str, Any]:
 
 def lmstudio_error_body(exc: MlxServeError) -> dict[str, Any]:
     """LM Studio v1's envelope: ``{"error": {"type", "message", "code"?, "param"?}}``."""
-    if exc.code == "model_not_found":
-        kind = "model_not_found"
+    if exc.code in ("model_not_found", "mcp_connection_error"):
+        kind = exc.code
     elif exc.status == 501:
         kind = "not_implemented"
     elif exc.status < 500:
