@@ -14,6 +14,10 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Tests never see the developer's own LM Studio models or Hugging Face cache (servers they
+# start inherit this environment); tests of those sources name temporary folders.
+os.environ.setdefault("MLXSERVE_LMSTUDIO_MODELS", "false")
+os.environ.setdefault("MLXSERVE_HF_CACHE_MODELS", "false")
 MODELS_CACHE = Path(os.environ.get("MLXSERVE_TEST_MODELS_DIR", REPO / ".cache" / "test-models"))
 PUBLISHER = "mlxserve-test"
 MLX_KEY = f"{PUBLISHER}/tiny-qwen2-mlx"

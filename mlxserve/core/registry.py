@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from mlxserve.core.reasoning import reasoning_support
+from mlxserve.core.sources import ExternalSource, hf_snapshot
 from mlxserve.core.templates import template_supports_tools
 
 log = logging.getLogger("mlxserve.registry")
@@ -47,6 +48,8 @@ class ModelInfo:
     # LM Studio's reasoning settings the chat template allows: () none, ("on",) it always
     # thinks, ("off", "on") it has a switch.
     reasoning_options: tuple[str, ...] = ()
+    # Where it lies: "models" (the models directory), "lmstudio" or "hf-cache" (read-only).
+    source: str = "models"
 
     @property
     def display_name(self) -> str:
@@ -257,15 +260,25 @@ def _inspect(publisher: str, folder: Path) -> ModelInfo:
             )
         return _gguf_info(publisher, folder, file, shards)
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map")
+            listed = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+            missing = sorted(str(n) for n in listed if not (folder / str(n)).is_file())
+            if missing:
+                raise UnusableModel(f"incomplete: {missing[0]} is missing")
         return _mlx_info(publisher, folder)
     raise UnusableModel("neither config.json with *.safetensors (MLX) nor a .gguf file (GGUF)")
 
 
 class Registry:
-    """The models under one root, rescanned on demand; unchanged folders are not re-read."""
+    """The models under one root, then those of other tools' folders (``sources``, read-only),
+    rescanned on demand; unchanged folders are not re-read. A key names one model: the first
+    source that holds it wins (the root first), so keys stay the same across scans."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, sources: list[ExternalSource] | None = None) -> None:
         self.root = root
+        self.sources = sources or []
         self._cache: dict[Path, tuple[tuple[Any, ...], ModelInfo | None]] = {}
         self._reported: dict[Path, str] = {}
 
@@ -281,25 +294,62 @@ class Registry:
 
     def scan(self) -> list[ModelInfo]:
         """Every usable model, sorted by key. Unusable folders are logged once, then skipped."""
-        found: list[ModelInfo] = []
-        if not self.root.is_dir():
-            return found
         seen: set[Path] = set()
-        for publisher_dir in sorted(self.root.iterdir()):
-            if not publisher_dir.is_dir() or publisher_dir.name.startswith("."):
+        found: dict[str, ModelInfo] = {}
+        candidates = self._layout(self.root, "models")
+        for source in self.sources:
+            if source.name == "hf-cache":
+                candidates += self._hf_cache(source.root)
+            else:
+                candidates += self._layout(source.root, source.name)
+        for publisher, name, folder, source_name in candidates:
+            seen.add(folder)
+            info = self._inspect_cached(publisher, folder, name, source_name)
+            if info is None:
                 continue
-            for folder in sorted(publisher_dir.iterdir()):
-                if not folder.is_dir() or folder.name.startswith("."):
-                    continue
-                seen.add(folder)
-                info = self._inspect_cached(publisher_dir.name, folder)
-                if info is not None:
-                    found.append(info)
+            first = found.get(info.key)
+            if first is not None:
+                self._report(folder, f"{info.key} is served from {first.source} already")
+                continue
+            found[info.key] = info
         for gone in set(self._cache) - seen:
             del self._cache[gone]
-        return found
+        return sorted(found.values(), key=lambda m: m.key)
 
-    def _inspect_cached(self, publisher: str, folder: Path) -> ModelInfo | None:
+    @staticmethod
+    def _layout(root: Path, source: str) -> list[tuple[str, str, Path, str]]:
+        """``<publisher>/<model>/`` folders (the models directory, LM Studio's)."""
+        out: list[tuple[str, str, Path, str]] = []
+        try:
+            publishers = sorted(root.iterdir()) if root.is_dir() else []
+            for publisher_dir in publishers:
+                if not publisher_dir.is_dir() or publisher_dir.name.startswith("."):
+                    continue
+                for folder in sorted(publisher_dir.iterdir()):
+                    if folder.is_dir() and not folder.name.startswith("."):
+                        out.append((publisher_dir.name, folder.name, folder, source))
+        except OSError as exc:
+            log.warning("cannot read %s models at %s: %s", source, root, exc.strerror)
+        return out
+
+    @staticmethod
+    def _hf_cache(root: Path) -> list[tuple[str, str, Path, str]]:
+        """``models--<org>--<name>`` repositories of the Hugging Face cache, at their snapshot."""
+        out: list[tuple[str, str, Path, str]] = []
+        try:
+            repos = sorted(root.glob("models--*--*")) if root.is_dir() else []
+        except OSError:
+            return out
+        for repo_dir in repos:
+            _, publisher, name = repo_dir.name.split("--", 2)
+            snapshot = hf_snapshot(repo_dir)
+            if snapshot is not None:
+                out.append((publisher, name, snapshot, "hf-cache"))
+        return out
+
+    def _inspect_cached(
+        self, publisher: str, folder: Path, name: str | None = None, source: str = "models"
+    ) -> ModelInfo | None:
         try:
             fingerprint = self._fingerprint(folder)
         except OSError as exc:
@@ -309,11 +359,14 @@ class Registry:
         if cached is not None and cached[0] == fingerprint:
             return cached[1]
         info: ModelInfo | None = None
-        if not (valid_key_part(publisher) and valid_key_part(folder.name)):
+        name = name or folder.name
+        if not (valid_key_part(publisher) and valid_key_part(name)):
             self._report(folder, "its name is not a valid model key part")
         else:
             try:
                 info = _inspect(publisher, folder)
+                if name != folder.name or source != "models":
+                    info = replace(info, key=f"{publisher}/{name}", name=name, source=source)
                 self._reported.pop(folder, None)
             except UnusableModel as exc:
                 self._report(folder, str(exc))
