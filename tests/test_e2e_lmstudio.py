@@ -225,8 +225,9 @@ def test_embedding_model_loads_with_its_type(http):
         ("/api/v1/chat", {"input": "Hi"}, 400, "model"),
         (
             "/api/v1/chat",
+            # MCP from mcp.json is off unless enabled (tests/test_mcp_e2e.py).
             {"model": GGUF_KEY, "input": "Hi", "integrations": ["mcp/x"]},
-            400,
+            403,
             "integrations",
         ),
         (

@@ -16,9 +16,11 @@ from pydantic import (
     Field,
     StrictBool,
     Tag,
+    field_validator,
 )
 
 from mlxserve.core.manager import LoadRequest
+from mlxserve.core.mcp import Requested
 from mlxserve.core.types import CoreRequest, SamplingParams
 from mlxserve.errors import InvalidRequest
 from mlxserve.protocols.openai import MAX_TTL_SECONDS
@@ -86,6 +88,60 @@ def _item_kind(value: Any) -> str:
     return "[image]" if kind == "image" else "[text]"
 
 
+Label = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+ToolNames = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=128)]], Field(max_length=512)
+]
+Headers = Annotated[dict[str, Annotated[str, Field(max_length=8192)]], Field(max_length=64)]
+
+
+class EphemeralMcp(_Lenient):
+    """An MCP server the request names by URL, connected for this request only."""
+
+    type: Literal["ephemeral_mcp"]
+    server_label: Label
+    server_url: str = Field(min_length=1, max_length=2048)
+    allowed_tools: ToolNames | None = None
+    headers: Headers | None = None
+
+    def requested(self) -> Requested:
+        return Requested(
+            "ephemeral",
+            self.server_label,
+            self.server_url,
+            tuple((self.headers or {}).items()),
+            frozenset(self.allowed_tools) if self.allowed_tools is not None else None,
+        )
+
+
+class PluginIntegration(_Lenient):
+    """A server from ``mcp.json``: ``{"type": "plugin", "id": "mcp/<label>"}``."""
+
+    type: Literal["plugin"]
+    id: Annotated[str, Field(pattern=r"^mcp/[A-Za-z0-9_.-]{1,64}$")]
+    allowed_tools: ToolNames | None = None
+
+    def requested(self) -> Requested:
+        tools = frozenset(self.allowed_tools) if self.allowed_tools is not None else None
+        return Requested("plugin", self.id.removeprefix("mcp/"), allowed_tools=tools)
+
+
+def _integration_kind(value: Any) -> str:
+    if isinstance(value, str):
+        return "[id]"
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return "[plugin]" if kind == "plugin" else "[ephemeral_mcp]"
+
+
+# A plugin id alone ("mcp/<label>") or an object.
+Integration = Annotated[
+    Annotated[Annotated[str, Field(pattern=r"^mcp/[A-Za-z0-9_.-]{1,64}$")], Tag("[id]")]
+    | Annotated[PluginIntegration, Tag("[plugin]")]
+    | Annotated[EphemeralMcp, Tag("[ephemeral_mcp]")],
+    Discriminator(_integration_kind),
+]
+
+
 # Validated by the shape the client sent, so that an error names the item and field at fault
 # (the bracketed tags are not identifiers: error locations leave them out).
 InputItem = Annotated[
@@ -99,13 +155,20 @@ ChatInput = Annotated[
 ]
 
 
+class NamedTool(_Lenient):
+    name: str = Field(min_length=1, max_length=128)
+
+
 class ChatRequest(_Lenient):
     """``POST /api/v1/chat``."""
 
     model: str = Field(min_length=1, max_length=512)
     input: ChatInput
     system_prompt: str | None = None
-    integrations: Any = None
+    integrations: Annotated[list[Integration], Field(max_length=16)] | None = None
+    # Our extension (LM Studio's chat has none): how the first round may use the
+    # integrations' tools, "auto" (default), "none", "required" or {"name": <tool>}.
+    tool_choice: Literal["auto", "none", "required"] | NamedTool | None = None
     stream: StrictBool = False
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
@@ -123,11 +186,10 @@ class ChatRequest(_Lenient):
 
     def check_supported(self) -> None:
         """Refuse what cannot be honoured yet, naming the field."""
-        if self.integrations:
+        if self.tool_choice not in (None, "auto", "none") and not self.integrations:
             raise InvalidRequest(
-                "integrations (MCP servers and plugins) are not supported by this server yet; "
-                "send the request without 'integrations'.",
-                param="integrations",
+                "tool_choice needs tools: add MCP servers under 'integrations'.",
+                param="tool_choice",
             )
         if isinstance(self.input, list):
             for i, item in enumerate(self.input):
@@ -137,6 +199,21 @@ class ChatRequest(_Lenient):
                         "send text input only.",
                         param=f"input[{i}]",
                     )
+
+    @field_validator("integrations", mode="before")
+    @classmethod
+    def _as_list(cls, value: Any) -> Any:
+        return value if value is None or isinstance(value, list) else [value]
+
+    def requested_servers(self) -> list[Requested]:
+        """The MCP servers this request names."""
+        out: list[Requested] = []
+        for item in self.integrations or []:
+            if isinstance(item, str):
+                out.append(Requested("plugin", item.removeprefix("mcp/")))
+            else:
+                out.append(item.requested())
+        return out
 
     def user_messages(self) -> list[dict[str, Any]]:
         """This turn's input as chat-template messages: one user message."""
@@ -162,4 +239,13 @@ class ChatRequest(_Lenient):
             max_tokens=self.max_output_tokens,
             reasoning=self.reasoning,
             ttl=self.ttl,
+            tool_choice=self._tool_choice(),
+            # A forced choice makes one call: a grammar allowing several would let a model
+            # (a random-weight one does) go on calling until it runs out of tokens.
+            parallel_tool_calls=False,
         )
+
+    def _tool_choice(self) -> str | dict[str, str]:
+        if isinstance(self.tool_choice, NamedTool):
+            return {"name": self.tool_choice.name}
+        return self.tool_choice or "auto"

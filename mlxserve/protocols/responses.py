@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, StrictBool, Tag, field_validator, model_validator
 
+from mlxserve.core.mcp import Requested
 from mlxserve.core.types import CoreRequest, SamplingParams
 from mlxserve.errors import InvalidRequest
 from mlxserve.protocols.openai import (
@@ -27,6 +28,8 @@ _ITEM_TAGS = {
     "function_call": "FunctionCall",
     "function_call_output": "FunctionCallOutput",
     "reasoning": "Reasoning",
+    "mcp_call": "McpCall",
+    "mcp_list_tools": "McpListTools",
 }
 _PART_TAGS = {"input_text": "Text", "output_text": "Text", "refusal": "Refusal"}
 
@@ -120,6 +123,29 @@ class ReasoningItem(_Lenient):
         return "".join(p.text for p in (self.content or self.summary))
 
 
+class McpCallItem(_Lenient):
+    """An earlier MCP call sent back as input: the call and its output, as function calls."""
+
+    type: Literal["mcp_call"]
+    id: str = Field(min_length=1, max_length=256)
+    name: str = Field(min_length=1, max_length=128)
+    arguments: str = ""
+    output: str | None = None
+    error: Any = None
+
+    def result_text(self) -> str:
+        if self.output is not None:
+            return self.output
+        return json.dumps(self.error) if self.error is not None else ""
+
+
+class McpListToolsItem(_Lenient):
+    """An earlier tool listing sent back as input: the tools are listed afresh, so it is
+    skipped."""
+
+    type: Literal["mcp_list_tools"]
+
+
 class OtherItem(_Lenient):
     type: str
 
@@ -144,6 +170,8 @@ InputItem = Annotated[
     | Annotated[FunctionCallItem, Tag("FunctionCall")]
     | Annotated[FunctionCallOutputItem, Tag("FunctionCallOutput")]
     | Annotated[ReasoningItem, Tag("Reasoning")]
+    | Annotated[McpCallItem, Tag("McpCall")]
+    | Annotated[McpListToolsItem, Tag("McpListTools")]
     | Annotated[OtherItem, Tag("Other")],
     _tag(_ITEM_TAGS, default="message"),
 ]
@@ -153,24 +181,90 @@ class FunctionTool(FunctionDef):
     type: Literal["function"]
 
 
+class AllowedTools(_Lenient):
+    tool_names: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = None
+    read_only: StrictBool | None = None
+
+
+class McpTool(_Lenient):
+    """A remote MCP server (``server_url``) whose tools the model may call; the server runs
+    the calls itself. Tool approvals are not supported: ``require_approval`` must be
+    ``"never"`` (or left out, which means the same here)."""
+
+    type: Literal["mcp"]
+    server_label: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    server_url: str | None = Field(default=None, min_length=1, max_length=2048)
+    allowed_tools: (
+        list[Annotated[str, Field(min_length=1, max_length=128)]] | AllowedTools | None
+    ) = Field(default=None)
+    headers: dict[str, Annotated[str, Field(max_length=8192)]] | None = Field(
+        default=None, max_length=64
+    )
+    authorization: str | None = Field(default=None, max_length=8192)
+    require_approval: Any = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> McpTool:
+        extra = self.model_extra or {}
+        if extra.get("connector_id") is not None or self.server_url is None:
+            raise ValueError("MCP tools need a 'server_url'; connectors are not supported")
+        approval = self.require_approval
+        never = approval in (None, "never") or (
+            isinstance(approval, dict) and set(approval) <= {"never"}
+        )
+        if not never:
+            raise ValueError("tool approvals are not supported; set require_approval to 'never'")
+        if isinstance(self.allowed_tools, AllowedTools) and self.allowed_tools.read_only:
+            raise ValueError("allowed_tools.read_only is not supported; list tool_names")
+        return self
+
+    def requested(self) -> Requested:
+        names = self.allowed_tools
+        if isinstance(names, AllowedTools):
+            names = names.tool_names
+        headers = dict(self.headers or {})
+        if self.authorization:
+            headers["Authorization"] = f"Bearer {self.authorization}"
+        return Requested(
+            "ephemeral",
+            self.server_label,
+            self.server_url,
+            tuple(headers.items()),
+            frozenset(names) if names is not None else None,
+        )
+
+
 class OtherTool(_Lenient):
     type: str
 
     @field_validator("type")
     @classmethod
     def _refuse(cls, v: str) -> str:
-        raise ValueError(f"tools of type '{v}' are not supported; only 'function' tools are")
+        raise ValueError(
+            f"tools of type '{v}' are not supported; only 'function' and 'mcp' tools are"
+        )
 
 
 Tool = Annotated[
-    Annotated[FunctionTool, Tag("Function")] | Annotated[OtherTool, Tag("Other")],
-    _tag({"function": "Function"}),
+    Annotated[FunctionTool, Tag("Function")]
+    | Annotated[McpTool, Tag("Mcp")]
+    | Annotated[OtherTool, Tag("Other")],
+    _tag({"function": "Function", "mcp": "Mcp"}),
 ]
 
 
 class FunctionChoice(_Lenient):
     type: Literal["function"]
     name: str
+
+
+class McpChoice(_Lenient):
+    """``{"type": "mcp", "server_label", "name"?}``: call that tool (without a name: call
+    some tool) in the first round."""
+
+    type: Literal["mcp"]
+    server_label: str
+    name: str | None = None
 
 
 class TextFormat(_Lenient):
@@ -219,7 +313,7 @@ class ResponsesRequest(_Lenient):
     ) = None
     instructions: str | None = None
     tools: list[Tool] | None = Field(default=None, max_length=512)
-    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | McpChoice | None = None
     parallel_tool_calls: StrictBool | None = None
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
@@ -264,7 +358,16 @@ class ResponsesRequest(_Lenient):
                 f"tool_choice names '{self.tool_choice.name}', which is not in tools.",
                 param="tool_choice",
             )
-        if self.tool_choice == "required" and not names:
+        labels = [t.server_label for t in self.tools or [] if isinstance(t, McpTool)]
+        if len(set(labels)) != len(labels):
+            raise InvalidRequest("MCP server labels must be unique.", param="tools")
+        if isinstance(self.tool_choice, McpChoice) and self.tool_choice.server_label not in labels:
+            raise InvalidRequest(
+                f"tool_choice names MCP server '{self.tool_choice.server_label}', which is not "
+                "in tools.",
+                param="tool_choice",
+            )
+        if self.tool_choice == "required" and not self.tools:
             raise InvalidRequest(
                 "tool_choice 'required' needs at least one tool in tools.", param="tool_choice"
             )
@@ -280,6 +383,19 @@ class ResponsesRequest(_Lenient):
         for item in self.input or []:
             if isinstance(item, ReasoningItem):
                 reasoning += item.text()
+                continue
+            if isinstance(item, McpListToolsItem):
+                continue
+            if isinstance(item, McpCallItem):
+                if not out or out[-1]["role"] != "assistant":
+                    out.append({"role": "assistant", "content": ""})
+                call = {
+                    "id": item.id,
+                    "type": "function",
+                    "function": {"name": item.name, "arguments": _arguments(item.arguments)},
+                }
+                out[-1].setdefault("tool_calls", []).append(call)
+                out.append({"role": "tool", "tool_call_id": item.id, "content": item.result_text()})
                 continue
             if isinstance(item, FunctionCallOutputItem):
                 out.append(
@@ -306,7 +422,14 @@ class ResponsesRequest(_Lenient):
     def _tool_choice(self) -> str | dict[str, str]:
         if isinstance(self.tool_choice, FunctionChoice):
             return {"name": self.tool_choice.name}
+        if isinstance(self.tool_choice, McpChoice):
+            name = self.tool_choice.name
+            return {"name": name} if name else "required"
         return self.tool_choice or "auto"
+
+    def requested_servers(self) -> list[Requested]:
+        """The MCP servers among the tools."""
+        return [t.requested() for t in self.tools or [] if isinstance(t, McpTool)]
 
     def to_core(self, default_temperature: float, history: list[dict[str, Any]]) -> CoreRequest:
         """The core request: ``instructions``, then the stored ``history`` of

@@ -7,10 +7,10 @@ only translate its changes into their own wire events, streamed or gathered.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from mlxserve.core.generate import Generation
 from mlxserve.core.types import (
     Done,
     Event,
@@ -124,12 +124,20 @@ class Blocks:
 
 
 class Renderer(Protocol):
-    def feed(self, event: Event) -> Any: ...
+    def feed(self, event: Any) -> Any: ...
 
     def finish(self, done: Done) -> Any: ...
 
 
-async def gather(gen: Generation, renderer: Renderer) -> bool:
+class Source(Protocol):
+    """A generation, or the MCP tool loop around several."""
+
+    def events(self) -> AsyncIterator[Any]: ...
+
+    def cancel(self) -> None: ...
+
+
+async def gather(gen: Source, renderer: Renderer) -> bool:
     """Run ``gen`` to its end through ``renderer`` (a reply that is not streamed); False if it
     ended without a result."""
     try:

@@ -3,6 +3,8 @@ events (``/api/v1/*``). Errors use LM Studio's envelope (``routes.common.error_b
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,10 +17,26 @@ from starlette.routing import Route
 from mlxserve.core import generate
 from mlxserve.core.generate import Generation
 from mlxserve.core.manager import Instance, Loaded
+from mlxserve.core.mcp import Toolset, specs_for
 from mlxserve.core.registry import ModelInfo
-from mlxserve.core.types import Done, Event, Idle, Progress, ReasoningDelta, TextDelta
-from mlxserve.errors import MlxServeError
-from mlxserve.protocols.lmstudio import ChatRequest, LoadModelRequest, UnloadModelRequest
+from mlxserve.core.toolloop import LoopEvent, ToolLoop, ToolResult, with_tools
+from mlxserve.core.types import (
+    CoreRequest,
+    Done,
+    Idle,
+    Progress,
+    ReasoningDelta,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
+from mlxserve.errors import InvalidRequest, MlxServeError
+from mlxserve.protocols.lmstudio import (
+    ChatRequest,
+    LoadModelRequest,
+    NamedTool,
+    UnloadModelRequest,
+)
 from mlxserve.routes.common import (
     EventStreamResponse,
     as_mlxserve_error,
@@ -94,6 +112,16 @@ async def unload_model(request: Request) -> Response:
     return JSONResponse({"instance_id": instance.id})
 
 
+Named = tuple[str, dict[str, Any]]
+
+
+def _parsed(arguments: str) -> Any:
+    try:
+        return json.loads(arguments or "{}")
+    except json.JSONDecodeError:
+        return arguments
+
+
 @dataclass
 class _Turn:
     """One chat turn as it runs: its output items, its timings, and the named SSE events
@@ -109,6 +137,12 @@ class _Turn:
     open: str | None = None
     done: Done | None = None
     response_id: str | None = None
+    # MCP tools offered to the model, and the call being generated (name, arguments so far).
+    toolset: Toolset | None = None
+    call: tuple[str, str] | None = None
+    held: str = ""
+    # Where the final answer's items begin: after the last tool result.
+    answer_from: int = 0
 
     def begin(self, gen: Generation, load_seconds: float | None, started: float) -> None:
         self.instance_id = gen.instance.id
@@ -129,36 +163,103 @@ class _Turn:
         self.open = kind
         return out
 
-    def feed(self, event: Event) -> list[tuple[str, dict[str, Any]]]:
+    def _provider(self, name: str) -> dict[str, str]:
+        return (self.toolset.provider(name) if self.toolset else None) or {}
+
+    def _tool_call(self, event: ToolCallStart | ToolCallDelta | ToolCallEnd) -> list[Named]:
+        if isinstance(event, ToolCallStart):
+            out = self._switch(None)
+            self.call = (event.name, "")
+            provider = self._provider(event.name)
+            return [*out, ("tool_call.start", {"tool": event.name, "provider_info": provider})]
+        if self.call is None:
+            return []
+        name, arguments = self.call
+        if isinstance(event, ToolCallDelta):
+            self.call = (name, arguments + event.arguments)
+            return []
+        self.call = None
+        data = {
+            "tool": name,
+            "arguments": _parsed(arguments),
+            "provider_info": self._provider(name),
+        }
+        return [("tool_call.arguments", data)]
+
+    def _tool_result(self, result: ToolResult) -> list[Named]:
+        """A call's result: a ``tool_call`` item (the output the model was given) or an
+        ``invalid_tool_call`` item, with ``tool_call.success`` / ``.failure``."""
+        self.answer_from = len(self.items) + 1
+        provider = result.provider or {}
+        arguments = result.parsed_arguments
+        if result.status in ("invalid_name", "invalid_arguments"):
+            metadata: dict[str, Any] = {"type": result.status, "tool_name": result.name}
+            if result.status == "invalid_arguments":
+                metadata |= {"arguments": arguments, "provider_info": provider}
+            self.items.append(
+                {"type": "invalid_tool_call", "reason": result.reason, "metadata": metadata}
+            )
+            return [("tool_call.failure", {"reason": result.reason, "metadata": metadata})]
+        call = {"tool": result.name, "arguments": arguments}
+        self.items.append(
+            {"type": "tool_call", **call, "output": result.output, "provider_info": provider}
+        )
+        if result.status == "success":
+            return [
+                ("tool_call.success", {**call, "output": result.output, "provider_info": provider})
+            ]
+        # The tool ran and reported an error (or the connection broke: an ``error`` follows).
+        metadata = {
+            "type": result.status,
+            "tool_name": result.name,
+            "arguments": arguments,
+            "provider_info": provider,
+        }
+        return [("tool_call.failure", {"reason": result.reason, "metadata": metadata})]
+
+    def feed(self, event: LoopEvent) -> list[Named]:
         """The named events for one core event."""
-        out: list[tuple[str, dict[str, Any]]] = []
+        out: list[Named] = []
         if isinstance(event, Progress):
             if self.first_at is None and event.total:
                 out.append(
                     ("prompt_processing.progress", {"progress": event.processed / event.total})
                 )
             return out
-        if not isinstance(event, (TextDelta, ReasoningDelta, Done)):
+        if isinstance(event, ToolResult):
+            return self._tool_result(event)
+        if isinstance(event, Idle):
             return out
         if self.first_at is None:
             self.first_at = time.perf_counter()
             out.append(("prompt_processing.progress", {"progress": 1.0}))
             out.append(("prompt_processing.end", {}))
+        if isinstance(event, (ToolCallStart, ToolCallDelta, ToolCallEnd)):
+            return out + self._tool_call(event)
         if isinstance(event, Done):
-            if not any(item["type"] == "message" for item in self.items):
+            if not any(item["type"] == "message" for item in self.items[self.answer_from :]):
                 out += self._switch("message")
             out += self._switch(None)
             self.done = event
             self.ended = time.perf_counter()
             return out
         kind = "reasoning" if isinstance(event, ReasoningDelta) else "message"
+        text = event.text
+        if kind == "message" and self.toolset is not None and self.open != "message":
+            # The newlines a model writes around its tool calls are no message of their own.
+            text, self.held = self.held + text, ""
+            if not text.strip():
+                self.held = text
+                return out
         out += self._switch(kind)
-        self.items[-1]["content"] += event.text
-        out.append((f"{kind}.delta", {"content": event.text}))
+        self.items[-1]["content"] += text
+        out.append((f"{kind}.delta", {"content": text}))
         return out
 
     def message_text(self) -> str:
-        return "".join(i["content"] for i in self.items if i["type"] == "message")
+        """The final answer: the message text after the last tool result."""
+        answer = self.items[self.answer_from :]
+        return "".join(i["content"] for i in answer if i["type"] == "message")
 
     def stats(self) -> dict[str, Any]:
         usage = self.done.usage if self.done is not None else None
@@ -181,7 +282,7 @@ class _Turn:
         return stats
 
     def result(self) -> dict[str, Any]:
-        items = [i for i in self.items if i["content"] or i["type"] == "message"]
+        items = [i for i in self.items if i["type"] != "reasoning" or i["content"]]
         body: dict[str, Any] = {
             "model_instance_id": self.instance_id,
             "output": items,
@@ -200,6 +301,45 @@ class _Chat:
     body: ChatRequest
     messages: list[dict[str, Any]]
     new_messages: list[dict[str, Any]]
+    # MCP integrations: their tools, the sessions to close when the chat ends, and the loop
+    # that runs the model's calls.
+    toolset: Toolset | None = None
+    exits: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    loop: ToolLoop | None = None
+
+    async def connect(self) -> None:
+        """Connect to the request's MCP servers and list their tools."""
+        requested = self.body.requested_servers()
+        if not requested:
+            return
+        specs = await specs_for(self.state.settings, requested)
+        self.toolset = await self.exits.enter_async_context(self.state.mcp.session(specs))
+        choice = self.body.tool_choice
+        names = self.toolset.tools
+        if choice == "required" and not names:
+            raise InvalidRequest(
+                "tool_choice 'required' needs tools, and the integrations offer none.",
+                param="tool_choice",
+            )
+        if isinstance(choice, NamedTool) and choice.name not in names:
+            raise InvalidRequest(
+                f"tool_choice names '{choice.name}', which no integration offers.",
+                param="tool_choice",
+            )
+
+    def events(self, gen: Generation, idle: float | None = None) -> AsyncIterator[LoopEvent]:
+        return self.loop.events(idle) if self.loop is not None else gen.events(idle)
+
+    async def end(self, gen: Generation | None) -> None:
+        """Stop the generation (whichever round is running) and close the MCP sessions."""
+        if self.loop is not None:
+            self.loop.cancel()
+        elif gen is not None:
+            gen.cancel()
+        await self.exits.aclose()
+
+    def _with_tools(self, core: CoreRequest) -> CoreRequest:
+        return with_tools(core, self.toolset) if self.toolset is not None else core
 
     async def begin(self, model: str) -> tuple[Generation, float | None, float]:
         """Resolve (loading if needed) and queue the generation, holding the instance until it
@@ -213,9 +353,13 @@ class _Chat:
         ):
             started = time.perf_counter()
             core = body.to_core(instance.id, self.messages, self.state.settings.default_temperature)
+            core = self._with_tools(core)
             # The instance is held: queue on it, not on a second lookup that could race an
             # eviction of this very instance.
             gen = await generate.admit(instance, core)
+        if self.toolset is not None:
+            rounds = self.state.settings.mcp_max_rounds
+            self.loop = ToolLoop(manager, core, gen, self.toolset, rounds)
         return gen, load_seconds, started
 
     async def store(self, turn: _Turn, gen: Generation) -> None:
@@ -226,11 +370,14 @@ class _Chat:
             model=gen.instance.info.key,
             system=self.body.system_prompt,
             input=self.new_messages,
-            output=[{"role": "assistant", "content": turn.message_text()}],
+            output=[
+                *(self.loop.transcript if self.loop is not None else []),
+                {"role": "assistant", "content": turn.message_text()},
+            ],
         )
 
     async def run(self, turn: _Turn, gen: Generation) -> _Turn:
-        async for event in gen.events():
+        async for event in self.events(gen):
             turn.feed(event)
             if turn.done is not None:
                 break
@@ -261,7 +408,7 @@ async def _events(
             yield _named("model_load.progress", {**ids, "progress": 1.0})
             yield _named("model_load.end", {**ids, "load_time_seconds": round(loaded, 3)})
         yield _named("prompt_processing.start", {})
-        async for event in gen.events(ping):
+        async for event in chat.events(gen, ping):
             if isinstance(event, Idle):
                 yield ": ping\n\n"
                 continue
@@ -273,8 +420,7 @@ async def _events(
     except Exception as exc:
         yield _named("error", lmstudio_error_body(as_mlxserve_error(exc)))
     finally:
-        if gen is not None:
-            gen.cancel()
+        await chat.end(gen)
     yield _named("chat.end", {"result": turn.result()})
 
 
@@ -292,20 +438,26 @@ async def chat(request: Request) -> Response:
     messages = [{"role": "system", "content": system}] if system else []
     messages += [*history, *new_messages]
     chat = _Chat(state, body, messages, new_messages)
-    target = state.manager.resolve(body.model)
-    if body.stream and not isinstance(target, Instance):
-        # The load happens inside the stream, so that its events can be sent as it goes.
-        turn = _Turn(state.manager.next_instance_id(target.key))
-        return EventStreamResponse(_events(chat, turn, None, target))
-    gen, load_seconds, started = await chat.begin(body.model)
-    turn = _Turn(gen.instance.id)
-    turn.begin(gen, load_seconds, started)
-    if body.stream:
-        return EventStreamResponse(_events(chat, turn, gen, None))
+    gen: Generation | None = None
+    try:
+        target = state.manager.resolve(body.model)
+        await chat.connect()
+        if body.stream and not isinstance(target, Instance):
+            # The load happens inside the stream, so that its events can be sent as it goes.
+            turn = _Turn(state.manager.next_instance_id(target.key), toolset=chat.toolset)
+            return EventStreamResponse(_events(chat, turn, None, target))
+        gen, load_seconds, started = await chat.begin(body.model)
+        turn = _Turn(gen.instance.id, toolset=chat.toolset)
+        turn.begin(gen, load_seconds, started)
+        if body.stream:
+            return EventStreamResponse(_events(chat, turn, gen, None))
+    except BaseException:
+        await chat.end(gen)
+        raise
     try:
         finished = await unless_disconnected(request, chat.run(turn, gen))
     finally:
-        gen.cancel()
+        await chat.end(gen)
     if finished is None:
         return Response(status_code=204)
     if finished.done is None:

@@ -9,6 +9,7 @@ turns go into the chat store shared with LM Studio's ``/api/v1/chat``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -22,9 +23,11 @@ from starlette.routing import Route
 from mlxserve.core import generate
 from mlxserve.core.chatstore import new_response_id
 from mlxserve.core.generate import Generation
-from mlxserve.core.types import CoreRequest, Done, Event, Idle
+from mlxserve.core.mcp import Toolset, specs_for
+from mlxserve.core.toolloop import LoopEvent, ToolLoop, ToolResult, with_tools
+from mlxserve.core.types import CoreRequest, Done, Idle
 from mlxserve.errors import InvalidRequest, MlxServeError
-from mlxserve.protocols.responses import ResponsesRequest
+from mlxserve.protocols.responses import McpChoice, ResponsesRequest
 from mlxserve.routes.blocks import Appended, Block, Blocks, Change, Opened, gather
 from mlxserve.routes.common import (
     EventStreamResponse,
@@ -57,6 +60,26 @@ def _part(kind: str, text: str) -> dict[str, Any]:
     return _text_part(text) if kind == "text" else _reasoning_part(text)
 
 
+def _check_choice(body: ResponsesRequest, toolset: Toolset) -> None:
+    """A ``tool_choice`` naming an MCP tool must name one its server offers."""
+    choice = body.tool_choice
+    if isinstance(choice, McpChoice) and choice.name is not None:
+        entry = toolset.tools.get(choice.name)
+        if entry is None or entry[0].server.label != choice.server_label:
+            raise InvalidRequest(
+                f"tool_choice names '{choice.name}', which MCP server "
+                f"'{choice.server_label}' does not offer.",
+                param="tool_choice",
+            )
+
+
+def _redacted(tool: Any) -> Any:
+    """A request's tool as the response echoes it: an MCP tool's credentials left out."""
+    if isinstance(tool, dict) and tool.get("type") == "mcp":
+        return {k: v for k, v in tool.items() if k not in ("headers", "authorization")}
+    return tool
+
+
 def _arguments(text: str) -> Any:
     try:
         return json.loads(text or "{}")
@@ -78,11 +101,19 @@ class ResponseRenderer:
         self.model = model
         self.created_at = int(time.time())
         self.blocks = Blocks()
-        self.output: list[dict[str, Any]] = []
+        # Output items by output index (an MCP call's item is done after later ones opened).
+        self.output: dict[int, dict[str, Any]] = {}
         self.status = "in_progress"
         self.done: Done | None = None
         self.error: dict[str, Any] | None = None
         self._item_ids: dict[int, str] = {}
+        # MCP: the servers' tools; the tool listings come first, so blocks' output indexes
+        # are offset by their count; MCP calls wait for their results by call id; the final
+        # answer's blocks begin after the last result.
+        self.toolset: Toolset | None = None
+        self.offset = 0
+        self._calls: dict[str, Block] = {}
+        self.answer_from = 0
 
     # -- the response object
 
@@ -97,7 +128,7 @@ class ResponseRenderer:
             "completed_at": int(time.time()) if finished else None,
             "status": self.status,
             "model": self.model,
-            "output": list(self.output),
+            "output": [item for _, item in sorted(self.output.items())],
             "usage": self._usage(done) if done is not None else None,
             "previous_response_id": self.body.previous_response_id,
             "instructions": self.body.instructions,
@@ -105,7 +136,7 @@ class ResponseRenderer:
             "incomplete_details": incomplete,
             "parallel_tool_calls": self.core.parallel_tool_calls,
             "tool_choice": self.raw.get("tool_choice") or "auto",
-            "tools": self.raw.get("tools") or [],
+            "tools": [_redacted(t) for t in self.raw.get("tools") or []],
             "temperature": self.core.sampling.temperature,
             "top_p": self.core.sampling.top_p,
             "max_output_tokens": self.body.max_output_tokens,
@@ -121,7 +152,7 @@ class ResponseRenderer:
     def _usage(done: Done) -> dict[str, Any]:
         return {
             "input_tokens": done.usage.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": done.usage.cached_tokens},
             "output_tokens": done.usage.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": done.usage.reasoning_tokens},
             "total_tokens": done.usage.total_tokens,
@@ -133,8 +164,76 @@ class ResponseRenderer:
             {"type": "response.in_progress", "response": self.response()},
         ]
 
-    def feed(self, event: Event) -> list[dict[str, Any]]:
+    def feed(self, event: LoopEvent) -> list[dict[str, Any]]:
+        if isinstance(event, ToolResult):
+            return self.tool_result(event)
         return self._render(self.blocks.feed(event))
+
+    # -- MCP
+
+    def listed(self, toolset: Toolset) -> list[dict[str, Any]]:
+        """The ``mcp_list_tools`` items, one per server, before any output of the model."""
+        self.toolset = toolset
+        out: list[dict[str, Any]] = []
+        for index, (spec, tools) in enumerate(toolset.listed):
+            item: dict[str, Any] = {
+                "id": f"mcpl_{uuid.uuid4().hex}",
+                "type": "mcp_list_tools",
+                "server_label": spec.label,
+                "tools": [],
+            }
+            where = {"output_index": index, "item_id": item["id"]}
+            out.append({"type": "response.output_item.added", "output_index": index, "item": item})
+            out.append({"type": "response.mcp_list_tools.in_progress", **where})
+            item = {
+                **item,
+                "tools": [
+                    {
+                        "name": t.name,
+                        "description": t.description,
+                        "input_schema": t.input_schema,
+                        "annotations": t.annotations,
+                    }
+                    for t in tools
+                ],
+            }
+            out.append({"type": "response.mcp_list_tools.completed", **where})
+            out.append({"type": "response.output_item.done", "output_index": index, "item": item})
+            self.output[index] = item
+        self.offset = len(toolset.listed)
+        return out
+
+    def _mcp(self, block: Block) -> bool:
+        return (
+            block.kind == "tool" and self.toolset is not None and block.name in self.toolset.tools
+        )
+
+    def tool_result(self, result: ToolResult) -> list[dict[str, Any]]:
+        """An MCP call's outcome: its item completes (or fails) with the output."""
+        block = self._calls.pop(result.call_id, None)
+        if block is None:
+            return []
+        self.answer_from = len(self.blocks.blocks)
+        failed = result.status != "success"
+        item = self._item(block, "failed" if failed else "completed", whole=True)
+        if result.status == "success":
+            item["output"] = result.output
+        elif result.status == "tool_error":
+            item["error"] = {
+                "type": "mcp_tool_execution_error",
+                "content": [{"type": "text", "text": result.output}],
+            }
+        elif result.status == "connection_error":
+            item["error"] = {"type": "http_error", "code": 424, "message": result.reason}
+        else:
+            item["error"] = {"type": "mcp_protocol_error", "code": -32602, "message": result.reason}
+        index = block.index + self.offset
+        self.output[index] = item
+        where = self._where(block)
+        return [
+            {"type": f"response.mcp_call.{'failed' if failed else 'completed'}", **where},
+            {"type": "response.output_item.done", "output_index": index, "item": item},
+        ]
 
     def finish(self, done: Done) -> list[dict[str, Any]]:
         """Close the open item and settle the status; :meth:`terminal` comes after."""
@@ -154,6 +253,18 @@ class ResponseRenderer:
 
     def _item(self, block: Block, status: str, *, whole: bool) -> dict[str, Any]:
         item_id = self._item_ids[block.index]
+        if self._mcp(block):
+            assert self.toolset is not None
+            return {
+                "id": item_id,
+                "type": "mcp_call",
+                "status": status,
+                "server_label": self.toolset.tools[block.name][0].server.label,
+                "name": block.name,
+                "arguments": block.text if whole else "",
+                "output": None,
+                "error": None,
+            }
         if block.kind == "text":
             content = [_text_part(block.text)] if whole else []
             return {
@@ -194,7 +305,7 @@ class ResponseRenderer:
 
     def _where(self, block: Block) -> dict[str, Any]:
         where: dict[str, Any] = {
-            "output_index": block.index,
+            "output_index": block.index + self.offset,
             "item_id": self._item_ids[block.index],
         }
         if block.kind != "tool":
@@ -202,9 +313,11 @@ class ResponseRenderer:
         return where
 
     def _opened(self, block: Block) -> list[dict[str, Any]]:
-        self._item_ids[block.index] = f"{_PREFIX[block.kind]}_{uuid.uuid4().hex}"
+        prefix = "mcp" if self._mcp(block) else _PREFIX[block.kind]
+        self._item_ids[block.index] = f"{prefix}_{uuid.uuid4().hex}"
         item = self._item(block, "in_progress", whole=False)
-        out = [{"type": "response.output_item.added", "output_index": block.index, "item": item}]
+        index = block.index + self.offset
+        out = [{"type": "response.output_item.added", "output_index": index, "item": item}]
         if block.kind != "tool":
             part = _part(block.kind, "")
             out.append({"type": "response.content_part.added", **self._where(block), "part": part})
@@ -213,6 +326,8 @@ class ResponseRenderer:
     def _appended(self, block: Block, text: str) -> dict[str, Any]:
         if block.kind == "tool":
             name = "response.function_call_arguments.delta"
+            if self._mcp(block):
+                name = "response.mcp_call_arguments.delta"
             return {"type": name, **self._where(block), "delta": text}
         event = {"type": f"response.{_PART[block.kind]}.delta", **self._where(block), "delta": text}
         if block.kind == "text":
@@ -222,6 +337,13 @@ class ResponseRenderer:
     def _closed(self, block: Block) -> list[dict[str, Any]]:
         where = self._where(block)
         out: list[dict[str, Any]] = []
+        if self._mcp(block):
+            # The call runs once the model's turn ends; its item is done with its result.
+            self._calls[block.call_id] = block
+            return [
+                {"type": "response.mcp_call_arguments.done", **where, "arguments": block.text},
+                {"type": "response.mcp_call.in_progress", **where},
+            ]
         if block.kind == "tool":
             name = "response.function_call_arguments.done"
             out.append({"type": name, **where, "name": block.name, "arguments": block.text})
@@ -233,13 +355,20 @@ class ResponseRenderer:
             out += [done, {"type": "response.content_part.done", **where, "part": part}]
         status = "incomplete" if self.status == "incomplete" else "completed"
         item = self._item(block, status, whole=True)
-        self.output.append(item)
-        out.append({"type": "response.output_item.done", "output_index": block.index, "item": item})
+        self.output[block.index + self.offset] = item
+        out.append(
+            {
+                "type": "response.output_item.done",
+                "output_index": where["output_index"],
+                "item": item,
+            }
+        )
         return out
 
     def template_output(self) -> list[dict[str, Any]]:
-        """The reply as one chat-template assistant message, for the chat store."""
-        blocks = self.blocks.blocks
+        """The reply as one chat-template assistant message, for the chat store (with MCP
+        calls, the answer after them: the tool loop keeps the calls' messages)."""
+        blocks = self.blocks.blocks[self.answer_from :]
         message: dict[str, Any] = {
             "role": "assistant",
             "content": "".join(b.text for b in blocks if b.kind == "text"),
@@ -262,10 +391,12 @@ class ResponseRenderer:
 
 
 async def _stream(
-    gen: Generation,
+    gen: Generation | ToolLoop,
     renderer: ResponseRenderer,
     save: Callable[[], Awaitable[None]],
     ping_seconds: float,
+    toolset: Toolset | None = None,
+    close: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncIterator[str]:
     """Responses SSE: named events, numbered from 0, ending on a terminal event (no [DONE])."""
     sequence = 0
@@ -278,6 +409,8 @@ async def _stream(
 
     try:
         for event in renderer.opening():
+            yield emit(event)
+        for event in renderer.listed(toolset) if toolset is not None else []:
             yield emit(event)
         async for item in gen.events(ping_seconds):
             if isinstance(item, Idle):
@@ -295,6 +428,8 @@ async def _stream(
         yield emit(renderer.failed(as_mlxserve_error(exc)))
     finally:
         gen.cancel()
+        if close is not None:
+            await close()
 
 
 async def create_response(request: Request) -> Response:
@@ -305,28 +440,52 @@ async def create_response(request: Request) -> Response:
     if body.previous_response_id is not None:
         history = (await state.chats.aconversation(body.previous_response_id)).messages
     core = body.to_core(state.settings.default_temperature, history)
+    # The request's MCP sessions, closed when the response is done.
+    exits = contextlib.AsyncExitStack()
     try:
-        gen = await generate.start(state.manager, core)
-    except InvalidRequest as exc:
-        exc.param = _FIELDS.get(exc.param or "", exc.param)
+        toolset: Toolset | None = None
+        requested = body.requested_servers()
+        if requested:
+            specs = await specs_for(state.settings, requested)
+            toolset = await exits.enter_async_context(state.mcp.session(specs))
+            _check_choice(body, toolset)
+            core = with_tools(core, toolset)
+        try:
+            gen = await generate.start(state.manager, core)
+        except InvalidRequest as exc:
+            exc.param = _FIELDS.get(exc.param or "", exc.param)
+            raise
+        source: Generation | ToolLoop = gen
+        if toolset is not None:
+            rounds = state.settings.mcp_max_rounds
+            source = ToolLoop(state.manager, core, gen, toolset, rounds)
+        renderer = ResponseRenderer(body, raw, core, gen.instance.id)
+    except BaseException:
+        await exits.aclose()
         raise
-    renderer = ResponseRenderer(body, raw, core, gen.instance.id)
 
     async def save() -> None:
         if body.store:
+            transcript = source.transcript if isinstance(source, ToolLoop) else []
             await state.chats.asave(
                 response_id=renderer.id,
                 parent_id=body.previous_response_id,
                 model=gen.instance.info.key,
                 system=body.instructions,
                 input=body.input_messages(),
-                output=renderer.template_output(),
+                output=[*transcript, *renderer.template_output()],
             )
 
     if body.stream:
-        return EventStreamResponse(_stream(gen, renderer, save, state.settings.sse_ping_seconds))
+        ping = state.settings.sse_ping_seconds
+        return EventStreamResponse(_stream(source, renderer, save, ping, toolset, exits.aclose))
 
-    finished = await unless_disconnected(request, gather(gen, renderer))
+    if toolset is not None:
+        renderer.listed(toolset)
+    try:
+        finished = await unless_disconnected(request, gather(source, renderer))
+    finally:
+        await exits.aclose()
     if finished is None:
         return Response(status_code=204)
     if not finished:
