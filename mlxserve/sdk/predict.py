@@ -1,0 +1,388 @@
+"""The ``llm`` namespace's own endpoints: the ``predict`` channel (``respond``, ``complete``,
+each round of ``act``), ``tokenize``, ``countTokens`` and ``applyPromptTemplate``.
+
+A prediction runs through the same core as the REST APIs (``generate.admit``): chat
+template, stop strings, reasoning split, tool-call parsing, grammars. Its events become the
+SDK's ``fragment`` / ``toolCallGeneration*`` messages and a final ``success`` with stats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from mlxserve.core import generate
+from mlxserve.core.manager import Instance
+from mlxserve.core.types import (
+    CoreRequest,
+    Done,
+    Event,
+    Idle,
+    Progress,
+    ReasoningDelta,
+    SamplingParams,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
+from mlxserve.sdk import shapes
+from mlxserve.sdk.kvconfig import Prediction, echo, parse_tools, prediction
+from mlxserve.sdk.transport import Channel, Context, SdkError
+from mlxserve.state import AppState
+
+_STOP_REASONS = {"tool_calls": "toolCalls", "length": "maxPredictedTokensReached"}
+
+
+def _text_parts(message: dict[str, Any], role: str) -> str:
+    texts = []
+    for part in message.get("content") or []:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "file":
+            raise SdkError(
+                "File and image parts are not supported by mlxserve's SDK endpoint; send text."
+            )
+        elif kind not in ("toolCallRequest", "toolCallResult") or role not in ("assistant", "tool"):
+            raise SdkError(f"Unexpected content part {kind!r} in a {role} message.")
+    return "".join(texts)
+
+
+def history_messages(history: Any) -> list[dict[str, Any]]:
+    """``ChatHistoryData`` to chat-template messages (HF conventions, as the REST APIs use)."""
+    messages = history.get("messages") if isinstance(history, dict) else None
+    if not isinstance(messages, list):
+        raise SdkError("history must be {messages: [...]}.")
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ("system", "user", "assistant", "tool"):
+            raise SdkError(f"Unknown message role {role!r}.")
+        if role == "tool":
+            for part in message.get("content") or []:
+                if not isinstance(part, dict) or part.get("type") != "toolCallResult":
+                    raise SdkError("Tool messages may hold only toolCallResult parts.")
+                entry: dict[str, Any] = {"role": "tool", "content": str(part.get("content", ""))}
+                if isinstance(part.get("toolCallId"), str):
+                    entry["tool_call_id"] = part["toolCallId"]
+                if isinstance(part.get("name"), str):
+                    entry["name"] = part["name"]
+                out.append(entry)
+            continue
+        entry = {"role": role, "content": _text_parts(message, role)}
+        calls = [
+            p["toolCallRequest"]
+            for p in message.get("content") or []
+            if isinstance(p, dict) and p.get("type") == "toolCallRequest"
+        ]
+        if calls:
+            entry["tool_calls"] = [
+                {
+                    "id": c.get("id") or f"call_{n}",
+                    "type": "function",
+                    "function": {"name": c.get("name"), "arguments": c.get("arguments") or {}},
+                }
+                for n, c in enumerate(calls)
+            ]
+        out.append(entry)
+    return out
+
+
+def _raw_prompt(messages: list[dict[str, Any]]) -> str:
+    # The SDKs' completion layer renders nothing but the contents, one after the other.
+    return "".join(m["content"] for m in messages)
+
+
+def core_request(
+    state: AppState, instance: Instance, p: dict[str, Any]
+) -> tuple[CoreRequest, Prediction]:
+    preset = p.get("fuzzyPresetIdentifier")
+    if preset:
+        raise SdkError(
+            f"No preset matches '{str(preset)[:128]}'; mlxserve has no presets.",
+            display_data={
+                "code": "generic.presetNotFound",
+                "specifiedFuzzyPresetIdentifier": str(preset)[:256],
+                "availablePresetsSample": [],
+                "totalAvailablePresets": 0,
+            },
+        )
+    pred = prediction(p.get("predictionConfigStack"))
+    messages = history_messages(p.get("history"))
+    defaults = SamplingParams()
+    sampling = SamplingParams(
+        temperature=pred.temperature
+        if pred.temperature is not None
+        else state.settings.default_temperature,
+        top_p=pred.top_p if pred.top_p is not None else defaults.top_p,
+        top_k=pred.top_k or 0,
+        min_p=pred.min_p if pred.min_p is not None else defaults.min_p,
+        repeat_penalty=pred.repeat_penalty
+        if pred.repeat_penalty is not None
+        else defaults.repeat_penalty,
+        presence_penalty=pred.presence_penalty or 0.0,
+    )
+    common: dict[str, Any] = {
+        "model": instance.id,
+        "sampling": sampling,
+        "max_tokens": pred.max_tokens,
+        "stops": pred.stops,
+        "json_schema": pred.json_schema,
+    }
+    if pred.raw:
+        return CoreRequest(prompt=_raw_prompt(messages), **common), pred
+    return (
+        CoreRequest(
+            messages=tuple(messages), tools=pred.tools, tool_choice=pred.tool_choice, **common
+        ),
+        pred,
+    )
+
+
+def _fragment(text: str, reasoning: str = "none", *, structural: bool = False) -> dict[str, Any]:
+    return {
+        "type": "fragment",
+        "fragment": {
+            "content": text,
+            "tokensCount": 1,
+            "containsDrafted": False,
+            "reasoningType": reasoning,
+            "isStructural": structural,
+        },
+    }
+
+
+@dataclass
+class _Run:
+    """One prediction's progress: what it has sent, for the stats and the tool calls."""
+
+    started: float
+    first_at: float | None = None
+    progress: float = 0.0
+    in_reasoning: bool = False
+    call_name: str = ""
+    call_id: str = ""
+    call_args: str = ""
+
+    def messages(self, event: Event) -> list[dict[str, Any]]:
+        if isinstance(event, Progress):
+            if not event.total:
+                return []
+            value = min(event.processed / event.total, 1.0)
+            return self._progress(value, event)
+        if isinstance(event, (Idle, Done)):
+            return []
+        out: list[dict[str, Any]] = []
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+            out += self._progress(1.0, None)
+        if isinstance(event, ReasoningDelta):
+            if not self.in_reasoning:
+                self.in_reasoning = True
+                out.append(_fragment("<think>", "reasoningStartTag", structural=True))
+            out.append(_fragment(event.text, "reasoning"))
+            return out
+        if self.in_reasoning:
+            self.in_reasoning = False
+            out.append(_fragment("</think>", "reasoningEndTag", structural=True))
+        if isinstance(event, TextDelta):
+            out.append(_fragment(event.text))
+        elif isinstance(event, ToolCallStart):
+            self.call_name, self.call_id, self.call_args = event.name, event.id, ""
+            out.append({"type": "toolCallGenerationStart", "toolCallId": event.id})
+            out.append({"type": "toolCallGenerationNameReceived", "name": event.name})
+        elif isinstance(event, ToolCallDelta):
+            self.call_args += event.arguments
+            out.append(
+                {"type": "toolCallGenerationArgumentFragmentGenerated", "content": event.arguments}
+            )
+        elif isinstance(event, ToolCallEnd):
+            out.append(self._call_end())
+        return out
+
+    def _progress(self, value: float, event: Progress | None) -> list[dict[str, Any]]:
+        # The Python SDK wants strictly rising values.
+        if value <= self.progress:
+            return []
+        self.progress = value
+        total = event.total if event else 0
+        processed = event.processed if event else 0
+        return [
+            {
+                "type": "promptProcessingProgress",
+                "progress": value,
+                "details": {
+                    "cachedTokenCount": 0,
+                    "totalPromptTokenCount": total,
+                    "processedPromptTokenCount": processed,
+                    "unprocessedPromptTokenCount": max(total - processed, 0),
+                },
+            }
+        ]
+
+    def _call_end(self) -> dict[str, Any]:
+        raw = self.call_args or "{}"
+        try:
+            arguments = json.loads(raw)
+        except json.JSONDecodeError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            return {
+                "type": "toolCallGenerationFailed",
+                "error": SdkError(
+                    f"The model's call of '{self.call_name}' has arguments that are not a JSON "
+                    "object."
+                ).serialize(),
+                "rawContent": raw,
+            }
+        return {
+            "type": "toolCallGenerationEnd",
+            "toolCallRequest": {
+                "type": "function",
+                "id": self.call_id,
+                "name": self.call_name,
+                "arguments": arguments,
+            },
+        }
+
+
+def _stats(
+    run: _Run, done: Done | None, prompt_tokens: int, generated: int, cancelled: bool
+) -> dict[str, Any]:
+    now = time.perf_counter()
+    if cancelled or done is None:
+        reason = "userStopped"
+    elif done.finish_reason == "stop":
+        reason = "stopStringFound" if done.stop_sequence else "eosFound"
+    else:
+        reason = _STOP_REASONS[done.finish_reason]
+    if done is not None:
+        prompt_tokens, generated = done.usage.prompt_tokens, done.usage.completion_tokens
+    stats: dict[str, Any] = {
+        "stopReason": reason,
+        "promptTokensCount": prompt_tokens,
+        "predictedTokensCount": generated,
+        "totalTokensCount": prompt_tokens + generated,
+        "totalTimeSec": round(now - run.started, 6),
+    }
+    if done is not None and done.stop_sequence:
+        stats["stopString"] = done.stop_sequence
+    if run.first_at is not None:
+        stats["timeToFirstTokenSec"] = round(run.first_at - run.started, 6)
+        generating = now - run.first_at
+        if generating > 0 and generated:
+            stats["tokensPerSecond"] = round(generated / generating, 3)
+    return stats
+
+
+async def _until_cancelled(
+    events: AsyncIterator[Event], cancelled: asyncio.Event
+) -> AsyncGenerator[Event, None]:
+    """``events`` until they end or the client cancels, whichever comes first."""
+    waiter = asyncio.ensure_future(cancelled.wait())
+    step: asyncio.Future[Event] | None = None
+    try:
+        while True:
+            step = asyncio.ensure_future(events.__anext__())
+            await asyncio.wait({step, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                return
+            try:
+                event = step.result()
+            except StopAsyncIteration:
+                return
+            step = None
+            yield event
+    finally:
+        waiter.cancel()
+        if step is not None and not step.done():
+            # Stopping the pending step closes the generator (its ``finally`` runs).
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await step
+
+
+async def predict(ctx: Context, channel: Channel, parameter: Any) -> None:
+    if not isinstance(parameter, dict):
+        raise SdkError("The predict parameter must be an object.")
+    state = ctx.state
+    manager = state.manager
+    instance = shapes.resolve_llm(state, parameter.get("modelSpecifier"))
+    run = _Run(started=time.perf_counter())
+    with manager.holding(instance):
+        request, pred = core_request(state, instance, parameter)
+        gen = await generate.admit(instance, request)
+    done: Done | None = None
+    generated = 0
+    events = aiter(gen.events(state.settings.sse_ping_seconds or None))
+    try:
+        async with contextlib.aclosing(_until_cancelled(events, channel.cancelled)) as stream:
+            async for event in stream:
+                if isinstance(event, Done):
+                    done = event
+                    break
+                for message in run.messages(event):
+                    if message["type"] == "fragment" and not message["fragment"]["isStructural"]:
+                        generated += 1
+                    await channel.send(message)
+    finally:
+        gen.cancel()
+        await events.aclose()  # type: ignore[attr-defined]
+    if run.in_reasoning:
+        await channel.send(_fragment("</think>", "reasoningEndTag", structural=True))
+    cancelled = channel.cancelled.is_set() and done is None
+    await channel.send(
+        {
+            "type": "success",
+            "stats": _stats(run, done, gen.prompt_tokens, generated, cancelled),
+            "modelInfo": shapes.instance_info(instance),
+            "loadModelConfig": shapes.load_config(instance),
+            "predictionConfig": echo(pred, state.settings.default_temperature),
+        }
+    )
+
+
+def _specifier_text(p: Any) -> tuple[dict[str, Any], str]:
+    if not isinstance(p, dict) or not isinstance(p.get("inputString"), str):
+        raise SdkError("The parameter must be {specifier, inputString: string}.")
+    return p, p["inputString"]
+
+
+async def tokenize(ctx: Context, parameter: Any) -> dict[str, Any]:
+    p, text = _specifier_text(parameter)
+    instance = shapes.resolve_llm(ctx.state, p.get("specifier"))
+    with ctx.state.manager.holding(instance):
+        tokens = await asyncio.to_thread(instance.engine.tokenize, text)
+    return {"tokens": [int(t) for t in tokens]}
+
+
+async def count_tokens(ctx: Context, parameter: Any) -> dict[str, Any]:
+    return {"tokenCount": len((await tokenize(ctx, parameter))["tokens"])}
+
+
+async def apply_prompt_template(ctx: Context, parameter: Any) -> dict[str, Any]:
+    if not isinstance(parameter, dict):
+        raise SdkError("The parameter must be an object.")
+    instance = shapes.resolve_llm(ctx.state, parameter.get("specifier"))
+    messages = history_messages(parameter.get("history"))
+    opts: dict[str, Any] = parameter.get("opts") or {}
+    if not isinstance(opts, dict):
+        raise SdkError("opts must be an object.")
+    tools = None
+    definitions = opts.get("toolDefinitions")
+    if definitions:
+        listed = parse_tools({"type": "toolArray", "tools": definitions})
+        tools = [{"type": "function", "function": f} for f in listed]
+    template = instance.template
+    text = template.render(messages, tools=tools, add_generation_prompt=True)
+    if opts.get("omitBosToken") and template.bos_token and text.startswith(template.bos_token):
+        text = text[len(template.bos_token) :]
+    if opts.get("omitEosToken") and template.eos_token and text.endswith(template.eos_token):
+        text = text[: -len(template.eos_token)]
+    return {"formatted": text}
