@@ -12,9 +12,22 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mlxserve import __version__
+from mlxserve import openapi as api_description
+from mlxserve.core.logbus import LogTap
 from mlxserve.errors import MlxServeError
-from mlxserve.routes import anthropic, embeddings, lmstudio_v0, lmstudio_v1, openai, responses
+from mlxserve.middleware import security_middleware, warn_about_exposure
+from mlxserve.routes import (
+    anthropic,
+    downloads,
+    embeddings,
+    lmstudio_v0,
+    lmstudio_v1,
+    openai,
+    ops,
+    responses,
+)
 from mlxserve.routes.common import error_response
+from mlxserve.sdk.routes import routes as sdk_routes
 from mlxserve.settings import Settings
 from mlxserve.state import AppState
 
@@ -55,28 +68,37 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        warn_about_exposure(state)
         state.registry.scan()
         state.manager.start()
         yield
+        await state.downloads.close()
+        await state.mcp.close()
         await state.manager.close()
         state.chats.close()
 
     app = Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
+            *api_description.routes,
             *openai.routes,
             *embeddings.routes,
             *responses.routes,
             *anthropic.routes,
             *lmstudio_v1.routes,
             *lmstudio_v0.routes,
+            *downloads.routes,
+            *ops.routes,
+            *sdk_routes(),
         ],
         exception_handlers={
             MlxServeError: error_response,
             HTTPException: error_response,
             Exception: error_response,
         },
+        middleware=security_middleware(state),
         lifespan=lifespan,
     )
+    app.add_middleware(LogTap, bus=state.logbus)
     app.state.mlxserve = state
     return app

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-from mlxserve import __version__
+from mlxserve import __version__, cli_token
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -27,21 +26,25 @@ def _settings(args: argparse.Namespace) -> Any:
         "auto_evict",
         "load_guardrail",
         "guardrail_memory_gb",
+        "require_auth",
+        "cors_origins",
+        "allowed_hosts",
+        "max_body_bytes",
+        "allow_ephemeral_mcp",
+        "allow_mcp_json",
+        "mcp_allowed_hosts",
+        "lmstudio_models",
+        "lmstudio_models_dir",
+        "hf_cache_models",
+        "hf_cache_dir",
     )
     for name in names:
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
+    if "cors_origins" in overrides:
+        overrides["cors"] = True
     return Settings(**overrides)
-
-
-def _human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -57,6 +60,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings.models_root.mkdir(parents=True, exist_ok=True)
     log = logging.getLogger("mlxserve")
     log.info("models directory: %s", settings.models_root)
+    from mlxserve.shutdown import exit_zero_after_signal
+
+    exit_zero_after_signal()
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -68,50 +74,136 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from mlxserve.core.registry import Registry
+    from mlxserve import cli_models
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    settings = _settings(args)
-    models = Registry(settings.models_root).scan()
-    if args.json:
-        rows = [
-            {
-                "key": m.key,
-                "type": m.type,
-                "format": m.format,
-                "architecture": m.architecture,
-                "quantization": {"name": m.quantization, "bits_per_weight": m.bits_per_weight},
-                "size_bytes": m.size_bytes,
-                "params_string": m.params_string,
-                "max_context_length": m.max_context_length,
-                "trained_for_tool_use": m.trained_for_tool_use,
-                "path": str(m.path),
-            }
-            for m in models
-        ]
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not models:
-        print(f"No models in {settings.models_root}.")
-        print("Put MLX folders or GGUF files there as <publisher>/<model>/..., LM Studio's layout.")
-        return 0
-    header = ("MODEL", "FORMAT", "SIZE", "PARAMS", "QUANT", "ARCH", "CONTEXT")
-    rows_text = [
-        (
-            m.key,
-            m.format,
-            _human_size(m.size_bytes),
-            m.params_string,
-            m.quantization,
-            m.architecture,
-            str(m.max_context_length),
-        )
-        for m in models
-    ]
-    widths = [max(len(r[i]) for r in [header, *rows_text]) for i in range(len(header))]
-    for row in [header, *rows_text]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    return 0
+    return cli_models.ls(args, _settings(args))
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from mlxserve import cli_models
+
+    return cli_models.rm(args, _settings(args))
+
+
+def _lazy(module: str, name: str) -> Any:
+    """A command function imported only when that command runs (``--help`` stays instant)."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        result: int = getattr(importlib.import_module(f"mlxserve.{module}"), name)(args)
+        return result
+
+    return run
+
+
+def _source_options(p: argparse.ArgumentParser) -> None:
+    sources = p.add_argument_group("models people already have (read-only)")
+    sources.add_argument(
+        "--no-lmstudio-models",
+        dest="lmstudio_models",
+        action="store_const",
+        const=False,
+        help="do not serve LM Studio's downloaded models",
+    )
+    sources.add_argument(
+        "--lmstudio-models-dir",
+        type=Path,
+        metavar="DIR",
+        help="LM Studio's models folder (default: the one its settings name, ~/.lmstudio/models)",
+    )
+    sources.add_argument(
+        "--no-hf-cache-models",
+        dest="hf_cache_models",
+        action="store_const",
+        const=False,
+        help="do not serve MLX and GGUF models from the Hugging Face cache",
+    )
+    sources.add_argument(
+        "--hf-cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="the Hugging Face hub cache (default: $HF_HUB_CACHE, ~/.cache/huggingface/hub)",
+    )
+
+
+def _add_client_commands(sub: Any, models_dir_option: Any) -> None:
+    """``lms``'s verbs: they talk to a running server over HTTP."""
+    from mlxserve.cli_http import client_options
+
+    server = sub.add_parser("server", help="start, stop or inspect the background server")
+    server_sub = server.add_subparsers(dest="server_command", metavar="ACTION", required=True)
+    start = server_sub.add_parser(
+        "start",
+        help="start the server in the background",
+        description="Start `mlxserve serve` in the background and return once it answers. "
+        "Any other `mlxserve serve` option (--models-dir, --cors, --require-auth, --no-jit, "
+        "--ttl, ...) is passed on to it. Its pid and log live under $MLXSERVE_HOME.",
+    )
+    start.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    start.add_argument("--port", type=int, help="port to bind (default 1234)")
+    start.add_argument("--json", action="store_true", help="machine-readable output")
+    start.set_defaults(func=None, server_start=True)
+    stop = server_sub.add_parser("stop", help="stop the server `server start` started")
+    client_options(stop, json_flag=False)
+    stop.set_defaults(func=_lazy("cli_server", "stop"))
+    status = server_sub.add_parser("status", help="is the server running, and what is loaded")
+    client_options(status)
+    status.set_defaults(func=_lazy("cli_server", "status"))
+
+    ps = sub.add_parser("ps", help="list the loaded models (context, TTL left, memory)")
+    client_options(ps)
+    ps.set_defaults(func=_lazy("cli_models", "ps"))
+
+    load = sub.add_parser("load", help="load a model into the running server")
+    load.add_argument("model", help="model key (publisher/model, see `mlxserve ls`)")
+    load.add_argument("--context-length", type=int, help="context length to load it with")
+    load.add_argument("--identifier", help="instance id to give it (default: the model key)")
+    load.add_argument("--ttl", type=float, metavar="SECONDS", help="unload after idle seconds")
+    load.add_argument("--gpu", help="GPU offload; MLX and Metal always use 'max'")
+    client_options(load)
+    load.set_defaults(func=_lazy("cli_models", "load"))
+
+    unload = sub.add_parser("unload", help="unload a loaded model instance")
+    unload.add_argument("identifier", nargs="?", help="instance id (see `mlxserve ps`)")
+    unload.add_argument("--all", action="store_true", help="unload every loaded model")
+    client_options(unload)
+    unload.set_defaults(func=_lazy("cli_models", "unload"))
+
+    get = sub.add_parser(
+        "get",
+        help="download a model from Hugging Face (through the server)",
+        description="Download a model: a Hugging Face repository (mlx-community/Qwen3-0.6B-4bit), "
+        "its URL, or publisher/model@Q4_K_M for one quantization of a GGUF repository. The "
+        "server downloads it (HF_ENDPOINT names another hub) into its models directory.",
+    )
+    get.add_argument("model")
+    get.add_argument("--quantization", help="GGUF quantization to fetch (e.g. Q4_K_M)")
+    client_options(get)
+    get.set_defaults(func=_lazy("cli_models", "get"))
+
+    rm = sub.add_parser("rm", help="delete a downloaded model from disk")
+    rm.add_argument("model", help="model key (see `mlxserve ls`)")
+    rm.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    models_dir_option(rm)
+    client_options(rm, json_flag=False)
+    rm.set_defaults(func=cmd_rm)
+
+    chat = sub.add_parser("chat", help="chat with a model in the terminal")
+    chat.add_argument("model", nargs="?", help="model key or instance id (default: first loaded)")
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--max-tokens", type=int, help="longest reply, in tokens")
+    chat.add_argument("--temperature", type=float, help="sampling temperature")
+    client_options(chat, json_flag=False)
+    chat.set_defaults(func=_lazy("cli_chat", "chat"))
+
+    log = sub.add_parser("log", help="follow the server's requests and responses")
+    log_sub = log.add_subparsers(dest="log_command", metavar="ACTION", required=True)
+    stream = log_sub.add_parser("stream", help="print requests and responses as they happen")
+    stream.add_argument("--width", type=int, default=200, help="characters of each body shown")
+    client_options(stream)
+    stream.set_defaults(func=_lazy("cli_chat", "log_stream"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,23 +271,96 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GB",
         help="memory budget for loaded models, in place of the machine's free memory",
     )
+    security = serve.add_argument_group("security")
+    security.add_argument(
+        "--require-auth",
+        dest="require_auth",
+        action="store_const",
+        const=True,
+        help="every API route requires 'Authorization: Bearer <token>' "
+        "(tokens: mlxserve token create)",
+    )
+    security.add_argument(
+        "--cors",
+        dest="cors_origins",
+        nargs="?",
+        const="*",
+        metavar="ORIGINS",
+        help="let web pages on other origins call the API: comma-separated origins, or none "
+        "for any (off by default)",
+    )
+    security.add_argument(
+        "--allowed-hosts",
+        dest="allowed_hosts",
+        metavar="HOSTS",
+        help="comma-separated extra Host names answered while bound to loopback "
+        "(e.g. a reverse proxy's name; *.example.com for a domain)",
+    )
+    security.add_argument(
+        "--max-body-bytes",
+        dest="max_body_bytes",
+        type=int,
+        metavar="BYTES",
+        help="largest request body accepted (default 16 MiB)",
+    )
+    mcp = serve.add_argument_group("MCP (tools from MCP servers in /api/v1/chat, /v1/responses)")
+    mcp.add_argument(
+        "--allow-ephemeral-mcp",
+        dest="allow_ephemeral_mcp",
+        action="store_const",
+        const=True,
+        help="requests may name MCP servers by URL (ephemeral_mcp integrations, mcp tools)",
+    )
+    mcp.add_argument(
+        "--allow-mcp-json",
+        dest="allow_mcp_json",
+        action="store_const",
+        const=True,
+        help="requests may use the servers in $MLXSERVE_HOME/mcp.json (needs --require-auth)",
+    )
+    mcp.add_argument(
+        "--mcp-allowed-hosts",
+        dest="mcp_allowed_hosts",
+        metavar="HOSTS",
+        help="comma-separated hosts (or host:port) on loopback or private networks that "
+        "ephemeral MCP URLs may reach",
+    )
     serve.set_defaults(func=cmd_serve)
+    _source_options(serve)
 
     ls = sub.add_parser("ls", help="list downloaded models")
     models_dir_option(ls)
+    _source_options(ls)
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_ls)
+
+    cli_token.add_parser(sub)
+    _add_client_commands(sub, models_dir_option)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mlxserve.cli_http import CliError
+
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    result: int = args.func(args)
-    return result
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "server_start", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if getattr(args, "server_start", False):
+            from mlxserve import cli_server
+
+            return cli_server.start(args, extra)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        result: int = args.func(args)
+        return result
+    except CliError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -40,10 +40,50 @@ class Settings(BaseSettings):
     guardrail_memory_gb: float | None = Field(default=None, gt=0.0)
     # How many requests may wait for one loaded model before new ones get 503.
     max_queue_per_model: int = Field(default=64, ge=1)
+    # Requests one loaded model decodes together in a batch (MLX continuous batching, GGUF
+    # parallel sequences); more wait for a free place.
+    max_batch_size: int = Field(default=8, ge=1, le=64)
+    # Prompt tokens processed per step while other requests are decoding, so that a long
+    # prompt never freezes running streams for more than one chunk.
+    prefill_chunk: int = Field(default=512, ge=16)
+    # Memory each loaded model may keep for the prompt cache (KV of earlier requests reused
+    # by a request that shares their prefix); least recently used entries go first.
+    prompt_cache_bytes: int = Field(default=1 << 30, ge=0)
     # Interval between SSE keep-alive comments while a stream produces nothing; 0 turns them off.
     sse_ping_seconds: float = Field(default=15.0, ge=0.0)
     # Every API route requires ``Authorization: Bearer <token>`` (tokens: ``mlxserve token``).
     require_auth: bool = False
+    # While bound to loopback, requests must name a loopback host (the DNS-rebinding guard):
+    # these comma-separated names are answered too, besides localhost, *.localhost, loopback
+    # addresses and this machine's name.
+    allowed_hosts: str = ""
+    # Browsers may call the API from other origins (CORS) only when this is on.
+    cors: bool = False
+    # The origins CORS answers, comma-separated, or ``*`` for any (never with credentials).
+    cors_origins: str = "*"
+    # The largest request body accepted, counted as it arrives (images travel as base64).
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+
+    # MCP (LM Studio's API settings): requests may name MCP servers by URL ("ephemeral_mcp"
+    # integrations, Responses "mcp" tools) / use the servers in <home>/mcp.json (only with
+    # require_auth on). Both are off unless enabled.
+    allow_ephemeral_mcp: bool = False
+    allow_mcp_json: bool = False
+    # Comma-separated hosts (or host:port) that ephemeral MCP URLs may reach although they are
+    # loopback or private addresses (others are refused: the server would be a proxy into them).
+    mcp_allowed_hosts: str = ""
+    # Seconds to connect to an MCP server and list its tools / to wait for one tool call.
+    mcp_connect_timeout: float = Field(default=10.0, gt=0.0)
+    mcp_call_timeout: float = Field(default=60.0, gt=0.0)
+    # Generation rounds per request when MCP tools are offered (the last one has no tools).
+    mcp_max_rounds: int = Field(default=8, ge=1, le=64)
+    # Also serve, read-only and where they lie, the models LM Studio downloaded (the folder its
+    # settings name, else ~/.lmstudio/models) and MLX / GGUF repositories in the Hugging Face
+    # cache (~/.cache/huggingface/hub); the models directory wins a key both hold.
+    lmstudio_models: bool = True
+    lmstudio_models_dir: Path | None = None
+    hf_cache_models: bool = True
+    hf_cache_dir: Path | None = None
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> Settings:

@@ -6,8 +6,12 @@ from dataclasses import dataclass
 
 from mlxserve.auth import TokenStore
 from mlxserve.core.chatstore import ChatStore
+from mlxserve.core.downloads import DownloadManager
+from mlxserve.core.logbus import LogBus
 from mlxserve.core.manager import ModelManager
+from mlxserve.core.mcp import McpClients
 from mlxserve.core.registry import Registry
+from mlxserve.core.sources import external_sources
 from mlxserve.settings import Settings
 
 
@@ -20,14 +24,23 @@ class AppState:
     chats: ChatStore
     # API tokens (checked only when ``settings.require_auth``).
     tokens: TokenStore
+    # Model downloads (/api/v1/models/download).
+    downloads: DownloadManager
+    # Live request log (/api/v1/logs/stream).
+    logbus: LogBus
+    # MCP servers: the kept-alive sessions to mcp.json servers.
+    mcp: McpClients
 
     @classmethod
     def build(cls, settings: Settings) -> AppState:
-        registry = Registry(settings.models_root)
+        registry = Registry(settings.models_root, external_sources(settings))
         return cls(
             settings=settings,
             registry=registry,
             manager=ModelManager(settings, registry),
             chats=ChatStore(settings.home / "chats.sqlite3"),
             tokens=TokenStore(settings.home / "tokens.json"),
+            downloads=DownloadManager(settings.models_root, registry),
+            logbus=LogBus(),
+            mcp=McpClients(settings),
         )

@@ -405,6 +405,9 @@ class ModelManager:
             flash_attention=request.flash_attention,
             offload_kv_cache_to_gpu=request.offload_kv_cache_to_gpu,
             num_experts=request.num_experts,
+            max_batch_size=self.settings.max_batch_size,
+            prefill_chunk=self.settings.prefill_chunk,
+            prompt_cache_bytes=self.settings.prompt_cache_bytes,
         )
 
     async def _guard(
@@ -412,7 +415,11 @@ class ModelManager:
     ) -> memory.Estimate:
         """Refuse a load that would not fit; ``victims`` are about to be unloaded first."""
         need = await asyncio.to_thread(
-            memory.estimate, info, options.context_length, kv_f32=options.kv_cache_f32
+            memory.estimate,
+            info,
+            options.context_length,
+            kv_f32=options.kv_cache_f32,
+            windows=options.kv_windows(info.format),
         )
         if self.settings.load_guardrail:
             in_use = sum(i.memory_bytes for i in self._all())
