@@ -6,16 +6,31 @@ Heavy libraries (mlx, llama_cpp) are imported only when a model is loaded.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from backends.base import Engine, LoadOptions
 from backends.embedding import EmbeddingEngine
 
+if TYPE_CHECKING:
+    from backends.mlx.distributed import DistributedGroup
+
 
 def open_engine(
-    format: Literal["mlx", "gguf"], weights: Path, options: LoadOptions, *, max_queue: int = 64
+    format: Literal["mlx", "gguf"],
+    weights: Path,
+    options: LoadOptions,
+    *,
+    max_queue: int = 64,
+    distributed: DistributedGroup | None = None,
 ) -> Engine:
-    """Load ``weights`` (an MLX folder or a GGUF file) with the engine for its format."""
+    """Load ``weights`` (an MLX folder or a GGUF file) with the engine for its format;
+    with ``distributed``, an MLX model sharded across that group's ranks."""
+    if distributed is not None:
+        if format != "mlx":
+            raise ValueError("a distributed server serves MLX models only")
+        from backends.mlx.distributed import DistributedMLXEngine
+
+        return DistributedMLXEngine(weights, options, group=distributed, max_queue=max_queue)
     if format == "mlx":
         from backends.mlx.engine import MLXEngine
 

@@ -34,9 +34,14 @@ from mlxserve.state import AppState
 
 async def health(request: Request) -> Response:
     state: AppState = request.app.state.mlxserve
+    # A distributed server that lost a rank cannot generate until it is restarted.
+    group = state.manager.distributed
+    extra = {} if group is None else {"distributed": group.describe()}
+    failed = group is not None and group.failed is not None
     return JSONResponse(
         {
-            "status": "ok",
+            "status": "error" if failed else "ok",
+            **extra,
             "version": __version__,
             "loaded": [
                 {
@@ -57,7 +62,8 @@ async def health(request: Request) -> Response:
                 }
                 for e in state.manager.loaded_embedders()
             ],
-        }
+        },
+        status_code=503 if failed else 200,
     )
 
 

@@ -37,6 +37,9 @@ def _settings(args: argparse.Namespace) -> Any:
         "lmstudio_models_dir",
         "hf_cache_models",
         "hf_cache_dir",
+        "distributed_backend",
+        "distributed_timeout",
+        "distributed_port",
     )
     for name in names:
         value = getattr(args, name, None)
@@ -63,6 +66,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mlxserve.shutdown import exit_zero_after_signal
 
     exit_zero_after_signal()
+    if args.distributed is not None:
+        return _serve_distributed(args.distributed, settings)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -70,6 +75,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=5,
     )
+    return 0
+
+
+def _serve_distributed(hostfile: str, settings: Any) -> int:
+    """Rank 0 serves HTTP with models sharded across the group; the other ranks follow it."""
+    import uvicorn
+
+    from backends.mlx.distributed import DistributedFailure, make_group, serve_worker
+    from mlxserve.app import create_app
+    from mlxserve.distributed import HostfileError, launch, stop_workers
+
+    workers = []
+    try:
+        if hostfile:
+            workers = launch(Path(hostfile), settings)
+        group = make_group(settings.distributed_backend, settings.distributed_timeout)
+    except (HostfileError, DistributedFailure, RuntimeError) as exc:
+        stop_workers(workers, grace=0)
+        print(f"error: --distributed: {exc}", file=sys.stderr)
+        return 2
+    if group.rank != 0:
+        import signal
+
+        # No HTTP to drain here, and the main thread waits inside a collective, where a
+        # Python signal handler would never run: a stop signal ends the rank at once.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        return serve_worker(group)
+    logging.getLogger("mlxserve").info(
+        "distributed: rank 0 of %d (%s backend)", group.size, group.backend
+    )
+    app = create_app(settings)
+    app.state.mlxserve.manager.distributed = group
+    group.start_monitor()
+    try:
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level.lower(),
+            timeout_graceful_shutdown=5,
+        )
+    finally:
+        group.stop()
+        stop_workers(workers, grace=0 if group.failed else 10)
     return 0
 
 
@@ -233,6 +283,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="context length models are loaded with (default 4096, capped by the model)",
     )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    dist = serve.add_argument_group(
+        "distributed (one MLX model sharded across several Macs with mx.distributed)"
+    )
+    dist.add_argument(
+        "--distributed",
+        nargs="?",
+        const="",
+        metavar="HOSTFILE",
+        help="serve across the hosts of an mlx.launch hostfile (ring backend; this host is "
+        "rank 0 and starts the others over ssh), or, without HOSTFILE, join the group "
+        "mlx.launch set up",
+    )
+    dist.add_argument(
+        "--distributed-backend",
+        dest="distributed_backend",
+        choices=["ring", "jaccl", "mpi", "any"],
+        help="mx.distributed backend (default ring)",
+    )
+    dist.add_argument(
+        "--distributed-timeout",
+        dest="distributed_timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a step that takes longer marks the group failed (default 30)",
+    )
+    dist.add_argument(
+        "--distributed-port",
+        dest="distributed_port",
+        type=int,
+        metavar="PORT",
+        help="first port the ring listens on, one more per host (default 32323)",
+    )
     lifecycle = serve.add_argument_group("model lifecycle")
     lifecycle.add_argument(
         "--no-jit",

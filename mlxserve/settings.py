@@ -85,6 +85,13 @@ class Settings(BaseSettings):
     hf_cache_models: bool = True
     hf_cache_dir: Path | None = None
 
+    # Distributed serving (``serve --distributed``): the mx.distributed backend ("ring",
+    # "jaccl", "mpi" or "any"), seconds one step may take on the slowest rank before the
+    # group is declared failed, and the first port the ring backend listens on.
+    distributed_backend: str = "ring"
+    distributed_timeout: float = Field(default=30.0, gt=0.0)
+    distributed_port: int = Field(default=32323, ge=1, le=65535)
+
     @model_validator(mode="after")
     def _resolve_paths(self) -> Settings:
         self.home = self.home.expanduser()

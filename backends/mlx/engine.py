@@ -100,8 +100,13 @@ class MLXEngine(Engine):
         # came from the prompt cache.
         self._batched: dict[int, tuple[Job, int]] = {}
 
-    def _load(self) -> EngineInfo:
+    def _load_model(self) -> tuple[Any, Any]:
+        """The model and its tokenizer (a distributed engine loads its shard instead)."""
         model, tokenizer = mlx_load(str(self.path))[:2]
+        return model, tokenizer
+
+    def _load(self) -> EngineInfo:
+        model, tokenizer = self._load_model()
         self._model = model
         options = self.options
         # BatchGenerator merges per-request caches into batch caches; a model whose cache

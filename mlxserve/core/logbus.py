@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,6 +22,33 @@ BODY_LIMIT = 8192
 _QUEUE_SIZE = 1000
 # The log stream itself and health polls would only drown the rest.
 _UNTAPPED = ("/api/v1/logs/stream", "/health")
+# MCP credentials travel in request bodies (``integrations[].headers``, ``tools[].headers``,
+# ``tools[].authorization``): their values are masked before anything is published.
+_SECRET_KEYS = frozenset(
+    {"headers", "authorization", "api_key", "apikey", "x-api-key", "token", "password"}
+)
+_SECRET_TEXT = re.compile(r"sk-lm-[A-Za-z0-9_\-:.]+|(?i:bearer)\s+[^\s\"',}]+")
+MASK = "***"
+# "key": <string | object | array up to its first closing bracket> in text that isn't JSON.
+_SECRET_FIELD = re.compile(
+    r'("(?:' + "|".join(re.escape(k) for k in sorted(_SECRET_KEYS)) + r')"\s*:\s*)'
+    r'(?:"(?:[^"\\]|\\.)*"?|\{[^}]*\}?|\[[^\]]*\]?)',
+    re.IGNORECASE,
+)
+
+
+def redact(value: Any) -> Any:
+    """Mask credential-looking values anywhere in a decoded JSON body (or a plain string)."""
+    if isinstance(value, dict):
+        return {
+            key: MASK if str(key).lower() in _SECRET_KEYS else redact(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(item) for item in value]
+    if isinstance(value, str):
+        return _SECRET_TEXT.sub(MASK, value)
+    return value
 
 
 class LogBus:
@@ -56,11 +84,14 @@ class LogBus:
 def _preview(chunks: list[bytes], size: int) -> Any:
     text = b"".join(chunks)[:BODY_LIMIT].decode("utf-8", errors="replace")
     if size > BODY_LIMIT:
-        return text + f"… ({size - BODY_LIMIT} more bytes)"
+        # A cut body cannot be parsed, so a secret key's value is masked textually.
+        return redact(_SECRET_FIELD.sub(r"\1" + json.dumps(MASK), text)) + (
+            f"… ({size - BODY_LIMIT} more bytes)"
+        )
     try:
-        return json.loads(text)
+        return redact(json.loads(text))
     except ValueError:
-        return text
+        return redact(_SECRET_FIELD.sub(r"\1" + json.dumps(MASK), text))
 
 
 class LogTap:

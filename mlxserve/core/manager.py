@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from backends import open_embedding_engine, open_engine
 from backends.base import Engine, LoadOptions
@@ -37,6 +37,9 @@ from mlxserve.errors import (
     ModelNotLoaded,
 )
 from mlxserve.settings import Settings
+
+if TYPE_CHECKING:
+    from backends.mlx.distributed import DistributedGroup
 
 log = logging.getLogger("mlxserve.manager")
 
@@ -154,6 +157,8 @@ class ModelManager:
         self._reaper: asyncio.Task[None] | None = None
         # Loads and unloads that finish even if whoever asked for them has gone.
         self._background: set[asyncio.Future[Any]] = set()
+        # Set by ``serve --distributed``: text models load sharded across this group's ranks.
+        self.distributed: DistributedGroup | None = None
 
     # --- what is loaded -----------------------------------------------------------------
 
@@ -439,6 +444,8 @@ class ModelManager:
         victims: list[Loaded],
     ) -> Loaded:
         options = self._options(info, request)
+        if self.distributed is not None:
+            self._check_distributed(info, victims)
         need = await self._guard(info, options, victims)
         for victim in victims:
             await self._retire(victim, "auto-evicted for a just-in-time load")
@@ -460,6 +467,7 @@ class ModelManager:
                     info.weights,
                     options,
                     max_queue=self.settings.max_queue_per_model,
+                    distributed=self.distributed,
                 )
         except Exception as exc:
             log.exception("loading %s failed", info.key)
@@ -507,6 +515,19 @@ class ModelManager:
             self._wake.set()
         log.info("loaded %s in %.2fs%s", instance_id, elapsed, " (JIT)" if jit else "")
         return loaded
+
+    def _check_distributed(self, info: ModelInfo, victims: list[Loaded]) -> None:
+        if info.type == "embedding" or info.format != "mlx":
+            raise InvalidRequest(
+                f"Model '{info.key}' cannot be served: this distributed server serves MLX "
+                "text models only."
+            )
+        held = [i.id for i in self._instances.values() if i not in victims]
+        if held:
+            raise InvalidRequest(
+                f"Model '{info.key}' cannot be loaded: this distributed server serves one "
+                f"model at a time and '{held[0]}' is loaded; unload it first."
+            )
 
     @staticmethod
     def _template(info: ModelInfo, engine: Engine) -> ChatTemplate:

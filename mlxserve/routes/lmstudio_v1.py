@@ -49,6 +49,15 @@ from mlxserve.routes.common import (
 from mlxserve.state import AppState
 
 
+def _instance_entry(instance: Loaded) -> dict[str, Any]:
+    entry: dict[str, Any] = {"id": instance.id, "config": dict(instance.load_config)}
+    # A model sharded across a distributed group (``serve --distributed``): its ranks.
+    describe = getattr(instance.engine, "describe_distributed", None)
+    if describe is not None:
+        entry["distributed"] = describe()
+    return entry
+
+
 def model_entry(info: ModelInfo, instances: list[Loaded]) -> dict[str, Any]:
     """One model as ``GET /api/v1/models`` lists it."""
     llm = info.type == "llm"
@@ -64,7 +73,7 @@ def model_entry(info: ModelInfo, instances: list[Loaded]) -> dict[str, Any]:
         "quantization": {"name": info.quantization, "bits_per_weight": info.bits_per_weight},
         "size_bytes": info.size_bytes,
         "params_string": info.params_string or None,
-        "loaded_instances": [{"id": i.id, "config": dict(i.load_config)} for i in instances],
+        "loaded_instances": [_instance_entry(i) for i in instances],
         "max_context_length": info.max_context_length,
         "format": info.format,
     }
