@@ -11,7 +11,7 @@ import asyncio
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,15 @@ T = TypeVar("T")
 
 # How many recent tokens repetition, presence and frequency penalties look at, on both backends.
 PENALTY_WINDOW = 64
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many leading tokens ``a`` and ``b`` share, at most ``limit`` (both prompt caches)."""
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 @dataclass(frozen=True)
@@ -145,6 +154,8 @@ class TokenStream:
         self._loop = loop
         self._queue: asyncio.Queue[StreamItem | BaseException] = asyncio.Queue()
         self._cancel = threading.Event()
+        # An error met while draining a batch, raised after that batch's items are delivered.
+        self._error: BaseException | None = None
 
     def cancel(self) -> None:
         """Ask the engine to stop this request at its next step (prompt processing included)."""
@@ -166,6 +177,8 @@ class TokenStream:
         return self
 
     async def __anext__(self) -> StreamItem:
+        if self._error is not None:
+            raise self._error
         item = await self._queue.get()
         if isinstance(item, BaseException):
             raise item
@@ -174,6 +187,8 @@ class TokenStream:
     async def next_batch(self, timeout: float | None = None) -> list[StreamItem]:
         """The next item and every other one already waiting, so a fast engine is drained in
         bulk; an empty list if nothing arrived within ``timeout`` seconds."""
+        if self._error is not None:
+            raise self._error
         try:
             first = await asyncio.wait_for(self._queue.get(), timeout)
         except asyncio.TimeoutError:
@@ -182,7 +197,11 @@ class TokenStream:
             raise first
         items: list[StreamItem] = [first]
         while not isinstance(items[-1], Finished) and not self._queue.empty():
-            items.append(await self.__anext__())
+            item = self._queue.get_nowait()
+            if isinstance(item, BaseException):
+                self._error = item  # the tokens before it are delivered first
+                break
+            items.append(item)
         return items
 
 
@@ -336,6 +355,17 @@ class Engine(ABC):
     def step(self) -> None:
         """Advance every running request by one token."""
         self._step_solo()
+
+    def abort(self, exc: BaseException) -> None:
+        """Fail every request this engine holds and reset its scheduling state: the owner
+        thread calls it when :meth:`step` raised. Overrides call this too."""
+        solo, self._solo = self._solo, []
+        for job, steps in solo:
+            job.fail(exc)
+            try:
+                steps.close()
+            except Exception:
+                log.exception("closing a request failed on %s", self.path.name)
 
     def _accept(self, job: Job, token: int) -> bool:
         self.generated_tokens += 1

@@ -3,6 +3,7 @@ in order, so library state (MLX arrays, a llama.cpp context) never crosses threa
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
@@ -19,11 +21,15 @@ class QueueFull(Exception):
 
 class Pump(Protocol):
     """Work the owner thread advances one step at a time between inbox items (a batch).
-    ``step`` must not raise: it fails the requests it cannot serve instead."""
+    ``step`` should not raise: it fails the requests it cannot serve instead. If it raises
+    anyway, the owner thread calls ``abort``, which fails every request the pump holds and
+    resets its state, and goes on serving its inbox."""
 
     def busy(self) -> bool: ...
 
     def step(self) -> None: ...
+
+    def abort(self, exc: BaseException) -> None: ...
 
 
 @dataclass
@@ -96,6 +102,21 @@ class OwnerThread:
             self._inbox.put(None)
             self._thread.join(timeout=timeout)
 
+    def _step(self, pump: Pump) -> bool:
+        """One pump step; an exception must not kill this thread (every request on the model
+        would hang), so it fails what the pump holds instead. False if even that failed."""
+        try:
+            pump.step()
+            return True
+        except Exception as exc:
+            log.exception("%s: a step failed; failing its requests", self._thread.name)
+            try:
+                pump.abort(exc)
+                return True
+            except Exception:
+                log.exception("%s: aborting the requests failed", self._thread.name)
+                return False
+
     def _run(self) -> None:
         pump = self._pump
         while True:
@@ -104,13 +125,17 @@ class OwnerThread:
                 item = self._inbox.get_nowait() if busy else self._inbox.get()
             except queue.Empty:
                 assert pump is not None
-                pump.step()
+                self._step(pump)
                 continue
             if item is None:
                 while pump is not None and pump.busy():
-                    pump.step()
+                    if not self._step(pump):
+                        break
                 if self._last is not None:
-                    self._last()
+                    try:
+                        self._last()
+                    except Exception:
+                        log.exception("%s: the final call failed", self._thread.name)
                 return
             if not item.future.set_running_or_notify_cancel():
                 continue

@@ -13,9 +13,8 @@ from starlette.routing import Route
 
 from mlxserve import __version__
 from mlxserve import openapi as api_description
-from mlxserve.core.logbus import LogTap
 from mlxserve.errors import MlxServeError
-from mlxserve.middleware import security_middleware, warn_about_exposure
+from mlxserve.middleware import authenticated, security_middleware, warn_about_exposure
 from mlxserve.routes import (
     anthropic,
     downloads,
@@ -38,6 +37,12 @@ async def health(request: Request) -> Response:
     group = state.manager.distributed
     extra = {} if group is None else {"distributed": group.describe()}
     failed = group is not None and group.failed is not None
+    if not authenticated(request.scope, state):
+        # Open for liveness probes; which models are loaded is for token holders only.
+        return JSONResponse(
+            {"status": "error" if failed else "ok", "version": __version__},
+            status_code=503 if failed else 200,
+        )
     return JSONResponse(
         {
             "status": "error" if failed else "ok",
@@ -105,6 +110,5 @@ def create_app(settings: Settings | None = None) -> Starlette:
         middleware=security_middleware(state),
         lifespan=lifespan,
     )
-    app.add_middleware(LogTap, bus=state.logbus)
     app.state.mlxserve = state
     return app

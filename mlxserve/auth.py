@@ -106,12 +106,21 @@ class TokenStore:
             ]
 
     def revoke(self, token_id: str) -> bool:
-        """Remove a token by id (or by name when no id matches); False when none matched."""
+        """Remove a token by id (or by name when no id matches); False when none matched.
+        ValueError for an empty name or one that several tokens share: name the id."""
+        if not token_id:
+            raise ValueError("Name the token to revoke by its id or name.")
         with self._lock:
             entries = list(self._load())
             kept = [e for e in entries if e.get("id") != token_id]
             if len(kept) == len(entries):
                 kept = [e for e in entries if e.get("name") != token_id]
+                if len(entries) - len(kept) > 1:
+                    ids = ", ".join(str(e.get("id")) for e in entries if e not in kept)
+                    raise ValueError(
+                        f"{len(entries) - len(kept)} tokens are named '{token_id}'; "
+                        f"revoke one by its id ({ids})."
+                    )
             if len(kept) == len(entries):
                 return False
             self._save(kept)

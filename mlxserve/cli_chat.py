@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import re
 import sys
 import time
 from typing import Any
 
-from mlxserve.cli_http import Client, CliError
+from mlxserve.cli_http import Client, CliError, ServerRefused
 
 HELP = "Type a message and press Enter. /clear forgets the conversation, /exit (or Ctrl-D) quits."
 
@@ -74,7 +75,14 @@ def chat(args: argparse.Namespace) -> int:
             body["max_tokens"] = args.max_tokens
         if args.temperature is not None:
             body["temperature"] = args.temperature
-        reply, stats = _stream_reply(client, body)
+        try:
+            reply, stats = _stream_reply(client, body)
+        except ServerRefused as exc:
+            # One failed reply (a context overflow, say) need not end the session; the turn
+            # is dropped so the next one does not resend it.
+            history.pop()
+            err.print(f"[red]error:[/red] {escape(_printable(exc.message))}")
+            continue
         history.append({"role": "assistant", "content": reply})
         err.print(f"[dim]{stats}[/dim]")
     return 0
@@ -90,7 +98,8 @@ def _stream_reply(client: Client, body: dict[str, Any]) -> tuple[str, str]:
         for event in client.stream_events("POST", "/v1/chat/completions", body):
             if "error" in event:
                 error = event["error"]
-                raise CliError(str(error.get("message") if isinstance(error, dict) else error))
+                message = error.get("message") if isinstance(error, dict) else error
+                raise ServerRefused(str(message))
             usage = event.get("usage")
             if isinstance(usage, dict):
                 completion_tokens = int(usage.get("completion_tokens") or 0)
@@ -126,9 +135,18 @@ def _stream_reply(client: Client, body: dict[str, Any]) -> tuple[str, str]:
     return "".join(parts), stats
 
 
+# C0 and C1 control characters and DEL: a logged path or body could otherwise move the
+# cursor, retitle the window or rewrite earlier lines of the terminal (rich keeps them).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _clip(value: Any, limit: int) -> str:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    text = text.replace("\n", "\\n")
+    text = _printable(text.replace("\n", "\\n"))
     return text if len(text) <= limit else text[:limit] + "…"
 
 
@@ -151,9 +169,11 @@ def log_stream(args: argparse.Namespace) -> int:
             stamp = when.strftime("%H:%M:%S")
             if event.get("type") == "request":
                 body = "" if event.get("body") is None else " " + _clip(event["body"], args.width)
+                method = escape(_printable(str(event["method"])))
+                path = escape(_printable(str(event["path"])))
                 out.print(
-                    f"[dim]{stamp}[/dim] [cyan]→ #{event['id']} {event['method']} "
-                    f"{escape(event['path'])}[/cyan]{escape(body)}",
+                    f"[dim]{stamp}[/dim] [cyan]→ #{event['id']} {method} {path}[/cyan]"
+                    f"{escape(body)}",
                     markup=True,
                 )
             elif event.get("type") == "response":

@@ -27,6 +27,10 @@ class CliError(Exception):
         self.status = status
 
 
+class ServerRefused(CliError):
+    """The server answered, with an error: the connection itself is fine."""
+
+
 def home_dir() -> Path:
     from mlxserve.settings import Settings
 
@@ -83,7 +87,7 @@ class Client:
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
-    def _fail(self, response: httpx.Response) -> CliError:
+    def _fail(self, response: httpx.Response) -> ServerRefused:
         message = f"The server answered HTTP {response.status_code}."
         try:
             body = response.json()
@@ -99,7 +103,7 @@ class Client:
                 " The server requires an API token: pass --api-token or set MLXSERVE_API_TOKEN "
                 "(create one with `mlxserve token create`)."
             )
-        return CliError(message)
+        return ServerRefused(message)
 
     def not_running(self) -> CliError:
         return CliError(
@@ -147,13 +151,14 @@ class Client:
             response = httpx.get(self.url + "/health", headers=self._headers(), timeout=2)
         except httpx.HTTPError:
             return None
-        if response.status_code != 200:
+        # 503 is a server that answers but reports a failure (a distributed group lost a rank).
+        if response.status_code not in (200, 503):
             return None
         try:
             data = response.json()
         except ValueError:
             return None
-        return data if isinstance(data, dict) else None
+        return data if isinstance(data, dict) and "status" in data else None
 
     def stream_events(
         self, method: str, path: str, body: dict[str, Any] | None = None
@@ -184,10 +189,12 @@ class Client:
                         yield event
         except httpx.ConnectError:
             raise self.not_running() from None
-        except httpx.RemoteProtocolError:
+        except (httpx.RemoteProtocolError, httpx.ReadError):
             raise CliError(f"The server at {self.url} closed the connection.") from None
         except httpx.TimeoutException:
             raise CliError(f"The server at {self.url} did not answer in time.") from None
+        except httpx.HTTPError as exc:
+            raise CliError(f"Talking to the server at {self.url} failed: {exc}") from None
 
 
 def client_options(p: argparse.ArgumentParser, json_flag: bool = True) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
@@ -197,7 +198,7 @@ def get(args: argparse.Namespace) -> int:
     if not args.json:
         print(
             f"Downloaded {status['model']} ({human_size(status['total_size_bytes'])}). "
-            f"Load it with `mlxserve load {status['model']}`."
+            f"Load it with `mlxserve load {status.get('model_key') or status['model']}`."
         )
     return 0
 
@@ -265,7 +266,9 @@ def rm(args: argparse.Namespace, settings: Any) -> int:
     client = Client.from_args(args)
     if client.is_up() is not None:
         loaded = client.get("/api/v1/models/loaded")["instances"]
-        if any(i["model"] == info.key for i in loaded):
+        # One quantization's files may be loaded under the folder's key, and the reverse.
+        folder_key = info.key.partition("@")[0]
+        if any(i["model"].partition("@")[0] == folder_key for i in loaded):
             raise CliError(f"{info.key} is loaded; unload it first (`mlxserve unload --all`).")
     if not args.yes:
         if not sys.stdin.isatty():
@@ -274,7 +277,17 @@ def rm(args: argparse.Namespace, settings: Any) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("Nothing deleted.")
             return 1
-    shutil.rmtree(info.path)
+    if "@" in info.key:
+        # One quantization of several: its file (or its split set), never the folder.
+        split = re.search(r"-\d{5}-of-(\d{5})\.gguf$", info.weights.name)
+        if split:
+            stem = info.weights.name[: split.start()]
+            for shard in info.path.glob(f"{stem}-*-of-{split.group(1)}.gguf"):
+                shard.unlink()
+        else:
+            info.weights.unlink()
+    else:
+        shutil.rmtree(info.path)
     publisher = info.path.parent
     if publisher.is_dir() and not any(publisher.iterdir()):
         publisher.rmdir()

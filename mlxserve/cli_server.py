@@ -156,11 +156,17 @@ def status(args: argparse.Namespace) -> int:
         return 1
     loaded: list[dict[str, Any]] = health.get("loaded") or []
     if args.json:
-        print(json.dumps({"status": "running", "url": client.url, **record, **health}))
+        details = {**record, **health, "health": health.get("status")}
+        print(json.dumps({**details, "status": "running", "url": client.url}))
         return 0
     pid = f", pid {record['pid']}" if record.get("pid") else ""
     print(f"The server is running at {client.url} (version {health.get('version')}{pid}).")
-    if loaded:
+    if health.get("status") != "ok":
+        failure = (health.get("distributed") or {}).get("error") or "see its log"
+        print(f"It reports a failure: {failure}")
+    if "loaded" not in health:
+        print("It requires an API token to say which models are loaded (--api-token).")
+    elif loaded:
         print(f"{len(loaded)} loaded: " + ", ".join(str(m.get("id")) for m in loaded))
     else:
         print("No models are loaded.")

@@ -61,7 +61,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     store = _store(args)
-    if not store.revoke(args.id):
+    try:
+        revoked = store.revoke(args.id)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    if not revoked:
         print(
             f"No token with id or name '{args.id}' ('mlxserve token ls' lists them).",
             file=sys.stderr,

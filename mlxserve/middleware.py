@@ -8,6 +8,7 @@ Outermost first, and why in this order:
 2. :class:`CORSMiddleware` answers preflights (they never carry credentials) and labels the
    responses for allowed origins; off unless ``--cors``.
 3. :class:`AuthMiddleware` requires a live API token when ``require_auth``.
+   :class:`~mlxserve.core.logbus.LogTap` comes next, so refused requests are never published.
 4. :class:`BodyLimitMiddleware` counts the body as it arrives and stops at ``max_body_bytes``.
 
 Refusals are rendered in the dialect of the path (OpenAI, Anthropic, LM Studio), like every
@@ -26,6 +27,7 @@ from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mlxserve.core.logbus import LogTap
 from mlxserve.errors import Forbidden, MlxServeError, PayloadTooLarge, Unauthorized
 from mlxserve.routes.common import error_body_for, error_headers
 from mlxserve.settings import Settings
@@ -232,7 +234,12 @@ def presented_tokens(scope: Scope) -> list[str]:
 def authorized(scope: Scope, state: AppState) -> bool:
     """Whether a request (an HTTP or websocket scope) may use the API: authentication is off,
     the path is open, or the request carries a live token in its headers."""
-    if not state.settings.require_auth or scope.get("path") in OPEN_PATHS:
+    return scope.get("path") in OPEN_PATHS or authenticated(scope, state)
+
+
+def authenticated(scope: Scope, state: AppState) -> bool:
+    """Authentication is off, or the request carries a live token, whatever its path."""
+    if not state.settings.require_auth:
         return True
     return any(state.tokens.verify(token) for token in presented_tokens(scope))
 
@@ -260,7 +267,7 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         if presented_tokens(scope):
-            log.info("refused %s %s: the API token is not valid", scope["method"], scope["path"])
+            log.info("refused %s %r: the API token is not valid", scope["method"], scope["path"])
             message = "The API token is not valid (revoked, or never issued by this server)."
         else:
             message = (
@@ -318,6 +325,8 @@ def security_middleware(state: AppState) -> list[Middleware]:
         Middleware(HostGuardMiddleware, settings=settings),
         Middleware(CORSMiddleware, settings=settings),
         Middleware(AuthMiddleware, state=state),
+        # Inside the guards: a request they refused never reaches the log stream.
+        Middleware(LogTap, bus=state.logbus),
         Middleware(BodyLimitMiddleware, limit=settings.max_body_bytes),
         Middleware(GracefulShutdown),
     ]
@@ -339,6 +348,12 @@ def warn_about_exposure(state: AppState) -> None:
                 "alone.",
                 settings.host,
             )
+    if settings.cors and OriginPolicy(settings).any_origin and not settings.require_auth:
+        log.warning(
+            "CORS IS OPEN TO EVERY WEB ORIGIN WITHOUT AUTHENTICATION: any web page this "
+            "machine's browser opens can use every model and management endpoint. Name the "
+            "origins (--cors https://app.example) or add --require-auth."
+        )
     if settings.require_auth:
         try:
             count = len(state.tokens.list())

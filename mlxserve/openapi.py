@@ -51,6 +51,8 @@ class Operation:
     reply: type[BaseModel] | None = None
     # Answers ``text/event-stream`` when the request asks for a stream.
     streams: bool = False
+    # Answers nothing but ``text/event-stream``.
+    event_stream: bool = False
     # May load a model, whose failure is a (deterministic) 500.
     loads: bool = False
 
@@ -84,6 +86,8 @@ OPERATIONS: tuple[Operation, ...] = (
               request=ChatRequest, reply=replies.LMStudioChatResult, streams=True, loads=True),
     Operation("POST", "/api/v1/models/download", "Download a model (LM Studio)", "lmstudio",
               request=DownloadRequest),
+    Operation("GET", "/api/v1/logs/stream", "Live request/response log (mlxserve log stream)",
+              "lmstudio", event_stream=True),
     Operation("GET", "/api/v0/models", "List models (LM Studio v0)", "openai",
               reply=replies.LMStudioV0Models),
     Operation("GET", "/api/v0/models/{model:path}", "One model (LM Studio v0)", "openai"),
@@ -159,6 +163,8 @@ def _operation(
         ok = _json({})
     if op is not None and op.streams:
         ok["text/event-stream"] = {"schema": _SSE_EVENT}
+    if op is not None and op.event_stream:
+        ok = {"text/event-stream": {"schema": _SSE_EVENT}}
     responses: dict[str, Any] = {"200": {"description": "Success", "content": ok}}
     statuses = {"400": "Invalid request", "403": "Host or Origin refused (DNS-rebinding guard)",
                 "404": "Unknown model or resource", "503": "Busy or shutting down; retry after "

@@ -98,6 +98,10 @@ class Settings(BaseSettings):
         if self.models_dir is None:
             self.models_dir = self.home / "models"
         self.models_dir = self.models_dir.expanduser()
+        if self.lmstudio_models_dir is not None:
+            self.lmstudio_models_dir = self.lmstudio_models_dir.expanduser()
+        if self.hf_cache_dir is not None:
+            self.hf_cache_dir = self.hf_cache_dir.expanduser()
         return self
 
     @property

@@ -150,6 +150,7 @@ class Stream:
     times: list[float] = field(default_factory=list)
     tokens: int = 0
     cached: int = 0
+    chunks: int = 0
 
     @property
     def ttft(self) -> float:
@@ -157,9 +158,13 @@ class Stream:
 
     @property
     def decode_tps(self) -> float:
-        if self.first is None or self.tokens < 2 or self.end <= self.first:
+        # Only tokens streamed after the first chunk count, and a server may hold text back
+        # and send several tokens in one chunk (the first among them): the usage count would
+        # then credit the span with tokens decoded before it. Chunks after the first are the
+        # tokens known to arrive inside the span (exact when each chunk is one token).
+        if self.first is None or self.chunks < 2 or self.times[-1] <= self.first:
             return 0.0
-        return (self.tokens - 1) / (self.times[-1] - self.first)
+        return (self.chunks - 1) / (self.times[-1] - self.first)
 
 
 async def stream_once(
@@ -193,6 +198,7 @@ async def stream_once(
                 s.cached = details.get("cached_tokens") or 0
     s.end = time.perf_counter()
     s.tokens = s.tokens or chunks
+    s.chunks = chunks
     return s
 
 
@@ -223,35 +229,67 @@ async def concurrent(server: Server, n: int, out_tokens: int, tag: str) -> dict[
 # ---------------------------------------------------------------- in-process baselines
 
 
+INPROC_RUNS = 3
+
+
+def gguf_threads() -> tuple[int, int]:
+    """The decode and prompt threads mlxserve's GGUF engine uses: every GGUF figure (ours, the
+    in-process baseline, llama_cpp.server) runs with the same, or the comparison measures the
+    thread count."""
+    from backends.llamacpp.engine import _threads
+
+    return _threads()
+
+
+def _rates(times: list[float], t0: float) -> tuple[float, float]:
+    return (len(times) - 1) / (times[-1] - times[0]), times[0] - t0
+
+
+def _medians(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
 def inproc_mlx(folder: Path, prompt: str, out_tokens: int) -> tuple[float, float]:
-    """(decode tok/s, time to first token) of mlx-lm's stream_generate in this process."""
+    """(decode tok/s, time to first token) of mlx-lm's stream_generate in this process,
+    medians of :data:`INPROC_RUNS` runs."""
     from mlx_lm import load, stream_generate
 
     model, tokenizer = load(str(folder))[:2]
     ids = tokenizer.encode(prompt)
     for _ in stream_generate(model, tokenizer, ids, max_tokens=4):
         pass
-    t0 = time.perf_counter()
-    times = [
-        time.perf_counter() for _ in stream_generate(model, tokenizer, ids, max_tokens=out_tokens)
-    ]
-    return (len(times) - 1) / (times[-1] - times[0]), times[0] - t0
+    runs = []
+    for _ in range(INPROC_RUNS):
+        t0 = time.perf_counter()
+        times = [
+            time.perf_counter()
+            for _ in stream_generate(model, tokenizer, ids, max_tokens=out_tokens)
+        ]
+        runs.append(_rates(times, t0))
+    return _medians(runs)
 
 
 def inproc_gguf(path: Path, prompt: str, out_tokens: int) -> tuple[float, float]:
-    """(decode tok/s, time to first token) of llama-cpp-python's Llama.generate."""
+    """(decode tok/s, time to first token) of llama-cpp-python's Llama.generate, medians of
+    :data:`INPROC_RUNS` runs, with mlxserve's thread counts."""
     from llama_cpp import Llama
 
-    llm = Llama(str(path), n_ctx=2048, verbose=False)
+    threads, threads_batch = gguf_threads()
+    llm = Llama(
+        str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads_batch, verbose=False
+    )
     ids = llm.tokenize(prompt.encode(), add_bos=False)
-    t0 = time.perf_counter()
-    times = []
-    for _ in llm.generate(ids, temp=0.0, reset=True):
-        times.append(time.perf_counter())
-        if len(times) >= out_tokens:
-            break
+    runs = []
+    for _ in range(INPROC_RUNS):
+        t0 = time.perf_counter()
+        times = []
+        for _ in llm.generate(ids, temp=0.0, reset=True):
+            times.append(time.perf_counter())
+            if len(times) >= out_tokens:
+                break
+        runs.append(_rates(times, t0))
     llm.close()
-    return (len(times) - 1) / (times[-1] - times[0]), times[0] - t0
+    return _medians(runs)
 
 
 # ---------------------------------------------------------------- figures
@@ -321,6 +359,7 @@ async def run(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="mlxserve-bench-"))
     py = sys.executable
     key = f"{PUBLISHER}/bench-qwen2-{mode.size}"
+    threads, threads_batch = gguf_threads()
     ours = Server(
         "mlxserve",
         f"{key}-mlx",
@@ -359,15 +398,20 @@ async def run(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
                 # Its default aborts the running stream whenever another request arrives.
                 "--interrupt_requests",
                 "False",
+                "--n_threads",
+                str(threads),
+                "--n_threads_batch",
+                str(threads_batch),
             ],
         ),
     }
     servers = [ours] + ([] if args.skip_peers else list(peers.values()))
-    for s in servers:
-        s.start(home)
     results: dict[str, Any] = {"mode": mode.size, "machine": machine(), "figures": {}}
     rows: list[tuple[str, str, str]] = []
     try:
+        # Inside the try: a server that fails to start must not orphan the ones before it.
+        for s in servers:
+            s.start(home)
         for fmt in args.formats:
             ours.model = f"{key}-{fmt}"
             prompt = unique_prompt("single", 64)

@@ -18,6 +18,7 @@ from mlxserve.core.downloads import (
     DownloadManager,
     DownloadSpec,
     HubModelNotFound,
+    HubUnreachable,
     InsufficientDiskSpace,
     RemoteFile,
     parse_spec,
@@ -119,6 +120,7 @@ def test_parse_spec_quantization_field():
         "https://evil.example/a/b",
         "a/b@../../x",
         "a/b@",
+        "a/abc\n@Q8_0",
     ],
 )
 def test_parse_spec_refuses(text):
@@ -261,12 +263,16 @@ def test_gguf_quantizations_share_the_model_folder(gguf_folder, tmp_path):
     try:
         (job,) = _run(tmp_path, server.url, f"{GGUF_REPO}@Q8_0")
         assert job.state == "completed", job.error
+        assert job.status()["model_key"] == GGUF_REPO  # its only quantization
         folder = tmp_path / GGUF_REPO
         assert sorted(p.name for p in folder.iterdir()) == ["tiny-qwen2-Q8_0.gguf"]
         info = Registry(tmp_path).get(GGUF_REPO)
         assert info is not None and info.format == "gguf"
         (job,) = _run(tmp_path, server.url, f"{GGUF_REPO}@q4_k_m")
         assert job.state == "completed", job.error
+        # Two quantizations now: each is loadable by its own key.
+        assert job.status()["model_key"] == f"{GGUF_REPO}@Q4_K_M"
+        assert Registry(tmp_path).get(f"{GGUF_REPO}@Q8_0").weights.name == "tiny-qwen2-Q8_0.gguf"
         assert sorted(p.name for p in folder.iterdir()) == [
             "tiny-qwen2-Q4_K_M.gguf",
             "tiny-qwen2-Q8_0.gguf",
@@ -276,3 +282,14 @@ def test_gguf_quantizations_share_the_model_folder(gguf_folder, tmp_path):
             _run(tmp_path, server.url, f"{GGUF_REPO}@Q2_K")
     finally:
         server.close()
+
+
+def test_unreachable_hub_is_a_502(tmp_path):
+    # Whatever the hub client raises for a refused connection (httpx errors in
+    # huggingface_hub 1.x and later, OSError before) is a 502, never a generic 500.
+    from tests.conftest import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(HubUnreachable, match="Cannot reach the model hub") as exc:
+        _run(tmp_path, url, REPO)
+    assert exc.value.status == 502

@@ -168,7 +168,7 @@ def test_token_store_round_trip(tmp_path):
     client_id, passkey = token.removeprefix("sk-lm-").split(":")
     assert client_id == info.id
     assert store.verify_client(client_id, passkey)
-    assert not store.verify_client(client_id, passkey[:-1] + "0")
+    assert not store.verify_client(client_id, passkey[:-1] + ("1" if passkey[-1] == "0" else "0"))
     # only the hash is on disk, readable by the owner alone
     raw = (tmp_path / "tokens.json").read_text()
     assert token not in raw and passkey not in raw
@@ -187,6 +187,22 @@ def test_revoke_by_name(tmp_path):
     _, b = store.create("laptop")
     assert store.revoke("ci")
     assert not store.verify(a) and store.verify(b)
+
+
+def test_revoke_refuses_empty_and_shared_names(tmp_path):
+    store = TokenStore(tmp_path / "tokens.json")
+    _, unnamed1 = store.create()
+    _, unnamed2 = store.create()
+    first, shared1 = store.create("ci")
+    _, shared2 = store.create("ci")
+    with pytest.raises(ValueError, match="Name the token"):
+        store.revoke("")
+    with pytest.raises(ValueError, match="2 tokens are named 'ci'.*by its id"):
+        store.revoke("ci")
+    assert all(store.verify(t) for t in (unnamed1, unnamed2, shared1, shared2))
+    assert store.revoke(first.id)
+    assert not store.verify(shared1) and store.verify(shared2)
+    assert store.revoke("ci") and not store.verify(shared2)
 
 
 def test_a_corrupt_store_refuses_everything(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from mlxserve.core.registry import Registry, params_string
+from mlxserve.core.registry import Registry, params_string, valid_key, valid_key_part
 
 
 def make_mlx(folder, *, quant_bits=None, template="{{ messages }}"):
@@ -124,3 +124,39 @@ def test_demo_marker_labels_the_model(tmp_path):
     marker.write_text(json.dumps({"description": "DEMO: random weights"}))
     (model,) = Registry(tmp_path).scan()
     assert model.description == "DEMO: random weights"
+
+
+def test_several_gguf_quantizations_get_a_key_each(tmp_path):
+    folder = tmp_path / "acme" / "tiny-GGUF"
+    make_gguf(folder / "tiny-Q8_0.gguf")
+    make_gguf(tmp_path / "x" / "y" / "tiny-Q4_K_M.gguf")
+    (tmp_path / "x" / "y" / "tiny-Q4_K_M.gguf").rename(folder / "tiny-Q4_K_M.gguf")
+    # A split set is one quantization, keyed by its first shard.
+    make_gguf(tmp_path / "x" / "z" / "a.gguf")
+    for shard in ("tiny-BF16-00001-of-00002.gguf", "tiny-BF16-00002-of-00002.gguf"):
+        (folder / shard).write_bytes((tmp_path / "x" / "z" / "a.gguf").read_bytes())
+    models = {m.key: m for m in Registry(tmp_path).scan() if m.publisher == "acme"}
+    assert set(models) == {
+        "acme/tiny-GGUF",
+        "acme/tiny-GGUF@Q4_K_M",
+        "acme/tiny-GGUF@Q8_0",
+        "acme/tiny-GGUF@BF16",
+    }
+    assert models["acme/tiny-GGUF"].weights.name == "tiny-Q4_K_M.gguf"  # the first, as before
+    assert models["acme/tiny-GGUF@Q8_0"].weights.name == "tiny-Q8_0.gguf"
+    assert models["acme/tiny-GGUF@BF16"].weights.name == "tiny-BF16-00001-of-00002.gguf"
+    registry = Registry(tmp_path)
+    assert registry.get("acme/tiny-GGUF@q8_0").weights.name == "tiny-Q8_0.gguf"
+    assert registry.get("acme/tiny-GGUF@Q2_K") is None
+    assert registry.get("acme/tiny-GGUF@") is None
+
+
+def test_a_single_gguf_keeps_one_key(tmp_path):
+    make_gguf(tmp_path / "acme" / "tiny-GGUF" / "tiny-Q8_0.gguf")
+    assert [m.key for m in Registry(tmp_path).scan()] == ["acme/tiny-GGUF"]
+
+
+@pytest.mark.parametrize("key", ["acme/abc\n", "acme\n/abc", "acme/abc@Q8_0\n"])
+def test_keys_with_a_trailing_newline_are_refused(key):
+    assert not valid_key_part("abc\n")
+    assert not valid_key(key)

@@ -153,3 +153,22 @@ def test_server_serves_them_read_only(models_root, tmp_path, monkeypatch):
     finally:
         srv.stop()
     assert (_tree(lms), _tree(hf)) == before
+
+
+def test_source_folders_expand_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    settings = Settings(
+        home=tmp_path / "state",
+        lmstudio_models=True,
+        lmstudio_models_dir=Path("~/lm"),
+        hf_cache_models=True,
+        hf_cache_dir=Path("~/hf"),
+    )
+    assert settings.lmstudio_models_dir == tmp_path / "lm"
+    assert settings.hf_cache_dir == tmp_path / "hf"
+    assert [s.root for s in external_sources(settings)] == [tmp_path / "lm", tmp_path / "hf"]
+    # LM Studio's own settings may name its folder with a "~" too.
+    (tmp_path / ".lmstudio").mkdir()
+    (tmp_path / ".lmstudio" / "settings.json").write_text(json.dumps({"downloadsFolder": "~/d"}))
+    default = Settings(home=tmp_path / "state", lmstudio_models=True, hf_cache_models=False)
+    assert [s.root for s in external_sources(default)] == [tmp_path / "d"]

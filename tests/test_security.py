@@ -5,13 +5,16 @@ V1, V4, L1)."""
 import builtins
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
 from mlxserve.app import create_app
 from mlxserve.auth import TokenStore
+from mlxserve.middleware import OPEN_PATHS
 from mlxserve.settings import Settings
 
 # (method, path, json body): one route of each dialect, management routes included.
@@ -29,6 +32,24 @@ ROUTES = [
     ("POST", "/api/v1/models/unload", {"instance_id": "x"}),
     ("POST", "/api/v1/chat", {"model": "x", "input": "hi"}),
 ]
+
+
+def _app_routes() -> list[tuple[str, str, dict | None]]:
+    """Every HTTP route the app has, path parameters filled in, minus the open ones: what
+    must be refused without a token (or from a foreign host) before any handler runs."""
+    from starlette.routing import Route
+
+    out = []
+    for route in create_app().routes:
+        if not isinstance(route, Route) or route.path in OPEN_PATHS:
+            continue
+        path = re.sub(r"\{[^}]+\}", "x", route.path)
+        for method in sorted((route.methods or set()) - {"HEAD"}):
+            out.append((method, path, {} if method in ("POST", "PUT", "PATCH") else None))
+    return out
+
+
+APP_ROUTES = _app_routes()
 
 
 def dialect(path: str) -> str:
@@ -71,7 +92,9 @@ def client(tmp_path):
 # --- S1/S2: DNS rebinding ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("method", "path", "body"), ROUTES + [("GET", "/health", None)])
+@pytest.mark.parametrize(
+    ("method", "path", "body"), APP_ROUTES + [("GET", p, None) for p in sorted(OPEN_PATHS)]
+)
 def test_foreign_host_is_refused_on_every_route(client, method, path, body):
     r = client.request(method, path, json=body, headers={"Host": "evil.example:1234"})
     assert_error_shape(r, path, 403, anthropic_type="permission_error")
@@ -97,6 +120,21 @@ def test_network_bind_without_auth_warns_loudly(tmp_path, caplog):
     ):
         pass
     assert "--require-auth" in caplog.text and "WITHOUT AUTHENTICATION" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("settings", "warns"),
+    [
+        ({"cors": True}, True),
+        ({"cors": True, "require_auth": True}, False),
+        ({"cors": True, "cors_origins": "https://app.example"}, False),
+        ({}, False),
+    ],
+)
+def test_cors_for_every_origin_without_auth_warns_loudly(tmp_path, caplog, settings, warns):
+    with caplog.at_level(logging.WARNING, "mlxserve.security"), make_client(tmp_path, **settings):
+        pass
+    assert ("CORS IS OPEN TO EVERY WEB ORIGIN" in caplog.text) is warns
 
 
 def test_extra_allowed_hosts(tmp_path):
@@ -204,7 +242,7 @@ def auth_client(tmp_path):
         yield c
 
 
-@pytest.mark.parametrize(("method", "path", "body"), ROUTES)
+@pytest.mark.parametrize(("method", "path", "body"), APP_ROUTES)
 @pytest.mark.parametrize(
     "authorization", [None, "Bearer ", "Bearer wrong", "Basic dXNlcjpwYXNz", "sk-lm-abc"]
 )
@@ -227,6 +265,20 @@ def test_a_live_token_passes(auth_client, method, path, body):
     assert r.status_code not in (401, 403), r.text
 
 
+def test_every_hand_listed_route_is_an_app_route():
+    assert {(m, p) for m, p, _ in ROUTES} <= {(m, p) for m, p, _ in APP_ROUTES}
+
+
+@pytest.mark.parametrize("headers", [{"Host": "evil.example"}, {"Origin": "https://evil.example"}])
+def test_websocket_from_a_foreign_host_or_origin_is_refused(client, headers):
+    with (
+        pytest.raises(WebSocketDisconnect) as exc,
+        client.websocket_connect("ws://127.0.0.1:1234/llm", headers=headers),
+    ):
+        pass
+    assert exc.value.code == 1008
+
+
 def test_x_api_key_on_the_anthropic_routes_only(auth_client):
     key = {"x-api-key": auth_client.token}
     body = {"model": "x", "messages": [{"role": "user", "content": "hi"}]}
@@ -237,6 +289,17 @@ def test_x_api_key_on_the_anthropic_routes_only(auth_client):
 def test_health_stays_open(auth_client):
     r = auth_client.get("/health")
     assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_health_tells_loaded_models_to_token_holders_only(auth_client):
+    from mlxserve import __version__
+
+    for authorization in (None, "Bearer wrong"):
+        headers = {"Authorization": authorization} if authorization else {}
+        body = auth_client.get("/health", headers=headers).json()
+        assert body == {"status": "ok", "version": __version__}
+    r = auth_client.get("/health", headers={"Authorization": f"Bearer {auth_client.token}"})
+    assert r.status_code == 200 and r.json()["loaded"] == []
 
 
 def test_revoked_token_is_refused_at_once(auth_client, tmp_path):
@@ -260,6 +323,16 @@ def test_tokens_never_in_bodies_or_logs(auth_client, caplog):
     assert wrong not in caplog.text and auth_client.token not in caplog.text
     passkey = auth_client.token.split(":")[1]
     assert passkey not in caplog.text
+
+
+def test_a_refused_path_cannot_forge_log_lines(auth_client, caplog):
+    with caplog.at_level(logging.INFO, "mlxserve.security"):
+        r = auth_client.get(
+            "/v1/models%0a2026-01-01 INFO forged", headers={"Authorization": "Bearer wrong"}
+        )
+    assert r.status_code == 401
+    (message,) = [m for m in caplog.messages if "not valid" in m]
+    assert "\n" not in message and "\\n" in message
 
 
 def test_no_token_yet_warns(tmp_path, caplog):

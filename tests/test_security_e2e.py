@@ -140,7 +140,7 @@ def test_tokens_never_reach_the_server_log(guarded):
 
 
 def _instance(srv, key):
-    loaded = httpx.get(srv.url + "/health", timeout=5).json()["loaded"]
+    loaded = httpx.get(srv.url + "/health", headers=bearer(srv), timeout=5).json()["loaded"]
     return next((i for i in loaded if i["id"] == key), None)
 
 

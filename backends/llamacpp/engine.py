@@ -23,6 +23,7 @@ from backends.base import (
     Engine,
     EngineInfo,
     Job,
+    common_prefix,
 )
 from backends.constraint import GrammarCache
 
@@ -220,6 +221,17 @@ class LlamaCppEngine(Engine):
                 self._drop(s.seq)
             self._running.clear()
 
+    def abort(self, exc: BaseException) -> None:
+        super().abort(exc)
+        waiting, self._waiting = self._waiting, deque()
+        running, self._running = self._running, []
+        for job in waiting:
+            job.fail(exc)
+        for s in running:
+            s.job.fail(exc)
+        for s in running:
+            self._drop(s.seq)
+
     def _drop(self, seq: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
         self._kept.pop(seq, None)
@@ -239,7 +251,7 @@ class LlamaCppEngine(Engine):
         prompt = list(request.prompt)
         source, shared = None, 0
         for seq, tokens in self._kept.items():
-            n = _common_prefix(tokens, prompt, len(prompt) - 1)
+            n = common_prefix(tokens, prompt, len(prompt) - 1)
             if n > shared:
                 source, shared = seq, n
         need = len(prompt) + request.max_tokens + sum(s.reserve for s in self._running)
@@ -250,23 +262,29 @@ class LlamaCppEngine(Engine):
             source, shared = None, 0
             self._evict_until(lambda: need + self._kept_cells() <= self._cells and self._free)
         seq = self._free.pop()
-        if source is not None:
-            self._kept.move_to_end(source)
-            # Unified KV: the copy shares the source's cells, nothing is duplicated.
-            llama_cpp.llama_memory_seq_cp(self._mem, source, seq, 0, shared)
-        p = request.sampling
-        self._llm.set_seed(p.seed % (1 << 32) if p.seed is not None else random.getrandbits(31))
-        # llama-cpp-python's sampler chain (penalties, top-k/p, min-p, temperature, seeded
-        # draw), one per sequence; a grammar masks the logits in place before it samples.
-        sampler = self._llm._init_sampler(
-            top_k=p.top_k,
-            top_p=p.top_p,
-            min_p=p.min_p,
-            temp=p.temperature,
-            repeat_penalty=p.repeat_penalty,
-            frequency_penalty=p.frequency_penalty,
-            presence_penalty=p.presence_penalty,
-        )
+        try:
+            if source is not None:
+                self._kept.move_to_end(source)
+                # Unified KV: the copy shares the source's cells, nothing is duplicated.
+                llama_cpp.llama_memory_seq_cp(self._mem, source, seq, 0, shared)
+            p = request.sampling
+            seed = p.seed % (1 << 32) if p.seed is not None else random.getrandbits(31)
+            self._llm.set_seed(seed)
+            # llama-cpp-python's sampler chain (penalties, top-k/p, min-p, temperature, seeded
+            # draw), one per sequence; a grammar masks the logits in place before it samples.
+            sampler = self._llm._init_sampler(
+                top_k=p.top_k,
+                top_p=p.top_p,
+                min_p=p.min_p,
+                temp=p.temperature,
+                repeat_penalty=p.repeat_penalty,
+                frequency_penalty=p.frequency_penalty,
+                presence_penalty=p.presence_penalty,
+            )
+        except BaseException:
+            # The sequence id goes back, its cells cleared, so that no slot leaks.
+            self._drop(seq)
+            raise
         self._running.append(_Seq(job, seq, prompt, shared, sampler, prompt[:shared]))
         job.progress(shared, len(prompt), shared)
 
@@ -292,7 +310,12 @@ class LlamaCppEngine(Engine):
             s.job.finish("cancelled")
             self._finish_seq(s)
         while self._waiting and len(self._running) < self._parallel:
-            self._start_seq(self._waiting.popleft())
+            job = self._waiting.popleft()
+            try:
+                self._start_seq(job)
+            except Exception as exc:
+                log.exception("could not start a sequence on %s", self.path.name)
+                job.fail(exc)
         if not self._running:
             return
         batch = self._batch
@@ -353,11 +376,3 @@ class LlamaCppEngine(Engine):
         self._ctx.close()
         self._llm.close()
         del self._llm, self._ctx
-
-
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    n = min(len(a), len(b), limit)
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

@@ -294,6 +294,16 @@ class MLXEngine(Engine):
                 self._batch.close()
                 self._batch = self._new_batch()
 
+    def abort(self, exc: BaseException) -> None:
+        super().abort(exc)
+        batched, self._batched = self._batched, {}
+        for job, _ in batched.values():
+            job.fail(exc)
+        try:
+            self._batch.close()
+        finally:
+            self._batch = self._new_batch()
+
     def _step_batch(self) -> None:
         gone = [uid for uid, (job, _) in self._batched.items() if job.cancelled]
         if gone:

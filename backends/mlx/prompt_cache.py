@@ -9,14 +9,9 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
+from backends.base import common_prefix
 
-def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    """How many leading tokens ``a`` and ``b`` share, at most ``limit``."""
-    n = min(len(a), len(b), limit)
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+__all__ = ["PromptCache", "common_prefix"]
 
 
 def _prefix_view(cache: KVCache, n: int) -> KVCache:
@@ -27,6 +22,12 @@ def _prefix_view(cache: KVCache, n: int) -> KVCache:
     view.values = cache.values[..., :n, :]
     view.offset = n
     return view
+
+
+def _held_bytes(cache: KVCache) -> int:
+    # What the cache will take once compacted to the positions it holds, from shapes alone.
+    n = cache.offset
+    return sum(a.nbytes // a.shape[2] * n for a in (cache.keys, cache.values))
 
 
 def _compact(cache: KVCache) -> KVCache:
@@ -69,10 +70,15 @@ class PromptCache:
 
     def store(self, tokens: Sequence[int], cache: list[Any]) -> None:
         """Keep ``cache`` (plain KV caches only) for the tokens it holds."""
-        if not cache or not all(type(c) is KVCache and c.keys is not None for c in cache):
+        if self.budget <= 0 or not cache:
+            return
+        if not all(type(c) is KVCache and c.keys is not None for c in cache):
             return
         n = cache[0].offset
         if len(tokens) < n:
+            return
+        # Checked before compacting: that copies and evaluates every layer.
+        if sum(_held_bytes(c) for c in cache) > self.budget:
             return
         key = tuple(tokens[:n])
         cache = [_compact(c) for c in cache]

@@ -31,7 +31,7 @@ from mlxserve.errors import InvalidRequest, MlxServeError
 log = logging.getLogger("mlxserve.downloads")
 
 STAGING_DIR = ".downloads"
-_QUANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+_QUANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 _SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 _QUANT_LABEL = re.compile(r"(?:^|[-_.])((?:I?Q\d[A-Z0-9_]*?|BF16|F16|F32))(?=[-.])", re.IGNORECASE)
 # What an MLX model folder needs; remote code, PyTorch weights and the like are left out.
@@ -126,7 +126,7 @@ def parse_spec(
             "<publisher>/<model>@<quantization>.",
             param="model",
         )
-    if quant and not _QUANT.match(quant):
+    if quant and not _QUANT.fullmatch(quant):
         raise InvalidRequest("'quantization' is not a valid quantization name.", param="model")
     return DownloadSpec(repo, quant or None)
 
@@ -163,6 +163,7 @@ class DownloadJob:
     state: Status = "downloading"
     completed_at: float | None = None
     error: str | None = None
+    model_key: str | None = None  # the registry key that loads what was downloaded
     done_bytes: int = 0  # files finished
     file_bytes: int = 0  # the file in flight, including what a resume started from
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -208,6 +209,8 @@ class DownloadJob:
                 out["estimated_completion"] = _now_iso(time.time() + left / speed)
         if self.completed_at is not None:
             out["completed_at"] = _now_iso(self.completed_at)
+        if self.model_key is not None:
+            out["model_key"] = self.model_key
         if self.error is not None:
             out["error"] = self.error
         return out
@@ -436,7 +439,9 @@ class DownloadManager:
                     f"{spec.repo} was not found on the model hub (or needs a login)."
                 ) from None
             raise HubUnreachable(f"The model hub answered {status} for {spec.repo}.") from None
-        except OSError as exc:
+        except MlxServeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - OSError, httpx, requests: hub clients differ
             raise HubUnreachable(f"Cannot reach the model hub: {exc}") from None
         files = []
         for s in info.siblings or []:
@@ -478,7 +483,7 @@ class DownloadManager:
             job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
         else:
             job.state, job.completed_at = "completed", time.time()
-            self.registry.scan()
+            job.model_key = self._key_of(job)
             log.info("downloaded %s", job.spec.repo)
         finally:
             if job.error:
@@ -541,6 +546,17 @@ class DownloadManager:
             partial.unlink()
             raise ChecksumMismatch(f"Verification failed, the file was deleted: {problem}")
         os.replace(partial, final)
+
+    def _key_of(self, job: DownloadJob) -> str | None:
+        """The key of what ``job`` placed: a quantization's own key when its folder holds
+        several (the folder's key serves whichever file sorts first)."""
+        names = {f.local_name for f in job.files}
+        keys = [
+            info.key
+            for info in self.registry.scan()
+            if info.path == job.dest and (info.format == "mlx" or info.weights.name in names)
+        ]
+        return max(keys, key=lambda k: "@" in k, default=None)
 
     def _promote(self, job: DownloadJob) -> None:
         """Move the verified files into the models directory: the folder in one rename, or

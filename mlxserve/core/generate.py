@@ -138,7 +138,7 @@ class Generation:
                             return
                     elif isinstance(item, PromptProgress):
                         self.cached_tokens = max(self.cached_tokens, item.cached)
-                        yield Progress(item.processed, item.total)
+                        yield Progress(item.processed, item.total, item.cached)
                     elif isinstance(item, Finished):
                         for event in self._output.finish():
                             yield event

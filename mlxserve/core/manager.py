@@ -571,6 +571,15 @@ class ModelManager:
     def _busy(self, instance: Loaded) -> bool:
         return instance.holds > 0 or instance.engine.pending > 0
 
+    def ttl_left(self, instance: Loaded) -> float | None:
+        """Seconds until ``instance`` is unloaded for idleness (its whole TTL while busy);
+        None without a TTL."""
+        if instance.ttl is None:
+            return None
+        if self._busy(instance):
+            return instance.ttl
+        return max(instance.last_used + instance.ttl - self._clock(), 0.0)
+
     async def _reap(self) -> float | None:
         """Unload the instances idle past their TTL; returns seconds until the next look."""
         now = self._clock()

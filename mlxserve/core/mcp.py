@@ -94,11 +94,16 @@ def check_url(url: str, allowed_hosts: list[str]) -> None:
         raise InvalidRequest(
             "server_url must be an http:// or https:// URL with a host.", param="server_url"
         )
-    host = parts.hostname
-    if host in allowed_hosts or (parts.port and f"{host}:{parts.port}" in allowed_hosts):
+    try:
+        port = parts.port
+    except ValueError:
+        raise InvalidRequest("server_url has an invalid port.", param="server_url") from None
+    host = parts.hostname.lower()
+    allowed = {h.lower() for h in allowed_hosts}
+    if host in allowed or (port and f"{host}:{port}" in allowed):
         return
     try:
-        infos = socket.getaddrinfo(host, parts.port or 443, proto=socket.IPPROTO_TCP)
+        infos = socket.getaddrinfo(host, port or 443, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError) as exc:
         raise McpConnectionError(f"Cannot resolve the MCP server host '{host}'.") from exc
     for info in infos:
@@ -171,7 +176,8 @@ class Connection:
         try:
             await asyncio.wait_for(self._ready.wait(), self.connect_timeout)
         except asyncio.TimeoutError:
-            await self.close()
+            # A silent server: stop now rather than wait another timeout in close().
+            await self._abandon()
             raise self._fail(
                 f"no answer within {self.connect_timeout:g} seconds of connecting"
             ) from None
@@ -234,10 +240,24 @@ class Connection:
             return
         try:
             await asyncio.wait_for(asyncio.shield(task), self.connect_timeout)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        except asyncio.TimeoutError:
+            await self._abandon()
+        except asyncio.CancelledError:
+            await self._abandon()
+            current = asyncio.current_task()
+            cancelling = getattr(current, "cancelling", None)  # Python 3.11+
+            if cancelling() if cancelling is not None else not task.cancelled():
+                raise  # our caller is being cancelled: that must not be swallowed
+
+    async def _abandon(self) -> None:
+        """Cancel the connection task and wait for it to end."""
+        self._closing.set()
+        task = self._task
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
 
     async def _call(self, what: str, work: Any, timeout: float) -> Any:
         if self._session is None:
@@ -256,12 +276,14 @@ class Connection:
         return await self._call("listing tools", self._list(), self.connect_timeout)
 
     async def _list(self) -> list[McpTool]:
-        assert self._session is not None
         tools: list[McpTool] = []
         cursor: str | None = None
         for _ in range(MAX_LIST_PAGES):
+            session = self._session
+            if session is None:
+                raise self._fail("the connection was lost while listing tools")
             params = {"cursor": cursor} if cursor else None
-            page = await self._session.list_tools(params=params)  # type: ignore[arg-type]
+            page = await session.list_tools(params=params)  # type: ignore[arg-type]
             for tool in page.tools:
                 annotations = (
                     tool.annotations.model_dump(exclude_none=True) if tool.annotations else None
@@ -275,9 +297,11 @@ class Connection:
         return tools[:MAX_TOOLS]
 
     async def call(self, name: str, arguments: dict[str, Any]) -> CallOutcome:
-        assert self._session is not None
+        session = self._session
+        if session is None:
+            raise self._fail("the connection is closed")
         result = await self._call(
-            f"calling '{name}'", self._session.call_tool(name, arguments), self.call_timeout
+            f"calling '{name}'", session.call_tool(name, arguments), self.call_timeout
         )
         return CallOutcome(_result_text(result), bool(result.is_error))
 

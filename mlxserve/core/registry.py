@@ -16,8 +16,13 @@ from mlxserve.core.templates import template_supports_tools
 log = logging.getLogger("mlxserve.registry")
 
 # A model key is "publisher/model"; both parts are plain folder names.
-_KEY_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_KEY_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SPLIT_GGUF = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+# A folder holding several GGUF quantizations lists each as "publisher/model@<QUANT>" too.
+_QUANT_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+_QUANT_IN_NAME = re.compile(
+    r"(?:^|[-_.])((?:I?Q\d[A-Z0-9_]*?|BF16|F16|F32))(?=[-.])", re.IGNORECASE
+)
 # Written by our generator into demo models so that they are labelled everywhere.
 DEMO_MARKER = "mlxserve-demo.json"
 # Encoder families: their checkpoints make embeddings, never text.
@@ -57,7 +62,20 @@ class ModelInfo:
 
 
 def valid_key_part(part: str) -> bool:
-    return bool(_KEY_PART.match(part)) and ".." not in part
+    return bool(_KEY_PART.fullmatch(part)) and ".." not in part
+
+
+def valid_key(key: str) -> bool:
+    """``publisher/model``, or ``publisher/model@QUANT`` for one GGUF quantization."""
+    parts = key.split("/")
+    if len(parts) != 2:
+        return False
+    name, at, quant = parts[1].partition("@")
+    return (
+        valid_key_part(parts[0])
+        and valid_key_part(name)
+        and (not at or bool(_QUANT_KEY.fullmatch(quant)))
+    )
 
 
 def params_string(n: int) -> str:
@@ -238,27 +256,44 @@ def _gguf_info(publisher: str, folder: Path, file: Path, shards: list[Path]) -> 
     )
 
 
-def _inspect(publisher: str, folder: Path) -> ModelInfo:
+def _quant_label(file: Path, info: ModelInfo) -> str:
+    """The quantization a GGUF file name says (``X-Q8_0.gguf``), else its header's."""
+    name = _SPLIT_GGUF.sub(".gguf", file.name)
+    match = _QUANT_IN_NAME.search(name)
+    return match.group(1).upper() if match else info.quantization.upper()
+
+
+def _inspect(publisher: str, folder: Path) -> list[ModelInfo]:
     ggufs = sorted(
         p for p in folder.glob("*.gguf") if p.is_file() and not p.name.startswith("mmproj")
     )
     if ggufs:
-        first_shards = [p for p in ggufs if not _SPLIT_GGUF.search(p.name)] or [
+        # One model per single file or per split set (by its first shard, never the others).
+        first_shards = [p for p in ggufs if not _SPLIT_GGUF.search(p.name)] + [
             p for p in ggufs if _SPLIT_GGUF.search(p.name) and "-00001-of-" in p.name
         ]
         if not first_shards:
             raise UnusableModel("split GGUF without its first shard")
-        file = first_shards[0]
-        match = _SPLIT_GGUF.search(file.name)
-        shards = [file]
-        if match:
-            stem = file.name[: match.start()]
-            shards = sorted(folder.glob(f"{stem}-*-of-{match.group(2)}.gguf"))
-        if len(first_shards) > 1:
-            log.info(
-                "%s/%s holds several GGUF files; serving %s", publisher, folder.name, file.name
-            )
-        return _gguf_info(publisher, folder, file, shards)
+        infos = []
+        for file in first_shards:
+            match = _SPLIT_GGUF.search(file.name)
+            shards = [file]
+            if match:
+                stem = file.name[: match.start()]
+                shards = sorted(folder.glob(f"{stem}-*-of-{match.group(2)}.gguf"))
+            infos.append((file, _gguf_info(publisher, folder, file, shards)))
+        if len(infos) == 1:
+            return [infos[0][1]]
+        # The folder's key stays the first file's; each quantization gets its own key too.
+        out = [infos[0][1]]
+        for file, info in infos:
+            label = _quant_label(file, info)
+            key = f"{info.key}@{label}"
+            if not _QUANT_KEY.fullmatch(label) or any(o.key == key for o in out):
+                log.info("%s: no key of its own for %s", info.key, file.name)
+                continue
+            out.append(replace(info, key=key, name=f"{info.name}@{label}"))
+        return out
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
         index = folder / "model.safetensors.index.json"
         if index.is_file():
@@ -267,7 +302,7 @@ def _inspect(publisher: str, folder: Path) -> ModelInfo:
             missing = sorted(str(n) for n in listed if not (folder / str(n)).is_file())
             if missing:
                 raise UnusableModel(f"incomplete: {missing[0]} is missing")
-        return _mlx_info(publisher, folder)
+        return [_mlx_info(publisher, folder)]
     raise UnusableModel("neither config.json with *.safetensors (MLX) nor a .gguf file (GGUF)")
 
 
@@ -279,7 +314,7 @@ class Registry:
     def __init__(self, root: Path, sources: list[ExternalSource] | None = None) -> None:
         self.root = root
         self.sources = sources or []
-        self._cache: dict[Path, tuple[tuple[Any, ...], ModelInfo | None]] = {}
+        self._cache: dict[Path, tuple[tuple[Any, ...], list[ModelInfo]]] = {}
         self._reported: dict[Path, str] = {}
 
     def _fingerprint(self, folder: Path) -> tuple[Any, ...]:
@@ -304,14 +339,12 @@ class Registry:
                 candidates += self._layout(source.root, source.name)
         for publisher, name, folder, source_name in candidates:
             seen.add(folder)
-            info = self._inspect_cached(publisher, folder, name, source_name)
-            if info is None:
-                continue
-            first = found.get(info.key)
-            if first is not None:
-                self._report(folder, f"{info.key} is served from {first.source} already")
-                continue
-            found[info.key] = info
+            for info in self._inspect_cached(publisher, folder, name, source_name):
+                first = found.get(info.key)
+                if first is not None:
+                    self._report(folder, f"{info.key} is served from {first.source} already")
+                    continue
+                found[info.key] = info
         for gone in set(self._cache) - seen:
             del self._cache[gone]
         return sorted(found.values(), key=lambda m: m.key)
@@ -349,31 +382,37 @@ class Registry:
 
     def _inspect_cached(
         self, publisher: str, folder: Path, name: str | None = None, source: str = "models"
-    ) -> ModelInfo | None:
+    ) -> list[ModelInfo]:
         try:
             fingerprint = self._fingerprint(folder)
         except OSError as exc:
             self._report(folder, f"cannot be read ({exc.strerror})")
-            return None
+            return []
         cached = self._cache.get(folder)
         if cached is not None and cached[0] == fingerprint:
             return cached[1]
-        info: ModelInfo | None = None
+        infos: list[ModelInfo] = []
         name = name or folder.name
         if not (valid_key_part(publisher) and valid_key_part(name)):
             self._report(folder, "its name is not a valid model key part")
         else:
             try:
-                info = _inspect(publisher, folder)
+                infos = _inspect(publisher, folder)
                 if name != folder.name or source != "models":
-                    info = replace(info, key=f"{publisher}/{name}", name=name, source=source)
+                    infos = [self._renamed(i, publisher, name, source) for i in infos]
                 self._reported.pop(folder, None)
             except UnusableModel as exc:
                 self._report(folder, str(exc))
             except Exception as exc:  # a scan never crashes on one bad folder
                 self._report(folder, f"{type(exc).__name__}: {exc}")
-        self._cache[folder] = (fingerprint, info)
-        return info
+        self._cache[folder] = (fingerprint, infos)
+        return infos
+
+    @staticmethod
+    def _renamed(info: ModelInfo, publisher: str, name: str, source: str) -> ModelInfo:
+        _, at, quant = info.key.partition("@")
+        suffix = f"@{quant}" if at else ""
+        return replace(info, key=f"{publisher}/{name}{suffix}", name=name + suffix, source=source)
 
     def _report(self, folder: Path, reason: str) -> None:
         if self._reported.get(folder) != reason:
@@ -383,10 +422,14 @@ class Registry:
 
     def get(self, key: str) -> ModelInfo | None:
         """The model with this key, or None. Never touches a path outside the root."""
-        parts = key.split("/")
-        if len(parts) != 2 or not all(valid_key_part(p) for p in parts):
+        if not valid_key(key):
             return None
-        for info in self.scan():
+        models = self.scan()
+        for info in models:
             if info.key == key:
                 return info
+        if "@" in key:  # quantization labels are case-insensitive, as in downloads
+            for info in models:
+                if "@" in info.key and info.key.lower() == key.lower():
+                    return info
         return None

@@ -58,12 +58,16 @@ def external_sources(settings: Settings) -> list[ExternalSource]:
     sources: list[ExternalSource] = []
     if settings.lmstudio_models:
         sources.append(
-            ExternalSource("lmstudio", settings.lmstudio_models_dir or lmstudio_models_dir(home))
+            ExternalSource(
+                "lmstudio",
+                (settings.lmstudio_models_dir or lmstudio_models_dir(home)).expanduser(),
+            )
         )
     if settings.hf_cache_models:
-        sources.append(ExternalSource("hf-cache", settings.hf_cache_dir or hf_cache_dir(home)))
+        root = (settings.hf_cache_dir or hf_cache_dir(home)).expanduser()
+        sources.append(ExternalSource("hf-cache", root))
     own = settings.models_root.resolve()
-    return [s for s in sources if s.root.expanduser().resolve() != own]
+    return [s for s in sources if s.root.resolve() != own]
 
 
 def hf_snapshot(repo_dir: Path) -> Path | None:

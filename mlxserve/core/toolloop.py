@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -34,6 +35,7 @@ from mlxserve.core.types import (
 )
 from mlxserve.errors import McpConnectionError
 
+log = logging.getLogger(__name__)
 # Room kept free for the reply (and the template's wrapping) when a tool result is fitted
 # into the context.
 ANSWER_RESERVE = 256
@@ -191,6 +193,12 @@ class ToolLoop:
             return ToolResult(
                 call.id, call.name, call.arguments, provider, "connection_error", "", exc.message
             )
+        except Exception as exc:  # whatever else the SDK raises: the model sees a tool error
+            log.exception("MCP tool '%s' failed unexpectedly", call.name)
+            reason = f"Tool '{call.name}' failed: {type(exc).__name__}: {exc}"
+            return ToolResult(
+                call.id, call.name, call.arguments, provider, "tool_error", reason, reason
+            )
         if outcome.is_error:
             reason = f"Tool '{call.name}' failed: {outcome.output}"
             return ToolResult(
@@ -278,8 +286,10 @@ def _argument_problem(arguments: Any, schema: dict[str, Any]) -> str | None:
     try:
         validator = jsonschema.validators.validator_for(schema)(schema)
         error = jsonschema.exceptions.best_match(validator.iter_errors(arguments))
-    except jsonschema.exceptions.SchemaError:
-        return None  # the server's schema is its own business; the server judges the call
+    except Exception:
+        # A schema we cannot use (invalid, a bad ``pattern``, an unresolvable ``$ref``) is
+        # the server's own business: it judges the call.
+        return None
     return error.message[:300] if error is not None else None
 
 

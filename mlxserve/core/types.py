@@ -97,6 +97,8 @@ class Progress:
 
     processed: int
     total: int
+    # Of ``processed``, the tokens served from the prompt cache.
+    cached: int = 0
 
 
 @dataclass(frozen=True)

@@ -51,9 +51,11 @@ class LMStudioError(_Open):
 
 
 class Health(_Open):
-    status: Literal["ok"]
+    # "error" (with HTTP 503) when a distributed group has lost a rank.
+    status: Literal["ok", "error"]
     version: str
-    loaded: list[dict[str, Any]]
+    # Absent for a request without a live token when authentication is required.
+    loaded: list[dict[str, Any]] = []
 
 
 # --- OpenAI ----------------------------------------------------------------------------------

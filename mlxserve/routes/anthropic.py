@@ -206,7 +206,9 @@ async def messages(request: Request) -> Response:
     gen = await _start(state, body.to_core(state.settings.default_temperature))
     renderer = MessageRenderer(gen.instance.id, gen.prompt_tokens)
     if body.stream:
-        return EventStreamResponse(_stream(gen, renderer, state.settings.sse_ping_seconds))
+        return EventStreamResponse(
+            _stream(gen, renderer, state.settings.sse_ping_seconds), on_close=gen.cancel
+        )
 
     finished = await unless_disconnected(request, gather(gen, renderer))
     if finished is None:

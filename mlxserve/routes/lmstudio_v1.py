@@ -454,12 +454,17 @@ async def chat(request: Request) -> Response:
         if body.stream and not isinstance(target, Instance):
             # The load happens inside the stream, so that its events can be sent as it goes.
             turn = _Turn(state.manager.next_instance_id(target.key), toolset=chat.toolset)
-            return EventStreamResponse(_events(chat, turn, None, target))
+            return EventStreamResponse(
+                _events(chat, turn, None, target), on_close=lambda: chat.end(None)
+            )
         gen, load_seconds, started = await chat.begin(body.model)
         turn = _Turn(gen.instance.id, toolset=chat.toolset)
         turn.begin(gen, load_seconds, started)
         if body.stream:
-            return EventStreamResponse(_events(chat, turn, gen, None))
+            started_gen = gen
+            return EventStreamResponse(
+                _events(chat, turn, gen, None), on_close=lambda: chat.end(started_gen)
+            )
     except BaseException:
         await chat.end(gen)
         raise

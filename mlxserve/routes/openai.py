@@ -262,7 +262,8 @@ async def chat_completions(request: Request) -> Response:
         return EventStreamResponse(
             _stream(
                 gen, envelope, choice, opening, body.include_usage, state.settings.sse_ping_seconds
-            )
+            ),
+            on_close=gen.cancel,
         )
 
     result = await unless_disconnected(request, _collect(gen))
@@ -289,7 +290,8 @@ async def completions(request: Request) -> Response:
         return EventStreamResponse(
             _stream(
                 gen, envelope, choice, None, body.include_usage, state.settings.sse_ping_seconds
-            )
+            ),
+            on_close=gen.cancel,
         )
 
     result = await unless_disconnected(request, _collect(gen))

@@ -17,11 +17,7 @@ from mlxserve.state import AppState
 
 
 def _instance(state: AppState, instance: Loaded) -> dict[str, Any]:
-    manager = state.manager
-    ttl_left: float | None = None
-    if instance.ttl is not None:
-        busy = instance.holds > 0 or instance.engine.pending > 0
-        ttl_left = instance.ttl if busy else instance.last_used + instance.ttl - manager._clock()
+    ttl_left = state.manager.ttl_left(instance)
     return {
         "id": instance.id,
         "model": instance.info.key,
@@ -29,7 +25,7 @@ def _instance(state: AppState, instance: Loaded) -> dict[str, Any]:
         "format": instance.info.format,
         "context_length": instance.context_length,
         "ttl_seconds": instance.ttl,
-        "ttl_left_seconds": round(max(ttl_left, 0.0), 1) if ttl_left is not None else None,
+        "ttl_left_seconds": round(ttl_left, 1) if ttl_left is not None else None,
         "jit": instance.jit,
         "memory_bytes": instance.memory_bytes,
         "size_bytes": instance.info.size_bytes,

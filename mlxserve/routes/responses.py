@@ -455,11 +455,15 @@ async def create_response(request: Request) -> Response:
         except InvalidRequest as exc:
             exc.param = _FIELDS.get(exc.param or "", exc.param)
             raise
-        source: Generation | ToolLoop = gen
-        if toolset is not None:
-            rounds = state.settings.mcp_max_rounds
-            source = ToolLoop(state.manager, core, gen, toolset, rounds)
-        renderer = ResponseRenderer(body, raw, core, gen.instance.id)
+        try:
+            source: Generation | ToolLoop = gen
+            if toolset is not None:
+                rounds = state.settings.mcp_max_rounds
+                source = ToolLoop(state.manager, core, gen, toolset, rounds)
+            renderer = ResponseRenderer(body, raw, core, gen.instance.id)
+        except BaseException:
+            gen.cancel()  # queued already: it must not run on to max_tokens
+            raise
     except BaseException:
         await exits.aclose()
         raise
@@ -478,7 +482,14 @@ async def create_response(request: Request) -> Response:
 
     if body.stream:
         ping = state.settings.sse_ping_seconds
-        return EventStreamResponse(_stream(source, renderer, save, ping, toolset, exits.aclose))
+
+        async def close() -> None:
+            source.cancel()
+            await exits.aclose()
+
+        return EventStreamResponse(
+            _stream(source, renderer, save, ping, toolset, exits.aclose), on_close=close
+        )
 
     if toolset is not None:
         renderer.listed(toolset)

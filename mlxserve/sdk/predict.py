@@ -166,6 +166,7 @@ class _Run:
     first_at: float | None = None
     progress: float = 0.0
     in_reasoning: bool = False
+    cached: int = 0
     call_name: str = ""
     call_id: str = ""
     call_args: str = ""
@@ -213,12 +214,14 @@ class _Run:
         self.progress = value
         total = event.total if event else 0
         processed = event.processed if event else 0
+        if event is not None:
+            self.cached = max(self.cached, event.cached)
         return [
             {
                 "type": "promptProcessingProgress",
                 "progress": value,
                 "details": {
-                    "cachedTokenCount": 0,
+                    "cachedTokenCount": self.cached,
                     "totalPromptTokenCount": total,
                     "processedPromptTokenCount": processed,
                     "unprocessedPromptTokenCount": max(total - processed, 0),
