@@ -34,9 +34,8 @@ from mlxserve.protocols.embeddings import EmbeddingRequest
 from mlxserve.protocols.lmstudio import ChatRequest, LoadModelRequest, UnloadModelRequest
 from mlxserve.protocols.openai import ChatCompletionRequest, CompletionRequest
 from mlxserve.protocols.responses import ResponsesRequest
+from mlxserve.routes.common import Dialect, dialect_of
 from mlxserve.state import AppState
-
-Dialect = Literal["openai", "anthropic", "lmstudio"]
 
 
 @dataclass(frozen=True)
@@ -121,14 +120,6 @@ def openapi_path(path: str) -> str:
     return _CONVERTER.sub(r"{\1}", path)
 
 
-def _dialect_of(path: str) -> Dialect:
-    if path.startswith("/v1/messages"):
-        return "anthropic"
-    if path.startswith("/api/v1/"):
-        return "lmstudio"
-    return "openai"
-
-
 def _schemas() -> tuple[dict[Any, Any], dict[str, Any]]:
     models: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = []
     for op in OPERATIONS:
@@ -155,7 +146,7 @@ def _operation(
     open_path: bool,
     require_auth: bool,
 ) -> dict[str, Any]:
-    dialect = op.dialect if op is not None else _dialect_of(path)
+    dialect = op.dialect if op is not None else dialect_of(path)
     error = _json(refs[(_ERRORS[dialect], "validation")])
     if op is not None and op.reply is not None:
         ok: dict[str, Any] = _json(refs[(op.reply, "validation")])

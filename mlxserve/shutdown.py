@@ -30,7 +30,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlxserve.errors import Overloaded
 from mlxserve.middleware import reject
-from mlxserve.routes.common import anthropic_error_body, lmstudio_error_body, openai_error_body, sse
+from mlxserve.routes.common import (
+    anthropic_error_body,
+    dialect_of,
+    lmstudio_error_body,
+    openai_error_body,
+    sse,
+)
 
 log = logging.getLogger("mlxserve.shutdown")
 
@@ -46,9 +52,10 @@ class ServerShuttingDown(Overloaded):
 
 def terminal_event(path: str, exc: ServerShuttingDown, last_sequence: int) -> str:
     """The event that ends a stream in the dialect of ``path``."""
-    if path.startswith("/v1/messages"):
+    dialect = dialect_of(path)
+    if dialect == "anthropic":
         return sse(anthropic_error_body(exc), "error")
-    if path.startswith("/api/v1/"):
+    if dialect == "lmstudio":
         return sse({"type": "error", **lmstudio_error_body(exc)}, "error")
     if path.startswith("/v1/responses"):
         error = {"type": "error", "code": exc.code, "message": exc.message, "param": None}

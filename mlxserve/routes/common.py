@@ -8,7 +8,7 @@ import inspect
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio
 from pydantic import BaseModel, ValidationError
@@ -184,11 +184,24 @@ def lmstudio_error_body(exc: MlxServeError) -> dict[str, Any]:
     return {"error": error}
 
 
+Dialect = Literal["openai", "anthropic", "lmstudio"]
+
+
+def dialect_of(path: str) -> Dialect:
+    """Which API's error envelope a path speaks."""
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    if path.startswith("/api/v1/"):
+        return "lmstudio"
+    return "openai"
+
+
 def error_body_for(path: str, exc: MlxServeError) -> dict[str, Any]:
     """The error envelope of the dialect a path speaks."""
-    if path.startswith("/v1/messages"):
+    dialect = dialect_of(path)
+    if dialect == "anthropic":
         return anthropic_error_body(exc)
-    if path.startswith("/api/v1/"):
+    if dialect == "lmstudio":
         return lmstudio_error_body(exc)
     return openai_error_body(exc)
 
