@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -21,6 +22,7 @@ from mlxserve.routes import (
     embeddings,
     lmstudio_v0,
     lmstudio_v1,
+    metrics,
     openai,
     ops,
     responses,
@@ -100,6 +102,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *lmstudio_v0.routes,
             *downloads.routes,
             *ops.routes,
+            *metrics.routes,
             *sdk_routes(),
         ],
         exception_handlers={
@@ -107,7 +110,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             HTTPException: error_response,
             Exception: error_response,
         },
-        middleware=security_middleware(state),
+        # Outermost, so that refusals are counted too.
+        middleware=[Middleware(metrics.RequestMetrics, metrics=state.metrics)]
+        + security_middleware(state),
         lifespan=lifespan,
     )
     app.state.mlxserve = state

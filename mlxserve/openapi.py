@@ -87,6 +87,8 @@ OPERATIONS: tuple[Operation, ...] = (
               request=DownloadRequest),
     Operation("GET", "/api/v1/logs/stream", "Live request/response log (mlxserve log stream)",
               "lmstudio", event_stream=True),
+    Operation("GET", "/metrics", "Metrics: Prometheus text, or JSON with ?format=json",
+              "openai"),
     Operation("GET", "/api/v0/models", "List models (LM Studio v0)", "openai",
               reply=replies.LMStudioV0Models),
     Operation("GET", "/api/v0/models/{model:path}", "One model (LM Studio v0)", "openai"),

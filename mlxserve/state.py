@@ -10,6 +10,7 @@ from mlxserve.core.downloads import DownloadManager
 from mlxserve.core.logbus import LogBus
 from mlxserve.core.manager import ModelManager
 from mlxserve.core.mcp import McpClients
+from mlxserve.core.metrics import Metrics
 from mlxserve.core.registry import Registry
 from mlxserve.core.sources import external_sources
 from mlxserve.settings import Settings
@@ -30,17 +31,21 @@ class AppState:
     logbus: LogBus
     # MCP servers: the kept-alive sessions to mcp.json servers.
     mcp: McpClients
+    # The metrics registry (GET /metrics), fed by the manager and the generation path.
+    metrics: Metrics
 
     @classmethod
     def build(cls, settings: Settings) -> AppState:
         registry = Registry(settings.models_root, external_sources(settings))
+        metrics = Metrics()
         return cls(
             settings=settings,
             registry=registry,
-            manager=ModelManager(settings, registry),
+            manager=ModelManager(settings, registry, observer=metrics),
             chats=ChatStore(settings.home / "chats.sqlite3"),
             tokens=TokenStore(settings.home / "tokens.json"),
             downloads=DownloadManager(settings.models_root, registry),
             logbus=LogBus(),
             mcp=McpClients(settings),
+            metrics=metrics,
         )

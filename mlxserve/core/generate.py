@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from backends.constraint import GrammarConstraint, GrammarError
 from backends.owner import QueueFull
 from mlxserve.core.grammar import json_schema_grammar, lark_grammar
 from mlxserve.core.manager import Instance, ModelManager
+from mlxserve.core.metrics import note_model
 from mlxserve.core.reasoning import ReasoningSplitter, prompt_opens_thinking, reasoning_support
 from mlxserve.core.textstream import TextAssembler
 from mlxserve.core.tools import ToolCallParser, ToolFormat, detect_format, forcing_grammar
@@ -105,6 +107,7 @@ class Generation:
         self._output = output
         # Prompt tokens the engine took from its prompt cache instead of processing them.
         self.cached_tokens = 0
+        self._queued_at = time.perf_counter()
 
     def cancel(self) -> None:
         self._stream.cancel()
@@ -122,14 +125,29 @@ class Generation:
     async def events(self, idle_seconds: float | None = None) -> AsyncIterator[Event]:
         """The generation's events; :class:`Idle` after each ``idle_seconds`` of silence."""
         generated = 0
+        meter = self.instance.meter
+        running = False
+        first_token: float | None = None
+        last_token = 0.0
+        if meter is not None:
+            meter.queued()
         try:
             while True:
                 batch = await self._stream.next_batch(idle_seconds or None)
                 if not batch:
                     yield Idle()
+                if batch and not running:
+                    running = True
+                    if meter is not None:
+                        meter.started()
                 for item in batch:
                     if isinstance(item, Token):
                         generated += 1
+                        last_token = time.perf_counter()
+                        if first_token is None:
+                            first_token = last_token
+                            if meter is not None:
+                                meter.first_token(first_token - self._queued_at)
                         for event in self._output.token(item.id):
                             yield event
                         if self._output.stopped:
@@ -148,6 +166,14 @@ class Generation:
             raise EngineFailure(f"Generation failed: {exc}") from exc
         finally:
             self._stream.cancel()
+            if meter is not None:
+                meter.ended(was_running=running)
+                meter.finished(
+                    prompt_tokens=self.prompt_tokens,
+                    generated=generated,
+                    cached=self.cached_tokens,
+                    decode_seconds=None if first_token is None else last_token - first_token,
+                )
 
 
 @dataclass
@@ -252,6 +278,7 @@ async def admit(instance: Instance, request: CoreRequest) -> Generation:
     """Render, tokenize, check and queue ``request`` on an instance the caller holds."""
     engine = instance.engine
     info = engine.info
+    note_model(instance.id)
     plan = _plan(instance, request)
     text, tokens = await _prompt(instance, request, plan)
     if not tokens:

@@ -27,6 +27,7 @@ from backends import open_embedding_engine, open_engine
 from backends.base import Engine, LoadOptions
 from backends.embedding import EmbeddingEngine
 from mlxserve.core import memory
+from mlxserve.core.metrics import LifecycleObserver, ModelMeter
 from mlxserve.core.registry import ModelInfo, Registry
 from mlxserve.core.templates import ChatTemplate, TemplateError
 from mlxserve.errors import (
@@ -79,6 +80,8 @@ class Residency:
     busy_seen: bool = False
     holds: int = 0
     released: asyncio.Event = field(default_factory=asyncio.Event)
+    # Where its generations report tokens and latencies (set when an observer is attached).
+    meter: ModelMeter | None = None
 
 
 @dataclass
@@ -143,11 +146,18 @@ class ModelManager:
     """Owns every loaded engine and decides when each is loaded and unloaded."""
 
     def __init__(
-        self, settings: Settings, registry: Registry, *, clock: Callable[[], float] = time.monotonic
+        self,
+        settings: Settings,
+        registry: Registry,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        observer: LifecycleObserver | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self._clock = clock
+        # Told of every load and unload (the metrics registry).
+        self.observer = observer
         self._instances: dict[str, Instance] = {}
         self._embedders: dict[str, EmbeddingInstance] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -471,6 +481,8 @@ class ModelManager:
                 )
         except Exception as exc:
             log.exception("loading %s failed", info.key)
+            if self.observer is not None:
+                self.observer.load_failed(info.key)
             # Whatever the failed load allocated is garbage now: give it back.
             await asyncio.to_thread(gc.collect)
             # The exception text may hold the file's absolute path: it stays in the log.
@@ -513,6 +525,16 @@ class ModelManager:
             self._instances[instance_id] = loaded
         if ttl is not None:
             self._wake.set()
+        if self.observer is not None:
+            loaded.meter = self.observer.loaded(
+                instance_id,
+                seconds=elapsed,
+                memory_bytes=need.total,
+                kv_cache_bytes=need.kv_cache,
+                batch_slots=options.kv_windows("gguf")
+                if info.format == "gguf"
+                else options.max_batch_size,
+            )
         log.info("loaded %s in %.2fs%s", instance_id, elapsed, " (JIT)" if jit else "")
         return loaded
 
@@ -564,9 +586,12 @@ class ModelManager:
         await self._shielded(self._close_when_idle(instance))
 
     async def _close_when_idle(self, instance: Loaded) -> None:
+        started = time.perf_counter()
         while instance.holds:
             await instance.released.wait()
         await asyncio.to_thread(_close_engine, instance.engine)
+        if self.observer is not None:
+            self.observer.unloaded(instance.id, seconds=time.perf_counter() - started)
 
     def _busy(self, instance: Loaded) -> bool:
         return instance.holds > 0 or instance.engine.pending > 0
