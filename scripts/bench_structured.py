@@ -33,15 +33,39 @@ LONG = {
     "required": ["story"],
 }
 COMPILE_SCHEMAS = [
-    {"type": "object", "properties": {f"f{i}": {"type": t} for i, t in enumerate(types)},
-     "required": [f"f{i}" for i in range(len(types))]}
+    {
+        "type": "object",
+        "properties": {f"f{i}": {"type": t} for i, t in enumerate(types)},
+        "required": [f"f{i}" for i in range(len(types))],
+    }
     for types in (["string"], ["integer", "boolean"], ["number", "string", "array"] * 4)
 ] + [
-    {"type": "object", "properties": {"items": {"type": "array", "items": {
-        "type": "object", "properties": {"id": {"type": "integer"}, "tags": {
-            "type": "array", "items": {"type": "string", "enum": ["a", "b", "c"]}}},
-        "required": ["id"]}}, "meta": {"$ref": "#/$defs/meta"}}, "$defs": {"meta": {
-            "type": "object", "properties": {"v": {"type": "string", "pattern": "^[0-9]+$"}}}}},
+    {
+        "type": "object",
+        "properties": {
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "integer"},
+                        "tags": {
+                            "type": "array",
+                            "items": {"type": "string", "enum": ["a", "b", "c"]},
+                        },
+                    },
+                    "required": ["id"],
+                },
+            },
+            "meta": {"$ref": "#/$defs/meta"},
+        },
+        "$defs": {
+            "meta": {
+                "type": "object",
+                "properties": {"v": {"type": "string", "pattern": "^[0-9]+$"}},
+            }
+        },
+    },
 ]
 
 
@@ -75,8 +99,9 @@ def main() -> int:
     import llguidance.hf
     from transformers import AutoTokenizer
 
-    tok = llguidance.hf.from_tokenizer(AutoTokenizer.from_pretrained(
-        str(args.models_dir / "mlxserve-test" / "tiny-qwen2-mlx")))
+    tok = llguidance.hf.from_tokenizer(
+        AutoTokenizer.from_pretrained(str(args.models_dir / "mlxserve-test" / "tiny-qwen2-mlx"))
+    )
     times = []
     for i in range(40):
         schema = dict(COMPILE_SCHEMAS[i % len(COMPILE_SCHEMAS)], title=f"s{i}")  # no caching
@@ -87,14 +112,26 @@ def main() -> int:
         times.append((time.perf_counter() - t) * 1000)
     times.sort()
     p95 = times[int(len(times) * 0.95) - 1]
-    print(f"schema compile: median {statistics.median(times):.2f} ms, p95 {p95:.2f} ms "
-          f"({len(times)} schemas)")
+    print(
+        f"schema compile: median {statistics.median(times):.2f} ms, p95 {p95:.2f} ms "
+        f"({len(times)} schemas)"
+    )
 
     port = free_port()
     home = tempfile.mkdtemp(prefix="mlxserve-bench-")
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlxserve", "serve", "--port", str(port), "--models-dir",
-         str(args.models_dir), "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "mlxserve",
+            "serve",
+            "--port",
+            str(port),
+            "--models-dir",
+            str(args.models_dir),
+            "--log-level",
+            "warning",
+        ],
         env={**os.environ, "MLXSERVE_HOME": home},
     )
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -107,11 +144,20 @@ def main() -> int:
                 except httpx.HTTPError:
                     time.sleep(0.2)
             for model in MODELS:
-                base = {"model": model, "temperature": 0, "max_tokens": args.tokens,
-                        "messages": [{"role": "user", "content": "Tell me a story."}]}
+                base = {
+                    "model": model,
+                    "temperature": 0,
+                    "max_tokens": args.tokens,
+                    "messages": [{"role": "user", "content": "Tell me a story."}],
+                }
                 free = {**base, "ignore_eos": True}
-                constrained = {**base, "response_format": {"type": "json_schema", "json_schema": {
-                    "name": "story", "schema": LONG}}}
+                constrained = {
+                    **base,
+                    "response_format": {
+                        "type": "json_schema",
+                        "json_schema": {"name": "story", "schema": LONG},
+                    },
+                }
                 timed(client, url, free)
                 timed(client, url, constrained)  # warm: load, tokenizer, grammar cache
                 rates: dict[str, list[float]] = {"free": [], "json": []}
@@ -122,8 +168,10 @@ def main() -> int:
                         rates[name].append(n / seconds)
                 free_rate = statistics.median(rates["free"])
                 json_rate = statistics.median(rates["json"])
-                print(f"{model}: unconstrained {free_rate:.1f} tok/s, json_schema "
-                      f"{json_rate:.1f} tok/s, ratio {json_rate / free_rate:.2f}")
+                print(
+                    f"{model}: unconstrained {free_rate:.1f} tok/s, json_schema "
+                    f"{json_rate:.1f} tok/s, ratio {json_rate / free_rate:.2f}"
+                )
     finally:
         server.terminate()
         server.wait(timeout=20)

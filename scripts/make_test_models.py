@@ -152,8 +152,19 @@ def _download_vocab(dest: Path) -> None:
         raise RuntimeError(f"no llama-cpp-python installed; pass --vocab {VOCAB_FILE}") from None
     with tempfile.TemporaryDirectory() as tmp:
         # --no-binary only for this package: build requirements may stay wheels.
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-               "--no-binary", "llama-cpp-python", f"llama-cpp-python=={version}", "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            "llama-cpp-python",
+            f"llama-cpp-python=={version}",
+            "-d",
+            tmp,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         if proc.returncode != 0 or not sdists:
@@ -217,18 +228,25 @@ def build_tokenizer_json(vocab: Vocab) -> str:
 
     # The BPE model holds every token up to the last NORMAL one; the rest are added tokens.
     n_base = 1 + max(i for i, t in enumerate(vocab.token_types) if t == TokenType.NORMAL)
-    tok = Tokenizer(models.BPE(
-        vocab={t: i for i, t in enumerate(vocab.tokens[:n_base])},
-        merges=[tuple(m.split(" ")) for m in vocab.merges],  # type: ignore[misc]
-        unk_token=None, fuse_unk=False, byte_fallback=False,
-        continuing_subword_prefix="", end_of_word_suffix="",
-    ))
+    tok = Tokenizer(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(vocab.tokens[:n_base])},
+            merges=[tuple(m.split(" ")) for m in vocab.merges],  # type: ignore[misc]
+            unk_token=None,
+            fuse_unk=False,
+            byte_fallback=False,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+        )
+    )
     # NFC as in Qwen2's own tokenizer (transformers' Qwen2Tokenizer forces it anyway).
     # llama.cpp does not normalize, so only NFC text tokenizes identically in both.
-    tok.pre_tokenizer = pre.Sequence([
-        pre.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
-        pre.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre.Sequence(
+        [
+            pre.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -284,9 +302,14 @@ def gguf_name(hf_name: str) -> str:
         return fixed[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)
     parts = {
-        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
         "post_attention_layernorm": "ffn_norm",
     }
     module, kind = rest.rsplit(".", 1)
@@ -310,27 +333,57 @@ def write_mlx(
     from safetensors.numpy import save_file
 
     eot, im_end = vocab.id_of("<|endoftext|>"), vocab.id_of("<|im_end|>")
-    _write_json(folder / "config.json", {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-        "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE,
-        "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS, "max_position_embeddings": CONTEXT,
-        "rope_theta": ROPE_THETA, "rms_norm_eps": RMS_EPS, "hidden_act": "silu",
-        "tie_word_embeddings": True, "vocab_size": len(vocab.tokens),
-        "bos_token_id": eot, "eos_token_id": im_end, "torch_dtype": "float32",
-        "use_sliding_window": False, "attention_dropout": 0.0, "initializer_range": LINEAR_STD,
-    })
-    _write_json(folder / "generation_config.json", {
-        "bos_token_id": eot, "eos_token_id": vocab.eog_ids(), "pad_token_id": eot,
-    })
+    _write_json(
+        folder / "config.json",
+        {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "hidden_size": HIDDEN,
+            "intermediate_size": INTERMEDIATE,
+            "num_hidden_layers": LAYERS,
+            "num_attention_heads": HEADS,
+            "num_key_value_heads": KV_HEADS,
+            "max_position_embeddings": CONTEXT,
+            "rope_theta": ROPE_THETA,
+            "rms_norm_eps": RMS_EPS,
+            "hidden_act": "silu",
+            "tie_word_embeddings": True,
+            "vocab_size": len(vocab.tokens),
+            "bos_token_id": eot,
+            "eos_token_id": im_end,
+            "torch_dtype": "float32",
+            "use_sliding_window": False,
+            "attention_dropout": 0.0,
+            "initializer_range": LINEAR_STD,
+        },
+    )
+    _write_json(
+        folder / "generation_config.json",
+        {
+            "bos_token_id": eot,
+            "eos_token_id": vocab.eog_ids(),
+            "pad_token_id": eot,
+        },
+    )
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-    _write_json(folder / "tokenizer_config.json", {
-        "tokenizer_class": "Qwen2Tokenizer", "add_bos_token": False, "add_prefix_space": False,
-        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "unk_token": None, "chat_template": template, "clean_up_tokenization_spaces": False,
-        "errors": "replace", "model_max_length": CONTEXT, "split_special_tokens": False,
-    })
+    _write_json(
+        folder / "tokenizer_config.json",
+        {
+            "tokenizer_class": "Qwen2Tokenizer",
+            "add_bos_token": False,
+            "add_prefix_space": False,
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "unk_token": None,
+            "chat_template": template,
+            "clean_up_tokenization_spaces": False,
+            "errors": "replace",
+            "model_max_length": CONTEXT,
+            "split_special_tokens": False,
+        },
+    )
 
 
 def write_gguf(
@@ -378,9 +431,15 @@ def write_gguf(
 
 def _stamp(fmt: str, name: str, seed: int, folder: Path) -> dict[str, Any]:
     files = sorted(p for p in folder.iterdir() if p.name != STAMP_FILE)
-    return {"generator": "mlxserve make_test_models", "version": GENERATOR_VERSION,
-            "source_sha256": _SOURCE_SHA256, "format": fmt, "name": name, "seed": seed,
-            "files": {p.name: p.stat().st_size for p in files}}
+    return {
+        "generator": "mlxserve make_test_models",
+        "version": GENERATOR_VERSION,
+        "source_sha256": _SOURCE_SHA256,
+        "format": fmt,
+        "name": name,
+        "seed": seed,
+        "files": {p.name: p.stat().st_size for p in files},
+    }
 
 
 def _is_complete(folder: Path, fmt: str, name: str, seed: int) -> bool:

@@ -34,34 +34,67 @@ def request(**kw):
 
 def test_blocks_become_template_messages():
     body = request(
-        system=[{"type": "text", "text": "one", "cache_control": {"type": "ephemeral"}},
-                {"type": "text", "text": "two"}],
+        system=[
+            {"type": "text", "text": "one", "cache_control": {"type": "ephemeral"}},
+            {"type": "text", "text": "two"},
+        ],
         messages=[
             {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
-            {"role": "assistant", "content": [
-                {"type": "thinking", "thinking": "hm", "signature": "s"},
-                {"type": "text", "text": "Let me look."},
-                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}},
-                {"type": "tool_use", "id": "toolu_2", "name": "get_weather", "input": {"city": "Rome"}},
-            ]},
-            {"role": "user", "content": [
-                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "cold"},
-                {"type": "tool_result", "tool_use_id": "toolu_2", "is_error": True,
-                 "content": [{"type": "text", "text": "no data"}]},
-                {"type": "text", "text": "And tomorrow?"},
-            ]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": "hm", "signature": "s"},
+                    {"type": "text", "text": "Let me look."},
+                    {
+                        "type": "tool_use",
+                        "id": "toolu_1",
+                        "name": "get_weather",
+                        "input": {"city": "Oslo"},
+                    },
+                    {
+                        "type": "tool_use",
+                        "id": "toolu_2",
+                        "name": "get_weather",
+                        "input": {"city": "Rome"},
+                    },
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": "cold"},
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "toolu_2",
+                        "is_error": True,
+                        "content": [{"type": "text", "text": "no data"}],
+                    },
+                    {"type": "text", "text": "And tomorrow?"},
+                ],
+            },
             {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "x"}]},
         ],
     )
     assert list(body.to_core(0.8).messages) == [
         {"role": "system", "content": "one\ntwo"},
         {"role": "user", "content": "Weather?"},
-        {"role": "assistant", "content": "Let me look.", "reasoning_content": "hm", "tool_calls": [
-            {"id": "toolu_1", "type": "function",
-             "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}},
-            {"id": "toolu_2", "type": "function",
-             "function": {"name": "get_weather", "arguments": {"city": "Rome"}}},
-        ]},
+        {
+            "role": "assistant",
+            "content": "Let me look.",
+            "reasoning_content": "hm",
+            "tool_calls": [
+                {
+                    "id": "toolu_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Oslo"}},
+                },
+                {
+                    "id": "toolu_2",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Rome"}},
+                },
+            ],
+        },
         {"role": "tool", "tool_call_id": "toolu_1", "content": "cold"},
         {"role": "tool", "tool_call_id": "toolu_2", "content": "Error: no data"},
         {"role": "user", "content": "And tomorrow?"},
@@ -71,15 +104,22 @@ def test_blocks_become_template_messages():
 
 def test_core_request_fields():
     core = request(
-        tools=[{"name": "f", "description": "d", "input_schema": SCHEMA},
-               {"type": "custom", "name": "g", "input_schema": SCHEMA}],
+        tools=[
+            {"name": "f", "description": "d", "input_schema": SCHEMA},
+            {"type": "custom", "name": "g", "input_schema": SCHEMA},
+        ],
         tool_choice={"type": "tool", "name": "g", "disable_parallel_tool_use": True},
         thinking={"type": "enabled", "budget_tokens": 2048},
-        stop_sequences=["END"], temperature=0.2, top_p=0.9, top_k=40,
+        stop_sequences=["END"],
+        temperature=0.2,
+        top_p=0.9,
+        top_k=40,
         output_config={"format": {"type": "json_schema", "schema": SCHEMA}, "effort": "high"},
     ).to_core(0.8)
-    assert core.tools == ({"name": "f", "parameters": SCHEMA, "description": "d"},
-                          {"name": "g", "parameters": SCHEMA})
+    assert core.tools == (
+        {"name": "f", "parameters": SCHEMA, "description": "d"},
+        {"name": "g", "parameters": SCHEMA},
+    )
     assert core.tool_choice == {"name": "g"} and core.parallel_tool_calls is False
     assert core.reasoning == "on" and core.stops == ("END",) and core.max_tokens == 8
     assert (core.sampling.temperature, core.sampling.top_p, core.sampling.top_k) == (0.2, 0.9, 40)
@@ -95,9 +135,12 @@ def test_core_request_fields():
 
 def test_count_tokens_request_needs_no_max_tokens():
     body = CountTokensRequest.model_validate(
-        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "system": "s"})
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "system": "s"}
+    )
     assert body.to_core(0.8).messages == (
-        {"role": "system", "content": "s"}, {"role": "user", "content": "hi"})
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "hi"},
+    )
 
 
 def done(reason="stop", completion=3, stop=None):
@@ -114,18 +157,35 @@ def test_stop_reasons():
 def test_renderer_event_sequence_and_message():
     r = MessageRenderer("m", 5)
     events = [r.start()]
-    for event in [ReasoningDelta("think"), TextDelta("Hel"), TextDelta("lo"),
-                  ToolCallStart(0, "call_abc", "f"), ToolCallDelta(0, '{"city":'),
-                  ToolCallDelta(0, '"Oslo"}'), ToolCallEnd(0)]:
+    for event in [
+        ReasoningDelta("think"),
+        TextDelta("Hel"),
+        TextDelta("lo"),
+        ToolCallStart(0, "call_abc", "f"),
+        ToolCallDelta(0, '{"city":'),
+        ToolCallDelta(0, '"Oslo"}'),
+        ToolCallEnd(0),
+    ]:
         events += r.feed(event)
     events += r.finish(done("tool_calls", 9))
     names = [n for n, _ in events]
     assert names == [
-        "message_start", "content_block_start", "ping",
-        "content_block_delta", "content_block_delta", "content_block_stop",
-        "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
-        "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
-        "message_delta", "message_stop",
+        "message_start",
+        "content_block_start",
+        "ping",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
     ]
     assert all(data["type"] == name for name, data in events)
     start = events[0][1]["message"]
@@ -134,14 +194,23 @@ def test_renderer_event_sequence_and_message():
     assert events[1][1]["content_block"] == {"type": "thinking", "thinking": "", "signature": ""}
     assert events[3][1]["delta"] == {"type": "thinking_delta", "thinking": "think"}
     assert events[4][1]["delta"] == {"type": "signature_delta", "signature": ""}
-    assert events[7][1] == {"type": "content_block_delta", "index": 1,
-                            "delta": {"type": "text_delta", "text": "Hel"}}
+    assert events[7][1] == {
+        "type": "content_block_delta",
+        "index": 1,
+        "delta": {"type": "text_delta", "text": "Hel"},
+    }
     assert events[10][1]["content_block"] == {
-        "type": "tool_use", "id": "toolu_abc", "name": "f", "input": {}}
+        "type": "tool_use",
+        "id": "toolu_abc",
+        "name": "f",
+        "input": {},
+    }
     assert events[11][1]["delta"] == {"type": "input_json_delta", "partial_json": '{"city":'}
-    assert events[14][1] == {"type": "message_delta",
-                             "delta": {"stop_reason": "tool_use", "stop_sequence": None},
-                             "usage": {"input_tokens": 5, "output_tokens": 9}}
+    assert events[14][1] == {
+        "type": "message_delta",
+        "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+        "usage": {"input_tokens": 5, "output_tokens": 9},
+    }
     message = r.message()
     assert message["id"].startswith("msg_") and message["type"] == "message"
     assert message["content"] == [
@@ -179,7 +248,9 @@ def test_mid_stream_failure_is_an_error_event():
     name, data = chunks[-1].strip().split("\n")
     assert name == "event: error"
     assert json.loads(data[6:]) == {
-        "type": "error", "error": {"type": "api_error", "message": "Generation failed: boom"}}
+        "type": "error",
+        "error": {"type": "api_error", "message": "Generation failed: boom"},
+    }
     assert not any("message_stop" in c for c in chunks)
 
 
@@ -189,8 +260,9 @@ def test_mid_stream_failure_is_an_error_event():
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    with TestClient(create_app(Settings(home=root, models_dir=root)),
-                    raise_server_exceptions=False) as c:
+    with TestClient(
+        create_app(Settings(home=root, models_dir=root)), raise_server_exceptions=False
+    ) as c:
         yield c
 
 
@@ -213,12 +285,25 @@ USER = [{"role": "user", "content": "hi"}]
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-        ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
-         "messages[0].content[0].type"),
-        ({"messages": [{"role": "user", "content": [{"type": "tool_result"}]}]},
-         "messages[0].content[0].tool_use_id"),
-        ({"messages": [{"role": "user", "content": [
-            {"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]}, "messages"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
+            "messages[0].content[0].type",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "tool_result"}]}]},
+            "messages[0].content[0].tool_use_id",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}],
+                    }
+                ]
+            },
+            "messages",
+        ),
         ({"system": [{"type": "image"}]}, "system[0].type"),
         ({"temperature": 1.5}, "temperature"),
         ({"top_k": -1}, "top_k"),
@@ -229,10 +314,17 @@ USER = [{"role": "user", "content": "hi"}]
         ({"tools": [{"name": "f", "input_schema": {}}] * 2}, "tools"),
         ({"tool_choice": {"type": "sometimes"}}, "tool_choice.type"),
         ({"tool_choice": {"type": "any"}}, "tool_choice"),
-        ({"tool_choice": {"type": "tool"}, "tools": [{"name": "f", "input_schema": {}}]},
-         "tool_choice.name"),
-        ({"tool_choice": {"type": "tool", "name": "g"}, "tools": [{"name": "f", "input_schema": {}}]},
-         "tool_choice.name"),
+        (
+            {"tool_choice": {"type": "tool"}, "tools": [{"name": "f", "input_schema": {}}]},
+            "tool_choice.name",
+        ),
+        (
+            {
+                "tool_choice": {"type": "tool", "name": "g"},
+                "tools": [{"name": "f", "input_schema": {}}],
+            },
+            "tool_choice.name",
+        ),
         ({"thinking": {"type": "on"}}, "thinking.type"),
         ({"stream": "yes"}, "stream"),
     ],
@@ -256,8 +348,12 @@ def test_malformed_bodies(client, path, raw):
 
 
 def test_unknown_model_is_404_and_headers_are_accepted(client):
-    headers = {"x-api-key": "k", "anthropic-version": "2023-06-01",
-               "anthropic-beta": "whatever", "authorization": "Bearer k"}
+    headers = {
+        "x-api-key": "k",
+        "anthropic-version": "2023-06-01",
+        "anthropic-beta": "whatever",
+        "authorization": "Bearer k",
+    }
     body = {"model": "acme/none", "max_tokens": 4, "messages": USER, "metadata": {"user_id": "u"}}
     r = client.post("/v1/messages", json=body, headers=headers)
     assert "acme/none" in assert_anthropic_error(r, 404, "not_found_error")

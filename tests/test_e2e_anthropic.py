@@ -44,18 +44,33 @@ def test_message_streamed_and_not(server, client, model):
     with client.messages.stream(model=model, max_tokens=12, messages=HELLO, **FIXED) as stream:
         events = list(stream)
         final = stream.get_final_message()
-    raw = [e.type for e in events if e.type in (
-        "message_start", "content_block_start", "content_block_delta", "content_block_stop",
-        "message_delta", "message_stop")]
+    raw = [
+        e.type
+        for e in events
+        if e.type
+        in (
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop",
+        )
+    ]
     deltas = raw.count("content_block_delta")
-    assert raw == ["message_start", "content_block_start", *["content_block_delta"] * deltas,
-                   "content_block_stop", "message_delta", "message_stop"]
+    assert raw == [
+        "message_start",
+        "content_block_start",
+        *["content_block_delta"] * deltas,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
     assert final.content[0].text == block.text and final.stop_reason == "max_tokens"
     assert (final.usage.input_tokens, final.usage.output_tokens) == (m.usage.input_tokens, 12)
 
     # The raw stream has the ping after the first block opens, as Anthropic sends it.
-    body = {"model": model, "max_tokens": 3, "messages": HELLO, "stream": True,
-            "temperature": 0}
+    body = {"model": model, "max_tokens": 3, "messages": HELLO, "stream": True, "temperature": 0}
     with httpx.stream("POST", server.url + "/v1/messages", json=body, timeout=30) as r:
         names = [line[7:] for line in r.iter_lines() if line.startswith("event: ")]
     assert names[:3] == ["message_start", "content_block_start", "ping"]
@@ -63,8 +78,7 @@ def test_message_streamed_and_not(server, client, model):
 
 
 def test_same_message_on_both_formats(client):
-    out = [client.messages.create(model=m, max_tokens=10, messages=HELLO, **FIXED)
-           for m in MODELS]
+    out = [client.messages.create(model=m, max_tokens=10, messages=HELLO, **FIXED) for m in MODELS]
     assert out[0].content[0].text == out[1].content[0].text
     assert out[0].usage == out[1].usage
 
@@ -76,22 +90,28 @@ def test_stop_sequence(client, model):
     stop = next((text[i : i + 3] for i in range(4, len(text) - 3) if text[i : i + 3].strip()), None)
     if stop is None:
         pytest.skip("the model's output has no usable substring")
-    m = client.messages.create(model=model, max_tokens=30, messages=HELLO,
-                               stop_sequences=["never-there", stop], **FIXED)
+    m = client.messages.create(
+        model=model, max_tokens=30, messages=HELLO, stop_sequences=["never-there", stop], **FIXED
+    )
     assert m.stop_reason == "stop_sequence" and m.stop_sequence == stop
     assert m.content[0].text == text[: text.index(stop)]
-    with client.messages.stream(model=model, max_tokens=30, messages=HELLO,
-                                stop_sequences=[stop], **FIXED) as stream:
+    with client.messages.stream(
+        model=model, max_tokens=30, messages=HELLO, stop_sequences=[stop], **FIXED
+    ) as stream:
         final = stream.get_final_message()
     assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", stop)
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_forced_tool_use_and_its_result(client, model):
-    kw = dict(model=model, max_tokens=100, tools=[WEATHER],
-              tool_choice={"type": "tool", "name": "get_weather"},
-              messages=[{"role": "user", "content": "Weather in Oslo?"}],
-              extra_body={"temperature": 0})
+    kw = dict(
+        model=model,
+        max_tokens=100,
+        tools=[WEATHER],
+        tool_choice={"type": "tool", "name": "get_weather"},
+        messages=[{"role": "user", "content": "Weather in Oslo?"}],
+        extra_body={"temperature": 0},
+    )
     m = client.messages.create(**kw)
     assert m.stop_reason == "tool_use"
     (use,) = m.content
@@ -105,15 +125,24 @@ def test_forced_tool_use_and_its_result(client, model):
     assert final.content[0].input == use.input and final.stop_reason == "tool_use"
 
     follow = client.messages.create(
-        model=model, max_tokens=4, tools=[WEATHER], **FIXED,
-        messages=[*kw["messages"],
-                  {"role": "assistant", "content": [use.model_dump(exclude_none=True)]},
-                  {"role": "user", "content": [
-                      {"type": "tool_result", "tool_use_id": use.id, "content": "-3 C"}]}])
+        model=model,
+        max_tokens=4,
+        tools=[WEATHER],
+        **FIXED,
+        messages=[
+            *kw["messages"],
+            {"role": "assistant", "content": [use.model_dump(exclude_none=True)]},
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "-3 C"}],
+            },
+        ],
+    )
     assert follow.stop_reason == "max_tokens" and follow.content[0].type == "text"
     # "any" forces some tool; "none" forbids them
     anyone = client.messages.create(
-        **{**kw, "tool_choice": {"type": "any", "disable_parallel_tool_use": True}})
+        **{**kw, "tool_choice": {"type": "any", "disable_parallel_tool_use": True}}
+    )
     assert anyone.stop_reason == "tool_use"
     none = client.messages.create(**{**kw, "tool_choice": {"type": "none"}, "max_tokens": 8})
     assert all(b.type == "text" for b in none.content) and none.stop_reason != "tool_use"
@@ -121,8 +150,12 @@ def test_forced_tool_use_and_its_result(client, model):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_count_tokens_matches_usage(client, model):
-    kw = dict(model=model, system="You are terse.", tools=[WEATHER],
-              messages=[{"role": "user", "content": "Weather in Oslo?"}])
+    kw = dict(
+        model=model,
+        system="You are terse.",
+        tools=[WEATHER],
+        messages=[{"role": "user", "content": "Weather in Oslo?"}],
+    )
     count = client.messages.count_tokens(**kw)
     m = client.messages.create(max_tokens=1, **kw, **FIXED)
     assert count.input_tokens == m.usage.input_tokens
@@ -133,8 +166,9 @@ def test_count_tokens_matches_usage(client, model):
 @pytest.mark.parametrize("model", [THINK_MLX_KEY, THINK_GGUF_KEY])
 def test_thinking_blocks(client, model):
     kw = dict(model=model, max_tokens=8, messages=HELLO, **FIXED)
-    with client.messages.stream(thinking={"type": "enabled", "budget_tokens": 1024},
-                                **kw) as stream:
+    with client.messages.stream(
+        thinking={"type": "enabled", "budget_tokens": 1024}, **kw
+    ) as stream:
         thinking = "".join(e.thinking for e in stream if e.type == "thinking")
         final = stream.get_final_message()
     (block,) = final.content
@@ -148,22 +182,48 @@ def test_errors_in_anthropic_envelope(server, client):
         client.messages.create(model="nope/nope", max_tokens=4, messages=HELLO)
     assert e.value.body["error"]["type"] == "not_found_error"
     with pytest.raises(anthropic.BadRequestError) as e:
-        client.messages.create(model=MLX_KEY, max_tokens=4, messages=HELLO,
-                               thinking={"type": "enabled", "budget_tokens": 1024})
+        client.messages.create(
+            model=MLX_KEY,
+            max_tokens=4,
+            messages=HELLO,
+            thinking={"type": "enabled", "budget_tokens": 1024},
+        )
     assert e.value.body["error"]["message"].startswith("Invalid value for 'thinking'")
     with pytest.raises(anthropic.BadRequestError) as e:
-        client.messages.create(model=GGUF_KEY, max_tokens=4, messages=HELLO, output_config={
-            "format": {"type": "json_schema", "schema": {"not": {"type": "string"}}}})
+        client.messages.create(
+            model=GGUF_KEY,
+            max_tokens=4,
+            messages=HELLO,
+            output_config={
+                "format": {"type": "json_schema", "schema": {"not": {"type": "string"}}}
+            },
+        )
     assert e.value.body["error"]["message"].startswith("Invalid value for 'output_config.format'")
-    count = client.messages.count_tokens(model=GGUF_KEY, messages=[
-        {"role": "user", "content": "hello " * 5000}])
+    count = client.messages.count_tokens(
+        model=GGUF_KEY, messages=[{"role": "user", "content": "hello " * 5000}]
+    )
     assert count.input_tokens > 4096  # counting is not refused for size
     with pytest.raises(anthropic.BadRequestError):
-        client.messages.create(model=MLX_KEY, max_tokens=4, messages=[
-            {"role": "user", "content": [{"type": "image", "source": {
-                "type": "base64", "media_type": "image/png", "data": "AAAA"}}]}])
+        client.messages.create(
+            model=MLX_KEY,
+            max_tokens=4,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "image",
+                            "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"},
+                        }
+                    ],
+                }
+            ],
+        )
     # Either auth header is accepted (auth is off by default); anthropic-version is ignored.
-    r = httpx.post(server.url + "/v1/messages", timeout=30,
-                   headers={"Authorization": "Bearer x", "anthropic-version": "2023-06-01"},
-                   json={"model": MLX_KEY, "max_tokens": 2, "messages": HELLO})
+    r = httpx.post(
+        server.url + "/v1/messages",
+        timeout=30,
+        headers={"Authorization": "Bearer x", "anthropic-version": "2023-06-01"},
+        json={"model": MLX_KEY, "max_tokens": 2, "messages": HELLO},
+    )
     assert r.status_code == 200 and r.json()["type"] == "message"

@@ -56,15 +56,19 @@ def llama(paths: dict[str, Path]) -> Any:
     # f32 KV cache: llama.cpp's default f16 cache moves logits by ~1e-3, which flips
     # near-tied argmaxes of this random model in a few percent of long greedy runs.
     return llama_cpp.Llama(
-        model_path=str(paths["gguf"]), n_ctx=512, verbose=False,
-        type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+        model_path=str(paths["gguf"]),
+        n_ctx=512,
+        verbose=False,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
     )
 
 
 def _hashes(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*")) if p.is_file()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -112,24 +116,47 @@ def test_chat_template_renders_the_same_in_both_engines(
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     _, tokenizer = mlx_pair
-    tools: Any = [{"type": "function", "function": {
-        "name": "get_weather", "description": "Weather for a city, in °C",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                       "required": ["city"]}}}]
+    tools: Any = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather for a city, in °C",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
     messages: Any = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Weather in Paris and Zürich?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "a", "type": "function",
-             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
-            {"id": "b", "type": "function",
-             "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "a",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                },
+                {
+                    "id": "b",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Zürich"}},
+                },
+            ],
+        },
         {"role": "tool", "tool_call_id": "a", "content": "21"},
         {"role": "tool", "tool_call_id": "b", "content": "18"},
     ]
     formatter = Jinja2ChatFormatter(
         template=llama.metadata["tokenizer.chat_template"],
-        eos_token="<|im_end|>", bos_token="", add_generation_prompt=True,
+        eos_token="<|im_end|>",
+        bos_token="",
+        add_generation_prompt=True,
     )
     cases: Any = ((messages, {"tools": tools}), (messages[1:2], {}))
     for msgs, kwargs in cases:
@@ -209,7 +236,9 @@ def test_idempotent(
 
     cli = subprocess.run(
         [sys.executable, str(SCRIPT), "--out", str(models_root)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout == "" and snapshot() == before

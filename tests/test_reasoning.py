@@ -36,8 +36,11 @@ def test_split(chunks, kw, expected):
 
 def test_char_by_char_matches_whole():
     text = "<think>a < b and </thin is not the end</think>\nanswer </think> stays"
-    assert split(list(text)) == split([text]) == (
-        "a < b and </thin is not the end", "answer </think> stays")
+    assert (
+        split(list(text))
+        == split([text])
+        == ("a < b and </thin is not the end", "answer </think> stays")
+    )
 
 
 def test_support_detection():

@@ -48,14 +48,24 @@ def test_input_items_become_template_messages():
         input=[
             {"role": "developer", "content": "dev note"},
             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "a"}]},
-            {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "hm"}]},
-            {"type": "message", "role": "assistant",
-             "content": [{"type": "output_text", "text": "b", "annotations": []}]},
+            {
+                "type": "reasoning",
+                "summary": [],
+                "content": [{"type": "reasoning_text", "text": "hm"}],
+            },
+            {
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "b", "annotations": []}],
+            },
             {"type": "function_call", "call_id": "c1", "name": "f", "arguments": '{"x": 1}'},
             {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "not json"},
             {"type": "function_call_output", "call_id": "c1", "output": "one"},
-            {"type": "function_call_output", "call_id": "c2",
-             "output": [{"type": "input_text", "text": "two"}]},
+            {
+                "type": "function_call_output",
+                "call_id": "c2",
+                "output": [{"type": "input_text", "text": "two"}],
+            },
         ],
     )
     history = [{"role": "user", "content": "earlier"}]
@@ -65,30 +75,50 @@ def test_input_items_become_template_messages():
         {"role": "user", "content": "earlier"},
         {"role": "system", "content": "dev note"},
         {"role": "user", "content": "a"},
-        {"role": "assistant", "content": "b", "reasoning_content": "hm", "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}},
-            {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "not json"}},
-        ]},
+        {
+            "role": "assistant",
+            "content": "b",
+            "reasoning_content": "hm",
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}},
+                {
+                    "id": "c2",
+                    "type": "function",
+                    "function": {"name": "g", "arguments": "not json"},
+                },
+            ],
+        },
         {"role": "tool", "tool_call_id": "c1", "content": "one"},
         {"role": "tool", "tool_call_id": "c2", "content": "two"},
     ]
 
 
 def test_function_call_without_a_message_opens_an_assistant_turn():
-    body = request(input=[
-        {"role": "user", "content": "q"},
-        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
-    ])
-    assert body.input_messages()[1] == {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {}}}]}
+    body = request(
+        input=[
+            {"role": "user", "content": "q"},
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        ]
+    )
+    assert body.input_messages()[1] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {}}}
+        ],
+    }
 
 
 def test_core_request_fields():
     core = request(
         tools=[{"type": "function", "name": "f", "parameters": {"type": "object"}}],
-        tool_choice={"type": "function", "name": "f"}, parallel_tool_calls=False,
+        tool_choice={"type": "function", "name": "f"},
+        parallel_tool_calls=False,
         text={"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}},
-        reasoning={"effort": "minimal"}, max_output_tokens=7, temperature=0.3, top_p=0.5,
+        reasoning={"effort": "minimal"},
+        max_output_tokens=7,
+        temperature=0.3,
+        top_p=0.5,
     ).to_core(0.8, [])
     assert core.tools == ({"name": "f", "parameters": {"type": "object"}},)
     assert core.tool_choice == {"name": "f"} and core.parallel_tool_calls is False
@@ -97,14 +127,20 @@ def test_core_request_fields():
     assert request(reasoning={"effort": "none"}).to_core(0.8, []).reasoning == "off"
     assert request(ttl=60).to_core(0.8, []).ttl == 60
     assert request(text={"format": {"type": "json_object"}}).to_core(0.8, []).json_schema == {
-        "type": "object"}
+        "type": "object"
+    }
 
 
 def test_blocks_hold_whitespace_around_tool_calls():
     blocks = Blocks()
     changes = []
-    for event in [TextDelta("\n"), ToolCallStart(0, "call_1", "f"), ToolCallDelta(0, "{}"),
-                  ToolCallEnd(0), TextDelta("\n")]:
+    for event in [
+        TextDelta("\n"),
+        ToolCallStart(0, "call_1", "f"),
+        ToolCallDelta(0, "{}"),
+        ToolCallEnd(0),
+        TextDelta("\n"),
+    ]:
         changes += blocks.feed(event)
     changes += blocks.finish()
     assert [type(c) for c in changes] == [Opened, Appended, Closed]
@@ -121,13 +157,22 @@ def test_blocks_hold_whitespace_around_tool_calls():
 
 def test_blocks_change_kind_in_order():
     blocks = Blocks()
-    for event in [ReasoningDelta("a"), ReasoningDelta("b"), TextDelta("c"),
-                  ToolCallStart(0, "call_1", "f"), ToolCallDelta(0, '{"x":'),
-                  ToolCallDelta(0, "1}"), ToolCallEnd(0)]:
+    for event in [
+        ReasoningDelta("a"),
+        ReasoningDelta("b"),
+        TextDelta("c"),
+        ToolCallStart(0, "call_1", "f"),
+        ToolCallDelta(0, '{"x":'),
+        ToolCallDelta(0, "1}"),
+        ToolCallEnd(0),
+    ]:
         blocks.feed(event)
     blocks.finish()
     assert [(b.index, b.kind, b.text) for b in blocks.blocks] == [
-        (0, "reasoning", "ab"), (1, "text", "c"), (2, "tool", '{"x":1}')]
+        (0, "reasoning", "ab"),
+        (1, "text", "c"),
+        (2, "tool", '{"x":1}'),
+    ]
 
 
 def done(reason="stop", completion=3, reasoning=0):
@@ -137,21 +182,37 @@ def done(reason="stop", completion=3, reasoning=0):
 def test_renderer_event_sequence_and_final_object():
     r = renderer(instructions="sys", metadata={"k": "v"})
     events = r.opening()
-    for event in [ReasoningDelta("think"), TextDelta("Hel"), TextDelta("lo"),
-                  ToolCallStart(0, "call_1", "f"), ToolCallDelta(0, "{}"), ToolCallEnd(0)]:
+    for event in [
+        ReasoningDelta("think"),
+        TextDelta("Hel"),
+        TextDelta("lo"),
+        ToolCallStart(0, "call_1", "f"),
+        ToolCallDelta(0, "{}"),
+        ToolCallEnd(0),
+    ]:
         events += r.feed(event)
     events += r.finish(done("tool_calls", 4, 1))
     events.append(r.terminal())
     assert [e["type"] for e in events] == [
-        "response.created", "response.in_progress",
-        "response.output_item.added", "response.content_part.added",
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
         "response.reasoning_text.delta",
-        "response.reasoning_text.done", "response.content_part.done", "response.output_item.done",
-        "response.output_item.added", "response.content_part.added",
-        "response.output_text.delta", "response.output_text.delta",
-        "response.output_text.done", "response.content_part.done", "response.output_item.done",
-        "response.output_item.added", "response.function_call_arguments.delta",
-        "response.function_call_arguments.done", "response.output_item.done",
+        "response.reasoning_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
         "response.completed",
     ]
     created = events[0]["response"]
@@ -165,20 +226,37 @@ def test_renderer_event_sequence_and_final_object():
     assert reasoning["content"] == [{"type": "reasoning_text", "text": "think"}]
     assert message["id"].startswith("msg_") and message["status"] == "completed"
     assert message["content"] == [
-        {"type": "output_text", "text": "Hello", "annotations": [], "logprobs": []}]
-    assert call == {"id": call["id"], "type": "function_call", "status": "completed",
-                    "call_id": "call_1", "name": "f", "arguments": "{}"}
+        {"type": "output_text", "text": "Hello", "annotations": [], "logprobs": []}
+    ]
+    assert call == {
+        "id": call["id"],
+        "type": "function_call",
+        "status": "completed",
+        "call_id": "call_1",
+        "name": "f",
+        "arguments": "{}",
+    }
     assert final["usage"] == {
-        "input_tokens": 5, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 4,
-        "output_tokens_details": {"reasoning_tokens": 1}, "total_tokens": 9}
+        "input_tokens": 5,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 4,
+        "output_tokens_details": {"reasoning_tokens": 1},
+        "total_tokens": 9,
+    }
     delta = events[10]
     assert delta["item_id"] == message["id"] and delta["output_index"] == 1
     assert delta["content_index"] == 0 and delta["logprobs"] == []
     assert events[16]["item_id"] == call["id"] and events[16]["delta"] == "{}"
-    assert r.template_output() == [{
-        "role": "assistant", "content": "Hello", "reasoning_content": "think",
-        "tool_calls": [{"id": "call_1", "type": "function",
-                        "function": {"name": "f", "arguments": {}}}]}]
+    assert r.template_output() == [
+        {
+            "role": "assistant",
+            "content": "Hello",
+            "reasoning_content": "think",
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {}}}
+            ],
+        }
+    ]
 
 
 def test_renderer_incomplete_on_length():
@@ -222,7 +300,10 @@ def test_mid_stream_failure_is_response_failed():
     assert last[0] == "event: response.failed"
     data = json.loads(last[1].removeprefix("data: "))
     assert data["response"]["status"] == "failed"
-    assert data["response"]["error"] == {"code": "server_error", "message": "Generation failed: boom"}
+    assert data["response"]["error"] == {
+        "code": "server_error",
+        "message": "Generation failed: boom",
+    }
     numbers = [json.loads(c.split("\n")[1][6:])["sequence_number"] for c in named]
     assert numbers == list(range(len(named)))
     assert gen.cancelled
@@ -238,8 +319,17 @@ def test_assembler_reports_which_stop_string_ended_the_text():
 def test_store_takes_an_id_announced_before_the_turn(tmp_path):
     store = ChatStore(tmp_path / "chats.sqlite3")
     rid = new_response_id()
-    assert store.save(response_id=rid, parent_id=None, model="m", system=None,
-                      input=[{"role": "user", "content": "q"}], output=[]) == rid
+    assert (
+        store.save(
+            response_id=rid,
+            parent_id=None,
+            model="m",
+            system=None,
+            input=[{"role": "user", "content": "q"}],
+            output=[],
+        )
+        == rid
+    )
     assert store.conversation(rid).messages == [{"role": "user", "content": "q"}]
     store.close()
 
@@ -250,8 +340,9 @@ def test_store_takes_an_id_announced_before_the_turn(tmp_path):
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    with TestClient(create_app(Settings(home=root, models_dir=root)),
-                    raise_server_exceptions=False) as c:
+    with TestClient(
+        create_app(Settings(home=root, models_dir=root)), raise_server_exceptions=False
+    ) as c:
         yield c
 
 
@@ -263,10 +354,14 @@ def client(tmp_path_factory):
         ({"input": 5}, "input"),
         ({"input": ["x"]}, "input[0]"),
         ({"input": [{"type": "input_image", "image_url": "x"}]}, "input[0].type"),
-        ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]},
-         "input[0].content[0].type"),
-        ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]},
-         "input[0].content[0].text"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image"}]}]},
+            "input[0].content[0].type",
+        ),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_text"}]}]},
+            "input[0].content[0].text",
+        ),
         ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
         ({"input": [{"type": "function_call", "name": "f"}]}, "input[0].call_id"),
         ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input[0].output"),
@@ -320,7 +415,13 @@ def test_unknown_previous_response_is_404_before_the_model(client):
 
 
 def test_unknown_model_and_ignored_fields(client):
-    body = {"model": "acme/none", "input": "hi", "include": ["x"], "truncation": "auto",
-            "metadata": {"a": "b"}, "user": "u"}
+    body = {
+        "model": "acme/none",
+        "input": "hi",
+        "include": ["x"],
+        "truncation": "auto",
+        "metadata": {"a": "b"},
+        "user": "u",
+    }
     r = client.post("/v1/responses", json=body)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

@@ -19,7 +19,7 @@ KNOWN = {"get_weather", "add"}
 def parse(fmt, text, *, chunked):
     p = ToolCallParser(fmt, KNOWN)
     events = []
-    for piece in (list(text) if chunked else [text]):
+    for piece in list(text) if chunked else [text]:
         events += p.feed(piece)
     events += p.finish()
     content = "".join(e.text for e in events if isinstance(e, TextDelta))
@@ -38,34 +38,72 @@ def parse(fmt, text, *, chunked):
 
 CASES = [
     # Qwen2.5 / Hermes
-    (ToolFormat.HERMES,
-     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>',
-     "", [("get_weather", {"city": "Paris", "unit": "c"})]),
-    (ToolFormat.HERMES,
-     'Let me check.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": [2, {"c": "}"}]}}\n'
-     '</tool_call>\n<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>',
-     "Let me check.\n\n", [("add", {"a": 1, "b": [2, {"c": "}"}]}), ("get_weather", {})]),
-    (ToolFormat.HERMES, "No tools needed: 2 < 3 and <tool is not a tag.", "No tools needed: 2 < 3 and <tool is not a tag.", []),
+    (
+        ToolFormat.HERMES,
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>',
+        "",
+        [("get_weather", {"city": "Paris", "unit": "c"})],
+    ),
+    (
+        ToolFormat.HERMES,
+        'Let me check.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": [2, {"c": "}"}]}}\n'
+        '</tool_call>\n<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>',
+        "Let me check.\n\n",
+        [("add", {"a": 1, "b": [2, {"c": "}"}]}), ("get_weather", {})],
+    ),
+    (
+        ToolFormat.HERMES,
+        "No tools needed: 2 < 3 and <tool is not a tag.",
+        "No tools needed: 2 < 3 and <tool is not a tag.",
+        [],
+    ),
     # unknown tool name and broken JSON: given back as text
-    (ToolFormat.HERMES, '<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>',
-     '<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>', []),
-    (ToolFormat.HERMES, '<tool_call>\n{"name": get_weather}\n</tool_call>',
-     '<tool_call>\n{"name": get_weather}\n</tool_call>', []),
-    (ToolFormat.HERMES, '<tool_call>\n{"name": "add", "argu', '<tool_call>\n{"name": "add", "argu', []),
+    (
+        ToolFormat.HERMES,
+        '<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>',
+        '<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>',
+        [],
+    ),
+    (
+        ToolFormat.HERMES,
+        '<tool_call>\n{"name": get_weather}\n</tool_call>',
+        '<tool_call>\n{"name": get_weather}\n</tool_call>',
+        [],
+    ),
+    (
+        ToolFormat.HERMES,
+        '<tool_call>\n{"name": "add", "argu',
+        '<tool_call>\n{"name": "add", "argu',
+        [],
+    ),
     # Llama 3.1 / 3.2
-    (ToolFormat.LLAMA3, '{"name": "get_weather", "parameters": {"city": "Oslo"}}', "",
-     [("get_weather", {"city": "Oslo"})]),
-    (ToolFormat.LLAMA3, '<|python_tag|>{"name": "add", "parameters": {"a": 2, "b": 3}}', "",
-     [("add", {"a": 2, "b": 3})]),
+    (
+        ToolFormat.LLAMA3,
+        '{"name": "get_weather", "parameters": {"city": "Oslo"}}',
+        "",
+        [("get_weather", {"city": "Oslo"})],
+    ),
+    (
+        ToolFormat.LLAMA3,
+        '<|python_tag|>{"name": "add", "parameters": {"a": 2, "b": 3}}',
+        "",
+        [("add", {"a": 2, "b": 3})],
+    ),
     (ToolFormat.LLAMA3, "The answer is {not a call}.", "The answer is {not a call}.", []),
     # Mistral v0.3
-    (ToolFormat.MISTRAL,
-     '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "get_weather", "arguments": {"city": "Rome"}}]',
-     "", [("add", {"a": 1, "b": 2}), ("get_weather", {"city": "Rome"})]),
+    (
+        ToolFormat.MISTRAL,
+        '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "get_weather", "arguments": {"city": "Rome"}}]',
+        "",
+        [("add", {"a": 1, "b": 2}), ("get_weather", {"city": "Rome"})],
+    ),
     # LM Studio's default format for models without tool training
-    (ToolFormat.LMSTUDIO,
-     'Sure. [TOOL_REQUEST]{"name": "get_weather", "arguments": {"city": "Lima"}}[END_TOOL_REQUEST]',
-     "Sure. ", [("get_weather", {"city": "Lima"})]),
+    (
+        ToolFormat.LMSTUDIO,
+        'Sure. [TOOL_REQUEST]{"name": "get_weather", "arguments": {"city": "Lima"}}[END_TOOL_REQUEST]',
+        "Sure. ",
+        [("get_weather", {"city": "Lima"})],
+    ),
 ]
 
 
@@ -98,7 +136,14 @@ def test_detect_format(template, fmt):
 
 
 FUNCS = [
-    {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+    {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
     {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}},
 ]
 
