@@ -97,11 +97,10 @@ async def embed(
 
     Everything that can be the client's fault is raised before the engine sees the inputs.
     """
-    instance = await manager.get_embedder(request.model, ttl=request.ttl)
-    engine = instance.engine
-    info = engine.info
-    # Held until the work is queued: an engine closes only after its queued work.
-    with manager.holding(instance):
+    # Leased until the work is queued: an engine closes only after its queued work.
+    async with manager.lease_embedder(request.model, ttl=request.ttl) as instance:
+        engine = instance.engine
+        info = engine.info
         dimensions = _check_dimensions(request, info)
         texts = [t for t in request.inputs if isinstance(t, str)]
         if texts:

@@ -19,7 +19,8 @@ from backends.base import (
 from backends.constraint import GrammarConstraint, GrammarError
 from backends.owner import QueueFull
 from mlxserve.core.grammar import json_schema_grammar, lark_grammar
-from mlxserve.core.manager import Instance, ModelManager
+from mlxserve.core.instance import Instance
+from mlxserve.core.manager import ModelManager
 from mlxserve.core.metrics import note_model
 from mlxserve.core.reasoning import ReasoningSplitter, prompt_opens_thinking, reasoning_support
 from mlxserve.core.textstream import TextAssembler
@@ -257,8 +258,7 @@ async def _prompt(instance: Instance, request: CoreRequest, plan: _Plan) -> tupl
 
 async def count_prompt_tokens(manager: ModelManager, request: CoreRequest) -> int:
     """How many tokens ``request``'s prompt is, rendered exactly as :func:`start` renders it."""
-    instance = await manager.get(request.model, ttl=request.ttl)
-    with manager.holding(instance):
+    async with manager.lease(request.model, ttl=request.ttl) as instance:
         _, tokens = await _prompt(instance, request, _plan(instance, request))
     return len(tokens)
 
@@ -268,14 +268,13 @@ async def start(manager: ModelManager, request: CoreRequest) -> Generation:
 
     Everything that can be the client's fault is raised here, before a response starts.
     """
-    instance = await manager.get(request.model, ttl=request.ttl)
-    # Held until the work is queued on the engine, which then finishes it before it closes.
-    with manager.holding(instance):
+    # Leased until the work is queued on the engine, which then finishes it before it closes.
+    async with manager.lease(request.model, ttl=request.ttl) as instance:
         return await admit(instance, request)
 
 
 async def admit(instance: Instance, request: CoreRequest) -> Generation:
-    """Render, tokenize, check and queue ``request`` on an instance the caller holds."""
+    """Render, tokenize, check and queue ``request`` on an instance the caller leases."""
     engine = instance.engine
     info = engine.info
     note_model(instance.id)

@@ -19,7 +19,7 @@ from pydantic import (
     field_validator,
 )
 
-from mlxserve.core.manager import LoadRequest
+from mlxserve.core.instance import LoadRequest
 from mlxserve.core.mcp import Requested
 from mlxserve.core.types import CoreRequest, SamplingParams
 from mlxserve.errors import InvalidRequest

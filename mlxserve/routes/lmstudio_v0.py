@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from mlxserve.core import generate
 from mlxserve.core.generate import Generation
-from mlxserve.core.manager import Loaded
+from mlxserve.core.instance import Loaded
 from mlxserve.core.registry import ModelInfo
 from mlxserve.core.types import Done, Event, Progress, ReasoningDelta, TextDelta, ToolCallStart
 from mlxserve.errors import MlxServeError

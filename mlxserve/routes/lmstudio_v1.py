@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from mlxserve.core import generate
 from mlxserve.core.generate import Generation
-from mlxserve.core.manager import Instance, Loaded
+from mlxserve.core.instance import Instance, Loaded
 from mlxserve.core.mcp import Toolset, specs_for
 from mlxserve.core.registry import ModelInfo
 from mlxserve.core.toolloop import LoopEvent, ToolLoop, ToolResult, with_tools
@@ -356,16 +356,15 @@ class _Chat:
         was queued."""
         manager = self.state.manager
         body = self.body
-        async with manager.use(model, ttl=body.ttl, context_length=body.context_length) as (
-            instance,
-            load_seconds,
-        ):
+        lease = manager.lease(model, ttl=body.ttl, context_length=body.context_length)
+        async with lease as instance:
             started = time.perf_counter()
             core = body.to_core(instance.id, self.messages, self.state.settings.default_temperature)
             core = self._with_tools(core)
-            # The instance is held: queue on it, not on a second lookup that could race an
+            # The instance is leased: queue on it, not on a second lookup that could race an
             # eviction of this very instance.
             gen = await generate.admit(instance, core)
+        load_seconds = lease.load_seconds
         if self.toolset is not None:
             rounds = self.state.settings.mcp_max_rounds
             self.loop = ToolLoop(manager, core, gen, self.toolset, rounds)

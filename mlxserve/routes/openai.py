@@ -15,7 +15,7 @@ from starlette.routing import Route
 from mlxserve import __version__
 from mlxserve.core import generate
 from mlxserve.core.generate import Generation
-from mlxserve.core.manager import Loaded
+from mlxserve.core.instance import Loaded
 from mlxserve.core.registry import ModelInfo
 from mlxserve.core.types import (
     Done,

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from mlxserve.core.manager import Loaded
+from mlxserve.core.instance import Loaded
 from mlxserve.routes.common import EventStreamResponse, sse
 from mlxserve.state import AppState
 

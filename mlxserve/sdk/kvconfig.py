@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlxserve.core.manager import LoadRequest
+from mlxserve.core.instance import LoadRequest
 from mlxserve.sdk.transport import SdkError
 
 P = "llm.prediction."

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from mlxserve.core.embeddings import EmbeddingRequest, embed
-from mlxserve.core.manager import EmbeddingInstance, Loaded, LoadRequest
+from mlxserve.core.instance import EmbeddingInstance, Loaded, LoadRequest
 from mlxserve.core.registry import ModelInfo
 from mlxserve.errors import ModelNotFound
 from mlxserve.sdk import shapes
@@ -128,11 +128,10 @@ async def _jit_load(state: AppState, info: ModelInfo, request: LoadRequest) -> L
     if not state.settings.jit_loading:
         return await manager.load_any(info, request, reuse=True)
     if info.type == "embedding":
-        return await manager.get_embedder(info.key, ttl=request.ttl)
-    async with manager.use(info.key, ttl=request.ttl, context_length=request.context_length) as (
-        instance,
-        _,
-    ):
+        async with manager.lease_embedder(info.key, ttl=request.ttl) as embedder:
+            return embedder
+    lease = manager.lease(info.key, ttl=request.ttl, context_length=request.context_length)
+    async with lease as instance:
         return instance
 
 
@@ -230,8 +229,8 @@ async def embed_string(ctx: Context, parameter: Any) -> dict[str, Any]:
 
 
 async def _embedding_tokens(ctx: Context, p: dict[str, Any]) -> tuple[list[int], EmbeddingInstance]:
-    instance = shapes.resolve_embedder(ctx.state, p.get("specifier"))
-    with ctx.state.manager.holding(instance):
+    found = shapes.resolve_embedder(ctx.state, p.get("specifier"))
+    async with ctx.state.manager.lease_embedder(found.id) as instance:
         lists = await asyncio.to_thread(instance.engine.tokenize, [_input(p)])
     return list(lists[0]), instance
 

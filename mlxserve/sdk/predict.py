@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlxserve.core import generate
-from mlxserve.core.manager import Instance
+from mlxserve.core.instance import Instance
 from mlxserve.core.types import (
     CoreRequest,
     Done,
@@ -315,10 +315,9 @@ async def predict(ctx: Context, channel: Channel, parameter: Any) -> None:
     if not isinstance(parameter, dict):
         raise SdkError("The predict parameter must be an object.")
     state = ctx.state
-    manager = state.manager
-    instance = shapes.resolve_llm(state, parameter.get("modelSpecifier"))
+    found = shapes.resolve_llm(state, parameter.get("modelSpecifier"))
     run = _Run(started=time.perf_counter())
-    with manager.holding(instance):
+    async with state.manager.lease(found.id) as instance:
         request, pred = core_request(state, instance, parameter)
         gen = await generate.admit(instance, request)
     done: Done | None = None
@@ -359,8 +358,8 @@ def _specifier_text(p: Any) -> tuple[dict[str, Any], str]:
 
 async def tokenize(ctx: Context, parameter: Any) -> dict[str, Any]:
     p, text = _specifier_text(parameter)
-    instance = shapes.resolve_llm(ctx.state, p.get("specifier"))
-    with ctx.state.manager.holding(instance):
+    found = shapes.resolve_llm(ctx.state, p.get("specifier"))
+    async with ctx.state.manager.lease(found.id) as instance:
         tokens = await asyncio.to_thread(instance.engine.tokenize, text)
     return {"tokens": [int(t) for t in tokens]}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from mlxserve.core.manager import EmbeddingInstance, Instance, Loaded
+from mlxserve.core.instance import EmbeddingInstance, Instance, Loaded
 from mlxserve.core.registry import ModelInfo
 from mlxserve.sdk.transport import SdkError, no_model_matching
 from mlxserve.state import AppState

@@ -1,0 +1,154 @@
+"""Turning a downloaded model into a loaded instance: load options, the memory guardrail,
+opening the engine off the event loop, and closing it again."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from backends import open_embedding_engine, open_engine
+from backends.base import Engine, LoadOptions
+from backends.embedding import EmbeddingEngine
+from mlxserve.core import memory
+from mlxserve.core.instance import EmbeddingInstance, Instance, Loaded, LoadRequest
+from mlxserve.core.registry import ModelInfo
+from mlxserve.core.templates import ChatTemplate, TemplateError
+from mlxserve.errors import ModelLoadFailed
+from mlxserve.settings import Settings
+
+if TYPE_CHECKING:
+    from backends.mlx.distributed import DistributedGroup
+
+log = logging.getLogger("mlxserve.manager")
+
+
+class ModelLoader:
+    """Opens and closes engines; knows nothing of which instances are loaded."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def options(self, info: ModelInfo, request: LoadRequest) -> LoadOptions:
+        context_length = min(
+            request.context_length or self.settings.default_context_length,
+            info.max_context_length,
+        )
+        if info.type == "embedding":
+            return LoadOptions(context_length=context_length)
+        return LoadOptions(
+            context_length=context_length,
+            kv_cache_f32=info.quantization == "F32",
+            eval_batch_size=request.eval_batch_size,
+            flash_attention=request.flash_attention,
+            offload_kv_cache_to_gpu=request.offload_kv_cache_to_gpu,
+            num_experts=request.num_experts,
+            max_batch_size=self.settings.max_batch_size,
+            prefill_chunk=self.settings.prefill_chunk,
+            prompt_cache_bytes=self.settings.prompt_cache_bytes,
+        )
+
+    async def estimate(self, info: ModelInfo, options: LoadOptions) -> memory.Estimate:
+        return await asyncio.to_thread(
+            memory.estimate,
+            info,
+            options.context_length,
+            kv_f32=options.kv_cache_f32,
+            windows=options.kv_windows(info.format),
+        )
+
+    async def check_fits(
+        self, info: ModelInfo, need: memory.Estimate, in_use: int, freed: int
+    ) -> None:
+        """Raise :class:`memory.LoadRefused` when ``need`` does not fit beside ``in_use``
+        bytes of loaded models, ``freed`` of which are about to be unloaded."""
+        if not self.settings.load_guardrail:
+            return
+        limit = self.settings.guardrail_memory_gb
+        available = await asyncio.to_thread(memory.budget, limit, in_use, freed)
+        memory.check_fits(info.key, need, available)
+
+    async def open(
+        self,
+        info: ModelInfo,
+        options: LoadOptions,
+        *,
+        instance_id: str,
+        residency: dict[str, Any],
+        distributed: DistributedGroup | None,
+    ) -> Loaded:
+        """Open the engine for ``info`` off the event loop; the instance it serves."""
+        started = time.perf_counter()
+        log.info("loading %s (%s, context %d)", info.key, info.format, options.context_length)
+        max_queue = self.settings.max_queue_per_model
+        try:
+            if info.type == "embedding":
+                engine: Engine | EmbeddingEngine = await asyncio.to_thread(
+                    open_embedding_engine, info.format, info.weights, options, max_queue=max_queue
+                )
+            else:
+                engine = await asyncio.to_thread(
+                    open_engine,
+                    info.format,
+                    info.weights,
+                    options,
+                    max_queue=max_queue,
+                    distributed=distributed,
+                )
+        except Exception as exc:
+            log.exception("loading %s failed", info.key)
+            # Whatever the failed load allocated is garbage now: give it back.
+            await asyncio.to_thread(gc.collect)
+            # The exception text may hold the file's absolute path: it stays in the log.
+            raise ModelLoadFailed(
+                f"Model '{info.key}' failed to load ({type(exc).__name__}); the server log "
+                "has the details."
+            ) from exc
+        elapsed = time.perf_counter() - started
+        config: dict[str, Any] = {"context_length": engine.info.context_length}
+        if isinstance(engine, EmbeddingEngine):
+            return EmbeddingInstance(
+                id=instance_id,
+                info=info,
+                engine=engine,
+                loaded_at=time.time(),
+                load_seconds=elapsed,
+                load_config=config,
+                **residency,
+            )
+        return Instance(
+            id=instance_id,
+            info=info,
+            engine=engine,
+            template=_template(info, engine),
+            loaded_at=time.time(),
+            load_seconds=elapsed,
+            load_config=config | engine.info.load_config,
+            **residency,
+        )
+
+    async def close(self, instance: Loaded) -> None:
+        """Close its engine after the queued work, off the event loop."""
+        await asyncio.to_thread(_close_engine, instance.engine)
+
+
+def _template(info: ModelInfo, engine: Engine) -> ChatTemplate:
+    try:
+        return ChatTemplate(
+            engine.info.chat_template,
+            bos_token=engine.info.bos_token,
+            eos_token=engine.info.eos_token,
+        )
+    except TemplateError as exc:
+        log.warning("%s: %s; using a plain ChatML template", info.key, exc)
+        return ChatTemplate(None)
+
+
+def _close_engine(engine: Engine | EmbeddingEngine) -> None:
+    """Close after the queued work, then collect what pointed at the weights (the MLX engine
+    clears its buffer cache on its owner thread; llama.cpp frees its context in close)."""
+    engine.close()
+    gc.collect()
+    memory.give_back_freed_memory()
