@@ -134,6 +134,30 @@ def test_alternating_traffic_to_two_models_loads_each_once(http, life):
     assert set(loaded(http).values()) >= {THINK_GGUF_KEY}
 
 
+def test_a_busy_model_is_evicted_at_once_when_both_do_not_fit(models_root, tmp_path):
+    # 80 MB: one tiny Qwen2 (~47 MB) fits, two do not.
+    tight = Server(models_root, tmp_path, "--guardrail-memory-gb", "0.08")
+    try:
+        with httpx.Client(base_url=tight.url, timeout=120) as http:
+            chat(http, GGUF_KEY)
+            done: dict = {}
+            args = (tight.url, GGUF_KEY, 150, done)
+            stream = threading.Thread(target=long_stream, args=args)
+            stream.start()
+            assert wait_until(lambda: "first" in done)
+            # The load evicts GGUF_KEY before it starts, after GGUF_KEY's queued work.
+            reply = chat(http, THINK_GGUF_KEY)
+            answered = time.monotonic()
+            stream.join()
+            assert "model_load_time_seconds" in reply["stats"]
+            assert answered > done["ended"] - 0.05
+            assert done["chunks"][-1]["usage"]["completion_tokens"] == 150
+            assert set(loaded(http).values()) == {THINK_GGUF_KEY}
+        assert "does not fit beside the busy JIT models" in tight.log_path.read_text()
+    finally:
+        tight.stop()
+
+
 def test_ttl_unloads_an_idle_jit_model_but_never_mid_request(http, life):
     assert "model_load_time_seconds" in chat(http, GGUF_KEY, ttl=0.5)["stats"]
     assert wait_until(lambda: GGUF_KEY not in loaded(http).values(), timeout=6)
