@@ -20,6 +20,7 @@ from mlxserve.routes import (
     anthropic,
     downloads,
     embeddings,
+    library,
     lmstudio_v0,
     lmstudio_v1,
     metrics,
@@ -103,6 +104,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *downloads.routes,
             *ops.routes,
             *metrics.routes,
+            *library.routes,
             *sdk_routes(),
         ],
         exception_handlers={

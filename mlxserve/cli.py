@@ -233,6 +233,19 @@ def _add_client_commands(sub: Any, models_dir_option: Any) -> None:
     client_options(get)
     get.set_defaults(func=_lazy("cli_models", "get"))
 
+    search = sub.add_parser(
+        "search",
+        help="search Hugging Face for MLX and GGUF models (through the server)",
+        description="The most downloaded MLX and GGUF repositories whose names hold QUERY, "
+        "with the quantizations each offers, their sizes and whether each fits this machine's "
+        "memory. Download one with `mlxserve get`.",
+    )
+    search.add_argument("query")
+    search.add_argument("--format", choices=["mlx", "gguf"], help="only this format")
+    search.add_argument("--limit", type=int, default=20, help="results (1-50, default 20)")
+    client_options(search)
+    search.set_defaults(func=_lazy("cli_models", "search"))
+
     rm = sub.add_parser("rm", help="delete a downloaded model from disk")
     rm.add_argument("model", help="model key (see `mlxserve ls`)")
     rm.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")

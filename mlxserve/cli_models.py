@@ -1,4 +1,4 @@
-"""``mlxserve ls|ps|load|unload|get|rm``: models on disk and in the running server."""
+"""``mlxserve ls|ps|load|unload|get|search|rm``: models on disk and in the running server."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlencode
 
 from mlxserve.cli_http import Client, CliError, human_size
 
@@ -242,6 +243,33 @@ def _follow(client: Client, job_id: str, quiet: bool, total: int) -> dict[str, A
             if status["status"] != "downloading":
                 return dict(status)
             time.sleep(POLL_SECONDS)
+
+
+def search(args: argparse.Namespace) -> int:
+    client = Client.from_args(args)
+    query = {"q": args.query, "limit": str(args.limit)}
+    if args.format:
+        query["format"] = args.format
+    found = client.request("GET", "/api/v1/models/search?" + urlencode(query), timeout=120)
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    if not found["data"]:
+        print(f"No MLX or GGUF model on the hub matches '{args.query}'.")
+        return 1
+    rows: list[Sequence[str]] = []
+    for model in found["data"]:
+        for i, q in enumerate(model["quantizations"]):
+            fits = {True: "yes", False: "no", None: "?"}[q["fits"]]
+            name = model["id"] if i == 0 else ""
+            get = model["id"] + (f"@{q['name']}" if model["format"] == "gguf" and q["name"] else "")
+            rows.append(
+                (name, model["format"] if i == 0 else "", f"{model['downloads']:,}" if i == 0
+                 else "", q["name"] or "-", human_size(q["size_bytes"]), fits,
+                 "downloaded" if q["downloaded"] else f"mlxserve get {get}")
+            )  # fmt: skip
+    print_table(("MODEL", "FORMAT", "DOWNLOADS", "QUANT", "SIZE", "FITS", "GET"), rows)
+    return 0
 
 
 def rm(args: argparse.Namespace, settings: Any) -> int:

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mlxserve import __version__
-from mlxserve.protocols import replies
+from mlxserve.protocols import library, replies
 from mlxserve.protocols.anthropic import CountTokensRequest, MessagesRequest
 from mlxserve.protocols.downloads import DownloadRequest
 from mlxserve.protocols.embeddings import EmbeddingRequest
@@ -87,6 +87,23 @@ OPERATIONS: tuple[Operation, ...] = (
               request=DownloadRequest),
     Operation("GET", "/api/v1/logs/stream", "Live request/response log (mlxserve log stream)",
               "lmstudio", event_stream=True),
+    Operation("GET", "/api/v1/chats", "List stored chats", "lmstudio",
+              reply=library.ChatList),
+    Operation("GET", "/api/v1/chats/{chat_id}", "One stored chat with all its turns",
+              "lmstudio", reply=library.ChatDetail),
+    Operation("PATCH", "/api/v1/chats/{chat_id}", "Rename a stored chat", "lmstudio",
+              request=library.RenameChat, reply=library.ChatSummary),
+    Operation("DELETE", "/api/v1/chats/{chat_id}", "Delete a stored chat", "lmstudio",
+              reply=library.Deleted),
+    Operation("GET", "/v1/responses/{id}", "Get a stored response (OpenAI)", "openai",
+              reply=replies.ResponseObject),
+    Operation("DELETE", "/v1/responses/{id}", "Delete a stored response (OpenAI)", "openai",
+              reply=library.Deleted),
+    Operation("GET", "/api/v1/models/search", "Search Hugging Face for MLX and GGUF models",
+              "lmstudio", reply=library.HubSearchResults),
+    Operation("DELETE", "/api/v1/models/download/{job_id}", "Cancel a download", "lmstudio"),
+    Operation("POST", "/api/v1/models/delete", "Delete a downloaded model", "lmstudio",
+              request=library.DeleteModel, reply=library.Deleted),
     Operation("GET", "/metrics", "Metrics: Prometheus text, or JSON with ?format=json",
               "openai"),
     Operation("GET", "/api/v0/models", "List models (LM Studio v0)", "openai",

@@ -1,7 +1,8 @@
 """A Hugging Face hub look-alike on loopback, for download tests (``HF_ENDPOINT``).
 
-It serves the endpoints ``huggingface_hub`` calls: ``GET /api/models/{repo}[/revision/{rev}]``
-(siblings with sizes, git blob ids and LFS sha256) and ``HEAD``/``GET
+It serves the endpoints ``huggingface_hub`` calls: ``GET /api/models`` (the model search:
+``search``, ``filter`` by library tag, ``sort=downloads``, ``limit``), ``GET
+/api/models/{repo}[/revision/{rev}]`` (siblings with sizes, git blob ids and LFS sha256) and ``HEAD``/``GET
 /{repo}/resolve/{rev}/{file}`` with ``X-Repo-Commit``, ``ETag``, ``Content-Length`` and
 ``Range`` support. Faults for tests: ``corrupt`` serves other bytes than the metadata lists,
 ``throttle`` slows transfers, ``drop_after`` cuts a transfer once after N bytes.
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 _LFS_SUFFIXES = (".safetensors", ".gguf", ".bin")
 
@@ -39,6 +40,11 @@ class HubFile:
 class HubRepo:
     commit: str
     files: dict[str, HubFile]
+    downloads: int = 0
+
+    @property
+    def tags(self) -> list[str]:
+        return ["gguf"] if any(n.endswith(".gguf") for n in self.files) else ["mlx"]
 
 
 @dataclass
@@ -54,7 +60,9 @@ class Hub:
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add_repo(self, repo_id: str, folder: Path, names: list[str] | None = None) -> HubRepo:
+    def add_repo(
+        self, repo_id: str, folder: Path, names: list[str] | None = None, downloads: int = 0
+    ) -> HubRepo:
         files: dict[str, HubFile] = {}
         for p in sorted(folder.iterdir()):
             if not p.is_file() or p.name.startswith(".") or (names and p.name not in names):
@@ -75,7 +83,7 @@ class Hub:
         commit = hashlib.sha1(
             repo_id.encode() + b"".join(f.sha256.encode() for f in files.values())
         )
-        repo = HubRepo(commit.hexdigest(), files)
+        repo = HubRepo(commit.hexdigest(), files, downloads)
         self.repos[repo_id] = repo
         return repo
 
@@ -95,13 +103,29 @@ class Hub:
             "private": False,
             "disabled": False,
             "gated": False,
-            "downloads": 0,
+            "downloads": repo.downloads,
             "likes": 0,
-            "tags": ["mlx"],
+            "library_name": repo.tags[0],
+            "tags": repo.tags,
             "lastModified": "2026-01-01T00:00:00.000Z",
             "createdAt": "2026-01-01T00:00:00.000Z",
             "siblings": siblings,
         }
+
+
+def search(hub: Hub, query: dict[str, list[str]]) -> list[dict]:
+    """The hub's model search, as much of it as ``HfApi.list_models`` uses here."""
+    text = query.get("search", [""])[0].lower()
+    wanted = set(query.get("filter", []))
+    found = [
+        (repo_id, repo)
+        for repo_id, repo in hub.repos.items()
+        if text in repo_id.lower() and wanted <= set(repo.tags)
+    ]
+    if query.get("sort", [""])[0] == "downloads":
+        found.sort(key=lambda r: -r[1].downloads)
+    limit = int(query.get("limit", ["1000"])[0])
+    return [hub.model_info(repo_id) for repo_id, _ in found[:limit]]
 
 
 _INFO = re.compile(r"^/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?$")
@@ -115,7 +139,9 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-        def _json(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+        def _json(
+            self, status: int, body: dict | list, headers: dict[str, str] | None = None
+        ) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -133,6 +159,8 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
             path = unquote(urlparse(self.path).path)
             with hub.lock:
                 hub.requests.append((self.command, path, self.headers.get("Range")))
+            if path == "/api/models" and self.command == "GET":
+                return self._json(200, search(hub, parse_qs(urlparse(self.path).query)))
             m = _INFO.match(path)
             if m and self.command == "GET":
                 if m.group(1) not in hub.repos:

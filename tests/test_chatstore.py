@@ -46,3 +46,37 @@ def test_survives_reopen_and_unknown_ids_raise(tmp_path):
     with pytest.raises(ResponseNotFound) as e:
         again.conversation("../../etc/passwd")
     assert "etc" not in e.value.message
+
+
+def test_a_database_from_before_chats_gets_its_chats(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "chats.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE responses (id TEXT PRIMARY KEY, parent_id TEXT, model TEXT NOT NULL,"
+        " system TEXT, input TEXT NOT NULL, output TEXT NOT NULL, created REAL NOT NULL)"
+    )
+    rows = [
+        ("r1", None, '[{"role": "user", "content": "hello there"}]', 1.0),
+        ("r2", "r1", '[{"role": "user", "content": "more"}]', 2.0),
+        ("r3", "r2", '[{"role": "user", "content": "again"}]', 3.0),
+    ]
+    for rid, parent, inp, created in rows:
+        db.execute(
+            "INSERT INTO responses VALUES (?, ?, 'm', NULL, ?, '[]', ?)",
+            (rid, parent, inp, created),
+        )
+    db.commit()
+    db.close()
+    store = ChatStore(path)
+    [chat] = store.chats()
+    assert (chat.id, chat.title, chat.turns, chat.head) == ("r1", "hello there", 3, "r3")
+    # Deleting a middle turn keeps the later turn's history whole.
+    store.delete_response("r2")
+    assert [m["content"] for m in store.conversation("r3").messages] == [
+        "hello there",
+        "more",
+        "again",
+    ]
+    assert store.chat("r1")[0].turns == 2

@@ -4,6 +4,9 @@ Every stored response is a branch point: it records the messages its turn added 
 input and the model's output) and the response it continued from. A response's history is
 its chain of turns back to the root, so continuing from any earlier response sees exactly
 that branch. SQLite under ``MLXSERVE_HOME``, so chats survive a restart.
+
+A *chat* is the tree of turns grown from one root turn (its id is the root's response id):
+listed with a title (its first user message until renamed), renamed and deleted as one.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from mlxserve.errors import MlxServeError
 
 # Guards against a corrupt chain (a cycle can only come from a hand-edited database).
 MAX_TURNS = 10_000
+TITLE_CHARS = 80
 
 
 def new_response_id() -> str:
@@ -38,6 +42,16 @@ class ResponseNotFound(MlxServeError):
         super().__init__(f"No stored response with id '{shown}'.", param="previous_response_id")
 
 
+class ChatNotFound(MlxServeError):
+    status = 404
+    kind = "invalid_request_error"
+    code = "chat_not_found"
+
+    def __init__(self, chat_id: str) -> None:
+        shown = chat_id if chat_id.replace("_", "").isalnum() else "given"
+        super().__init__(f"No stored chat with id '{shown}'.", param="chat_id")
+
+
 @dataclass(frozen=True)
 class StoredTurn:
     id: str
@@ -47,6 +61,57 @@ class StoredTurn:
     input: list[dict[str, Any]]
     output: list[dict[str, Any]]
     created: float
+    chat_id: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "parent_id": self.parent_id,
+            "model": self.model,
+            "system": self.system,
+            "input": self.input,
+            "output": self.output,
+            "created_at": self.created,
+        }
+
+
+@dataclass(frozen=True)
+class ChatSummary:
+    id: str
+    title: str
+    model: str
+    created: float
+    updated: float
+    # The turn last added: where the chat continues by default.
+    head: str
+    turns: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "title": self.title,
+            "model": self.model,
+            "created_at": self.created,
+            "updated_at": self.updated,
+            "head_response_id": self.head,
+            "turns": self.turns,
+        }
+
+
+def title_of(messages: list[dict[str, Any]]) -> str:
+    """A chat's default title: its first user message's text, on one line."""
+    for message in messages:
+        if message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, list):
+            content = " ".join(
+                str(part.get("text", "")) for part in content if isinstance(part, dict)
+            )
+        text = " ".join(str(content or "").split())
+        if text:
+            return text if len(text) <= TITLE_CHARS else text[: TITLE_CHARS - 1] + "\u2026"
+    return "New chat"
 
 
 @dataclass(frozen=True)
@@ -71,20 +136,54 @@ class ChatStore:
                 " id TEXT PRIMARY KEY, parent_id TEXT, model TEXT NOT NULL, system TEXT,"
                 " input TEXT NOT NULL, output TEXT NOT NULL, created REAL NOT NULL)"
             )
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS chats (id TEXT PRIMARY KEY, title TEXT NOT NULL,"
+                " created REAL NOT NULL, updated REAL NOT NULL, head TEXT NOT NULL)"
+            )
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(responses)")}
+            # Databases from before chats were listed: add the columns, then file their turns.
+            if "chat_id" not in columns:
+                self._db.execute("ALTER TABLE responses ADD COLUMN chat_id TEXT")
+            if "reply" not in columns:
+                # The /v1/responses object as returned, for GET /v1/responses/{id}.
+                self._db.execute("ALTER TABLE responses ADD COLUMN reply TEXT")
+            self._db.execute("CREATE INDEX IF NOT EXISTS responses_chat ON responses(chat_id)")
+            self._file_orphans()
+
+    def _file_orphans(self) -> None:
+        """Give every turn without a chat the chat of its root (caller holds the lock)."""
+        rows = self._db.execute(
+            "SELECT id, parent_id, input, created FROM responses WHERE chat_id IS NULL"
+            " ORDER BY created"
+        ).fetchall()
+        for turn_id, parent_id, input_json, created in rows:
+            chat_id = turn_id
+            if parent_id is not None:
+                parent = self._db.execute(
+                    "SELECT chat_id FROM responses WHERE id = ?", (parent_id,)
+                ).fetchone()
+                chat_id = parent[0] if parent and parent[0] else parent_id
+            self._file(turn_id, chat_id, json.loads(input_json), created)
+
+    def _file(self, turn_id: str, chat_id: str, input: list[dict[str, Any]], now: float) -> None:
+        self._db.execute("UPDATE responses SET chat_id = ? WHERE id = ?", (chat_id, turn_id))
+        updated = self._db.execute(
+            "UPDATE chats SET updated = ?, head = ? WHERE id = ?", (now, turn_id, chat_id)
+        ).rowcount
+        if not updated:
+            self._db.execute(
+                "INSERT INTO chats (id, title, created, updated, head) VALUES (?, ?, ?, ?, ?)",
+                (chat_id, title_of(input), now, now, turn_id),
+            )
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def _get(self, response_id: str) -> StoredTurn | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT id, parent_id, model, system, input, output, created FROM responses"
-                " WHERE id = ?",
-                (response_id,),
-            ).fetchone()
-        if row is None:
-            return None
+    _COLUMNS = "id, parent_id, model, system, input, output, created, chat_id"
+
+    @staticmethod
+    def _turn(row: tuple[Any, ...]) -> StoredTurn:
         return StoredTurn(
             id=row[0],
             parent_id=row[1],
@@ -93,7 +192,15 @@ class ChatStore:
             input=json.loads(row[4]),
             output=json.loads(row[5]),
             created=row[6],
+            chat_id=row[7] or row[0],
         )
+
+    def _get(self, response_id: str) -> StoredTurn | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {self._COLUMNS} FROM responses WHERE id = ?", (response_id,)
+            ).fetchone()
+        return None if row is None else self._turn(row)
 
     def get(self, response_id: str) -> StoredTurn:
         turn = self._get(response_id)
@@ -123,14 +230,23 @@ class ChatStore:
         input: list[dict[str, Any]],
         output: list[dict[str, Any]],
         response_id: str | None = None,
+        reply: dict[str, Any] | None = None,
     ) -> str:
         """Store one turn; returns its response id (``response_id`` when given: a dialect that
-        announces the id before the turn is generated)."""
+        announces the id before the turn is generated). ``reply``: the response object as the
+        client got it, for ``GET /v1/responses/{id}``."""
         response_id = response_id or new_response_id()
+        now = time.time()
         with self._lock, self._db:
+            chat_id = response_id
+            if parent_id is not None:
+                row = self._db.execute(
+                    "SELECT chat_id FROM responses WHERE id = ?", (parent_id,)
+                ).fetchone()
+                chat_id = row[0] if row and row[0] else parent_id
             self._db.execute(
-                "INSERT INTO responses (id, parent_id, model, system, input, output, created)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO responses (id, parent_id, model, system, input, output, created,"
+                " reply) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     response_id,
                     parent_id,
@@ -138,10 +254,110 @@ class ChatStore:
                     system,
                     json.dumps(input, ensure_ascii=False),
                     json.dumps(output, ensure_ascii=False),
-                    time.time(),
+                    now,
+                    None if reply is None else json.dumps(reply, ensure_ascii=False),
                 ),
             )
+            self._file(response_id, chat_id, input, now)
         return response_id
+
+    # --- the response objects of /v1/responses --------------------------------------------
+
+    def reply(self, response_id: str) -> dict[str, Any]:
+        """The stored response object of a ``/v1/responses`` turn."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT reply FROM responses WHERE id = ?", (response_id,)
+            ).fetchone()
+        if row is None or row[0] is None:
+            raise ResponseNotFound(response_id)
+        reply: dict[str, Any] = json.loads(row[0])
+        return reply
+
+    def delete_response(self, response_id: str) -> None:
+        """Delete one turn. The turns continuing from it keep their history: its messages
+        move into each of them, and their parent becomes its parent."""
+        turn = self.get(response_id)
+        carried = [*turn.input, *turn.output]
+        with self._lock, self._db:
+            children = self._db.execute(
+                "SELECT id, input FROM responses WHERE parent_id = ?", (response_id,)
+            ).fetchall()
+            for child_id, child_input in children:
+                merged = carried + json.loads(child_input)
+                self._db.execute(
+                    "UPDATE responses SET parent_id = ?, input = ? WHERE id = ?",
+                    (turn.parent_id, json.dumps(merged, ensure_ascii=False), child_id),
+                )
+            self._db.execute("DELETE FROM responses WHERE id = ?", (response_id,))
+            self._refile_chat(turn.chat_id)
+
+    def _refile_chat(self, chat_id: str) -> None:
+        """After turns left a chat: drop it if empty, else point its head at its newest turn
+        (the chat keeps its id even when its root turn went)."""
+        newest = self._db.execute(
+            "SELECT id FROM responses WHERE chat_id = ? ORDER BY created DESC LIMIT 1",
+            (chat_id,),
+        ).fetchone()
+        if newest is None:
+            self._db.execute("DELETE FROM chats WHERE id = ?", (chat_id,))
+        else:
+            self._db.execute("UPDATE chats SET head = ? WHERE id = ?", (newest[0], chat_id))
+
+    # --- chats ------------------------------------------------------------------------------
+
+    _CHAT = (
+        "SELECT c.id, c.title, c.created, c.updated, c.head,"
+        " (SELECT model FROM responses WHERE id = c.head),"
+        " (SELECT COUNT(*) FROM responses WHERE chat_id = c.id) FROM chats c"
+    )
+
+    @staticmethod
+    def _summary(row: tuple[Any, ...]) -> ChatSummary:
+        return ChatSummary(
+            id=row[0],
+            title=row[1],
+            created=row[2],
+            updated=row[3],
+            head=row[4],
+            model=row[5] or "",
+            turns=row[6],
+        )
+
+    def chats(self, limit: int = 200) -> list[ChatSummary]:
+        """The chats, the most recently continued first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"{self._CHAT} ORDER BY c.updated DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [self._summary(row) for row in rows]
+
+    def chat(self, chat_id: str) -> tuple[ChatSummary, list[StoredTurn]]:
+        """A chat and all its turns (every branch), oldest first."""
+        with self._lock:
+            row = self._db.execute(f"{self._CHAT} WHERE c.id = ?", (chat_id,)).fetchone()
+            if row is None:
+                raise ChatNotFound(chat_id)
+            turns = self._db.execute(
+                f"SELECT {self._COLUMNS} FROM responses WHERE chat_id = ? ORDER BY created",
+                (chat_id,),
+            ).fetchall()
+        return self._summary(row), [self._turn(t) for t in turns]
+
+    def rename_chat(self, chat_id: str, title: str) -> ChatSummary:
+        with self._lock, self._db:
+            if not self._db.execute(
+                "UPDATE chats SET title = ? WHERE id = ?", (title, chat_id)
+            ).rowcount:
+                raise ChatNotFound(chat_id)
+        return self.chat(chat_id)[0]
+
+    def delete_chat(self, chat_id: str) -> None:
+        """Delete a chat with every turn of every branch."""
+        with self._lock, self._db:
+            if not self._db.execute("DELETE FROM chats WHERE id = ?", (chat_id,)).rowcount:
+                raise ChatNotFound(chat_id)
+            self._db.execute("DELETE FROM responses WHERE chat_id = ?", (chat_id,))
 
     async def aconversation(self, response_id: str) -> Conversation:
         return await asyncio.to_thread(self.conversation, response_id)

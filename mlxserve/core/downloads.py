@@ -167,6 +167,7 @@ class DownloadJob:
     done_bytes: int = 0  # files finished
     file_bytes: int = 0  # the file in flight, including what a resume started from
     cancel: threading.Event = field(default_factory=threading.Event)
+    cancelled_by_request: bool = False
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     _samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=20))
 
@@ -267,6 +268,12 @@ def verify(path: Path, remote: RemoteFile) -> str | None:
     elif remote.blob_id is not None and _git_blob_id(path) != remote.blob_id.lower():
         return f"{remote.name}: content differs from the hub's (git blob id)"
     return None
+
+
+def quant_label(name: str) -> str | None:
+    """The quantization a GGUF file name carries (``Q4_K_M``, ``BF16``), if any."""
+    match = _QUANT_LABEL.search(name.rsplit("/", 1)[-1])
+    return match.group(1).upper() if match else None
 
 
 def _quant_labels(names: list[str]) -> list[str]:
@@ -393,7 +400,7 @@ class DownloadManager:
     async def _create(self, spec: DownloadSpec) -> DownloadJob | None:
         if self.already_downloaded(spec):
             return None
-        revision, remote = await asyncio.to_thread(self._model_files, spec)
+        revision, remote = await asyncio.to_thread(self.model_files, spec)
         files, fmt = select_files(spec, remote)
         dest = self.root / spec.publisher / spec.name
         if fmt == "mlx" and dest.exists():
@@ -420,7 +427,8 @@ class DownloadManager:
         log.info("downloading %s (%d files, %d bytes)", spec.repo, len(files), job.total_size_bytes)
         return job
 
-    def _model_files(self, spec: DownloadSpec) -> tuple[str, list[RemoteFile]]:
+    def model_files(self, spec: DownloadSpec) -> tuple[str, list[RemoteFile]]:
+        """The revision and files (with sizes and checksums) of a hub repository."""
         from huggingface_hub import HfApi
         from huggingface_hub.errors import (
             HfHubHTTPError,
@@ -475,7 +483,8 @@ class DownloadManager:
         try:
             await asyncio.to_thread(self._transfer, job)
         except _Cancelled:
-            job.state, job.error = "failed", "cancelled (the server stopped); ask again to resume"
+            why = "cancelled" if job.cancelled_by_request else "cancelled (the server stopped)"
+            job.state, job.error = "failed", f"{why}; ask again to resume"
         except MlxServeError as exc:
             job.state, job.error = "failed", exc.message
         except Exception as exc:
@@ -583,6 +592,15 @@ class DownloadManager:
         job = self.jobs.get(job_id)
         if job is None:
             raise JobNotFound("No download job with this id.", param="job_id")
+        return job
+
+    async def cancel(self, job_id: str) -> DownloadJob:
+        """Stop a transfer; what it staged stays, so asking for the model again resumes it."""
+        job = self.get(job_id)
+        if job.state == "downloading":
+            job.cancelled_by_request = True
+            job.cancel.set()
+            await job.finished.wait()
         return job
 
     async def close(self) -> None:

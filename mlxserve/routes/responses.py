@@ -478,6 +478,7 @@ async def create_response(request: Request) -> Response:
                 system=body.instructions,
                 input=body.input_messages(),
                 output=[*transcript, *renderer.template_output()],
+                reply=renderer.response(),
             )
 
     if body.stream:
