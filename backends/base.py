@@ -63,6 +63,9 @@ class GenerationRequest:
     stop_token_ids: frozenset[int] = frozenset()
     # Constrained decoding: only tokens this grammar allows are sampled.
     constraint: GrammarConstraint | None = None
+    # Log probabilities: None computes none; n reports the sampled token's and the n most
+    # likely tokens' (see :class:`TokenLogprobs`).
+    logprobs: int | None = None
 
 
 # GGUF sequences decoded in parallel, at most: each reserves a full context window of KV.
@@ -117,10 +120,25 @@ class EngineInfo:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """Log probabilities from the distribution a token was sampled from: the log-softmax of
+    the logits after repetition, presence and frequency penalties and the grammar mask,
+    before temperature and top-k/top-p/min-p truncation (on both backends)."""
+
+    # The sampled token's, whatever its rank.
+    logprob: float
+    # The most likely tokens, most likely first (ties: lower id first); tokens the grammar
+    # forbids are never listed.
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Token:
     """One sampled token (never an end-of-generation token)."""
 
     id: int
+    # Set when the request asked for log probabilities.
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +163,8 @@ class EngineError(Exception):
 
 
 StreamItem = Token | PromptProgress | Finished
+# What a single-path generator yields per token: the id, or the id and its log probabilities.
+Sampled = int | tuple[int, TokenLogprobs]
 
 
 class TokenStream:
@@ -226,13 +246,13 @@ class Job:
         if 0 < processed < total:
             self.stream.put(PromptProgress(processed, total, cached))
 
-    def accept(self, token: int) -> bool:
+    def accept(self, token: int, logprobs: TokenLogprobs | None = None) -> bool:
         """Take a sampled token; True when the request is finished."""
         self.generated += 1
         if token in self.request.stop_token_ids:
             self.finish("stop")
             return True
-        self.stream.put(Token(token))
+        self.stream.put(Token(token, logprobs))
         if self.generated >= self.request.max_tokens:
             self.finish("length")
         return self.done
@@ -280,7 +300,7 @@ class Engine(ABC):
     def _setup(self) -> None:
         """Initialise scheduling state before the owner thread starts (no library calls);
         overrides call this first."""
-        self._solo: list[tuple[Job, Generator[int | PromptProgress, None, None]]] = []
+        self._solo: list[tuple[Job, Generator[Sampled | PromptProgress, None, None]]] = []
 
     @abstractmethod
     def _load(self) -> EngineInfo:
@@ -288,8 +308,9 @@ class Engine(ABC):
 
     def _steps(
         self, request: GenerationRequest, stream: TokenStream
-    ) -> Generator[int | PromptProgress, None, None]:
-        """Process the prompt, then yield sampled token ids forever (the caller stops it).
+    ) -> Generator[Sampled | PromptProgress, None, None]:
+        """Process the prompt, then yield sampled token ids forever (the caller stops it),
+        each with its log probabilities when the request asked for them.
 
         Called on the owner thread by the default :meth:`_admit`; engines that schedule
         requests themselves may leave it out. Between prompt chunks it yields
@@ -367,9 +388,9 @@ class Engine(ABC):
             except Exception:
                 log.exception("closing a request failed on %s", self.path.name)
 
-    def _accept(self, job: Job, token: int) -> bool:
+    def _accept(self, job: Job, token: int, logprobs: TokenLogprobs | None = None) -> bool:
         self.generated_tokens += 1
-        return job.accept(token)
+        return job.accept(token, logprobs)
 
     def _step_solo(self) -> None:
         for entry in list(self._solo):
@@ -383,8 +404,10 @@ class Engine(ABC):
                         job.finish("cancelled" if job.cancelled else "length")
                     elif isinstance(item, PromptProgress):
                         job.stream.put(item)
-                    else:
+                    elif isinstance(item, int):
                         self._accept(job, item)
+                    else:
+                        self._accept(job, *item)
             except Exception as exc:
                 log.exception("generation failed on %s", self.path.name)
                 job.fail(exc)

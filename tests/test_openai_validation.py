@@ -71,7 +71,8 @@ def test_malformed_bodies(client, path, raw):
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         ({"model": ""}, "model"),
         ({"model": 7}, "model"),
-        ({"logprobs": True}, None),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         (
             {"tools": [{"type": "function", "function": {"name": "bad name!"}}]},
             "tools[0].function.name",

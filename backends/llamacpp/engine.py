@@ -26,6 +26,7 @@ from backends.base import (
     common_prefix,
 )
 from backends.constraint import GrammarCache
+from backends.logprobs import penalize, token_logprobs
 
 log = logging.getLogger("mlxserve.backends")
 
@@ -52,6 +53,8 @@ class _Seq:
     # Tokens in the KV cache for this sequence, then the sampled token not yet evaluated.
     tokens: list[int] = field(default_factory=list)
     pending: int | None = None
+    # The sampled tokens the sampler chain's penalties look at (for log probabilities).
+    recent: deque[int] = field(default_factory=lambda: deque(maxlen=PENALTY_WINDOW))
 
     @property
     def reserve(self) -> int:
@@ -357,16 +360,26 @@ class LlamaCppEngine(Engine):
             raise RuntimeError(f"llama_decode returned {rc}")
         n_vocab = self._n_vocab
         for s, i in outputs:
-            constraint = s.job.request.constraint
-            if constraint is not None:
+            request = s.job.request
+            constraint = request.constraint
+            logits = None
+            if constraint is not None or request.logprobs is not None:
                 logits = np.ctypeslib.as_array(
                     llama_cpp.llama_get_logits_ith(self._ctx.ctx, i), shape=(n_vocab,)
                 )
+            if constraint is not None and logits is not None:
                 constraint.mask_inplace(logits)
+            if logits is not None and request.logprobs is not None:
+                # The chain's penalty sampler works on its own copy: apply them here too.
+                logits = penalize(logits, s.recent, request.sampling)
             token = s.sampler.sample(self._ctx, i)
             if constraint is not None:
                 constraint.advance(token)
-            if self._accept(s.job, token):
+            lp = None
+            if logits is not None and request.logprobs is not None:
+                lp = token_logprobs(logits, token, request.logprobs)
+                s.recent.append(token)
+            if self._accept(s.job, token, lp):
                 self._finish_seq(s)
             else:
                 s.pending = token

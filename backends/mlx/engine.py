@@ -6,7 +6,7 @@ import json
 import logging
 import random
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import Any, cast
 
 import llguidance.hf
 import mlx.core as mx
@@ -22,10 +22,13 @@ from backends.base import (
     GenerationRequest,
     Job,
     PromptProgress,
+    Sampled,
     SamplingParams,
+    TokenLogprobs,
     TokenStream,
 )
 from backends.constraint import GrammarCache, GrammarConstraint
+from backends.logprobs import ranked
 from backends.mlx import release_thread_memory
 from backends.mlx.prompt_cache import PromptCache
 
@@ -43,6 +46,30 @@ def _greedy(logprobs: mx.array) -> mx.array:
 
 class _PrefillCancelled(Exception):
     pass
+
+
+def _logprobs(rows: list[tuple[mx.array, int, int]]) -> list[TokenLogprobs]:
+    """For each (log-softmax row, sampled token, k): the token's log probability and the k
+    most likely tokens', computed for all rows in one evaluation."""
+    lps = mx.stack([row for row, _, _ in rows]).astype(mx.float32)
+    tokens = mx.array([[token] for _, token, _ in rows])
+    chosen = mx.take_along_axis(lps, tokens, axis=-1)[:, 0]
+    k = max(k for _, _, k in rows)
+    if not k:
+        mx.eval(chosen)
+        return [TokenLogprobs(float(v)) for v in cast(list[float], chosen.tolist())]
+    # A few spare candidates, so ties at the boundary still resolve by lower id.
+    m = min(k + 8, lps.shape[-1])
+    ids = mx.argpartition(-lps, m - 1, axis=-1)[:, :m]
+    values = mx.take_along_axis(lps, ids, axis=-1)
+    mx.eval(chosen, ids, values)
+    picked = cast(list[float], chosen.tolist())
+    id_rows = cast(list[list[int]], ids.tolist())
+    value_rows = cast(list[list[float]], values.tolist())
+    return [
+        TokenLogprobs(float(v), ranked(i, vs, n))
+        for v, i, vs, (_, _, n) in zip(picked, id_rows, value_rows, rows, strict=True)
+    ]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -232,7 +259,7 @@ class MLXEngine(Engine):
 
     def _steps(
         self, request: GenerationRequest, stream: TokenStream
-    ) -> Generator[int | PromptProgress, None, None]:
+    ) -> Generator[Sampled | PromptProgress, None, None]:
         """The single path: a seeded request, whose draws must not depend on its neighbours."""
 
         def on_progress(done: int, total: int) -> None:
@@ -241,8 +268,9 @@ class MLXEngine(Engine):
             if 0 < done < total:
                 stream.put(PromptProgress(done, total))
 
+        k = request.logprobs
         try:
-            for token, _ in generate_step(
+            for token, logprobs in generate_step(
                 mx.array(request.prompt),
                 self._model,
                 max_tokens=-1,
@@ -251,7 +279,10 @@ class MLXEngine(Engine):
                 prefill_step_size=self.options.prefill_chunk,
                 prompt_progress_callback=on_progress,
             ):
-                yield int(token)
+                if k is None:
+                    yield int(token)
+                else:
+                    yield int(token), _logprobs([(logprobs, int(token), k)])[0]
         except _PrefillCancelled:
             return
 
@@ -321,12 +352,20 @@ class MLXEngine(Engine):
             if entry is not None:
                 job, cached = entry
                 job.progress(pr.progress[0] + cached, pr.progress[1] + cached, cached)
+        wanted = [
+            (r.logprobs, r.token, job.request.logprobs)
+            for r in responses
+            if (entry := self._batched.get(r.uid)) is not None
+            and (job := entry[0]).request.logprobs is not None
+        ]
+        computed = iter(_logprobs(wanted) if wanted else [])
         for r in responses:
             entry = self._batched.get(r.uid)
             if entry is None:
                 continue
             job = entry[0]
-            done = self._accept(job, r.token)
+            lp = next(computed) if job.request.logprobs is not None else None
+            done = self._accept(job, r.token, lp)
             if r.finish_reason is None and not done:
                 continue
             del self._batched[r.uid]

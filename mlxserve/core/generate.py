@@ -14,6 +14,7 @@ from backends.base import (
     GenerationRequest,
     PromptProgress,
     Token,
+    TokenLogprobs,
     TokenStream,
 )
 from backends.constraint import GrammarConstraint, GrammarError
@@ -27,6 +28,7 @@ from mlxserve.core.textstream import TextAssembler
 from mlxserve.core.tools import ToolCallParser, ToolFormat, detect_format, forcing_grammar
 from mlxserve.core.tools import lmstudio_tool_prompt as tool_prompt
 from mlxserve.core.types import (
+    Candidate,
     CoreRequest,
     Done,
     Event,
@@ -34,6 +36,7 @@ from mlxserve.core.types import (
     Progress,
     ReasoningDelta,
     TextDelta,
+    TokenLogprob,
     Usage,
 )
 from mlxserve.errors import ContextLengthExceeded, EngineFailure, InvalidRequest, Overloaded
@@ -123,6 +126,18 @@ class Generation:
         stop = self._output.stop_sequence if finish == "stop" else None
         return Done(finish, usage, stop)  # type: ignore[arg-type]
 
+    def _candidate(self, token_id: int, logprob: float) -> Candidate:
+        raw = self.instance.engine.token_bytes(token_id)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return Candidate(text, raw, logprob)
+
+    def _logprob(self, token_id: int, logprobs: TokenLogprobs) -> TokenLogprob:
+        top = tuple(self._candidate(t, v) for t, v in logprobs.top)
+        return TokenLogprob(self._candidate(token_id, logprobs.logprob), top)
+
     async def events(self, idle_seconds: float | None = None) -> AsyncIterator[Event]:
         """The generation's events; :class:`Idle` after each ``idle_seconds`` of silence."""
         generated = 0
@@ -149,6 +164,8 @@ class Generation:
                             first_token = last_token
                             if meter is not None:
                                 meter.first_token(first_token - self._queued_at)
+                        if item.logprobs is not None:
+                            yield self._logprob(item.id, item.logprobs)
                         for event in self._output.token(item.id):
                             yield event
                         if self._output.stopped:
@@ -303,6 +320,7 @@ async def admit(instance: Instance, request: CoreRequest) -> Generation:
                 max_tokens=max_tokens,
                 stop_token_ids=frozenset() if request.ignore_eos else info.eos_token_ids,
                 constraint=constraint,
+                logprobs=request.logprobs,
             )
         )
     except QueueFull as exc:

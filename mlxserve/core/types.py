@@ -8,6 +8,7 @@ from typing import Any, Literal
 from backends.base import SamplingParams
 
 __all__ = [
+    "Candidate",
     "CoreRequest",
     "Done",
     "Event",
@@ -19,6 +20,7 @@ __all__ = [
     "ToolCallStart",
     "SamplingParams",
     "TextDelta",
+    "TokenLogprob",
     "Usage",
 ]
 
@@ -46,6 +48,9 @@ class CoreRequest:
     reasoning: str | None = None
     # Idle seconds before a just-in-time loaded model is unloaded (LM Studio's ``ttl``).
     ttl: float | None = None
+    # Log probabilities of each generated token and of this many most likely alternatives;
+    # None reports none.
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,26 @@ class ToolCallEnd:
 
 
 @dataclass(frozen=True)
+class Candidate:
+    """A token and its log probability. ``token`` is its text, or ``bytes:\\x..`` when its
+    bytes are not whole UTF-8 (OpenAI's convention)."""
+
+    token: str
+    bytes: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log probabilities of one generated token, sent just before that token's text
+    events (its text may come later: stop strings and partial characters are held back)."""
+
+    sampled: Candidate
+    # The most likely tokens, most likely first.
+    top: tuple[Candidate, ...]
+
+
+@dataclass(frozen=True)
 class Progress:
     """Prompt processing progress."""
 
@@ -123,4 +148,5 @@ Event = (
     | Progress
     | Idle
     | Done
+    | TokenLogprob
 )

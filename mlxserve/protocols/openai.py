@@ -17,6 +17,8 @@ from mlxserve.errors import InvalidRequest
 MAX_STOPS = 16
 MAX_STOP_LENGTH = 256
 MAX_TTL_SECONDS = 365 * 24 * 3600
+# The most alternatives a request may ask for beside each sampled token (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
 
 
 class _Lenient(BaseModel):
@@ -123,17 +125,10 @@ class _Sampling(_Lenient):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1, description="only one choice per request")
-    logprobs: StrictBool | int | None = None
     # llama.cpp's extension: keep generating past the end-of-text token (benchmarks, tests).
     ignore_eos: StrictBool = False
     # LM Studio's extension: idle seconds before a just-in-time loaded model is unloaded.
     ttl: float | None = Field(default=None, gt=0, le=MAX_TTL_SECONDS)
-
-    @model_validator(mode="after")
-    def _refuse_unsupported(self) -> _Sampling:
-        if self.logprobs:
-            raise ValueError("logprobs are not supported")
-        return self
 
     def sampling(self, default_temperature: float) -> SamplingParams:
         return SamplingParams(
@@ -229,7 +224,8 @@ REASONING_EFFORT = {
 class ChatCompletionRequest(_Structured):
     messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: StrictBool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[ToolDef] | None = Field(default=None, max_length=512)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
@@ -237,6 +233,8 @@ class ChatCompletionRequest(_Structured):
 
     @model_validator(mode="after")
     def _tools_consistent(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs set to true.", param="top_logprobs")
         names = [t.function.name for t in self.tools or []]
         if len(set(names)) != len(names):
             raise ValueError("tool names must be unique")
@@ -268,11 +266,14 @@ class ChatCompletionRequest(_Structured):
             max_tokens=self.max_completion_tokens or self.max_tokens,
             stops=self.stop_list(),
             ttl=self.ttl,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
         )
 
 
 class CompletionRequest(_Structured):
     prompt: str | list[str]
+    # How many most likely tokens to report beside each sampled one (OpenAI allows 5).
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, strict=True)
     echo: StrictBool = False
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1, le=1)
@@ -307,4 +308,5 @@ class CompletionRequest(_Structured):
             max_tokens=self.max_tokens if self.max_tokens is not None else 16,
             stops=self.stop_list(),
             ttl=self.ttl,
+            logprobs=self.logprobs,
         )

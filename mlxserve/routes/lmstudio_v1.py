@@ -26,6 +26,7 @@ from mlxserve.core.types import (
     Idle,
     Progress,
     ReasoningDelta,
+    TokenLogprob,
     ToolCallDelta,
     ToolCallEnd,
     ToolCallStart,
@@ -237,6 +238,8 @@ class _Turn:
             return out
         if isinstance(event, ToolResult):
             return self._tool_result(event)
+        if isinstance(event, TokenLogprob):
+            return out  # v1 chat has no log probabilities
         if isinstance(event, Idle):
             return out
         if self.first_at is None:

@@ -18,11 +18,13 @@ from mlxserve.core.generate import Generation
 from mlxserve.core.instance import Loaded
 from mlxserve.core.registry import ModelInfo
 from mlxserve.core.types import (
+    Candidate,
     Done,
     Event,
     Idle,
     ReasoningDelta,
     TextDelta,
+    TokenLogprob,
     ToolCallDelta,
     ToolCallStart,
 )
@@ -93,9 +95,15 @@ class Reply:
     text: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
     calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # None unless the request asked for log probabilities.
+    logprobs: list[TokenLogprob] | None = None
 
     def add(self, event: Event) -> None:
-        if isinstance(event, TextDelta):
+        if isinstance(event, TokenLogprob):
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.append(event)
+        elif isinstance(event, TextDelta):
             self.text.append(event.text)
         elif isinstance(event, ReasoningDelta):
             self.reasoning.append(event.text)
@@ -121,8 +129,40 @@ class Reply:
         return message
 
 
-async def _collect(gen: Generation) -> tuple[Reply, Done]:
-    reply = Reply()
+def _candidate(c: Candidate) -> dict[str, Any]:
+    return {"token": c.token, "logprob": c.logprob, "bytes": list(c.bytes)}
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+    """A chat choice's ``logprobs``: the sampled token first, its alternatives sorted."""
+    content = [
+        _candidate(e.sampled) | {"top_logprobs": [_candidate(c) for c in e.top]} for e in entries
+    ]
+    return {"content": content, "refusal": None}
+
+
+class CompletionLogprobs:
+    """A text completion's ``logprobs`` (the legacy shape: parallel lists), chunk by chunk;
+    ``text_offset`` counts characters from the start of the prompt, as OpenAI's does."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+    def render(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        offsets = []
+        for e in entries:
+            offsets.append(self.offset)
+            self.offset += len(e.sampled.bytes.decode("utf-8", errors="ignore"))
+        return {
+            "tokens": [e.sampled.token for e in entries],
+            "token_logprobs": [e.sampled.logprob for e in entries],
+            "top_logprobs": [{c.token: c.logprob for c in e.top} for e in entries],
+            "text_offset": offsets,
+        }
+
+
+async def _collect(gen: Generation, logprobs: bool = False) -> tuple[Reply, Done]:
+    reply = Reply(logprobs=[] if logprobs else None)
     async for event in gen.events():
         if isinstance(event, Done):
             return reply, event
@@ -161,18 +201,30 @@ async def _stream(
     opening: dict[str, Any] | None,
     include_usage: bool,
     ping_seconds: float,
+    logprobs: Callable[[list[TokenLogprob]], dict[str, Any]] | None = None,
 ) -> AsyncIterator[str]:
     """OpenAI SSE: an opening chunk, one chunk per event, a finish chunk, an optional usage
     chunk, then ``[DONE]``. An error after the stream has started is sent as an ``error``
-    object and the stream ends without ``[DONE]``."""
+    object and the stream ends without ``[DONE]``. Log probabilities ride on the next chunk
+    after their token (its text may be held back a while), the rest on the finish chunk."""
+    pending: list[TokenLogprob] = []
+
+    def with_logprobs(part: dict[str, Any]) -> dict[str, Any]:
+        if logprobs is not None and pending:
+            part = part | {"logprobs": logprobs(pending)}
+            pending.clear()
+        return part
+
     try:
         if opening is not None:
             yield sse(envelope(opening))
         async for event in gen.events(ping_seconds):
             if isinstance(event, Idle):
                 yield ": ping\n\n"
+            elif isinstance(event, TokenLogprob):
+                pending.append(event)
             elif isinstance(event, Done):
-                yield sse(envelope(choice(None, event.finish_reason) or {}))
+                yield sse(envelope(with_logprobs(choice(None, event.finish_reason) or {})))
                 if include_usage:
                     final = envelope({})
                     final["choices"] = []
@@ -181,7 +233,7 @@ async def _stream(
             else:
                 part = choice(event, None)
                 if part is not None:
-                    yield sse(envelope(part))
+                    yield sse(envelope(with_logprobs(part)))
         yield sse("[DONE]")
     except Exception as exc:  # whatever fails, the client gets the dialect's error event
         yield sse(openai_error_body(as_mlxserve_error(exc)))
@@ -215,7 +267,7 @@ def chat_completion_body(
     choice = {
         "index": 0,
         "message": reply.message(),
-        "logprobs": None,
+        "logprobs": None if reply.logprobs is None else chat_logprobs(reply.logprobs),
         "finish_reason": done.finish_reason,
     }
     return _envelope("chat.completion", cid, created, model, False)(choice) | {
@@ -224,13 +276,16 @@ def chat_completion_body(
 
 
 def text_completion_body(
-    cid: str, created: int, model: str, reply: Reply, done: Done
+    cid: str, created: int, model: str, reply: Reply, done: Done, prompt_chars: int = 0
 ) -> dict[str, Any]:
     """A whole (not streamed) text completion."""
+    logprobs = None
+    if reply.logprobs is not None:
+        logprobs = CompletionLogprobs(prompt_chars).render(reply.logprobs)
     choice = {
         "index": 0,
         "text": "".join(reply.text),
-        "logprobs": None,
+        "logprobs": logprobs,
         "finish_reason": done.finish_reason,
     }
     return _envelope("text_completion", cid, created, model, False)(choice) | {
@@ -261,12 +316,18 @@ async def chat_completions(request: Request) -> Response:
         envelope = _envelope("chat.completion.chunk", cid, created, model, body.include_usage)
         return EventStreamResponse(
             _stream(
-                gen, envelope, choice, opening, body.include_usage, state.settings.sse_ping_seconds
+                gen,
+                envelope,
+                choice,
+                opening,
+                body.include_usage,
+                state.settings.sse_ping_seconds,
+                chat_logprobs if body.logprobs else None,
             ),
             on_close=gen.cancel,
         )
 
-    result = await unless_disconnected(request, _collect(gen))
+    result = await unless_disconnected(request, _collect(gen, bool(body.logprobs)))
     if result is None:
         return Response(status_code=204)
     return JSONResponse(chat_completion_body(cid, created, model, *result))
@@ -287,17 +348,25 @@ async def completions(request: Request) -> Response:
             return {"index": 0, **part, "logprobs": None, "finish_reason": finish}
 
         envelope = _envelope("text_completion", cid, created, model, body.include_usage)
+        rendered = CompletionLogprobs(len(body.prompt)).render
         return EventStreamResponse(
             _stream(
-                gen, envelope, choice, None, body.include_usage, state.settings.sse_ping_seconds
+                gen,
+                envelope,
+                choice,
+                None,
+                body.include_usage,
+                state.settings.sse_ping_seconds,
+                rendered if body.logprobs is not None else None,
             ),
             on_close=gen.cancel,
         )
 
-    result = await unless_disconnected(request, _collect(gen))
+    result = await unless_disconnected(request, _collect(gen, body.logprobs is not None))
     if result is None:
         return Response(status_code=204)
-    return JSONResponse(text_completion_body(cid, created, model, *result))
+    reply, done = result
+    return JSONResponse(text_completion_body(cid, created, model, reply, done, len(body.prompt)))
 
 
 routes = [
