@@ -3,7 +3,6 @@ import pytest
 from mlxserve.core.reasoning import (
     ReasoningSplitter,
     prompt_opens_thinking,
-    reasoning_support,
 )
 
 
@@ -44,8 +43,5 @@ def test_char_by_char_matches_whole():
 
 
 def test_support_detection():
-    assert reasoning_support("{% if enable_thinking %}<think>{% endif %}").switchable
-    assert reasoning_support("...<think>\\n...").supported
-    assert not reasoning_support("{{ messages }}").supported
     assert prompt_opens_thinking("<|im_start|>assistant\n<think>\n")
     assert not prompt_opens_thinking("<|im_start|>assistant\n<think>\n\n</think>\n\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from backends.base import (
@@ -19,14 +19,13 @@ from backends.base import (
 )
 from backends.constraint import GrammarConstraint, GrammarError
 from backends.owner import QueueFull
+from mlxserve.core.families import OutputParser
+from mlxserve.core.families.history import check_tool_results
 from mlxserve.core.grammar import json_schema_grammar, lark_grammar
 from mlxserve.core.instance import Instance
 from mlxserve.core.manager import ModelManager
 from mlxserve.core.metrics import note_model
-from mlxserve.core.reasoning import ReasoningSplitter, prompt_opens_thinking, reasoning_support
 from mlxserve.core.textstream import TextAssembler
-from mlxserve.core.tools import ToolCallParser, ToolFormat, detect_format, forcing_grammar
-from mlxserve.core.tools import lmstudio_tool_prompt as tool_prompt
 from mlxserve.core.types import (
     Candidate,
     CoreRequest,
@@ -41,22 +40,16 @@ from mlxserve.core.types import (
 )
 from mlxserve.errors import ContextLengthExceeded, EngineFailure, InvalidRequest, Overloaded
 
-REASONING_OFF = ("off", "none")
+REASONING_ALIASES = {"none": "off"}
 
 
 class OutputPipeline:
-    """Token ids -> text (stop strings) -> reasoning split -> tool calls: the same for every
-    dialect and every backend."""
+    """Token ids -> text (stop strings) -> the model family's parser (reasoning, tool calls,
+    control markers): the same for every dialect and every backend."""
 
-    def __init__(
-        self,
-        assembler: TextAssembler,
-        splitter: ReasoningSplitter | None,
-        tools: ToolCallParser | None,
-    ) -> None:
+    def __init__(self, assembler: TextAssembler, parser: OutputParser | None) -> None:
         self.assembler = assembler
-        self.splitter = splitter
-        self.tools = tools
+        self.parser = parser
         self.reasoning_tokens = 0
 
     @property
@@ -69,32 +62,26 @@ class OutputPipeline:
 
     @property
     def called_tools(self) -> bool:
-        return bool(self.tools and self.tools.calls)
+        return bool(self.parser and self.parser.calls)
 
     def token(self, token_id: int) -> list[Event]:
-        if self.splitter is not None and self.splitter.in_reasoning:
+        text = self.assembler.add(token_id)
+        out = self._text(text, final=self.assembler.stopped)
+        if self.parser is not None and (
+            self.parser.in_reasoning or any(isinstance(e, ReasoningDelta) for e in out)
+        ):
             self.reasoning_tokens += 1
-        return self._text(self.assembler.add(token_id), final=self.assembler.stopped)
+        return out
 
     def finish(self) -> list[Event]:
         return self._text(self.assembler.finish(), final=True)
 
     def _text(self, text: str, *, final: bool) -> list[Event]:
-        pieces = self.splitter.feed(text) if self.splitter and text else []
-        if self.splitter is None and text:
-            pieces = [(False, text)]
-        if final and self.splitter is not None:
-            pieces += self.splitter.finish()
-        out: list[Event] = []
-        for reasoning, piece in pieces:
-            if reasoning:
-                out.append(ReasoningDelta(piece))
-            elif self.tools is not None:
-                out += self.tools.feed(piece)
-            else:
-                out.append(TextDelta(piece))
-        if final and self.tools is not None:
-            out += self.tools.finish()
+        if self.parser is None:
+            return [TextDelta(text)] if text else []
+        out: list[Event] = list(self.parser.feed(text)) if text else []
+        if final:
+            out += self.parser.finish()
         return out
 
 
@@ -196,54 +183,46 @@ class Generation:
 
 @dataclass
 class _Plan:
-    """What a request needs beyond its messages: template arguments, a grammar, parsers."""
+    """What a request needs beyond its messages: template arguments, a grammar, the tools the
+    reply may call, and whether it reasons."""
 
     messages: list[dict[str, Any]]
     template_kwargs: dict[str, Any]
     grammar: str | None = None
-    tool_parser: ToolCallParser | None = None
+    functions: list[dict[str, Any]] = field(default_factory=list)
     reasoning: bool = False
 
 
 def _plan(instance: Instance, request: CoreRequest) -> _Plan:
-    source = instance.template.source
-    plan = _Plan(list(request.messages or ()), dict(request.template_kwargs))
-    support = reasoning_support(source)
-    wants_reasoning = request.reasoning is not None and request.reasoning not in REASONING_OFF
-    if wants_reasoning and not support.supported:
-        raise InvalidRequest(
-            f"Model '{instance.id}' does not support reasoning; leave the reasoning setting out "
-            "or set it to 'off'.",
-            param="reasoning",
-        )
+    loaded = instance.family
+    family, source = loaded.family, loaded.template
+    messages = list(request.messages or ())
+    check_tool_results(messages)
+    plan = _Plan(family.prepare_messages(messages), dict(request.template_kwargs))
     if request.tools and request.tool_choice != "none":
-        fmt = detect_format(source)
         functions = list(request.tools)
-        if fmt is ToolFormat.LMSTUDIO:
-            plan.messages = _with_system(plan.messages, tool_prompt(functions))
+        plan.functions = functions
+        prompt = None if family.takes_tools(source) else family.tool_prompt(functions)
+        if prompt is not None:
+            plan.messages = _with_system(plan.messages, prompt)
         else:
             plan.template_kwargs["tools"] = [{"type": "function", "function": f} for f in functions]
-        plan.tool_parser = ToolCallParser(fmt, {f["name"] for f in functions})
         forced = request.tool_choice
         if forced == "required" or isinstance(forced, dict):
             chosen = functions
             if isinstance(forced, dict):
                 chosen = [f for f in functions if f["name"] == forced["name"]]
             parallel = request.parallel_tool_calls and not isinstance(forced, dict)
-            lark = forcing_grammar(fmt, chosen, parallel)
+            lark = family.call_grammar(chosen, parallel, loaded.lit)
             plan.grammar = lark_grammar(lark, "tools")
     if plan.grammar is None and request.json_schema is not None:
         plan.grammar = json_schema_grammar(request.json_schema, "response_format")
-    if support.switchable:
-        if plan.grammar is not None:
-            # A grammar governs the whole reply, so there is no room for a thinking block.
-            plan.template_kwargs["enable_thinking"] = False
-        elif request.reasoning is not None:
-            plan.template_kwargs["enable_thinking"] = wants_reasoning
-    if request.reasoning in ("low", "medium", "high"):
-        plan.template_kwargs.setdefault("reasoning_effort", request.reasoning)
-    plan.reasoning = support.supported and not (
-        plan.grammar is not None or request.reasoning in REASONING_OFF
+    setting = REASONING_ALIASES.get(request.reasoning or "", request.reasoning)
+    kwargs = family.reasoning_kwargs(setting, source, constrained=plan.grammar is not None)
+    for key, value in kwargs.items():
+        plan.template_kwargs.setdefault(key, value)
+    plan.reasoning = family.reasoning_options(source) is not None and not (
+        plan.grammar is not None or setting == "off"
     )
     return plan
 
@@ -318,7 +297,11 @@ async def admit(instance: Instance, request: CoreRequest) -> Generation:
                 prompt=tuple(tokens),
                 sampling=request.sampling,
                 max_tokens=max_tokens,
-                stop_token_ids=frozenset() if request.ignore_eos else info.eos_token_ids,
+                stop_token_ids=(
+                    frozenset()
+                    if request.ignore_eos
+                    else instance.family.stop_ids(info.eos_token_ids)
+                ),
                 constraint=constraint,
                 logprobs=request.logprobs,
             )
@@ -326,10 +309,14 @@ async def admit(instance: Instance, request: CoreRequest) -> Generation:
     except QueueFull as exc:
         raise Overloaded(f"Model '{instance.id}' is busy: {exc}. Retry shortly.") from exc
     assembler = TextAssembler(
-        engine.token_bytes, request.stops, strip_leading_space=info.strip_leading_space
+        instance.family.token_bytes(engine.token_bytes),
+        request.stops,
+        strip_leading_space=info.strip_leading_space,
     )
-    splitter = None
-    if plan.reasoning and request.messages is not None:
-        splitter = ReasoningSplitter(in_reasoning=prompt_opens_thinking(text))
-    output = OutputPipeline(assembler, splitter, plan.tool_parser)
+    parser = None
+    if request.messages is not None:
+        parser = instance.family.family.parser(
+            plan.functions, prompt=text, reasoning=plan.reasoning
+        )
+    output = OutputPipeline(assembler, parser)
     return Generation(instance, len(tokens), stream, output)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from backends.base import Engine
 from backends.embedding import EmbeddingEngine
+from mlxserve.core.families import LoadedFamily, load_family
 from mlxserve.core.metrics import ModelMeter
 from mlxserve.core.registry import ModelInfo
 from mlxserve.core.templates import ChatTemplate
@@ -64,6 +66,12 @@ class Instance(Residency):
     @property
     def context_length(self) -> int:
         return self.engine.info.context_length
+
+    @cached_property
+    def family(self) -> LoadedFamily:
+        """The model's family (its tool-call and reasoning formats), judged once per load."""
+        config = {"architecture": self.info.architecture}
+        return load_family(self.template.source, config, self.engine.tokenize)
 
 
 @dataclass

@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from mlxserve.core.textstream import partial_suffix
 
 THINK_START = "<think>"
 THINK_END = "</think>"
 
 
-@dataclass(frozen=True)
-class ReasoningSupport:
-    """What a chat template says about thinking."""
-
-    supported: bool
-    # The template has a switch (``enable_thinking``) that turns thinking on and off.
-    switchable: bool
-
-
-def reasoning_support(template_source: str) -> ReasoningSupport:
-    supported = THINK_START in template_source or THINK_END in template_source
-    switchable = "enable_thinking" in template_source
-    return ReasoningSupport(supported or switchable, switchable)
-
-
-def prompt_opens_thinking(prompt: str) -> bool:
+def prompt_opens_thinking(prompt: str, start: str = THINK_START) -> bool:
     """Whether the rendered prompt leaves the model inside a thinking block (templates that
     open the tag themselves, like DeepSeek-R1's and Qwen3's)."""
     tail = prompt.rstrip()
-    return tail.endswith(THINK_START)
+    return tail.endswith(start)
 
 
 class ReasoningSplitter:
@@ -38,8 +21,11 @@ class ReasoningSplitter:
     A thinking block is recognised where the prompt opened it, or where the output opens it
     before any answer text (whitespace aside)."""
 
-    def __init__(self, *, in_reasoning: bool = False) -> None:
+    def __init__(
+        self, *, in_reasoning: bool = False, start: str = THINK_START, end: str = THINK_END
+    ) -> None:
         self.in_reasoning = in_reasoning
+        self.start, self.end = start, end
         self._pending = ""
         self._content_started = False
         self._after_think = False
@@ -50,13 +36,13 @@ class ReasoningSplitter:
         out: list[tuple[bool, str]] = []
         while self._pending:
             if self.in_reasoning:
-                at = self._pending.find(THINK_END)
+                at = self._pending.find(self.end)
                 if at >= 0:
                     self._out(out, True, self._pending[:at])
-                    self._pending = self._pending[at + len(THINK_END) :]
+                    self._pending = self._pending[at + len(self.end) :]
                     self.in_reasoning, self._after_think = False, True
                     continue
-                keep = partial_suffix(self._pending, THINK_END)
+                keep = partial_suffix(self._pending, self.end)
                 self._out(out, True, self._pending[: len(self._pending) - keep])
                 self._pending = self._pending[len(self._pending) - keep :]
                 break
@@ -65,10 +51,10 @@ class ReasoningSplitter:
                 self._pending = ""
                 break
             stripped = self._pending.lstrip()
-            if not stripped or THINK_START.startswith(stripped):
+            if not stripped or self.start.startswith(stripped):
                 break  # only whitespace, or maybe the start of a tag: wait for more
-            if stripped.startswith(THINK_START):
-                self._pending = stripped[len(THINK_START) :]
+            if stripped.startswith(self.start):
+                self._pending = stripped[len(self.start) :]
                 self.in_reasoning = True
                 continue
             self._content_started = True

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from mlxserve.core.reasoning import reasoning_support
+from mlxserve.core.families import detect_family
 from mlxserve.core.sources import ExternalSource, hf_snapshot
 from mlxserve.core.templates import template_supports_tools
 
@@ -50,9 +50,10 @@ class ModelInfo:
     trained_for_tool_use: bool
     type: Literal["llm", "embedding"] = "llm"
     description: str | None = None
-    # LM Studio's reasoning settings the chat template allows: () none, ("on",) it always
-    # thinks, ("off", "on") it has a switch.
+    # LM Studio's reasoning settings the model's family and template allow: () none, ("on",)
+    # it always thinks, ("off", "on") it has a switch, ("low", "medium", "high") levels.
     reasoning_options: tuple[str, ...] = ()
+    reasoning_default: str = "on"
     # Where it lies: "models" (the models directory), "lmstudio" or "hf-cache" (read-only).
     source: str = "models"
 
@@ -112,13 +113,14 @@ def _demo_description(folder: Path) -> str | None:
         return "demo model"
 
 
-def _reasoning_options(template: Any) -> tuple[str, ...]:
+def _reasoning(template: Any, architecture: str) -> dict[str, Any]:
+    """The ModelInfo fields for the reasoning settings the model's family and template take."""
     if not isinstance(template, str):
-        return ()
-    support = reasoning_support(template)
-    if not support.supported:
-        return ()
-    return ("off", "on") if support.switchable else ("on",)
+        return {}
+    options = detect_family(template, {"architecture": architecture}).reasoning_options(template)
+    if options is None:
+        return {}
+    return {"reasoning_options": options.allowed, "reasoning_default": options.default}
 
 
 def _mlx_model_type(folder: Path, config: dict[str, Any]) -> Literal["llm", "embedding"]:
@@ -197,7 +199,7 @@ def _mlx_info(publisher: str, folder: Path) -> ModelInfo:
         params_string=params_string(n_params),
         max_context_length=int(max_ctx),
         trained_for_tool_use=template_supports_tools(template),
-        reasoning_options=_reasoning_options(template),
+        **_reasoning(template, architecture),
         type=_mlx_model_type(folder, config),
         description=_demo_description(folder),
     )
@@ -250,7 +252,7 @@ def _gguf_info(publisher: str, folder: Path, file: Path, shards: list[Path]) -> 
         params_string=params_string(n_params),
         max_context_length=int(max_ctx),
         trained_for_tool_use=template_supports_tools(template),
-        reasoning_options=_reasoning_options(template),
+        **_reasoning(template, arch),
         type=model_type,
         description=_demo_description(folder),
     )

@@ -13,6 +13,7 @@ __all__ = [
     "Done",
     "Event",
     "Idle",
+    "InvalidToolCall",
     "Progress",
     "ReasoningDelta",
     "ToolCallDelta",
@@ -69,6 +70,19 @@ class Usage:
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+
+
+@dataclass(frozen=True)
+class InvalidToolCall(TextDelta):
+    """A tool call the model wrote that cannot be read (an unknown tool, arguments that do not
+    parse). ``text`` is the call with the family's control markers removed, so a dialect with no
+    place for invalid calls shows it as content; LM Studio v1 reports it as an
+    ``invalid_tool_call``."""
+
+    reason: str = ""
+    # Set when the call named a tool that is not offered (LM Studio's ``invalid_name``);
+    # None when the call itself cannot be read (``invalid_arguments``).
+    unknown_name: str | None = None
 
 
 @dataclass(frozen=True)

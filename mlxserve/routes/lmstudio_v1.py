@@ -24,6 +24,7 @@ from mlxserve.core.types import (
     CoreRequest,
     Done,
     Idle,
+    InvalidToolCall,
     Progress,
     ReasoningDelta,
     TokenLogprob,
@@ -86,7 +87,7 @@ def model_entry(info: ModelInfo, instances: list[Loaded]) -> dict[str, Any]:
         if info.reasoning_options:
             capabilities["reasoning"] = {
                 "allowed_options": list(info.reasoning_options),
-                "default": "on",
+                "default": info.reasoning_default,
             }
         entry["capabilities"] = capabilities
         entry["description"] = info.description
@@ -255,6 +256,8 @@ class _Turn:
             self.done = event
             self.ended = time.perf_counter()
             return out
+        if isinstance(event, InvalidToolCall):
+            return out + self._invalid_call(event)
         kind = "reasoning" if isinstance(event, ReasoningDelta) else "message"
         text = event.text
         if kind == "message" and self.toolset is not None and self.open != "message":
@@ -267,6 +270,17 @@ class _Turn:
         self.items[-1]["content"] += text
         out.append((f"{kind}.delta", {"content": text}))
         return out
+
+    def _invalid_call(self, event: InvalidToolCall) -> list[Named]:
+        """A call the model wrote that cannot be read: LM Studio's ``invalid_tool_call``."""
+        out = self._switch(None)
+        metadata: dict[str, Any] = {
+            "type": "invalid_name" if event.unknown_name else "invalid_arguments",
+            "tool_name": event.unknown_name or "",
+        }
+        reason = f"Invalid tool call: {event.reason}"
+        self.items.append({"type": "invalid_tool_call", "reason": reason, "metadata": metadata})
+        return [*out, ("tool_call.failure", {"reason": reason, "metadata": metadata})]
 
     def message_text(self) -> str:
         """The final answer: the message text after the last tool result."""

@@ -1,0 +1,74 @@
+"""GLM-4.5/4.6/4.7: ``<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value>...</tool_call>``
+(4.5/4.6 put each tag on its own line), a string value raw and anything else JSON; reasoning in
+``<think>`` switched by ``enable_thinking``.
+
+Blocks are read by mlx-lm's ``glm47`` parser (ported from vLLM's GLM-4 MoE parser), which reads
+both layouts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from mlxserve.core.families.base import Family, Lit
+from mlxserve.core.families.calls import BlockSyntax, Call, UnreadableCall
+from mlxserve.core.families.xmlargs import arguments_rules, raw_text_terminal
+
+
+class GLM(Family):
+    name = "glm"
+    think = ("<think>", "</think>")
+    think_switch = "enable_thinking"
+    end_tokens = ("<|user|>", "<|observation|>")
+    markers = ("<tool_call>", "</tool_call>", "<|user|>", "<|observation|>", "<|assistant|>")
+    # Between a call's name and its arguments, and between arguments ("" on GLM-4.7).
+    sep = "\n"
+
+    def matches(self, template: str, config: Mapping[str, Any]) -> bool:
+        return "<arg_key>" in template and "</arg_key>\n<arg_value>" in template
+
+    def call_syntax(self, functions: list[dict[str, Any]]) -> BlockSyntax:
+        tools = [{"type": "function", "function": f} for f in functions]
+
+        def parse(body: str) -> list[Call]:
+            from mlx_lm.tool_parsers import glm47
+
+            if "<arg_key>" not in body and not body.strip().split("\n")[0].strip():
+                raise UnreadableCall("the call has no function name")
+            call = glm47.parse_tool_call(body.strip(), tools)
+            if "raw" in call["arguments"] and call["name"] not in {f["name"] for f in functions}:
+                raise UnreadableCall("the call cannot be read")
+            return [(call["name"], call["arguments"])]
+
+        return BlockSyntax("<tool_call>", "</tool_call>", parse)
+
+    def call_grammar(self, functions: list[dict[str, Any]], parallel: bool, lit: Lit) -> str:
+        sep = json.dumps(self.sep)
+        close = "</arg_value>"
+        rules = [raw_text_terminal("TEXT", close)]
+        names = []
+        for i, function in enumerate(functions):
+            seq, arg_rules = arguments_rules(
+                function,
+                f"a{i}",
+                lambda key, value: (
+                    f'{sep} "<arg_key>" {key} "</arg_key>" {sep} "<arg_value>" {value}'
+                ),
+                "TEXT",
+                close,
+            )
+            rules += [f"f{i}: {json.dumps(function['name'])} {seq} {sep}", *arg_rules]
+            names.append(f"f{i}")
+        block = f"{lit('<tool_call>')} ({' | '.join(names)}) {lit('</tool_call>')}"
+        body = 'block ("\\n" block)*' if parallel else "block"
+        return "\n".join([f"start: {body}", f"block: {block}", *rules]) + "\n"
+
+
+class GLM47(GLM):
+    name = "glm47"
+    sep = ""
+
+    def matches(self, template: str, config: Mapping[str, Any]) -> bool:
+        return "<arg_key>" in template

@@ -1,0 +1,71 @@
+"""Forcing grammars for families that write each argument on its own, outside JSON (Qwen3-Coder
+and Qwen3.5's ``<parameter=K>``, GLM's ``<arg_key>``, DeepSeek V3.2's DSML): a string argument
+is written raw, any other as JSON, as each family's template renders them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from mlxserve.core.grammar import strict_json
+from mlxserve.errors import InvalidRequest
+
+# What a raw string argument may say about itself and still be forced.
+_STRING_KEYWORDS = {"type", "description", "title", "enum", "const", "default", "examples"}
+
+
+def raw_text_terminal(name: str, close: str) -> str:
+    """A Lark terminal for raw text up to and including the first ``close`` (one terminal, so
+    the lexer cannot take the start of ``close`` as text)."""
+    escaped = "".join("\\" + c if c in "/\\.|()[]{}*+?^$" else c for c in close)
+    escaped = escaped.replace("\n", "\\n")
+    return f"{name}: /(.|\\n)*{escaped}/ & ~/(.|\\n)*{escaped}(.|\\n)+/\n"
+
+
+def is_string(schema: dict[str, Any]) -> bool:
+    return schema.get("type") == "string"
+
+
+def value_rule(schema: dict[str, Any], where: str, text_terminal: str, close: str) -> str:
+    """The Lark expression for one argument's value followed by ``close``; ``text_terminal``
+    is a :func:`raw_text_terminal` for the same ``close``."""
+    if not is_string(schema):
+        return "%json " + json.dumps(strict_json(schema or {})) + " " + json.dumps(close)
+    extra = sorted(set(schema) - _STRING_KEYWORDS)
+    if extra:
+        raise InvalidRequest(
+            f"The tool schema of '{where}' uses '{extra[0]}' on a string argument, which this "
+            "model's call format writes raw and cannot force; remove it or use "
+            "tool_choice 'auto'.",
+            param="tools",
+        )
+    options = schema.get("enum") or ([schema["const"]] if "const" in schema else None)
+    if options:
+        alternatives = " | ".join(json.dumps(str(o)) for o in options)
+        return f"({alternatives}) {json.dumps(close)}"
+    return text_terminal
+
+
+def arguments_rules(
+    function: dict[str, Any],
+    prefix: str,
+    one_argument: Callable[[str, str], str],
+    text_terminal: str,
+    close: str,
+) -> tuple[str, list[str]]:
+    """(sequence expression, extra rules) for a function's arguments in declaration order:
+    required ones always, optional ones maybe. ``one_argument(key_literal, value_expr)``
+    renders one argument in the family's syntax; the value expression ends with ``close``."""
+    params = function.get("parameters") or {}
+    props: dict[str, Any] = params.get("properties") or {}
+    required = set(params.get("required") or ())
+    parts, rules = [], []
+    for i, (key, schema) in enumerate(props.items()):
+        rule = f"{prefix}_{i}"
+        value = value_rule(
+            schema if isinstance(schema, dict) else {}, function["name"], text_terminal, close
+        )
+        rules.append(f"{rule}: {one_argument(json.dumps(key), value)}")
+        parts.append(rule if key in required else f"{rule}?")
+    return (" ".join(parts) if parts else '""'), rules
