@@ -143,6 +143,35 @@ def test_completions_logprobs(client, model):
     assert tokens == lp.tokens and offsets == lp.text_offset
 
 
+INCLUDE = ["message.output_text.logprobs"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_responses_logprobs_equal_chat_streamed_and_not(client, model):
+    chat_entries = chat(client, model, top_logprobs=3).choices[0].logprobs.content
+    kw = {"model": model, "input": HELLO[0]["content"], "temperature": 0, "max_output_tokens": 12}
+    r = client.responses.create(include=INCLUDE, top_logprobs=3, store=False, **kw)
+    part = r.output[0].content[0]
+    assert part.text == r.output_text
+    assert [e.token for e in part.logprobs] == [e.token for e in chat_entries]
+    for a, b in zip(part.logprobs, chat_entries, strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert [t.token for t in a.top_logprobs] == [t.token for t in b.top_logprobs]
+        assert bytes(a.bytes) == bytes(b.bytes)
+
+    events = list(client.responses.create(include=INCLUDE, top_logprobs=3, stream=True, **kw))
+    deltas = [e for ev in events if ev.type == "response.output_text.delta" for e in ev.logprobs]
+    done = next(ev for ev in events if ev.type == "response.output_text.done")
+    assert (
+        [e.token for e in deltas]
+        == [e.token for e in done.logprobs]
+        == [e.token for e in part.logprobs]
+    )
+    # Not asked for: empty lists, as before.
+    plain = client.responses.create(store=False, **kw)
+    assert plain.output[0].content[0].logprobs == []
+
+
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
@@ -155,6 +184,8 @@ def test_completions_logprobs(client, model):
         ("chat/completions", {"messages": HELLO, "logprobs": 3}, "logprobs"),
         ("completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
         ("completions", {"prompt": "x", "logprobs": True}, "logprobs"),
+        ("responses", {"input": "x", "top_logprobs": 2}, "top_logprobs"),
+        ("responses", {"input": "x", "include": INCLUDE, "top_logprobs": 21}, "top_logprobs"),
     ],
 )
 def test_bad_logprobs_requests_are_400_naming_the_field(server, path, body, param):

@@ -16,11 +16,14 @@ from mlxserve.core.mcp import Requested
 from mlxserve.core.types import CoreRequest, SamplingParams
 from mlxserve.errors import InvalidRequest
 from mlxserve.protocols.openai import (
+    MAX_TOP_LOGPROBS,
     MAX_TTL_SECONDS,
     REASONING_EFFORT,
     FunctionDef,
     _Lenient,
 )
+
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
 # Tags are capitalised so that error locations name the client's fields, not our union members.
 _ITEM_TAGS = {
@@ -323,6 +326,9 @@ class ResponsesRequest(_Lenient):
     store: StrictBool = True
     previous_response_id: str | None = Field(default=None, min_length=1, max_length=256)
     stream: StrictBool = False
+    # "message.output_text.logprobs" asks for log probabilities; others are accepted and
+    # have nothing to add here.
+    include: list[str] | None = Field(default=None, max_length=32)
     top_logprobs: int | None = None
     background: StrictBool | None = None
     # Extensions LM Studio and llama.cpp accept.
@@ -344,8 +350,14 @@ class ResponsesRequest(_Lenient):
                     "previous_response_id.",
                     param=name,
                 )
-        if self.top_logprobs:
-            raise InvalidRequest("Log probabilities are not supported.", param="top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest(
+                f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}.", param="top_logprobs"
+            )
+        if self.top_logprobs is not None and not self.wants_logprobs:
+            raise InvalidRequest(
+                f"top_logprobs needs include: ['{LOGPROBS_INCLUDE}'].", param="top_logprobs"
+            )
         if self.background:
             raise InvalidRequest("Background responses are not supported.", param="background")
         if self.input is None or self.input == []:
@@ -372,6 +384,10 @@ class ResponsesRequest(_Lenient):
                 "tool_choice 'required' needs at least one tool in tools.", param="tool_choice"
             )
         return self
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return LOGPROBS_INCLUDE in (self.include or ())
 
     def input_messages(self) -> list[dict[str, Any]]:
         """The input as chat-template messages: function calls join the assistant message
@@ -459,4 +475,5 @@ class ResponsesRequest(_Lenient):
             json_schema=text_format.as_json_schema() if text_format else None,
             reasoning=REASONING_EFFORT.get(effort, "high") if effort else None,
             ttl=self.ttl,
+            logprobs=(self.top_logprobs or 0) if self.wants_logprobs else None,
         )

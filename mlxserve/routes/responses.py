@@ -25,7 +25,7 @@ from mlxserve.core.chatstore import new_response_id
 from mlxserve.core.generate import Generation
 from mlxserve.core.mcp import Toolset, specs_for
 from mlxserve.core.toolloop import LoopEvent, ToolLoop, ToolResult, with_tools
-from mlxserve.core.types import CoreRequest, Done, Idle
+from mlxserve.core.types import Candidate, CoreRequest, Done, Idle, TokenLogprob
 from mlxserve.errors import InvalidRequest, MlxServeError
 from mlxserve.protocols.responses import McpChoice, ResponsesRequest
 from mlxserve.routes.blocks import Appended, Block, Blocks, Change, Opened, gather
@@ -44,8 +44,15 @@ _PREFIX = {"text": "msg", "reasoning": "rs", "tool": "fc"}
 _FIELDS = {"response_format": "text.format", "messages": "input"}
 
 
-def _text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+
+
+def _logprob_entry(event: TokenLogprob) -> dict[str, Any]:
+    def one(c: Candidate) -> dict[str, Any]:
+        return {"token": c.token, "logprob": c.logprob, "bytes": list(c.bytes)}
+
+    return one(event.sampled) | {"top_logprobs": [one(c) for c in event.top]}
 
 
 def _reasoning_part(text: str) -> dict[str, Any]:
@@ -114,6 +121,10 @@ class ResponseRenderer:
         self.offset = 0
         self._calls: dict[str, Block] = {}
         self.answer_from = 0
+        # Log probabilities of tokens whose text has not reached a block yet, and those of
+        # each text block's tokens (reasoning and tool-call tokens have none here).
+        self._pending: list[dict[str, Any]] = []
+        self._logprobs: dict[int, list[dict[str, Any]]] = {}
 
     # -- the response object
 
@@ -167,6 +178,9 @@ class ResponseRenderer:
     def feed(self, event: LoopEvent) -> list[dict[str, Any]]:
         if isinstance(event, ToolResult):
             return self.tool_result(event)
+        if isinstance(event, TokenLogprob):
+            self._pending.append(_logprob_entry(event))
+            return []
         return self._render(self.blocks.feed(event))
 
     # -- MCP
@@ -266,7 +280,7 @@ class ResponseRenderer:
                 "error": None,
             }
         if block.kind == "text":
-            content = [_text_part(block.text)] if whole else []
+            content = [_text_part(block.text, self._logprobs.get(block.index))] if whole else []
             return {
                 "id": item_id,
                 "type": "message",
@@ -330,8 +344,10 @@ class ResponseRenderer:
                 name = "response.mcp_call_arguments.delta"
             return {"type": name, **self._where(block), "delta": text}
         event = {"type": f"response.{_PART[block.kind]}.delta", **self._where(block), "delta": text}
+        pending, self._pending = self._pending, []
         if block.kind == "text":
-            event["logprobs"] = []
+            self._logprobs.setdefault(block.index, []).extend(pending)
+            event["logprobs"] = pending
         return event
 
     def _closed(self, block: Block) -> list[dict[str, Any]]:
@@ -349,9 +365,14 @@ class ResponseRenderer:
             out.append({"type": name, **where, "name": block.name, "arguments": block.text})
         else:
             done = {"type": f"response.{_PART[block.kind]}.done", **where, "text": block.text}
+            logprobs = self._logprobs.get(block.index, [])
             if block.kind == "text":
-                done["logprobs"] = []
-            part = _part(block.kind, block.text)
+                done["logprobs"] = logprobs
+            part = (
+                _text_part(block.text, logprobs)
+                if block.kind == "text"
+                else _part(block.kind, block.text)
+            )
             out += [done, {"type": "response.content_part.done", **where, "part": part}]
         status = "incomplete" if self.status == "incomplete" else "completed"
         item = self._item(block, status, whole=True)
