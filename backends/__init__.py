@@ -5,6 +5,7 @@ Heavy libraries (mlx, llama_cpp) are imported only when a model is loaded.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -13,6 +14,11 @@ from backends.embedding import EmbeddingEngine
 
 if TYPE_CHECKING:
     from backends.mlx.distributed import DistributedGroup
+
+
+def mlx_vision_available() -> bool:
+    """Whether mlx-vlm and Pillow are installed (the ``vision`` extra)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("mlx_vlm", "PIL"))
 
 
 def open_engine(
@@ -32,6 +38,11 @@ def open_engine(
 
         return DistributedMLXEngine(weights, options, group=distributed, max_queue=max_queue)
     if format == "mlx":
+        if mlx_vision_available():
+            from backends.mlx.vision import MLXVisionEngine, has_vision_tower
+
+            if has_vision_tower(weights):
+                return MLXVisionEngine(weights, options, max_queue=max_queue)
         from backends.mlx.engine import MLXEngine
 
         return MLXEngine(weights, options, max_queue=max_queue)

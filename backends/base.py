@@ -66,6 +66,20 @@ class GenerationRequest:
     # Log probabilities: None computes none; n reports the sampled token's and the n most
     # likely tokens' (see :class:`TokenLogprobs`).
     logprobs: int | None = None
+    # Images: the ``payload`` of the engine's :meth:`Engine.prepare_vision` for this prompt.
+    vision: Any = None
+
+
+@dataclass(frozen=True)
+class VisionPrompt:
+    """A prompt with images, as a vision engine prepared it: the token ids with each image's
+    placeholder expanded to the positions it takes, an engine-specific payload (pixel
+    values...) for :attr:`GenerationRequest.vision`, and how many of the tokens are image
+    tokens."""
+
+    tokens: tuple[int, ...]
+    payload: Any
+    image_tokens: int
 
 
 # GGUF sequences decoded in parallel, at most: each reserves a full context window of KV.
@@ -117,6 +131,10 @@ class EngineInfo:
     # The load options (beyond the context length) this engine applied, as LM Studio names
     # them: what ``load_config`` reports.
     load_config: dict[str, Any] = field(default_factory=dict)
+    # Takes images (see :meth:`Engine.prepare_vision`), scaled down beforehand to at most
+    # ``image_max_pixels`` (the model's largest supported resolution).
+    vision: bool = False
+    image_max_pixels: int | None = None
 
 
 @dataclass(frozen=True)
@@ -326,6 +344,11 @@ class Engine(ABC):
     @abstractmethod
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes a token stands for (empty for control tokens). Thread-safe."""
+
+    def prepare_vision(self, text: str, images: list[Any]) -> VisionPrompt:
+        """Tokenize a rendered prompt holding image placeholders, with its decoded (RGB PIL)
+        images in order. Thread-safe; only engines whose ``info.vision`` is set."""
+        raise NotImplementedError(f"{type(self).__name__} takes no images")
 
     @abstractmethod
     def _unload(self) -> None:

@@ -33,6 +33,12 @@ def _settings(args: argparse.Namespace) -> Any:
         "allow_ephemeral_mcp",
         "allow_mcp_json",
         "mcp_allowed_hosts",
+        "image_fetch_timeout",
+        "max_image_bytes",
+        "max_image_pixels",
+        "max_images_per_request",
+        "image_allowed_hosts",
+        "image_file_roots",
         "lmstudio_models",
         "lmstudio_models_dir",
         "hf_cache_models",
@@ -419,6 +425,48 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOSTS",
         help="comma-separated hosts (or host:port) on loopback or private networks that "
         "ephemeral MCP URLs may reach",
+    )
+    vision = serve.add_argument_group("Images (vision models)")
+    vision.add_argument(
+        "--image-allowed-hosts",
+        dest="image_allowed_hosts",
+        metavar="HOSTS",
+        help="comma-separated hosts (or host:port) on loopback or private networks that "
+        "image URLs may reach",
+    )
+    vision.add_argument(
+        "--image-file-roots",
+        dest="image_file_roots",
+        metavar="DIRS",
+        help="comma-separated folders file:// image URLs may read from (none by default)",
+    )
+    vision.add_argument(
+        "--image-fetch-timeout",
+        dest="image_fetch_timeout",
+        type=float,
+        metavar="SECONDS",
+        help="time limit for fetching an image URL (default 10)",
+    )
+    vision.add_argument(
+        "--max-image-bytes",
+        dest="max_image_bytes",
+        type=int,
+        metavar="BYTES",
+        help="largest image file fetched (default 20 MiB)",
+    )
+    vision.add_argument(
+        "--max-image-pixels",
+        dest="max_image_pixels",
+        type=int,
+        metavar="PIXELS",
+        help="larger images are refused as decompression bombs (default 40000000)",
+    )
+    vision.add_argument(
+        "--max-images-per-request",
+        dest="max_images_per_request",
+        type=int,
+        metavar="N",
+        help="images one request may hold (default 8)",
     )
     serve.set_defaults(func=cmd_serve)
     _source_options(serve)

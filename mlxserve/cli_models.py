@@ -50,6 +50,7 @@ def ls(args: argparse.Namespace, settings: Any) -> int:
                 "params_string": m.params_string,
                 "max_context_length": m.max_context_length,
                 "trained_for_tool_use": m.trained_for_tool_use,
+                "vision": m.vision,
                 "source": m.source,
                 "path": str(m.path),
             }
@@ -71,7 +72,7 @@ def ls(args: argparse.Namespace, settings: Any) -> int:
                 human_size(m.size_bytes),
                 m.params_string,
                 m.quantization,
-                m.architecture,
+                f"{m.architecture} (vision)" if m.vision else m.architecture,
                 str(m.max_context_length),
                 m.source,
             )

@@ -64,6 +64,19 @@ class Settings(BaseSettings):
     # The largest request body accepted, counted as it arrives (images travel as base64).
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
 
+    # Images (vision models): http(s) image URLs are fetched with this timeout (seconds) and
+    # size limit, and refused on loopback/private/link-local addresses unless their host is
+    # in image_allowed_hosts (comma-separated host or host:port); file:// URLs are read only
+    # from the comma-separated image_file_roots folders (none by default). Larger images
+    # than max_image_pixels are refused as decompression bombs; others are scaled down to the
+    # model's largest resolution before preprocessing.
+    image_fetch_timeout: float = Field(default=10.0, gt=0.0)
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    max_images_per_request: int = Field(default=8, ge=1, le=256)
+    image_allowed_hosts: str = ""
+    image_file_roots: str = ""
+
     # MCP (LM Studio's API settings): requests may name MCP servers by URL ("ephemeral_mcp"
     # integrations, Responses "mcp" tools) / use the servers in <home>/mcp.json (only with
     # require_auth on). Both are off unless enabled.

@@ -161,7 +161,9 @@ class MLXEngine(Engine):
                 d.get("type") == "Strip" and d.get("start", 0) > 0
                 for d in decoder.get("decoders", [])
             )
-        vocab_size = int(model.args.vocab_size)
+        args = model.args
+        # Vision checkpoints' text-only view keeps its sizes in ``text_config``.
+        vocab_size = int(getattr(args, "vocab_size", None) or args.text_config["vocab_size"])
         self._vocab_size = vocab_size
         self.grammars = GrammarCache(
             lambda: llguidance.hf.from_tokenizer(

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import sqlite3
 import threading
 import time
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlxserve.core import images
+from mlxserve.core.images import ImagePart
 from mlxserve.errors import MlxServeError
 
 # Guards against a corrupt chain (a cycle can only come from a hand-edited database).
@@ -69,8 +73,8 @@ class StoredTurn:
             "parent_id": self.parent_id,
             "model": self.model,
             "system": self.system,
-            "input": self.input,
-            "output": self.output,
+            "input": images.described(self.input),
+            "output": images.described(self.output),
             "created_at": self.created,
         }
 
@@ -127,6 +131,8 @@ class ChatStore:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Images of stored turns, once each, named by the SHA-256 of their bytes.
+        self._images = path.parent / "images"
         self._db = sqlite3.connect(str(path), check_same_thread=False)
         self._lock = threading.Lock()
         with self._lock, self._db:
@@ -182,15 +188,14 @@ class ChatStore:
 
     _COLUMNS = "id, parent_id, model, system, input, output, created, chat_id"
 
-    @staticmethod
-    def _turn(row: tuple[Any, ...]) -> StoredTurn:
+    def _turn(self, row: tuple[Any, ...]) -> StoredTurn:
         return StoredTurn(
             id=row[0],
             parent_id=row[1],
             model=row[2],
             system=row[3],
-            input=json.loads(row[4]),
-            output=json.loads(row[5]),
+            input=json.loads(row[4], object_hook=self._load_image),
+            output=json.loads(row[5], object_hook=self._load_image),
             created=row[6],
             chat_id=row[7] or row[0],
         )
@@ -252,8 +257,8 @@ class ChatStore:
                     parent_id,
                     model,
                     system,
-                    json.dumps(input, ensure_ascii=False),
-                    json.dumps(output, ensure_ascii=False),
+                    json.dumps(input, ensure_ascii=False, default=self._store_image),
+                    json.dumps(output, ensure_ascii=False, default=self._store_image),
                     now,
                     None if reply is None else json.dumps(reply, ensure_ascii=False),
                 ),
@@ -287,7 +292,11 @@ class ChatStore:
                 merged = carried + json.loads(child_input)
                 self._db.execute(
                     "UPDATE responses SET parent_id = ?, input = ? WHERE id = ?",
-                    (turn.parent_id, json.dumps(merged, ensure_ascii=False), child_id),
+                    (
+                        turn.parent_id,
+                        json.dumps(merged, ensure_ascii=False, default=self._store_image),
+                        child_id,
+                    ),
                 )
             self._db.execute("DELETE FROM responses WHERE id = ?", (response_id,))
             self._refile_chat(turn.chat_id)
@@ -358,6 +367,28 @@ class ChatStore:
             if not self._db.execute("DELETE FROM chats WHERE id = ?", (chat_id,)).rowcount:
                 raise ChatNotFound(chat_id)
             self._db.execute("DELETE FROM responses WHERE chat_id = ?", (chat_id,))
+
+    def _store_image(self, value: Any) -> Any:
+        if not isinstance(value, ImagePart):
+            raise TypeError(f"{type(value).__name__} cannot be stored")
+        digest = value.sha256
+        target = self._images / digest
+        if not target.is_file():
+            self._images.mkdir(parents=True, exist_ok=True)
+            part = target.with_name(f".{digest}.{threading.get_ident()}")
+            part.write_bytes(value.data)
+            os.replace(part, target)
+        return {"__image_sha256__": digest, "media_type": value.media_type}
+
+    def _load_image(self, value: dict[str, Any]) -> Any:
+        digest = value.get("__image_sha256__")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            return value
+        try:
+            data = (self._images / digest).read_bytes()
+        except OSError:
+            data = b""  # refused with a 400 when the turn is continued
+        return ImagePart(data, str(value.get("media_type") or ""), param="previous_response_id")
 
     async def aconversation(self, response_id: str) -> Conversation:
         return await asyncio.to_thread(self.conversation, response_id)

@@ -16,9 +16,11 @@ from backends.base import (
     Token,
     TokenLogprobs,
     TokenStream,
+    VisionPrompt,
 )
 from backends.constraint import GrammarConstraint, GrammarError
 from backends.owner import QueueFull
+from mlxserve.core import images
 from mlxserve.core.families import OutputParser
 from mlxserve.core.families.history import check_tool_results
 from mlxserve.core.grammar import json_schema_grammar, lark_grammar
@@ -235,27 +237,45 @@ def _with_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, An
     return [{"role": "system", "content": text}, *messages]
 
 
-async def _prompt(instance: Instance, request: CoreRequest, plan: _Plan) -> tuple[str, list[int]]:
-    """The rendered prompt and its token ids."""
+async def _prompt(
+    instance: Instance, request: CoreRequest, plan: _Plan, policy: images.ImagePolicy
+) -> tuple[str, list[int], VisionPrompt | None]:
+    """The rendered prompt and its token ids (image positions expanded), and for a prompt
+    with images what the engine prepared of them."""
     engine = instance.engine
     info = engine.info
     if request.messages is not None:
+        pictures = images.images_in(plan.messages)
+        if pictures and not info.vision:
+            raise InvalidRequest(
+                f"Model '{instance.id}' does not support image input.", param=pictures[0].param
+            )
         text = instance.template.render(
             plan.messages, add_generation_prompt=True, **plan.template_kwargs
         )
+        if pictures:
+            if any(p.url is not None for p in pictures):
+                raise InvalidRequest("Image URLs are not accepted here; send data URLs.")
+            decoded = await asyncio.to_thread(
+                lambda: [images.decode(p, policy, info.image_max_pixels) for p in pictures]
+            )
+            vision = await asyncio.to_thread(engine.prepare_vision, text, decoded)
+            return text, list(vision.tokens), vision
         tokens = await asyncio.to_thread(engine.tokenize, text)
     else:
         text = request.prompt or ""
         tokens = await asyncio.to_thread(engine.tokenize, text)
         if info.bos_token_id is not None and tokens[:1] != [info.bos_token_id]:
             tokens.insert(0, info.bos_token_id)
-    return text, tokens
+    return text, tokens, None
 
 
 async def count_prompt_tokens(manager: ModelManager, request: CoreRequest) -> int:
     """How many tokens ``request``'s prompt is, rendered exactly as :func:`start` renders it."""
+    policy = images.ImagePolicy.from_settings(manager.settings)
+    request = await images.fetch_all(request, policy)
     async with manager.lease(request.model, ttl=request.ttl) as instance:
-        _, tokens = await _prompt(instance, request, _plan(instance, request))
+        _, tokens, _ = await _prompt(instance, request, _plan(instance, request), policy)
     return len(tokens)
 
 
@@ -264,18 +284,23 @@ async def start(manager: ModelManager, request: CoreRequest) -> Generation:
 
     Everything that can be the client's fault is raised here, before a response starts.
     """
+    policy = images.ImagePolicy.from_settings(manager.settings)
+    request = await images.fetch_all(request, policy)
     # Leased until the work is queued on the engine, which then finishes it before it closes.
     async with manager.lease(request.model, ttl=request.ttl) as instance:
-        return await admit(instance, request)
+        return await admit(instance, request, policy)
 
 
-async def admit(instance: Instance, request: CoreRequest) -> Generation:
-    """Render, tokenize, check and queue ``request`` on an instance the caller leases."""
+async def admit(
+    instance: Instance, request: CoreRequest, policy: images.ImagePolicy | None = None
+) -> Generation:
+    """Render, tokenize, check and queue ``request`` on an instance the caller leases
+    (its image URLs already read: :func:`images.fetch_all`)."""
     engine = instance.engine
     info = engine.info
     note_model(instance.id)
     plan = _plan(instance, request)
-    text, tokens = await _prompt(instance, request, plan)
+    text, tokens, vision = await _prompt(instance, request, plan, policy or images.ImagePolicy())
     if not tokens:
         raise InvalidRequest("The prompt is empty after tokenization.", param="messages")
     n_ctx = instance.context_length
@@ -304,6 +329,7 @@ async def admit(instance: Instance, request: CoreRequest) -> Generation:
                 ),
                 constraint=constraint,
                 logprobs=request.logprobs,
+                vision=vision.payload if vision is not None else None,
             )
         )
     except QueueFull as exc:

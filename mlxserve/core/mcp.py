@@ -85,19 +85,25 @@ class CallOutcome:
     is_error: bool
 
 
-def check_url(url: str, allowed_hosts: list[str]) -> None:
+def check_url(
+    url: str,
+    allowed_hosts: list[str],
+    *,
+    param: str = "server_url",
+    allow_flag: str = "--mcp-allowed-hosts (MLXSERVE_MCP_ALLOWED_HOSTS)",
+) -> None:
     """Refuse what an ephemeral server URL must not reach: other schemes, and (unless the
     host is allow-listed) loopback, private, link-local and other non-public addresses,
-    such as cloud metadata endpoints."""
+    such as cloud metadata endpoints. Image URLs go through the same check."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidRequest(
-            "server_url must be an http:// or https:// URL with a host.", param="server_url"
+            f"{param} must be an http:// or https:// URL with a host.", param=param
         )
     try:
         port = parts.port
     except ValueError:
-        raise InvalidRequest("server_url has an invalid port.", param="server_url") from None
+        raise InvalidRequest(f"{param} has an invalid port.", param=param) from None
     host = parts.hostname.lower()
     allowed = {h.lower() for h in allowed_hosts}
     if host in allowed or (port and f"{host}:{port}" in allowed):
@@ -105,15 +111,14 @@ def check_url(url: str, allowed_hosts: list[str]) -> None:
     try:
         infos = socket.getaddrinfo(host, port or 443, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError) as exc:
-        raise McpConnectionError(f"Cannot resolve the MCP server host '{host}'.") from exc
+        raise McpConnectionError(f"Cannot resolve the host '{host}'.") from exc
     for info in infos:
         address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
         if not address.is_global:
             raise PermissionDenied(
-                f"server_url points at a non-public address ({address}); MCP servers on "
-                "loopback or private networks must be allow-listed with --mcp-allowed-hosts "
-                "(MLXSERVE_MCP_ALLOWED_HOSTS).",
-                param="server_url",
+                f"{param} points at a non-public address ({address}); hosts on loopback or "
+                f"private networks must be allow-listed with {allow_flag}.",
+                param=param,
             )
 
 

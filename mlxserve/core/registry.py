@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from backends import mlx_vision_available
 from mlxserve.core.families import detect_family
 from mlxserve.core.sources import ExternalSource, hf_snapshot
 from mlxserve.core.templates import template_supports_tools
@@ -56,6 +57,8 @@ class ModelInfo:
     reasoning_default: str = "on"
     # Where it lies: "models" (the models directory), "lmstudio" or "hf-cache" (read-only).
     source: str = "models"
+    # Takes images: an MLX checkpoint with a vision tower, served through mlx-vlm.
+    vision: bool = False
 
     @property
     def display_name(self) -> str:
@@ -202,6 +205,7 @@ def _mlx_info(publisher: str, folder: Path) -> ModelInfo:
         **_reasoning(template, architecture),
         type=_mlx_model_type(folder, config),
         description=_demo_description(folder),
+        vision=isinstance(config.get("vision_config"), dict) and mlx_vision_available(),
     )
 
 

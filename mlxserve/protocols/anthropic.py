@@ -2,7 +2,7 @@
 responses are rendered by ``routes/anthropic.py``).
 
 Unknown fields (``metadata``, ``cache_control``, ...) are accepted and ignored. Content blocks
-and tools of a kind we cannot honour (images, documents, server tools) are refused with a 400
+and tools of a kind we cannot honour (documents, server tools) are refused with a 400
 naming them.
 """
 
@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, StrictBool, Tag, field_validator, model_validator
 
+from mlxserve.core import images
 from mlxserve.core.types import CoreRequest, SamplingParams
 from mlxserve.errors import InvalidRequest
 from mlxserve.protocols.openai import (
@@ -28,6 +29,7 @@ _BLOCK_TAGS = {
     "tool_result": "ToolResult",
     "thinking": "Thinking",
     "redacted_thinking": "RedactedThinking",
+    "image": "Image",
 }
 
 
@@ -47,6 +49,35 @@ def _str_or_list(value: Any) -> str:
 class TextBlock(_Lenient):
     type: Literal["text"]
     text: str
+
+
+class ImageSource(_Lenient):
+    type: Literal["base64", "url"]
+    media_type: str | None = None
+    data: str | None = Field(default=None, min_length=1)
+    url: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _complete(self) -> ImageSource:
+        if self.type == "base64" and self.data is None:
+            raise ValueError("a base64 image source needs 'data'")
+        if self.type == "url" and self.url is None:
+            raise ValueError("a url image source needs 'url'")
+        return self
+
+
+class ImageBlock(_Lenient):
+    type: Literal["image"]
+    source: ImageSource
+
+    def to_core(self) -> images.ImagePart:
+        if self.source.type == "base64":
+            assert self.source.data is not None
+            return images.from_base64(self.source.data, self.source.media_type, "messages")
+        assert self.source.url is not None
+        if self.source.url.lower().startswith("data:"):
+            raise InvalidRequest("Send inline images as a base64 source.", param="messages")
+        return images.from_url(self.source.url, "messages")
 
 
 class OtherBlock(_Lenient):
@@ -109,6 +140,7 @@ Block = Annotated[
     | Annotated[ToolResultBlock, Tag("ToolResult")]
     | Annotated[ThinkingBlock, Tag("Thinking")]
     | Annotated[RedactedThinkingBlock, Tag("RedactedThinking")]
+    | Annotated[ImageBlock, Tag("Image")]
     | Annotated[OtherBlock, Tag("Other")],
     _tag(_BLOCK_TAGS),
 ]
@@ -141,6 +173,11 @@ class Message(_Lenient):
                         "function": {"name": block.name, "arguments": block.input},
                     }
                     message.setdefault("tool_calls", []).append(call)
+                elif isinstance(block, ImageBlock):
+                    raise InvalidRequest(
+                        "Invalid value for 'messages': image blocks belong in user messages.",
+                        param="messages",
+                    )
                 elif isinstance(block, ToolResultBlock):
                     raise InvalidRequest(
                         "Invalid value for 'messages': tool_result blocks belong in user messages.",
@@ -148,24 +185,26 @@ class Message(_Lenient):
                     )
             return [message]
         out: list[dict[str, Any]] = []
-        text: list[str] = []
+        text: list[dict[str, Any]] = []
         for block in self.content:
             if isinstance(block, ToolResultBlock):
                 if text:
-                    out.append({"role": "user", "content": "".join(text)})
+                    out.append({"role": "user", "content": images.message_content(text)})
                     text = []
                 out.append(
                     {"role": "tool", "tool_call_id": block.tool_use_id, "content": block.text()}
                 )
             elif isinstance(block, TextBlock):
-                text.append(block.text)
+                text.append({"type": "text", "text": block.text})
+            elif isinstance(block, ImageBlock):
+                text.append(images.part(block.to_core()))
             elif isinstance(block, ToolUseBlock):
                 raise InvalidRequest(
                     "Invalid value for 'messages': tool_use blocks belong in assistant messages.",
                     param="messages",
                 )
         if text or not out:
-            out.append({"role": "user", "content": "".join(text)})
+            out.append({"role": "user", "content": images.message_content(text)})
         return out
 
 

@@ -19,6 +19,7 @@ from pydantic import (
     field_validator,
 )
 
+from mlxserve.core import images
 from mlxserve.core.instance import LoadRequest
 from mlxserve.core.mcp import Requested
 from mlxserve.core.types import CoreRequest, SamplingParams
@@ -191,14 +192,6 @@ class ChatRequest(_Lenient):
                 "tool_choice needs tools: add MCP servers under 'integrations'.",
                 param="tool_choice",
             )
-        if isinstance(self.input, list):
-            for i, item in enumerate(self.input):
-                if isinstance(item, ImageInput):
-                    raise InvalidRequest(
-                        f"Model '{self.model}' does not accept images (no vision support); "
-                        "send text input only.",
-                        param=f"input[{i}]",
-                    )
 
     @field_validator("integrations", mode="before")
     @classmethod
@@ -218,10 +211,22 @@ class ChatRequest(_Lenient):
     def user_messages(self) -> list[dict[str, Any]]:
         """This turn's input as chat-template messages: one user message."""
         if isinstance(self.input, str):
-            text = self.input
-        else:
-            text = "\n".join(i.content for i in self.input if isinstance(i, TextInput))
-        return [{"role": "user", "content": text}]
+            return [{"role": "user", "content": self.input}]
+        parts: list[dict[str, Any]] = []
+        for i, item in enumerate(self.input):
+            if isinstance(item, ImageInput):
+                if not item.data_url.lstrip().lower().startswith("data:"):
+                    raise InvalidRequest(
+                        "data_url must be a base64 data URL (data:image/png;base64,...).",
+                        param=f"input[{i}].data_url",
+                    )
+                parts.append(images.part(images.from_url(item.data_url, f"input[{i}]")))
+            else:
+                # Text items are separate lines, as LM Studio joins them.
+                if any(p["type"] == "text" for p in parts):
+                    parts.append({"type": "text", "text": "\n"})
+                parts.append({"type": "text", "text": item.content})
+        return [{"role": "user", "content": images.message_content(parts)}]
 
     def to_core(
         self, model: str, messages: list[dict[str, Any]], default_temperature: float

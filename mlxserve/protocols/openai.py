@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
+from mlxserve.core import images
 from mlxserve.core.types import CoreRequest, SamplingParams
 from mlxserve.errors import InvalidRequest
 
@@ -30,6 +31,20 @@ class TextPart(_Lenient):
     text: str
 
 
+class ImageUrl(_Lenient):
+    url: str = Field(min_length=1)
+    detail: str | None = None
+
+
+class ImageUrlPart(_Lenient):
+    type: Literal["image_url"]
+    image_url: ImageUrl | str
+
+    def to_core(self, param: str) -> images.ImagePart:
+        url = self.image_url if isinstance(self.image_url, str) else self.image_url.url
+        return images.from_url(url, param)
+
+
 class OtherPart(_Lenient):
     type: str
 
@@ -47,7 +62,7 @@ class ToolCall(_Lenient):
 
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart | OtherPart] | None = None
+    content: str | list[TextPart | ImageUrlPart | OtherPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -57,21 +72,32 @@ class ChatMessage(_Lenient):
             return ""
         if isinstance(self.content, str):
             return self.content
-        parts = []
+        return "".join(str(p.get("text", "")) for p in self.parts())
+
+    def parts(self) -> list[dict[str, Any]]:
+        """The content as core parts: text, and images (``image_url``) in user messages."""
+        if self.content is None or isinstance(self.content, str):
+            return images.content_parts(self.content)
+        parts: list[dict[str, Any]] = []
         for part in self.content:
-            if not isinstance(part, TextPart):
+            if isinstance(part, TextPart):
+                parts.append({"type": "text", "text": part.text})
+            elif isinstance(part, ImageUrlPart) and self.role == "user":
+                parts.append(images.part(part.to_core("messages")))
+            else:
                 raise InvalidRequest(
-                    f"Content parts of type '{part.type}' are not supported by this model; "
-                    "only 'text' parts are.",
+                    f"Content parts of type '{part.type}' are not supported in "
+                    f"{self.role} messages; only 'text' parts (and 'image_url' parts in user "
+                    "messages) are.",
                     param="messages",
                 )
-            parts.append(part.text)
-        return "".join(parts)
+        return parts
 
     def to_template(self) -> dict[str, Any]:
         """The message as chat templates expect it (HF conventions)."""
         role = "system" if self.role == "developer" else self.role
-        out: dict[str, Any] = {"role": role, "content": self.text()}
+        content = images.message_content(self.parts())
+        out: dict[str, Any] = {"role": role, "content": content}
         if self.name:
             out["name"] = self.name
         if self.tool_call_id:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, StrictBool, Tag, field_validator, model_validator
 
+from mlxserve.core import images
 from mlxserve.core.mcp import Requested
 from mlxserve.core.types import CoreRequest, SamplingParams
 from mlxserve.errors import InvalidRequest
@@ -34,7 +35,12 @@ _ITEM_TAGS = {
     "mcp_call": "McpCall",
     "mcp_list_tools": "McpListTools",
 }
-_PART_TAGS = {"input_text": "Text", "output_text": "Text", "refusal": "Refusal"}
+_PART_TAGS = {
+    "input_text": "Text",
+    "output_text": "Text",
+    "refusal": "Refusal",
+    "input_image": "Image",
+}
 
 
 def _tag(tags: dict[str, str], default: str | None = None) -> Any:
@@ -57,6 +63,30 @@ class RefusalPart(_Lenient):
     refusal: str
 
 
+class ImagePart(_Lenient):
+    type: Literal["input_image"]
+    image_url: str | None = Field(default=None, min_length=1)
+    file_id: str | None = None
+    detail: str | None = None
+
+    @field_validator("file_id")
+    @classmethod
+    def _no_files(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError("file_id images are not supported (no Files API); send image_url")
+        return v
+
+    @model_validator(mode="after")
+    def _has_url(self) -> ImagePart:
+        if not self.image_url:
+            raise ValueError("an input_image part needs an image_url")
+        return self
+
+    def to_core(self) -> images.ImagePart:
+        assert self.image_url is not None
+        return images.from_url(self.image_url, "input")
+
+
 class OtherPart(_Lenient):
     type: str
 
@@ -65,13 +95,14 @@ class OtherPart(_Lenient):
     def _refuse(cls, v: str) -> str:
         raise ValueError(
             f"content parts of type '{v}' are not supported by this server; "
-            "only 'input_text' and 'output_text' are"
+            "only 'input_text', 'output_text' and 'input_image' are"
         )
 
 
 Part = Annotated[
     Annotated[TextPart, Tag("Text")]
     | Annotated[RefusalPart, Tag("Refusal")]
+    | Annotated[ImagePart, Tag("Image")]
     | Annotated[OtherPart, Tag("Other")],
     _tag(_PART_TAGS),
 ]
@@ -90,7 +121,24 @@ Content = Annotated[
 def _text_of(content: str | list[Any]) -> str:
     if isinstance(content, str):
         return content
+    if any(isinstance(p, ImagePart) for p in content):
+        raise InvalidRequest("input_image parts are accepted in user messages only.", param="input")
     return "".join(p.refusal if isinstance(p, RefusalPart) else p.text for p in content)
+
+
+def _user_content(content: str | list[Any]) -> str | list[dict[str, Any]]:
+    """A user message's content: text, with its images as core image parts."""
+    if isinstance(content, str):
+        return content
+    parts: list[dict[str, Any]] = []
+    for p in content:
+        if isinstance(p, ImagePart):
+            parts.append(images.part(p.to_core()))
+        else:
+            parts.append(
+                {"type": "text", "text": p.refusal if isinstance(p, RefusalPart) else p.text}
+            )
+    return images.message_content(parts)
 
 
 class MessageItem(_Lenient):
@@ -420,7 +468,8 @@ class ResponsesRequest(_Lenient):
                 continue
             if isinstance(item, MessageItem):
                 role = "system" if item.role == "developer" else item.role
-                out.append({"role": role, "content": _text_of(item.content)})
+                content = _user_content(item.content) if role == "user" else _text_of(item.content)
+                out.append({"role": role, "content": content})
             elif isinstance(item, FunctionCallItem):
                 if not out or out[-1]["role"] != "assistant":
                     out.append({"role": "assistant", "content": ""})

@@ -34,7 +34,7 @@ def model_entry(info: ModelInfo, instances: list[Loaded]) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "id": info.key,
         "object": "model",
-        "type": "embeddings" if info.type == "embedding" else "llm",
+        "type": "embeddings" if info.type == "embedding" else "vlm" if info.vision else "llm",
         "publisher": info.publisher,
         "arch": info.architecture,
         "compatibility_type": info.format,

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from mlxserve.core import generate
+from mlxserve.core import generate, images
 from mlxserve.core.generate import Generation
 from mlxserve.core.instance import Instance, Loaded
 from mlxserve.core.mcp import Toolset, specs_for
@@ -81,7 +81,7 @@ def model_entry(info: ModelInfo, instances: list[Loaded]) -> dict[str, Any]:
     }
     if llm:
         capabilities: dict[str, Any] = {
-            "vision": False,
+            "vision": info.vision,
             "trained_for_tool_use": info.trained_for_tool_use,
         }
         if info.reasoning_options:
@@ -380,7 +380,8 @@ class _Chat:
             core = self._with_tools(core)
             # The instance is leased: queue on it, not on a second lookup that could race an
             # eviction of this very instance.
-            gen = await generate.admit(instance, core)
+            policy = images.ImagePolicy.from_settings(self.state.settings)
+            gen = await generate.admit(instance, core, policy)
         load_seconds = lease.load_seconds
         if self.toolset is not None:
             rounds = self.state.settings.mcp_max_rounds

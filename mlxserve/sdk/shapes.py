@@ -44,7 +44,7 @@ def model_info(info: ModelInfo) -> dict[str, Any]:
         bits = max(1, round(info.bits_per_weight or 16))
         out["quantization"] = {"name": info.quantization, "bits": int(bits)}
     if info.type == "llm":
-        out["vision"] = False
+        out["vision"] = bool(info.vision)
         out["trainedForToolUse"] = bool(info.trained_for_tool_use)
     return out
 

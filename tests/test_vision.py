@@ -1,0 +1,386 @@
+"""Vision end to end: a tiny random-weight Qwen2-VL (scripts/make_vision_models.py) served
+through mlx-vlm, with images in every dialect, against the engine library's own output."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import http.server
+import importlib.util
+import io
+import threading
+import time
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from tests.conftest import MLX_KEY, MODELS_CACHE, PUBLISHER, Server
+
+pytest.importorskip("mlx_vlm")
+PIL = pytest.importorskip("PIL.Image")
+
+VL_KEY = f"{PUBLISHER}/tiny-qwen2-vl-mlx"
+VISION_ROOT = MODELS_CACHE.parent / "vision-models"
+QUESTION = "What is in this picture?"
+N = 10
+
+
+def _png(seed: int, size: tuple[int, int] = (84, 56), fmt: str = "PNG") -> bytes:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((size[1], size[0], 3)) * 255).astype("uint8")
+    buf = io.BytesIO()
+    PIL.fromarray(pixels).save(buf, fmt)
+    return buf.getvalue()
+
+
+def _data_url(data: bytes, media: str = "image/png") -> str:
+    return f"data:{media};base64,{base64.b64encode(data).decode()}"
+
+
+IMG_A, IMG_B = _png(1), _png(2)
+IMG_WIDE = _png(3, (168, 56))
+
+
+class _Images(http.server.ThreadingHTTPServer):
+    """A loopback image host: /a.png, /slow.png (answers after 3 s)."""
+
+    daemon_threads = True
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.path == "/slow.png":
+            time.sleep(3)
+        body = IMG_A
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    host = _Images(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=host.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{host.server_address[1]}"
+    host.shutdown()
+
+
+@pytest.fixture(scope="module")
+def vision_models(models_root) -> Path:
+    """A models directory with the vision model and the tiny text model beside it."""
+    spec = importlib.util.spec_from_file_location(
+        "make_vision_models", Path(__file__).resolve().parents[1] / "scripts/make_vision_models.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder = module.generate(VISION_ROOT, publisher=PUBLISHER)["mlx"]
+    text = VISION_ROOT / MLX_KEY
+    if not text.exists():
+        text.symlink_to(models_root / MLX_KEY, target_is_directory=True)
+    assert folder.is_dir()
+    return VISION_ROOT
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("vision-home")
+
+
+def _serve(vision_models: Path, home: Path, image_host: str) -> Server:
+    import os
+
+    os.environ["MLXSERVE_IMAGE_ALLOWED_HOSTS"] = image_host.removeprefix("http://")
+    os.environ["MLXSERVE_IMAGE_FETCH_TIMEOUT"] = "1"
+    os.environ["MLXSERVE_MAX_IMAGES_PER_REQUEST"] = "3"
+    try:
+        return Server(vision_models, home, "--no-auto-evict")
+    finally:
+        for name in ("ALLOWED_HOSTS", "FETCH_TIMEOUT"):
+            os.environ.pop(f"MLXSERVE_IMAGE_{name}", None)
+        os.environ.pop("MLXSERVE_MAX_IMAGES_PER_REQUEST", None)
+
+
+@pytest.fixture(scope="module")
+def server(vision_models, home, image_host):
+    srv = _serve(vision_models, home, image_host)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference(vision_models):
+    """mlx-vlm itself, in process: greedy text for (image bytes, question)."""
+    from mlx_vlm import generate, load
+
+    model, processor = load(str(vision_models / VL_KEY))
+
+    def run(image: bytes, question: str = QUESTION) -> str:
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+        ]
+        prompt = processor.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        picture = PIL.open(io.BytesIO(image)).convert("RGB")
+        result = generate(model, processor, prompt, image=[picture], max_tokens=N, temperature=0.0)
+        return result.text
+
+    return run
+
+
+def _ask(oai, image_url: str | None, question: str = QUESTION, model: str = VL_KEY):
+    content: list[dict] = []
+    if image_url is not None:
+        content.append({"type": "image_url", "image_url": {"url": image_url}})
+    content.append({"type": "text", "text": question})
+    return oai.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=N,
+        temperature=0,
+    )
+
+
+def test_listed_with_vision(server):
+    v1 = httpx.get(server.url + "/api/v1/models", timeout=10).json()["models"]
+    caps = {m["key"]: m["capabilities"]["vision"] for m in v1 if "capabilities" in m}
+    assert caps[VL_KEY] is True and caps[MLX_KEY] is False
+    v0 = {m["id"]: m["type"] for m in httpx.get(server.url + "/api/v0/models").json()["data"]}
+    assert v0[VL_KEY] == "vlm" and v0[MLX_KEY] == "llm"
+
+
+def test_reply_equals_mlx_vlm_and_images_matter(oai, reference):
+    a = _ask(oai, _data_url(IMG_A))
+    assert a.choices[0].message.content == reference(IMG_A)
+    again = _ask(oai, _data_url(IMG_A))
+    assert again.choices[0].message.content == a.choices[0].message.content
+    b = _ask(oai, _data_url(IMG_B))
+    assert b.choices[0].message.content == reference(IMG_B)
+    assert b.choices[0].message.content != a.choices[0].message.content
+    # 84x56 pixels are 6x4 patches, 3x2 merged image tokens; twice as wide, twice as many.
+    text = _ask(oai, None)
+    wide = _ask(oai, _data_url(IMG_WIDE))
+    assert a.usage.prompt_tokens == text.usage.prompt_tokens + 2 + 6
+    assert wide.usage.prompt_tokens == a.usage.prompt_tokens + 6
+    # A JPEG, a WebP and a GIF of the same picture decode too.
+    for fmt, media in (("JPEG", "image/jpeg"), ("WEBP", "image/webp"), ("GIF", "image/gif")):
+        r = _ask(oai, _data_url(_png(1, fmt=fmt), media))
+        assert r.choices[0].message.content and r.usage.prompt_tokens == a.usage.prompt_tokens
+
+
+def test_every_dialect(server, oai, image_host):
+    expected = _ask(oai, _data_url(IMG_A)).choices[0].message.content
+    assert _ask(oai, image_host + "/a.png").choices[0].message.content == expected
+
+    v1 = httpx.post(
+        server.url + "/api/v1/chat",
+        json={
+            "model": VL_KEY,
+            "input": [
+                {"type": "image", "data_url": _data_url(IMG_A)},
+                {"type": "text", "content": QUESTION},
+            ],
+            "temperature": 0,
+            "max_output_tokens": N,
+        },
+        timeout=60,
+    )
+    assert v1.status_code == 200, v1.text
+    assert v1.json()["output"][-1]["content"] == expected
+
+    r = oai.responses.create(
+        model=VL_KEY,
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_image", "image_url": _data_url(IMG_A)},
+                    {"type": "input_text", "text": QUESTION},
+                ],
+            }
+        ],
+        temperature=0,
+        max_output_tokens=N,
+    )
+    assert r.output_text == expected
+
+    claude = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+    sources = [
+        {"type": "base64", "media_type": "image/png", "data": base64.b64encode(IMG_A).decode()},
+        {"type": "url", "url": image_host + "/a.png"},
+    ]
+    for source in sources:
+        m = claude.messages.create(
+            model=VL_KEY,
+            max_tokens=N,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "source": source},
+                        {"type": "text", "text": QUESTION},
+                    ],
+                }
+            ],
+            extra_body={"temperature": 0},
+        )
+        assert m.content[0].text == expected
+    count = claude.messages.count_tokens(
+        model=VL_KEY,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "source": sources[0]},
+                    {"type": "text", "text": QUESTION},
+                ],
+            }
+        ],
+    )
+    assert count.input_tokens == m.usage.input_tokens
+
+
+def test_concurrent_image_and_text_requests_equal_solo(oai):
+    async def main() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=str(oai.base_url), api_key="unused", max_retries=0)
+        jobs = [
+            (_data_url(IMG_A), QUESTION),
+            (None, "Tell me a story"),
+            (_data_url(IMG_B), QUESTION),
+            (None, "Hello there"),
+        ]
+
+        async def one(url: str | None, question: str) -> str:
+            content: list[dict] = [{"type": "text", "text": question}]
+            if url:
+                content.insert(0, {"type": "image_url", "image_url": {"url": url}})
+            r = await client.chat.completions.create(
+                model=VL_KEY,
+                messages=[{"role": "user", "content": content}],
+                max_tokens=N,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
+            return r.choices[0].message.content or ""
+
+        together = await asyncio.gather(*(one(*j) for j in jobs))
+        solo = [await one(*j) for j in jobs]
+        await client.close()
+        assert together == solo
+        return together
+
+    assert len(set(asyncio.run(main()))) == 4
+
+
+def _status(server, body: dict, path: str = "/v1/chat/completions") -> httpx.Response:
+    return httpx.post(server.url + path, json=body, timeout=30)
+
+
+def _image_body(url: str, model: str = VL_KEY, n: int = 1) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": url}}] * n
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "hi"}]}],
+        "max_tokens": 2,
+    }
+
+
+def test_bad_images_are_clear_4xx(server, image_host):
+    big = io.BytesIO()
+    PIL.new("RGB", (10_000, 5_000)).save(big, "PNG")
+    cases = [
+        (_data_url(b"this is not an image"), 400, "not a PNG"),
+        (_data_url(IMG_A[: len(IMG_A) // 2]), 400, "truncated"),
+        (_data_url(big.getvalue()), 400, "megapixels"),
+        (image_host + "/slow.png", 400, "timed out"),
+        ("http://169.254.169.254/latest/meta-data", 403, "non-public"),
+        ("http://127.0.0.1:9/x.png", 403, "non-public"),
+        ("ftp://example.com/x.png", 400, "data:"),
+    ]
+    for url, status, words in cases:
+        r = _status(server, _image_body(url))
+        assert r.status_code == status, (url[:40], r.text)
+        assert words in r.json()["error"]["message"], r.text
+    r = _status(server, _image_body(_data_url(IMG_A), model=MLX_KEY))
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == f"Model '{MLX_KEY}' does not support image input."
+    r = _status(server, _image_body(_data_url(IMG_A), n=4))
+    assert r.status_code == 400 and "at most 3" in r.json()["error"]["message"]
+    claude = httpx.post(
+        server.url + "/v1/messages",
+        json={
+            "model": MLX_KEY,
+            "max_tokens": 2,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "image",
+                            "source": {
+                                "type": "base64",
+                                "media_type": "image/png",
+                                "data": base64.b64encode(IMG_A).decode(),
+                            },
+                        }
+                    ],
+                }
+            ],
+        },
+    )
+    assert claude.status_code == 400 and claude.json()["type"] == "error"
+    assert "does not support image input" in claude.json()["error"]["message"]
+    # Still serving.
+    assert _status(server, _image_body(_data_url(IMG_A))).status_code == 200
+
+
+def test_stateful_chat_keeps_its_image_across_a_restart(server, vision_models, home, image_host):
+    first = httpx.post(
+        server.url + "/api/v1/chat",
+        json={
+            "model": VL_KEY,
+            "input": [
+                {"type": "image", "data_url": _data_url(IMG_A)},
+                {"type": "text", "content": QUESTION},
+            ],
+            "temperature": 0,
+            "max_output_tokens": 4,
+        },
+        timeout=60,
+    ).json()
+    follow = {
+        "model": VL_KEY,
+        "input": "And its colours?",
+        "previous_response_id": first["response_id"],
+        "temperature": 0,
+        "max_output_tokens": 4,
+    }
+    before = httpx.post(server.url + "/api/v1/chat", json=follow, timeout=60).json()
+    server.stop()
+    again = _serve(vision_models, home, image_host)
+    try:
+        after = httpx.post(again.url + "/api/v1/chat", json=follow, timeout=60).json()
+    finally:
+        again.stop()
+    assert after["output"] == before["output"]
+    assert after["stats"]["input_tokens"] == before["stats"]["input_tokens"]
+    assert list((home / "images").iterdir())
