@@ -375,6 +375,20 @@ def test_stateful_chat_keeps_its_image_across_a_restart(server, vision_models, h
         "max_output_tokens": 4,
     }
     before = httpx.post(server.url + "/api/v1/chat", json=follow, timeout=60).json()
+    # The stored chat shows its image by hash.
+    chats = httpx.get(server.url + "/api/v1/chats").json()["data"]
+    chat_id = next(c["id"] for c in chats if c["head_response_id"] == before["response_id"])
+    detail = httpx.get(f"{server.url}/api/v1/chats/{chat_id}")
+    assert detail.status_code == 200, detail.text
+    (image,) = [
+        p
+        for t in detail.json()["responses"]
+        for m in t["input"]
+        if isinstance(m["content"], list)
+        for p in m["content"]
+        if p["type"] == "image"
+    ]
+    assert image["media_type"] == "image/png" and len(image["sha256"]) == 64
     server.stop()
     again = _serve(vision_models, home, image_host)
     try:
