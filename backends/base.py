@@ -103,15 +103,26 @@ class LoadOptions:
     num_experts: int | None = None
     # Sequences decoded together in one batch; more requests wait for a free place.
     max_batch_size: int = 8
+    # The instance's own number of parallel sequences (LM Studio's ``parallel``), set at
+    # load; None takes ``max_batch_size`` (GGUF: at most GGUF_MAX_PARALLEL).
+    parallel: int | None = None
     # Prompt tokens processed per step while other requests decode.
     prefill_chunk: int = 512
     # Memory the prompt cache (KV of finished requests, for prefix reuse) may keep.
     prompt_cache_bytes: int = 1 << 30
 
+    def slots(self, fmt: str) -> int:
+        """Requests a model of format ``fmt`` decodes at once."""
+        if self.parallel is not None:
+            return max(1, self.parallel)
+        if fmt == "gguf":
+            return max(1, min(self.max_batch_size, GGUF_MAX_PARALLEL))
+        return max(1, self.max_batch_size)
+
     def kv_windows(self, fmt: str) -> int:
         """Context windows of KV cache a model of format ``fmt`` reserves when loaded: a
         GGUF context holds one per sequence decoded in parallel; MLX grows its caches."""
-        return max(1, min(self.max_batch_size, GGUF_MAX_PARALLEL)) if fmt == "gguf" else 1
+        return self.slots(fmt) if fmt == "gguf" else 1
 
 
 @dataclass(frozen=True)

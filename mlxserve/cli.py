@@ -208,7 +208,9 @@ def _add_client_commands(sub: Any, models_dir_option: Any) -> None:
     client_options(status)
     status.set_defaults(func=_lazy("cli_server", "status"))
 
-    ps = sub.add_parser("ps", help="list the loaded models (context, TTL left, memory)")
+    ps = sub.add_parser(
+        "ps", help="list the loaded models (context, parallel, TTL left, memory, queue)"
+    )
     client_options(ps)
     ps.set_defaults(func=_lazy("cli_models", "ps"))
 
@@ -218,6 +220,12 @@ def _add_client_commands(sub: Any, models_dir_option: Any) -> None:
     load.add_argument("--identifier", help="instance id to give it (default: the model key)")
     load.add_argument("--ttl", type=float, metavar="SECONDS", help="unload after idle seconds")
     load.add_argument("--gpu", help="GPU offload; MLX and Metal always use 'max'")
+    load.add_argument(
+        "--parallel",
+        type=int,
+        metavar="N",
+        help="requests it decodes at once (GGUF parallel sequences, MLX batch size)",
+    )
     client_options(load)
     load.set_defaults(func=_lazy("cli_models", "load"))
 

@@ -92,6 +92,14 @@ def _ttl(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def _status(pending: int, parallel: int | None) -> str:
+    """idle, busy, or busy with how many requests wait for a free slot (LM Studio's queue)."""
+    if not pending:
+        return "idle"
+    queued = pending - parallel if parallel else 0
+    return f"busy, {queued} queued" if queued > 0 else "busy"
+
+
 def ps(args: argparse.Namespace) -> int:
     instances = Client.from_args(args).get("/api/v1/models/loaded")["instances"]
     if args.json:
@@ -101,16 +109,17 @@ def ps(args: argparse.Namespace) -> int:
         print("No models are loaded. Load one with `mlxserve load <model>`.")
         return 0
     print_table(
-        ("IDENTIFIER", "MODEL", "FORMAT", "CONTEXT", "TTL LEFT", "MEMORY", "STATUS"),
+        ("IDENTIFIER", "MODEL", "FORMAT", "CONTEXT", "PARALLEL", "TTL LEFT", "MEMORY", "STATUS"),
         [
             (
                 i["id"],
                 i["model"],
                 i["format"],
                 str(i["context_length"]),
+                str((i.get("load_config") or {}).get("parallel", "-")),
                 _ttl(i.get("ttl_left_seconds")),
                 human_size(i.get("memory_bytes") or i.get("size_bytes") or 0),
-                "busy" if i.get("pending") else "idle",
+                _status(i.get("pending") or 0, (i.get("load_config") or {}).get("parallel")),
             )
             for i in instances
         ],
@@ -128,7 +137,7 @@ def load(args: argparse.Namespace) -> int:
             2,
         )
     body: dict[str, Any] = {"model": args.model, "echo_load_config": True}
-    for name in ("context_length", "identifier", "ttl"):
+    for name in ("context_length", "identifier", "ttl", "parallel"):
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
     client = Client.from_args(args)
@@ -149,6 +158,8 @@ def load(args: argparse.Namespace) -> int:
     config = out.get("load_config") or {}
     ctx = config.get("context_length")
     detail = f", context {ctx}" if ctx else ""
+    if config.get("parallel"):
+        detail += f", parallel {config['parallel']}"
     print(f"Loaded {args.model} as '{out['instance_id']}' in {seconds:.2f}s{detail}.")
     return 0
 

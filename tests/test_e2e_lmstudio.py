@@ -125,6 +125,7 @@ def test_load_gguf_honours_llamacpp_options_and_unload(http):
         "eval_batch_size": 128,
         "flash_attention": True,
         "offload_kv_cache_to_gpu": False,
+        "parallel": 4,
     }
     listed = {m["key"]: m for m in http.get("/api/v1/models").json()["models"]}[GGUF_KEY]
     assert {"id": "lms-test-gguf", "config": body["load_config"]} in listed["loaded_instances"]
@@ -155,7 +156,7 @@ def test_load_mlx_ignores_llamacpp_options_truthfully(http):
     )
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["load_config"] == {"context_length": 4096}
+    assert body["load_config"] == {"context_length": 4096, "parallel": 8}
     assert (
         http.post("/api/v1/models/unload", json={"instance_id": body["instance_id"]}).status_code
         == 200

@@ -126,6 +126,7 @@ class LlamaCppEngine(Engine):
         }
         if overrides:
             load_config["num_experts"] = options.num_experts
+        load_config["parallel"] = options.slots("gguf")
         self._llm = llm
         self._open_context(kv_type)
         vocab = llm._model.vocab

@@ -395,7 +395,7 @@ class DistributedMLXEngine(_ShardedMLXEngine):
             # A reset after a failed step: the other ranks drop their batch at the next tick
             # too (what was queued for the old one goes with it), so uids start over alike.
             self._ops[:] = [{"op": "reset"}]
-        size = self.options.max_batch_size
+        size = self.options.slots("mlx")
         return _SyncedBatch(
             self._model,
             self.group,

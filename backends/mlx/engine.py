@@ -180,6 +180,7 @@ class MLXEngine(Engine):
             eos_token=hf.eos_token or "",
             chat_template=hf.chat_template if isinstance(hf.chat_template, str) else None,
             strip_leading_space=strip,
+            load_config={"parallel": options.slots("mlx")},
         )
 
     def tokenize(self, text: str) -> list[int]:
@@ -210,7 +211,7 @@ class MLXEngine(Engine):
         return token.replace("\u2581", " ").encode()
 
     def _new_batch(self) -> BatchGenerator:
-        size = self.options.max_batch_size
+        size = self.options.slots("mlx")
         return BatchGenerator(
             self._model,
             completion_batch_size=size,

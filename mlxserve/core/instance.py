@@ -26,6 +26,8 @@ class LoadRequest:
     flash_attention: bool | None = None
     offload_kv_cache_to_gpu: bool | None = None
     num_experts: int | None = None
+    # Requests decoded at once (LM Studio's ``parallel``): GGUF parallel sequences, MLX batch.
+    parallel: int | None = None
     # The instance id to give it (LM Studio's ``--identifier``); default: the key, then key:2...
     identifier: str | None = None
     ttl: float | None = None

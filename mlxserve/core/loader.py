@@ -46,6 +46,7 @@ class ModelLoader:
             offload_kv_cache_to_gpu=request.offload_kv_cache_to_gpu,
             num_experts=request.num_experts,
             max_batch_size=self.settings.max_batch_size,
+            parallel=request.parallel,
             prefill_chunk=self.settings.prefill_chunk,
             prompt_cache_bytes=self.settings.prompt_cache_bytes,
         )

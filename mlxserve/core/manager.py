@@ -429,9 +429,7 @@ class ModelManager:
                 seconds=loaded.load_seconds,
                 memory_bytes=need.total,
                 kv_cache_bytes=need.kv_cache,
-                batch_slots=options.kv_windows("gguf")
-                if info.format == "gguf"
-                else options.max_batch_size,
+                batch_slots=options.slots(info.format),
             )
         log.info("loaded %s in %.2fs%s", loaded.id, loaded.load_seconds, " (JIT)" if jit else "")
         return loaded

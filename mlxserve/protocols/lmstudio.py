@@ -27,6 +27,8 @@ from mlxserve.errors import InvalidRequest
 from mlxserve.protocols.openai import MAX_TTL_SECONDS
 
 MAX_CONTEXT_LENGTH = 1 << 24
+# Parallel sequences an instance may be loaded with (as many as the server's max batch size).
+MAX_PARALLEL = 64
 Ttl = Annotated[float, Field(gt=0, le=MAX_TTL_SECONDS)]
 
 
@@ -47,6 +49,7 @@ class LoadModelRequest(_Strict):
     flash_attention: StrictBool | None = None
     num_experts: int | None = Field(default=None, ge=1, le=4096)
     offload_kv_cache_to_gpu: StrictBool | None = None
+    parallel: int | None = Field(default=None, ge=1, le=MAX_PARALLEL, strict=True)
     echo_load_config: StrictBool = False
     identifier: str | None = Field(default=None, min_length=1, max_length=256)
     ttl: Ttl | None = None
@@ -58,6 +61,7 @@ class LoadModelRequest(_Strict):
             flash_attention=self.flash_attention,
             offload_kv_cache_to_gpu=self.offload_kv_cache_to_gpu,
             num_experts=self.num_experts,
+            parallel=self.parallel,
             identifier=self.identifier,
             ttl=self.ttl,
         )

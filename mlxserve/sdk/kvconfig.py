@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlxserve.core.instance import LoadRequest
+from mlxserve.protocols.lmstudio import MAX_PARALLEL
 from mlxserve.sdk.transport import SdkError
 
 P = "llm.prediction."
@@ -186,10 +187,15 @@ def load_request(
         raise SdkError("identifier must be a string.")
     flash = fields.get("llm.load.llama.flashAttention")
     batch = _number(fields, "llm.load.llama.evalBatchSize")
+    # The SDK's maxParallelPredictions (``lms load --parallel``).
+    parallel = _number(fields, "llm.load.numParallelSessions")
+    if parallel is not None and not 1 <= parallel <= MAX_PARALLEL:
+        raise SdkError(f"numParallelSessions must be between 1 and {MAX_PARALLEL}.")
     return LoadRequest(
         context_length=int(context) if context is not None else None,
         eval_batch_size=int(batch) if batch is not None and not embedding else None,
         flash_attention=flash if isinstance(flash, bool) and not embedding else None,
+        parallel=int(parallel) if parallel is not None and not embedding else None,
         identifier=identifier,
         ttl=ttl,
     )

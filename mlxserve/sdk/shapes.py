@@ -68,7 +68,11 @@ def instance_info(instance: Loaded) -> dict[str, Any]:
 def load_config(instance: Loaded) -> dict[str, Any]:
     """The instance's load config as a KV config (JS ``getContextLength()`` reads it)."""
     prefix = "embedding" if isinstance(instance, EmbeddingInstance) else "llm"
-    return {"fields": [{"key": f"{prefix}.load.contextLength", "value": instance.context_length}]}
+    fields = [{"key": f"{prefix}.load.contextLength", "value": instance.context_length}]
+    parallel = instance.load_config.get("parallel")
+    if parallel is not None:
+        fields.append({"key": "llm.load.numParallelSessions", "value": parallel})
+    return {"fields": fields}
 
 
 def domain_instances(state: AppState, namespace: str) -> list[Loaded]:
