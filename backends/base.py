@@ -146,6 +146,9 @@ class EngineInfo:
     # ``image_max_pixels`` (the model's largest supported resolution).
     vision: bool = False
     image_max_pixels: int | None = None
+    # Engines that take images as a marker in the prompt text (llama.cpp mtmd): image parts
+    # are rendered as this text; None: the chat template renders image parts itself.
+    image_marker: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Generate a tiny seeded-random Qwen2-VL vision model for tests, as an MLX folder (mlx-vlm).
+"""Generate a tiny seeded-random Qwen2-VL vision model for tests, as MLX and as GGUF.
 
 The language model is the tiny Qwen2 of make_test_models.py (same sizes, same real Qwen2
 vocabulary, with Qwen2-VL's vision tokens in place of the first unused [PAD] tokens); a
 two-block vision tower and merger feed it. Layout (LM Studio):
 
     <out>/<publisher>/<name>-mlx/    config.json, model.safetensors, tokenizer and
-                                     preprocessor files
+                                     preprocessor files (mlx-vlm)
+    <out>/<publisher>/<name>-gguf/   <name>-f32.gguf and its projector
+                                     mmproj-<name>-f32.gguf (llama.cpp mtmd)
 
 Output is deterministic and the run is idempotent: an existing, stamped output is kept.
 """
@@ -41,6 +43,8 @@ VISION_TOKENS = {
 }
 VISION_DEPTH, VISION_DIM, VISION_HEADS, MLP_RATIO = 2, 32, 2, 4
 PATCH, MERGE, TEMPORAL = 14, 2, 2
+# Halves of the head dimension (16) given to time, height and width positions.
+MROPE_SECTION = (2, 3, 3)
 # Small images keep the tests cheap: at most (448/28)^2 = 256 image tokens.
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 448 * 448
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -141,7 +145,7 @@ def write_mlx(base: ModuleType, folder: Path, seed: int, vocab_path: Path | None
             "vision_token_id": 151654,
             "image_token_id": 151655,
             "video_token_id": 151656,
-            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+            "rope_scaling": {"type": "mrope", "mrope_section": list(MROPE_SECTION)},
             "vision_config": {
                 "model_type": "qwen2_vl",
                 "depth": VISION_DEPTH,
@@ -185,6 +189,101 @@ def write_mlx(base: ModuleType, folder: Path, seed: int, vocab_path: Path | None
     base._write_json(folder / "chat_template.json", {"chat_template": VISION_TEMPLATE})
 
 
+def write_gguf(
+    base: ModuleType, folder: Path, name: str, seed: int, vocab_path: Path | None
+) -> None:
+    """The same model for llama.cpp: ``<name>-f32.gguf`` (arch qwen2vl) and its projector
+    ``mmproj-<name>-f32.gguf``, tensors named as llama.cpp's converter names them."""
+    import gguf
+
+    voc = vision_vocab(base, vocab_path)
+    weights = base.make_weights(seed, len(voc.tokens))
+    writer = gguf.GGUFWriter(str(folder / f"{name}-f32.gguf"), arch="qwen2vl")
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_context_length(base.CONTEXT)
+    writer.add_embedding_length(base.HIDDEN)
+    writer.add_block_count(base.LAYERS)
+    writer.add_feed_forward_length(base.INTERMEDIATE)
+    writer.add_head_count(base.HEADS)
+    writer.add_head_count_kv(base.KV_HEADS)
+    writer.add_rope_freq_base(base.ROPE_THETA)
+    writer.add_layer_norm_rms_eps(base.RMS_EPS)
+    writer.add_rope_dimension_sections([*MROPE_SECTION, 0])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(voc.tokens)
+    writer.add_token_types(voc.token_types)
+    writer.add_token_merges(voc.merges)
+    writer.add_bos_token_id(voc.id_of("<|endoftext|>"))
+    writer.add_eos_token_id(voc.id_of("<|im_end|>"))
+    writer.add_pad_token_id(voc.id_of("<|endoftext|>"))
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(VISION_TEMPLATE)
+    for hf_name, array in weights.items():
+        writer.add_tensor(base.gguf_name(hf_name), array)
+    _finish(writer)
+
+    proj = gguf.GGUFWriter(str(folder / f"mmproj-{name}-f32.gguf"), arch="clip")
+    proj.add_type(gguf.GGUFType.MMPROJ)
+    proj.add_name(name)
+    proj.add_file_type(gguf.LlamaFileType.ALL_F32)
+    proj.add_clip_projector_type(gguf.VisionProjectorType.QWEN2VL)
+    proj.add_clip_has_vision_encoder(True)
+    proj.add_vision_projection_dim(base.HIDDEN)
+    proj.add_vision_image_size(560)
+    proj.add_vision_patch_size(PATCH)
+    proj.add_vision_embedding_length(VISION_DIM)
+    proj.add_vision_feed_forward_length(VISION_DIM * MLP_RATIO)
+    proj.add_vision_block_count(VISION_DEPTH)
+    proj.add_vision_head_count(VISION_HEADS)
+    proj.add_vision_attention_layernorm_eps(1e-6)
+    proj.add_vision_image_mean(IMAGE_MEAN)
+    proj.add_vision_image_std(IMAGE_STD)
+    proj.add_vision_min_pixels(MIN_PIXELS)
+    proj.add_vision_max_pixels(MAX_PIXELS)
+    for hf_name, array in vision_weights(seed).items():
+        for gguf_name, part in _mmproj_tensors(hf_name, array):
+            proj.add_tensor(gguf_name, np.ascontiguousarray(part))
+    _finish(proj)
+
+
+def _finish(writer: Any) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _mmproj_tensors(hf_name: str, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """llama.cpp's names (conversion/qwenvl.py): the temporal Conv3D split into two Conv2Ds,
+    qkv split into q, k and v."""
+    if hf_name == "visual.patch_embed.proj.weight":
+        return [("v.patch_embd.weight", array[:, :, 0]), ("v.patch_embd.weight.1", array[:, :, 1])]
+    kind = hf_name.rsplit(".", 1)[1]
+    fixed = {
+        "visual.merger.ln_q": "v.post_ln",
+        "visual.merger.mlp.0": "mm.0",
+        "visual.merger.mlp.2": "mm.2",
+    }
+    module = hf_name.rsplit(".", 1)[0]
+    if module in fixed:
+        return [(f"{fixed[module]}.{kind}", array)]
+    _, _, block, rest = module.split(".", 3)
+    prefix = f"v.blk.{block}"
+    if rest == "attn.qkv":
+        q, k, v = np.split(array, 3, axis=0)
+        return [(f"{prefix}.attn_{n}.{kind}", t) for n, t in (("q", q), ("k", k), ("v", v))]
+    names = {
+        "norm1": "ln1",
+        "norm2": "ln2",
+        "attn.proj": "attn_out",
+        "mlp.fc1": "ffn_up",
+        "mlp.fc2": "ffn_down",
+    }
+    return [(f"{prefix}.{names[rest]}.{kind}", array)]
+
+
 def _stamp(folder: Path, name: str, seed: int) -> dict[str, Any]:
     files = sorted(p for p in folder.iterdir() if p.name != ".mlxserve-test-model.json")
     return {
@@ -204,28 +303,34 @@ def generate(
     seed: int = 0,
     vocab: Path | None = None,
 ) -> dict[str, Path]:
-    """Write the model (if not there already); return {"mlx": its folder}."""
+    """Write the models (those not there already); return {"mlx": folder, "gguf": folder}."""
     base = _base()
-    folder = Path(out_root) / publisher / f"{name}-mlx"
-    stamp_file = folder / base.STAMP_FILE
-    try:
-        if json.loads(stamp_file.read_text(encoding="utf-8")) == _stamp(folder, name, seed):
-            return {"mlx": folder}
-    except (OSError, ValueError):
-        pass
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-mlx-", dir=folder.parent))
-    try:
-        write_mlx(base, tmp, seed, vocab)
-        base._write_json(tmp / base.STAMP_FILE, _stamp(tmp, name, seed))
+    out = {}
+    for fmt in ("mlx", "gguf"):
+        folder = Path(out_root) / publisher / f"{name}-{fmt}"
+        out[fmt] = folder
+        stamp_file = folder / base.STAMP_FILE
         try:
-            base._publish(tmp, folder)
-        except OSError:
-            if not stamp_file.is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {"mlx": folder}
+            if json.loads(stamp_file.read_text(encoding="utf-8")) == _stamp(folder, name, seed):
+                continue
+        except (OSError, ValueError):
+            pass
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-{fmt}-", dir=folder.parent))
+        try:
+            if fmt == "mlx":
+                write_mlx(base, tmp, seed, vocab)
+            else:
+                write_gguf(base, tmp, name, seed, vocab)
+            base._write_json(tmp / base.STAMP_FILE, _stamp(tmp, name, seed))
+            try:
+                base._publish(tmp, folder)
+            except OSError:
+                if not stamp_file.is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -237,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vocab", type=Path, default=None)
     args = parser.parse_args(argv)
     result = generate(args.out, args.publisher, args.name, args.seed, args.vocab)
-    print(result["mlx"])
+    print(result["mlx"], result["gguf"])
     return 0
 
 

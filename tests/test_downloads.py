@@ -145,9 +145,19 @@ def test_select_gguf_quantization_and_shards():
     )
     chosen, fmt = select_files(DownloadSpec("a/m-GGUF", "Q8_0"), files)
     assert fmt == "gguf"
-    assert [f.name for f in chosen] == ["m-Q8_0-00001-of-00002.gguf", "m-Q8_0-00002-of-00002.gguf"]
+    # A vision repository's projector comes along.
+    assert [f.name for f in chosen] == [
+        "m-Q8_0-00001-of-00002.gguf",
+        "m-Q8_0-00002-of-00002.gguf",
+        "mmproj-m-f16.gguf",
+    ]
     # No quantization named: LM Studio's default, Q4_K_M, when the repository has it.
     chosen, _ = select_files(DownloadSpec("a/m-GGUF"), files)
+    assert [f.name for f in chosen] == ["m-Q4_K_M.gguf", "mmproj-m-f16.gguf"]
+    projectors = _remote("m-Q4_K_M.gguf", "mmproj-m-f32.gguf", "mmproj-m-bf16.gguf")
+    chosen, _ = select_files(DownloadSpec("a/m-GGUF"), projectors)
+    assert [f.name for f in chosen] == ["m-Q4_K_M.gguf", "mmproj-m-bf16.gguf"]
+    chosen, _ = select_files(DownloadSpec("a/m-GGUF"), _remote("m-Q4_K_M.gguf"))
     assert [f.name for f in chosen] == ["m-Q4_K_M.gguf"]
     with pytest.raises(DownloadError, match="Q4_K_M, Q8_0"):
         select_files(DownloadSpec("a/m-GGUF", "Q2_K"), files)

@@ -18,18 +18,20 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import MLX_KEY, MODELS_CACHE, PUBLISHER, Server
+from tests.conftest import GGUF_KEY, MLX_KEY, MODELS_CACHE, PUBLISHER, Server
 
 pytest.importorskip("mlx_vlm")
 PIL = pytest.importorskip("PIL.Image")
 
 VL_KEY = f"{PUBLISHER}/tiny-qwen2-vl-mlx"
+VL_GGUF_KEY = f"{PUBLISHER}/tiny-qwen2-vl-gguf"
+VL_MODELS = [VL_KEY, VL_GGUF_KEY]
 VISION_ROOT = MODELS_CACHE.parent / "vision-models"
 QUESTION = "What is in this picture?"
 N = 10
 
 
-def _png(seed: int, size: tuple[int, int] = (84, 56), fmt: str = "PNG") -> bytes:
+def _png(seed: int, size: tuple[int, int] = (112, 112), fmt: str = "PNG") -> bytes:
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -43,8 +45,10 @@ def _data_url(data: bytes, media: str = "image/png") -> str:
     return f"data:{media};base64,{base64.b64encode(data).decode()}"
 
 
+# Sizes both engines resize alike (multiples of 28 pixels, at least 8 image tokens):
+# llama.cpp pads what mlx-vlm stretches.
 IMG_A, IMG_B = _png(1), _png(2)
-IMG_WIDE = _png(3, (168, 56))
+IMG_WIDE = _png(3, (224, 112))
 
 
 class _Images(http.server.ThreadingHTTPServer):
@@ -87,11 +91,11 @@ def vision_models(models_root) -> Path:
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    folder = module.generate(VISION_ROOT, publisher=PUBLISHER)["mlx"]
-    text = VISION_ROOT / MLX_KEY
-    if not text.exists():
-        text.symlink_to(models_root / MLX_KEY, target_is_directory=True)
-    assert folder.is_dir()
+    module.generate(VISION_ROOT, publisher=PUBLISHER)
+    for key in (MLX_KEY, GGUF_KEY):  # text models: a GGUF without a projector is one
+        text = VISION_ROOT / key
+        if not text.exists():
+            text.symlink_to(models_root / key, target_is_directory=True)
     return VISION_ROOT
 
 
@@ -124,6 +128,41 @@ def server(vision_models, home, image_host):
 @pytest.fixture(scope="module")
 def oai(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def gguf_reference(vision_models):
+    """llama-cpp-python's own mtmd chat handler, in process: greedy text for an image."""
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+
+    folder = vision_models / VL_GGUF_KEY
+    handler = MTMDChatHandler(
+        clip_model_path=str(folder / "mmproj-tiny-qwen2-vl-f32.gguf"), verbose=False
+    )
+    llm = Llama(
+        model_path=str(folder / "tiny-qwen2-vl-f32.gguf"),
+        chat_handler=handler,
+        n_ctx=1024,
+        verbose=False,
+    )
+
+    def run(image: bytes, question: str = QUESTION) -> str:
+        content = [
+            {"type": "image_url", "image_url": {"url": _data_url(image)}},
+            {"type": "text", "text": question},
+        ]
+        # Its default repeat_penalty is 1.1; the server's is 1.0.
+        r = llm.create_chat_completion(
+            messages=[{"role": "user", "content": content}],
+            max_tokens=N,
+            temperature=0,
+            repeat_penalty=1.0,
+        )
+        return r["choices"][0]["message"]["content"]
+
+    yield run
+    llm.close()
 
 
 @pytest.fixture(scope="module")
@@ -163,27 +202,32 @@ def _ask(oai, image_url: str | None, question: str = QUESTION, model: str = VL_K
 def test_listed_with_vision(server):
     v1 = httpx.get(server.url + "/api/v1/models", timeout=10).json()["models"]
     caps = {m["key"]: m["capabilities"]["vision"] for m in v1 if "capabilities" in m}
-    assert caps[VL_KEY] is True and caps[MLX_KEY] is False
+    assert caps == {VL_KEY: True, VL_GGUF_KEY: True, MLX_KEY: False, GGUF_KEY: False}
     v0 = {m["id"]: m["type"] for m in httpx.get(server.url + "/api/v0/models").json()["data"]}
-    assert v0[VL_KEY] == "vlm" and v0[MLX_KEY] == "llm"
+    assert v0[VL_KEY] == v0[VL_GGUF_KEY] == "vlm" and v0[MLX_KEY] == v0[GGUF_KEY] == "llm"
 
 
-def test_reply_equals_mlx_vlm_and_images_matter(oai, reference):
-    a = _ask(oai, _data_url(IMG_A))
-    assert a.choices[0].message.content == reference(IMG_A)
-    again = _ask(oai, _data_url(IMG_A))
+@pytest.mark.parametrize("model", VL_MODELS)
+def test_reply_equals_the_engine_library_and_images_matter(oai, reference, gguf_reference, model):
+    own = reference if model == VL_KEY else gguf_reference
+    a = _ask(oai, _data_url(IMG_A), model=model)
+    assert a.choices[0].message.content == own(IMG_A)
+    again = _ask(oai, _data_url(IMG_A), model=model)
     assert again.choices[0].message.content == a.choices[0].message.content
-    b = _ask(oai, _data_url(IMG_B))
-    assert b.choices[0].message.content == reference(IMG_B)
+    b = _ask(oai, _data_url(IMG_B), model=model)
+    assert b.choices[0].message.content == own(IMG_B)
     assert b.choices[0].message.content != a.choices[0].message.content
-    # 84x56 pixels are 6x4 patches, 3x2 merged image tokens; twice as wide, twice as many.
-    text = _ask(oai, None)
-    wide = _ask(oai, _data_url(IMG_WIDE))
-    assert a.usage.prompt_tokens == text.usage.prompt_tokens + 2 + 6
-    assert wide.usage.prompt_tokens == a.usage.prompt_tokens + 6
+    # The same weights as MLX and as GGUF+projector: the same reply.
+    assert a.choices[0].message.content == reference(IMG_A)
+    # 112x112 pixels are 8x8 patches, 4x4 merged image tokens; twice as wide, twice as many
+    # (plus the vision start and end markers).
+    text = _ask(oai, None, model=model)
+    wide = _ask(oai, _data_url(IMG_WIDE), model=model)
+    assert a.usage.prompt_tokens == text.usage.prompt_tokens + 2 + 16
+    assert wide.usage.prompt_tokens == a.usage.prompt_tokens + 16
     # A JPEG, a WebP and a GIF of the same picture decode too.
     for fmt, media in (("JPEG", "image/jpeg"), ("WEBP", "image/webp"), ("GIF", "image/gif")):
-        r = _ask(oai, _data_url(_png(1, fmt=fmt), media))
+        r = _ask(oai, _data_url(_png(1, fmt=fmt), media), model=model)
         assert r.choices[0].message.content and r.usage.prompt_tokens == a.usage.prompt_tokens
 
 
@@ -259,7 +303,8 @@ def test_every_dialect(server, oai, image_host):
     assert count.input_tokens == m.usage.input_tokens
 
 
-def test_concurrent_image_and_text_requests_equal_solo(oai):
+@pytest.mark.parametrize("model", VL_MODELS)
+def test_concurrent_image_and_text_requests_equal_solo(oai, model):
     async def main() -> list[str]:
         client = openai.AsyncOpenAI(base_url=str(oai.base_url), api_key="unused", max_retries=0)
         jobs = [
@@ -274,7 +319,7 @@ def test_concurrent_image_and_text_requests_equal_solo(oai):
             if url:
                 content.insert(0, {"type": "image_url", "image_url": {"url": url}})
             r = await client.chat.completions.create(
-                model=VL_KEY,
+                model=model,
                 messages=[{"role": "user", "content": content}],
                 max_tokens=N,
                 temperature=0,
@@ -320,9 +365,10 @@ def test_bad_images_are_clear_4xx(server, image_host):
         r = _status(server, _image_body(url))
         assert r.status_code == status, (url[:40], r.text)
         assert words in r.json()["error"]["message"], r.text
-    r = _status(server, _image_body(_data_url(IMG_A), model=MLX_KEY))
-    assert r.status_code == 400
-    assert r.json()["error"]["message"] == f"Model '{MLX_KEY}' does not support image input."
+    for text_model in (MLX_KEY, GGUF_KEY):
+        r = _status(server, _image_body(_data_url(IMG_A), model=text_model))
+        assert r.status_code == 400
+        assert r.json()["error"]["message"] == f"Model '{text_model}' does not support image input."
     r = _status(server, _image_body(_data_url(IMG_A), n=4))
     assert r.status_code == 400 and "at most 3" in r.json()["error"]["message"]
     claude = httpx.post(

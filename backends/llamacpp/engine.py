@@ -23,9 +23,11 @@ from backends.base import (
     Engine,
     EngineInfo,
     Job,
+    VisionPrompt,
     common_prefix,
 )
 from backends.constraint import GrammarCache
+from backends.llamacpp.vision import DEFAULT_MAX_PIXELS, Chunks, Projector, find_projector
 from backends.logprobs import penalize, token_logprobs
 
 log = logging.getLogger("mlxserve.backends")
@@ -55,6 +57,8 @@ class _Seq:
     pending: int | None = None
     # The sampled tokens the sampler chain's penalties look at (for log probabilities).
     recent: deque[int] = field(default_factory=lambda: deque(maxlen=PENALTY_WINDOW))
+    # Cells minus positions: images take fewer positions than cells on M-RoPE models.
+    pos_shift: int = 0
 
     @property
     def reserve(self) -> int:
@@ -128,6 +132,10 @@ class LlamaCppEngine(Engine):
             load_config["num_experts"] = options.num_experts
         load_config["parallel"] = options.slots("gguf")
         self._llm = llm
+        self._projector: Projector | None = None
+        projector = find_projector(self.path)
+        if projector is not None:
+            self._projector = Projector(projector, llm._model.model, threads_batch)
         self._open_context(kv_type)
         vocab = llm._model.vocab
         self._vocab = vocab
@@ -155,7 +163,16 @@ class LlamaCppEngine(Engine):
             chat_template=meta.get("tokenizer.chat_template"),
             strip_leading_space=strip,
             load_config=load_config,
+            vision=self._projector is not None,
+            image_max_pixels=DEFAULT_MAX_PIXELS if self._projector is not None else None,
+            image_marker=self._projector.marker if self._projector is not None else None,
         )
+
+    def prepare_vision(self, text: str, images: list[Any]) -> VisionPrompt:
+        projector = self._projector
+        if projector is None:
+            raise NotImplementedError(f"{self.path.name} has no projector")
+        return self.call(lambda: projector.tokenize(text, images)).result()
 
     def _text(self, token_id: int) -> str:
         raw = llama_cpp.llama_vocab_get_text(self._vocab, token_id)
@@ -254,7 +271,7 @@ class LlamaCppEngine(Engine):
         request = job.request
         prompt = list(request.prompt)
         source, shared = None, 0
-        for seq, tokens in self._kept.items():
+        for seq, tokens in self._kept.items() if request.vision is None else ():
             n = common_prefix(tokens, prompt, len(prompt) - 1)
             if n > shared:
                 source, shared = seq, n
@@ -285,18 +302,33 @@ class LlamaCppEngine(Engine):
                 frequency_penalty=p.frequency_penalty,
                 presence_penalty=p.presence_penalty,
             )
+            pos_shift = 0
+            if request.vision is not None:
+                pos_shift = self._evaluate_images(request.vision, seq, len(prompt))
+                shared = len(prompt) - 1
         except BaseException:
             # The sequence id goes back, its cells cleared, so that no slot leaks.
             self._drop(seq)
             raise
-        self._running.append(_Seq(job, seq, prompt, shared, sampler, prompt[:shared]))
-        job.progress(shared, len(prompt), shared)
+        cached = 0 if request.vision is not None else shared
+        state = _Seq(job, seq, prompt, cached, sampler, prompt[:shared], pos_shift=pos_shift)
+        self._running.append(state)
+        job.progress(shared, len(prompt), cached)
+
+    def _evaluate_images(self, chunks: Chunks, seq: int, n_cells: int) -> int:
+        """Decode a prompt with images into ``seq`` but for its last (text) token, which the
+        next step decodes again with the batch to sample from; returns the position shift."""
+        assert self._projector is not None
+        n_past = self._projector.evaluate(self._ctx.ctx, chunks, seq, self._n_batch)
+        llama_cpp.llama_memory_seq_rm(self._mem, seq, n_past - 1, -1)
+        return n_cells - n_past
 
     def _finish_seq(self, s: _Seq) -> None:
         self._running.remove(s)
         tokens = s.tokens
         size = len(tokens) * self._token_bytes
-        if not tokens or size > self.options.prompt_cache_bytes:
+        # Image cells are not tokens: a prompt with images is not kept for reuse.
+        if not tokens or size > self.options.prompt_cache_bytes or s.job.request.vision:
             self._drop(s.seq)
             return
         for seq, kept in list(self._kept.items()):
@@ -329,7 +361,7 @@ class LlamaCppEngine(Engine):
         def add(s: _Seq, token: int, logits: bool) -> None:
             i = batch.n_tokens
             batch.token[i] = token
-            batch.pos[i] = len(s.tokens)
+            batch.pos[i] = len(s.tokens) - s.pos_shift
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = s.seq
             batch.logits[i] = logits
@@ -386,6 +418,8 @@ class LlamaCppEngine(Engine):
                 s.pending = token
 
     def _unload(self) -> None:
+        if self._projector is not None:
+            self._projector.close()
         llama_cpp.llama_batch_free(self._batch)
         self._ctx.close()
         self._llm.close()

@@ -286,9 +286,27 @@ def _matches_quant(name: str, quant: str) -> bool:
     return re.search(pattern, name, re.IGNORECASE) is not None
 
 
+def _projector(files: list[RemoteFile]) -> list[RemoteFile]:
+    """A vision GGUF repository's projector (``mmproj*.gguf``) to fetch beside the weights:
+    F16 (what llama.cpp's converter writes by default), else BF16, F32, the first by name."""
+    found = sorted(
+        (
+            f
+            for f in files
+            if f.local_name.lower().startswith("mmproj") and f.name.endswith(".gguf")
+        ),
+        key=lambda f: f.name,
+    )
+    for label in ("f16", "bf16", "f32"):
+        for f in found:
+            if _matches_quant(f.local_name, label):
+                return [f]
+    return found[:1]
+
+
 def select_files(spec: DownloadSpec, files: list[RemoteFile]) -> tuple[list[RemoteFile], str]:
     """The files to fetch and the model's format: one quantization of a GGUF repository (its
-    shards included), or the MLX folder's files."""
+    shards included, and its vision projector if it has one), or the MLX folder's files."""
     ggufs = [
         f
         for f in files
@@ -316,7 +334,7 @@ def select_files(spec: DownloadSpec, files: list[RemoteFile]) -> tuple[list[Remo
                     + ", ".join(_quant_labels([f.name for f in chosen]) or sorted(groups))
                 )
             groups = {preferred[0]: groups[preferred[0]]}
-        return sorted(next(iter(groups.values())), key=lambda f: f.name), "gguf"
+        return sorted(next(iter(groups.values())), key=lambda f: f.name) + _projector(files), "gguf"
     mlx = [f for f in files if "/" not in f.name and f.name.lower().endswith(_MLX_SUFFIXES)]
     if not any(f.name.endswith(".safetensors") for f in mlx) or not any(
         f.name == "config.json" for f in mlx

@@ -250,8 +250,11 @@ async def _prompt(
             raise InvalidRequest(
                 f"Model '{instance.id}' does not support image input.", param=pictures[0].param
             )
+        messages = plan.messages
+        if pictures and info.image_marker is not None:
+            messages = images.with_markers(messages, info.image_marker)
         text = instance.template.render(
-            plan.messages, add_generation_prompt=True, **plan.template_kwargs
+            messages, add_generation_prompt=True, **plan.template_kwargs
         )
         if pictures:
             if any(p.url is not None for p in pictures):

@@ -119,6 +119,24 @@ def text_only(messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def with_markers(messages: Iterable[dict[str, Any]], marker: str) -> list[dict[str, Any]]:
+    """The messages with each image part replaced by a text part holding ``marker`` (for
+    engines that find images by a marker in the rendered prompt)."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = [
+                {"type": "text", "text": marker}
+                if isinstance(p, dict) and p.get("type") == "image"
+                else p
+                for p in content
+            ]
+            message = {**message, "content": content}
+        out.append(message)
+    return out
+
+
 def described(messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The messages as JSON can carry them: each image part as its hash and media type."""
     out = []

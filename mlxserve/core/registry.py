@@ -57,7 +57,8 @@ class ModelInfo:
     reasoning_default: str = "on"
     # Where it lies: "models" (the models directory), "lmstudio" or "hf-cache" (read-only).
     source: str = "models"
-    # Takes images: an MLX checkpoint with a vision tower, served through mlx-vlm.
+    # Takes images: an MLX checkpoint with a vision tower (served through mlx-vlm), or a
+    # GGUF with its projector (mmproj-*.gguf) in the folder (llama.cpp mtmd).
     vision: bool = False
 
     @property
@@ -259,6 +260,8 @@ def _gguf_info(publisher: str, folder: Path, file: Path, shards: list[Path]) -> 
         **_reasoning(template, arch),
         type=model_type,
         description=_demo_description(folder),
+        # A GGUF folder is a vision model when its projector lies beside the weights.
+        vision=any(p.is_file() for p in folder.glob("mmproj*.gguf")),
     )
 
 
