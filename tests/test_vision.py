@@ -444,3 +444,25 @@ def test_stateful_chat_keeps_its_image_across_a_restart(server, vision_models, h
     assert after["output"] == before["output"]
     assert after["stats"]["input_tokens"] == before["stats"]["input_tokens"]
     assert list((home / "images").iterdir())
+
+
+def test_sdk_prepare_image(server, oai):
+    import lmstudio as lms
+
+    with lms.Client(server.url.removeprefix("http://")) as client:
+        handle = client.files.prepare_image(IMG_A, name="a.png")
+        assert handle.file_type == "image" and handle.size_bytes == len(IMG_A)
+        listed = {m.model_key: m.info.vision for m in client.llm.list_downloaded()}
+        assert listed[VL_KEY] is True and listed[MLX_KEY] is False
+        chat = lms.Chat()
+        chat.add_user_message(QUESTION, images=[handle])
+        result = client.llm.model(VL_KEY).respond(chat, config={"temperature": 0, "maxTokens": N})
+    content = [
+        {"type": "text", "text": QUESTION},
+        {"type": "image_url", "image_url": {"url": _data_url(IMG_A)}},
+    ]
+    expected = oai.chat.completions.create(
+        model=VL_KEY, messages=[{"role": "user", "content": content}], max_tokens=N, temperature=0
+    )
+    assert result.content == expected.choices[0].message.content
+    assert result.stats.prompt_tokens_count == expected.usage.prompt_tokens

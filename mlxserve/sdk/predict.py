@@ -14,9 +14,10 @@ import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from mlxserve.core import generate
+from mlxserve.core import generate, images
 from mlxserve.core.instance import Instance
 from mlxserve.core.types import (
     CoreRequest,
@@ -31,7 +32,7 @@ from mlxserve.core.types import (
     ToolCallEnd,
     ToolCallStart,
 )
-from mlxserve.sdk import shapes
+from mlxserve.sdk import files, shapes
 from mlxserve.sdk.kvconfig import Prediction, echo, parse_tools, prediction
 from mlxserve.sdk.transport import Channel, Context, SdkError
 from mlxserve.state import AppState
@@ -39,23 +40,26 @@ from mlxserve.state import AppState
 _STOP_REASONS = {"tool_calls": "toolCalls", "length": "maxPredictedTokensReached"}
 
 
-def _text_parts(message: dict[str, Any], role: str) -> str:
-    texts = []
+def _text_parts(
+    message: dict[str, Any], role: str, home: Path | None
+) -> str | list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = []
     for part in message.get("content") or []:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+            parts.append({"type": "text", "text": part["text"]})
         elif kind == "file":
-            raise SdkError(
-                "File and image parts are not supported by mlxserve's SDK endpoint; send text."
-            )
+            if role != "user" or home is None:
+                raise SdkError("File parts (images) are accepted in user messages only.")
+            parts.append(files.image_part(home, part))
         elif kind not in ("toolCallRequest", "toolCallResult") or role not in ("assistant", "tool"):
             raise SdkError(f"Unexpected content part {kind!r} in a {role} message.")
-    return "".join(texts)
+    return images.message_content(parts)
 
 
-def history_messages(history: Any) -> list[dict[str, Any]]:
-    """``ChatHistoryData`` to chat-template messages (HF conventions, as the REST APIs use)."""
+def history_messages(history: Any, home: Path | None = None) -> list[dict[str, Any]]:
+    """``ChatHistoryData`` to chat-template messages (HF conventions, as the REST APIs use);
+    images uploaded under ``home`` (``files.uploadFileBase64``) become image parts."""
     messages = history.get("messages") if isinstance(history, dict) else None
     if not isinstance(messages, list):
         raise SdkError("history must be {messages: [...]}.")
@@ -75,7 +79,7 @@ def history_messages(history: Any) -> list[dict[str, Any]]:
                     entry["name"] = part["name"]
                 out.append(entry)
             continue
-        entry = {"role": role, "content": _text_parts(message, role)}
+        entry = {"role": role, "content": _text_parts(message, role, home)}
         calls = [
             p["toolCallRequest"]
             for p in message.get("content") or []
@@ -114,7 +118,7 @@ def core_request(
             },
         )
     pred = prediction(p.get("predictionConfigStack"))
-    messages = history_messages(p.get("history"))
+    messages = history_messages(p.get("history"), state.settings.home)
     defaults = SamplingParams()
     sampling = SamplingParams(
         temperature=pred.temperature

@@ -17,7 +17,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from mlxserve import __version__
-from mlxserve.sdk import models, predict, shapes
+from mlxserve.sdk import files, models, predict, shapes
 from mlxserve.sdk.transport import Connection, Context, Namespace, SdkError
 
 
@@ -100,8 +100,9 @@ def namespaces() -> dict[str, Namespace]:
             "info": info,
         },
     )
-    out = {ns.name: ns for ns in (llm, embedding, system)}
-    for name in ("files", "repository", "diagnostics", "plugins", "runtime"):
+    files_ns = Namespace("files", rpc={"uploadFileBase64": files.upload_base64})
+    out = {ns.name: ns for ns in (llm, embedding, system, files_ns)}
+    for name in ("repository", "diagnostics", "plugins", "runtime"):
         out[name] = Namespace(name)
     return out
 
