@@ -164,7 +164,7 @@ def test_renderer_event_sequence_and_message():
         ToolCallStart(0, "call_abc", "f"),
         ToolCallDelta(0, '{"city":'),
         ToolCallDelta(0, '"Oslo"}'),
-        ToolCallEnd(0),
+        ToolCallEnd(0, {"city": "Oslo"}),
     ]:
         events += r.feed(event)
     events += r.finish(done("tool_calls", 9))

@@ -255,17 +255,17 @@ def test_loop_runs_calls_and_reports_invalid_ones():
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     loop, conn = loop_with(schema)
     run = asyncio.run
-    ok = run(loop._run(_Call("c1", "pick", '{"n": 3}')))
+    ok = run(loop._run(_Call("c1", "pick", '{"n": 3}', {"n": 3})))
     assert (ok.status, ok.output, ok.provider) == (
         "success",
         "pick ok",
         {"type": "plugin", "plugin_id": "mcp/s"},
     )
     assert conn.calls == [("pick", {"n": 3})]
-    bad = run(loop._run(_Call("c2", "pick", '{"n": "three"}')))
+    bad = run(loop._run(_Call("c2", "pick", '{"n": "three"}', {"n": "three"})))
     assert bad.status == "invalid_arguments" and "'three' is not of type 'integer'" in bad.reason
     assert run(loop._run(_Call("c3", "pick", "[1]"))).status == "invalid_arguments"
-    unknown = run(loop._run(_Call("c4", "other", "{}")))
+    unknown = run(loop._run(_Call("c4", "other", "{}", {})))
     assert unknown.status == "invalid_name" and unknown.provider is None
     assert len(conn.calls) == 1
 

@@ -138,7 +138,7 @@ def test_blocks_hold_whitespace_around_tool_calls():
         TextDelta("\n"),
         ToolCallStart(0, "call_1", "f"),
         ToolCallDelta(0, "{}"),
-        ToolCallEnd(0),
+        ToolCallEnd(0, {}),
         TextDelta("\n"),
     ]:
         changes += blocks.feed(event)
@@ -164,7 +164,7 @@ def test_blocks_change_kind_in_order():
         ToolCallStart(0, "call_1", "f"),
         ToolCallDelta(0, '{"x":'),
         ToolCallDelta(0, "1}"),
-        ToolCallEnd(0),
+        ToolCallEnd(0, {"x": 1}),
     ]:
         blocks.feed(event)
     blocks.finish()
@@ -188,7 +188,7 @@ def test_renderer_event_sequence_and_final_object():
         TextDelta("lo"),
         ToolCallStart(0, "call_1", "f"),
         ToolCallDelta(0, "{}"),
-        ToolCallEnd(0),
+        ToolCallEnd(0, {}),
     ]:
         events += r.feed(event)
     events += r.finish(done("tool_calls", 4, 1))
@@ -282,6 +282,9 @@ class FailingGeneration:
 
     def cancel(self):
         self.cancelled = True
+
+    async def close(self):
+        self.cancel()
 
 
 def test_mid_stream_failure_is_response_failed():

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,9 @@ from mlxserve.core.types import (
     ReasoningDelta,
     TextDelta,
     TokenLogprob,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
     Usage,
 )
 from mlxserve.errors import ContextLengthExceeded, EngineFailure, InvalidRequest, Overloaded
@@ -53,6 +57,8 @@ class OutputPipeline:
         self.assembler = assembler
         self.parser = parser
         self.reasoning_tokens = 0
+        # The arguments text of each call so far, by index: parsed once when it ends.
+        self._arguments: dict[int, str] = {}
 
     @property
     def stopped(self) -> bool:
@@ -81,10 +87,34 @@ class OutputPipeline:
     def _text(self, text: str, *, final: bool) -> list[Event]:
         if self.parser is None:
             return [TextDelta(text)] if text else []
-        out: list[Event] = list(self.parser.feed(text)) if text else []
+        out: list[Event] = self._calls(self.parser.feed(text)) if text else []
         if final:
-            out += self.parser.finish()
+            out += self._calls(self.parser.finish())
         return out
+
+    def _calls(self, events: Iterable[Event]) -> list[Event]:
+        """The parser's events, each call's end carrying its arguments parsed."""
+        out: list[Event] = []
+        for event in events:
+            if isinstance(event, ToolCallStart):
+                self._arguments[event.index] = ""
+            elif isinstance(event, ToolCallDelta):
+                self._arguments[event.index] = (
+                    self._arguments.get(event.index, "") + event.arguments
+                )
+            elif isinstance(event, ToolCallEnd):
+                event = ToolCallEnd(event.index, _object(self._arguments.pop(event.index, "")))
+            out.append(event)
+        return out
+
+
+def _object(arguments: str) -> dict[str, Any] | None:
+    """A call's arguments text as the JSON object it should be; None when it is not one."""
+    try:
+        value = json.loads(arguments or "{}")
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class Generation:

@@ -11,7 +11,6 @@ model answer. After ``max_rounds`` rounds with calls, one last round runs with t
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -30,6 +29,7 @@ from mlxserve.core.types import (
     Idle,
     TextDelta,
     ToolCallDelta,
+    ToolCallEnd,
     ToolCallStart,
     Usage,
 )
@@ -55,13 +55,13 @@ class ToolResult:
     status: Status
     output: str
     reason: str = ""
+    # The arguments as the core parsed them (None: not a JSON object).
+    parsed: dict[str, Any] | None = None
 
     @property
     def parsed_arguments(self) -> Any:
-        try:
-            return json.loads(self.arguments or "{}")
-        except json.JSONDecodeError:
-            return self.arguments
+        """The arguments to show: the object, else the text the model wrote."""
+        return self.arguments if self.parsed is None else self.parsed
 
 
 LoopEvent = Event | ToolResult
@@ -77,6 +77,14 @@ class _Call:
     id: str
     name: str
     arguments: str = ""
+    parsed: dict[str, Any] | None = None
+
+    def result(
+        self, provider: dict[str, str] | None, status: Status, output: str, reason: str = ""
+    ) -> ToolResult:
+        return ToolResult(
+            self.id, self.name, self.arguments, provider, status, output, reason, self.parsed
+        )
 
 
 class ToolLoop:
@@ -121,6 +129,8 @@ class ToolLoop:
                     calls.append(_Call(event.id, event.name))
                 elif isinstance(event, ToolCallDelta) and calls:
                     calls[-1].arguments += event.arguments
+                elif isinstance(event, ToolCallEnd) and calls:
+                    calls[-1].parsed = event.parsed
                 elif isinstance(event, TextDelta):
                     text += event.text
                 yield event
@@ -172,39 +182,30 @@ class ToolLoop:
         entry = self.toolset.tools.get(call.name)
         if entry is None:
             reason = f"Tool '{call.name}' is not offered by any MCP server of this request."
-            return ToolResult(
-                call.id, call.name, call.arguments, None, "invalid_name", reason, reason
-            )
+            return call.result(None, "invalid_name", reason, reason)
         tool, conn = entry
         provider = tool.server.provider
-        try:
-            arguments = json.loads(call.arguments or "{}")
-        except json.JSONDecodeError:
-            arguments = None
-        problem = _argument_problem(arguments, tool.input_schema)
-        if problem is not None:
+        arguments = call.parsed
+        problem = (
+            "they are not a JSON object"
+            if arguments is None
+            else _argument_problem(arguments, tool.input_schema)
+        )
+        if problem is not None or arguments is None:
             reason = f"Invalid arguments for '{call.name}': {problem}"
-            return ToolResult(
-                call.id, call.name, call.arguments, provider, "invalid_arguments", reason, reason
-            )
+            return call.result(provider, "invalid_arguments", reason, reason)
         try:
             outcome = await conn.call(call.name, arguments)
         except McpConnectionError as exc:
-            return ToolResult(
-                call.id, call.name, call.arguments, provider, "connection_error", "", exc.message
-            )
+            return call.result(provider, "connection_error", "", exc.message)
         except Exception as exc:  # whatever else the SDK raises: the model sees a tool error
             log.exception("MCP tool '%s' failed unexpectedly", call.name)
             reason = f"Tool '{call.name}' failed: {type(exc).__name__}: {exc}"
-            return ToolResult(
-                call.id, call.name, call.arguments, provider, "tool_error", reason, reason
-            )
+            return call.result(provider, "tool_error", reason, reason)
         if outcome.is_error:
             reason = f"Tool '{call.name}' failed: {outcome.output}"
-            return ToolResult(
-                call.id, call.name, call.arguments, provider, "tool_error", outcome.output, reason
-            )
-        return ToolResult(call.id, call.name, call.arguments, provider, "success", outcome.output)
+            return call.result(provider, "tool_error", outcome.output, reason)
+        return call.result(provider, "success", outcome.output)
 
     async def _fit(self, results: list[ToolResult], done: Done) -> list[ToolResult]:
         """Results cut to what the context has room for, saying so in the text; a result
@@ -254,7 +255,10 @@ class ToolLoop:
                 {
                     "id": c.id,
                     "type": "function",
-                    "function": {"name": c.name, "arguments": _arguments(c.arguments)},
+                    "function": {
+                        "name": c.name,
+                        "arguments": c.arguments if c.parsed is None else c.parsed,
+                    },
                 }
                 for c in calls
             ],
@@ -279,10 +283,8 @@ class ToolLoop:
         self.gen = await generate.start(self.manager, request)
 
 
-def _argument_problem(arguments: Any, schema: dict[str, Any]) -> str | None:
+def _argument_problem(arguments: dict[str, Any], schema: dict[str, Any]) -> str | None:
     """Why ``arguments`` do not fit the tool's input schema, or None when they do."""
-    if not isinstance(arguments, dict):
-        return "they are not a JSON object"
     try:
         validator = jsonschema.validators.validator_for(schema)(schema)
         error = jsonschema.exceptions.best_match(validator.iter_errors(arguments))
@@ -291,10 +293,3 @@ def _argument_problem(arguments: Any, schema: dict[str, Any]) -> str | None:
         # the server's own business: it judges the call.
         return None
     return error.message[:300] if error is not None else None
-
-
-def _arguments(text: str) -> Any:
-    try:
-        return json.loads(text or "{}")
-    except json.JSONDecodeError:
-        return text

@@ -107,7 +107,11 @@ class ToolCallDelta:
 
 @dataclass(frozen=True)
 class ToolCallEnd:
+    """A call is complete. ``parsed`` is its arguments, parsed once by the output pipeline:
+    the JSON object, or None when its text is not one (a call cut off by max_tokens)."""
+
     index: int
+    parsed: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ Anthropic's envelope (``error_body_for`` renders every ``/v1/messages*`` path th
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -54,15 +53,6 @@ def _tool_use_id(call_id: str) -> str:
     return "toolu_" + call_id.removeprefix("call_")
 
 
-def _input(arguments: str) -> dict[str, Any]:
-    """A call's input object; a call cut off by max_tokens has no complete JSON, so ``{}``."""
-    try:
-        value = json.loads(arguments or "{}")
-    except json.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def _content_block(block: Block, *, whole: bool) -> dict[str, Any]:
     if block.kind == "text":
         return {"type": "text", "text": block.text if whole else ""}
@@ -72,7 +62,8 @@ def _content_block(block: Block, *, whole: bool) -> dict[str, Any]:
         "type": "tool_use",
         "id": _tool_use_id(block.call_id),
         "name": block.name,
-        "input": _input(block.text) if whole else {},
+        # A call cut off by max_tokens has no complete JSON object: ``{}``.
+        "input": (block.parsed or {}) if whole else {},
     }
 
 

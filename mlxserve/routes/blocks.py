@@ -33,6 +33,8 @@ class Block:
     text: str = ""
     call_id: str = ""
     name: str = ""
+    # A tool call's arguments as the core parsed them (None: not a JSON object).
+    parsed: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,8 @@ class Blocks:
                 self._open.text += event.arguments
                 out.append(Appended(self._open, event.arguments))
         elif isinstance(event, ToolCallEnd):
+            if self._open is not None and self._open.kind == "tool":
+                self._open.parsed = event.parsed
             self._close(out)
         return out
 

@@ -3,8 +3,6 @@ events (``/api/v1/*``). Errors use LM Studio's envelope (``routes.common.error_b
 
 from __future__ import annotations
 
-import contextlib
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -14,14 +12,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from mlxserve.core import generate, images
+from mlxserve.core.chatsession import ChatSession
 from mlxserve.core.generate import Generation
 from mlxserve.core.instance import Instance, Loaded
-from mlxserve.core.mcp import Toolset, specs_for
+from mlxserve.core.mcp import Toolset
 from mlxserve.core.registry import ModelInfo
-from mlxserve.core.toolloop import LoopEvent, ToolLoop, ToolResult, with_tools
+from mlxserve.core.toolloop import LoopEvent, ToolResult
 from mlxserve.core.types import (
-    CoreRequest,
     Done,
     Idle,
     InvalidToolCall,
@@ -126,13 +123,6 @@ async def unload_model(request: Request) -> Response:
 Named = tuple[str, dict[str, Any]]
 
 
-def _parsed(arguments: str) -> Any:
-    try:
-        return json.loads(arguments or "{}")
-    except json.JSONDecodeError:
-        return arguments
-
-
 @dataclass
 class _Turn:
     """One chat turn as it runs: its output items, its timings, and the named SSE events
@@ -192,7 +182,7 @@ class _Turn:
         self.call = None
         data = {
             "tool": name,
-            "arguments": _parsed(arguments),
+            "arguments": arguments if event.parsed is None else event.parsed,
             "provider_info": self._provider(name),
         }
         return [("tool_call.arguments", data)]
@@ -321,27 +311,25 @@ class _Turn:
 
 @dataclass
 class _Chat:
-    """What a chat request needs once parsed: the messages to send and how to store them."""
+    """A parsed chat request: the messages to send, how to store them, and its session."""
 
     state: AppState
     body: ChatRequest
     messages: list[dict[str, Any]]
     new_messages: list[dict[str, Any]]
-    # MCP integrations: their tools, the sessions to close when the chat ends, and the loop
-    # that runs the model's calls.
-    toolset: Toolset | None = None
-    exits: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
-    loop: ToolLoop | None = None
+    session: ChatSession
+
+    @property
+    def toolset(self) -> Toolset | None:
+        return self.session.toolset
 
     async def connect(self) -> None:
-        """Connect to the request's MCP servers and list their tools."""
-        requested = self.body.requested_servers()
-        if not requested:
+        """Connect to the request's MCP servers; the tool choice must name what they offer."""
+        toolset = await self.session.connect(self.body.requested_servers())
+        if toolset is None:
             return
-        specs = await specs_for(self.state.settings, requested)
-        self.toolset = await self.exits.enter_async_context(self.state.mcp.session(specs))
         choice = self.body.tool_choice
-        names = self.toolset.tools
+        names = toolset.tools
         if choice == "required" and not names:
             raise InvalidRequest(
                 "tool_choice 'required' needs tools, and the integrations offer none.",
@@ -353,61 +341,38 @@ class _Chat:
                 param="tool_choice",
             )
 
-    def events(self, gen: Generation, idle: float | None = None) -> AsyncIterator[LoopEvent]:
-        return self.loop.events(idle) if self.loop is not None else gen.events(idle)
+    def events(self, idle: float | None = None) -> AsyncIterator[LoopEvent]:
+        return self.session.events(idle)
 
-    async def end(self, gen: Generation | None) -> None:
+    async def end(self) -> None:
         """Stop the generation (whichever round is running) and close the MCP sessions."""
-        if self.loop is not None:
-            self.loop.cancel()
-        elif gen is not None:
-            gen.cancel()
-        await self.exits.aclose()
-
-    def _with_tools(self, core: CoreRequest) -> CoreRequest:
-        return with_tools(core, self.toolset) if self.toolset is not None else core
+        await self.session.close()
 
     async def begin(self, model: str) -> tuple[Generation, float | None, float]:
-        """Resolve (loading if needed) and queue the generation, holding the instance until it
-        is queued. Returns it, the load time if this request loaded the model, and when it
-        was queued."""
-        manager = self.state.manager
+        """Resolve (loading if needed) and queue the generation. Returns it, the load time if
+        this request loaded the model, and when it was queued."""
         body = self.body
-        lease = manager.lease(model, ttl=body.ttl, context_length=body.context_length)
-        async with lease as instance:
-            started = time.perf_counter()
-            core = body.to_core(instance.id, self.messages, self.state.settings.default_temperature)
-            core = self._with_tools(core)
-            # The instance is leased: queue on it, not on a second lookup that could race an
-            # eviction of this very instance.
-            policy = images.ImagePolicy.from_settings(self.state.settings)
-            gen = await generate.admit(instance, core, policy)
-        load_seconds = lease.load_seconds
-        if self.toolset is not None:
-            rounds = self.state.settings.mcp_max_rounds
-            self.loop = ToolLoop(manager, core, gen, self.toolset, rounds)
-        return gen, load_seconds, started
-
-    async def store(self, turn: _Turn, gen: Generation) -> None:
-        if not self.body.store or turn.done is None:
-            return
-        turn.response_id = await self.state.chats.asave(
-            parent_id=self.body.previous_response_id,
-            model=gen.instance.info.key,
-            system=self.body.system_prompt,
-            input=self.new_messages,
-            output=[
-                *(self.loop.transcript if self.loop is not None else []),
-                {"role": "assistant", "content": turn.message_text()},
-            ],
+        temperature = self.state.settings.default_temperature
+        return await self.session.start(
+            body.to_core(model, self.messages, temperature), context_length=body.context_length
         )
 
-    async def run(self, turn: _Turn, gen: Generation) -> _Turn:
-        async for event in self.events(gen):
+    async def store(self, turn: _Turn) -> None:
+        if not self.body.store or turn.done is None:
+            return
+        turn.response_id = await self.session.save(
+            parent_id=self.body.previous_response_id,
+            system=self.body.system_prompt,
+            input=self.new_messages,
+            answer=[{"role": "assistant", "content": turn.message_text()}],
+        )
+
+    async def run(self, turn: _Turn) -> _Turn:
+        async for event in self.events():
             turn.feed(event)
             if turn.done is not None:
                 break
-        await self.store(turn, gen)
+        await self.store(turn)
         return turn
 
 
@@ -434,7 +399,7 @@ async def _events(
             yield _named("model_load.progress", {**ids, "progress": 1.0})
             yield _named("model_load.end", {**ids, "load_time_seconds": round(loaded, 3)})
         yield _named("prompt_processing.start", {})
-        async for event in chat.events(gen, ping):
+        async for event in chat.events(ping):
             if isinstance(event, Idle):
                 yield ": ping\n\n"
                 continue
@@ -442,11 +407,11 @@ async def _events(
                 yield _named(name, data)
             if turn.done is not None:
                 break
-        await chat.store(turn, gen)
+        await chat.store(turn)
     except Exception as exc:
         yield _named("error", lmstudio_error_body(as_mlxserve_error(exc)))
     finally:
-        await chat.end(gen)
+        await chat.end()
     yield _named("chat.end", {"result": turn.result()})
 
 
@@ -463,32 +428,27 @@ async def chat(request: Request) -> Response:
     new_messages = body.user_messages()
     messages = [{"role": "system", "content": system}] if system else []
     messages += [*history, *new_messages]
-    chat = _Chat(state, body, messages, new_messages)
-    gen: Generation | None = None
+    session = ChatSession(state.settings, state.manager, state.mcp, state.chats)
+    chat = _Chat(state, body, messages, new_messages, session)
     try:
         target = state.manager.resolve(body.model)
         await chat.connect()
         if body.stream and not isinstance(target, Instance):
             # The load happens inside the stream, so that its events can be sent as it goes.
             turn = _Turn(state.manager.next_instance_id(target.key), toolset=chat.toolset)
-            return EventStreamResponse(
-                _events(chat, turn, None, target), on_close=lambda: chat.end(None)
-            )
+            return EventStreamResponse(_events(chat, turn, None, target), on_close=chat.end)
         gen, load_seconds, started = await chat.begin(body.model)
         turn = _Turn(gen.instance.id, toolset=chat.toolset)
         turn.begin(gen, load_seconds, started)
         if body.stream:
-            started_gen = gen
-            return EventStreamResponse(
-                _events(chat, turn, gen, None), on_close=lambda: chat.end(started_gen)
-            )
+            return EventStreamResponse(_events(chat, turn, gen, None), on_close=chat.end)
     except BaseException:
-        await chat.end(gen)
+        await chat.end()
         raise
     try:
-        finished = await unless_disconnected(request, chat.run(turn, gen))
+        finished = await unless_disconnected(request, chat.run(turn))
     finally:
-        await chat.end(gen)
+        await chat.end()
     if finished is None:
         return Response(status_code=204)
     if finished.done is None:

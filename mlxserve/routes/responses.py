@@ -9,8 +9,6 @@ turns go into the chat store shared with LM Studio's ``/api/v1/chat``.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,11 +18,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from mlxserve.core import generate
+from mlxserve.core.chatsession import ChatSession
 from mlxserve.core.chatstore import new_response_id
-from mlxserve.core.generate import Generation
-from mlxserve.core.mcp import Toolset, specs_for
-from mlxserve.core.toolloop import LoopEvent, ToolLoop, ToolResult, with_tools
+from mlxserve.core.mcp import Toolset
+from mlxserve.core.toolloop import LoopEvent, ToolResult
 from mlxserve.core.types import Candidate, CoreRequest, Done, Idle, TokenLogprob
 from mlxserve.errors import InvalidRequest, MlxServeError
 from mlxserve.protocols.responses import McpChoice, ResponsesRequest
@@ -85,13 +82,6 @@ def _redacted(tool: Any) -> Any:
     if isinstance(tool, dict) and tool.get("type") == "mcp":
         return {k: v for k, v in tool.items() if k not in ("headers", "authorization")}
     return tool
-
-
-def _arguments(text: str) -> Any:
-    try:
-        return json.loads(text or "{}")
-    except json.JSONDecodeError:
-        return text
 
 
 class ResponseRenderer:
@@ -401,7 +391,7 @@ class ResponseRenderer:
             {
                 "id": b.call_id,
                 "type": "function",
-                "function": {"name": b.name, "arguments": _arguments(b.text)},
+                "function": {"name": b.name, "arguments": b.text if b.parsed is None else b.parsed},
             }
             for b in blocks
             if b.kind == "tool"
@@ -412,12 +402,11 @@ class ResponseRenderer:
 
 
 async def _stream(
-    gen: Generation | ToolLoop,
+    session: ChatSession,
     renderer: ResponseRenderer,
     save: Callable[[], Awaitable[None]],
     ping_seconds: float,
     toolset: Toolset | None = None,
-    close: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncIterator[str]:
     """Responses SSE: named events, numbered from 0, ending on a terminal event (no [DONE])."""
     sequence = 0
@@ -433,7 +422,7 @@ async def _stream(
             yield emit(event)
         for event in renderer.listed(toolset) if toolset is not None else []:
             yield emit(event)
-        async for item in gen.events(ping_seconds):
+        async for item in session.events(ping_seconds):
             if isinstance(item, Idle):
                 yield ": ping\n\n"
                 continue
@@ -448,9 +437,7 @@ async def _stream(
     except Exception as exc:  # whatever fails, the client gets the dialect's error event
         yield emit(renderer.failed(as_mlxserve_error(exc)))
     finally:
-        gen.cancel()
-        if close is not None:
-            await close()
+        await session.close()
 
 
 async def create_response(request: Request) -> Response:
@@ -461,64 +448,44 @@ async def create_response(request: Request) -> Response:
     if body.previous_response_id is not None:
         history = (await state.chats.aconversation(body.previous_response_id)).messages
     core = body.to_core(state.settings.default_temperature, history)
-    # The request's MCP sessions, closed when the response is done.
-    exits = contextlib.AsyncExitStack()
+    session = ChatSession(state.settings, state.manager, state.mcp, state.chats)
     try:
-        toolset: Toolset | None = None
-        requested = body.requested_servers()
-        if requested:
-            specs = await specs_for(state.settings, requested)
-            toolset = await exits.enter_async_context(state.mcp.session(specs))
+        toolset = await session.connect(body.requested_servers())
+        if toolset is not None:
             _check_choice(body, toolset)
-            core = with_tools(core, toolset)
         try:
-            gen = await generate.start(state.manager, core)
+            gen, _, _ = await session.start(core)
         except InvalidRequest as exc:
             exc.param = _FIELDS.get(exc.param or "", exc.param)
             raise
-        try:
-            source: Generation | ToolLoop = gen
-            if toolset is not None:
-                rounds = state.settings.mcp_max_rounds
-                source = ToolLoop(state.manager, core, gen, toolset, rounds)
-            renderer = ResponseRenderer(body, raw, core, gen.instance.id)
-        except BaseException:
-            gen.cancel()  # queued already: it must not run on to max_tokens
-            raise
+        renderer = ResponseRenderer(body, raw, core, gen.instance.id)
     except BaseException:
-        await exits.aclose()
+        await session.close()  # a generation queued already must not run on to max_tokens
         raise
 
     async def save() -> None:
         if body.store:
-            transcript = source.transcript if isinstance(source, ToolLoop) else []
-            await state.chats.asave(
+            await session.save(
                 response_id=renderer.id,
                 parent_id=body.previous_response_id,
-                model=gen.instance.info.key,
                 system=body.instructions,
                 input=body.input_messages(),
-                output=[*transcript, *renderer.template_output()],
+                answer=renderer.template_output(),
                 reply=renderer.response(),
             )
 
     if body.stream:
         ping = state.settings.sse_ping_seconds
-
-        async def close() -> None:
-            source.cancel()
-            await exits.aclose()
-
         return EventStreamResponse(
-            _stream(source, renderer, save, ping, toolset, exits.aclose), on_close=close
+            _stream(session, renderer, save, ping, toolset), on_close=session.close
         )
 
     if toolset is not None:
         renderer.listed(toolset)
     try:
-        finished = await unless_disconnected(request, gather(source, renderer))
+        finished = await unless_disconnected(request, gather(session, renderer))
     finally:
-        await exits.aclose()
+        await session.close()
     if finished is None:
         return Response(status_code=204)
     if not finished:

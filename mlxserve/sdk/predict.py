@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
@@ -208,7 +207,7 @@ class _Run:
                 {"type": "toolCallGenerationArgumentFragmentGenerated", "content": event.arguments}
             )
         elif isinstance(event, ToolCallEnd):
-            out.append(self._call_end())
+            out.append(self._call_end(event.parsed))
         return out
 
     def _progress(self, value: float, event: Progress | None) -> list[dict[str, Any]]:
@@ -233,20 +232,15 @@ class _Run:
             }
         ]
 
-    def _call_end(self) -> dict[str, Any]:
-        raw = self.call_args or "{}"
-        try:
-            arguments = json.loads(raw)
-        except json.JSONDecodeError:
-            arguments = None
-        if not isinstance(arguments, dict):
+    def _call_end(self, arguments: dict[str, Any] | None) -> dict[str, Any]:
+        if arguments is None:
             return {
                 "type": "toolCallGenerationFailed",
                 "error": SdkError(
                     f"The model's call of '{self.call_name}' has arguments that are not a JSON "
                     "object."
                 ).serialize(),
-                "rawContent": raw,
+                "rawContent": self.call_args or "{}",
             }
         return {
             "type": "toolCallGenerationEnd",

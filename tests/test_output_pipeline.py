@@ -1,0 +1,46 @@
+"""The core's output pipeline parses each tool call's arguments once, onto its end event, so
+that no dialect parses JSON of its own."""
+
+from __future__ import annotations
+
+from mlxserve.core.tools import ToolCallParser, ToolFormat
+
+from mlxserve.core.generate import OutputPipeline
+from mlxserve.core.textstream import TextAssembler
+from mlxserve.core.types import ToolCallDelta, ToolCallEnd, ToolCallStart
+
+TEXT = '<tool_call>{"name": "f", "arguments": {"city": "Oslo", "n": [1, 2]}}</tool_call>'
+
+
+def pipeline(text: str) -> OutputPipeline:
+    pieces = {i: ch.encode() for i, ch in enumerate(sorted(set(text)))}
+    codes = {ch.decode(): i for i, ch in pieces.items()}
+    out = OutputPipeline(
+        TextAssembler(pieces.__getitem__), None, ToolCallParser(ToolFormat.HERMES, {"f"})
+    )
+    out.codes = codes  # type: ignore[attr-defined]
+    return out
+
+
+def run(text: str, upto: int | None = None) -> list:
+    out = pipeline(TEXT)
+    events = []
+    for ch in text[:upto]:
+        events += out.token(out.codes[ch])  # type: ignore[attr-defined]
+    return events + out.finish()
+
+
+def test_a_call_ends_with_its_arguments_parsed():
+    events = run(TEXT)
+    start = next(e for e in events if isinstance(e, ToolCallStart))
+    text = "".join(e.arguments for e in events if isinstance(e, ToolCallDelta))
+    (end,) = [e for e in events if isinstance(e, ToolCallEnd)]
+    assert start.name == "f" and end.index == start.index
+    assert end.parsed == {"city": "Oslo", "n": [1, 2]}
+    assert text.replace(" ", "") == '{"city":"Oslo","n":[1,2]}'
+
+
+def test_a_call_cut_off_has_no_parsed_arguments():
+    events = run(TEXT, upto=TEXT.index('"n"'))
+    ends = [e for e in events if isinstance(e, ToolCallEnd)]
+    assert ends and ends[-1].parsed is None
