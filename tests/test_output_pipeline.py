@@ -3,8 +3,7 @@ that no dialect parses JSON of its own."""
 
 from __future__ import annotations
 
-from mlxserve.core.tools import ToolCallParser, ToolFormat
-
+from mlxserve.core.families.hermes import Hermes
 from mlxserve.core.generate import OutputPipeline
 from mlxserve.core.textstream import TextAssembler
 from mlxserve.core.types import ToolCallDelta, ToolCallEnd, ToolCallStart
@@ -15,8 +14,9 @@ TEXT = '<tool_call>{"name": "f", "arguments": {"city": "Oslo", "n": [1, 2]}}</to
 def pipeline(text: str) -> OutputPipeline:
     pieces = {i: ch.encode() for i, ch in enumerate(sorted(set(text)))}
     codes = {ch.decode(): i for i, ch in pieces.items()}
+    functions = [{"name": "f", "parameters": {"type": "object"}}]
     out = OutputPipeline(
-        TextAssembler(pieces.__getitem__), None, ToolCallParser(ToolFormat.HERMES, {"f"})
+        TextAssembler(pieces.__getitem__), Hermes().parser(functions, prompt="", reasoning=False)
     )
     out.codes = codes  # type: ignore[attr-defined]
     return out
