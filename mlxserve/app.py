@@ -27,6 +27,7 @@ from mlxserve.routes import (
     openai,
     ops,
     responses,
+    web,
 )
 from mlxserve.routes.common import error_response
 from mlxserve.sdk.routes import routes as sdk_routes
@@ -105,6 +106,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *ops.routes,
             *metrics.routes,
             *library.routes,
+            *web.routes,
             *sdk_routes(),
         ],
         exception_handlers={

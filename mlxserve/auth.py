@@ -126,6 +126,16 @@ class TokenStore:
             self._save(kept)
             return True
 
+    def revoke_id(self, token_id: str) -> bool:
+        """Remove the token with this id; False when there is none."""
+        with self._lock:
+            entries = list(self._load())
+            kept = [e for e in entries if e.get("id") != token_id]
+            if len(kept) == len(entries):
+                return False
+            self._save(kept)
+            return True
+
     def verify(self, token: str) -> bool:
         """Whether ``token`` is a live token; constant time in the token's content."""
         digest = _digest(token)

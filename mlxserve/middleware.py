@@ -37,7 +37,9 @@ log = logging.getLogger("mlxserve.security")
 
 # Answer without a token: the liveness probe, the probes the LM Studio SDKs and ``lms`` use
 # to find a server, and the API's description; none tells anything about models or chats.
-OPEN_PATHS = frozenset({"/health", "/lmstudio-greeting", "/lms-status", "/openapi.json"})
+OPEN_PATHS = frozenset({"/health", "/lmstudio-greeting", "/lms-status", "/openapi.json", "/"})
+# The web app's files: they hold no data, and the app asks for a token before it calls the API.
+OPEN_PREFIXES = ("/app/",)
 # Origins that are this machine's own apps, allowed like Ollama's defaults. ``file:`` pages
 # send ``Origin: null``, which sandboxed iframes of any site send too, so it is not here.
 _APP_SCHEMES = frozenset({"app", "tauri", "vscode-webview", "vscode-file"})
@@ -234,7 +236,8 @@ def presented_tokens(scope: Scope) -> list[str]:
 def authorized(scope: Scope, state: AppState) -> bool:
     """Whether a request (an HTTP or websocket scope) may use the API: authentication is off,
     the path is open, or the request carries a live token in its headers."""
-    return scope.get("path") in OPEN_PATHS or authenticated(scope, state)
+    path = scope.get("path", "")
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) or authenticated(scope, state)
 
 
 def authenticated(scope: Scope, state: AppState) -> bool:

@@ -104,6 +104,12 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("DELETE", "/api/v1/models/download/{job_id}", "Cancel a download", "lmstudio"),
     Operation("POST", "/api/v1/models/delete", "Delete a downloaded model", "lmstudio",
               request=library.DeleteModel, reply=library.Deleted),
+    Operation("GET", "/api/v1/tokens", "List API tokens (token holders only)", "lmstudio",
+              reply=library.TokenList),
+    Operation("POST", "/api/v1/tokens", "Create an API token (token holders only)",
+              "lmstudio", request=library.CreateToken, reply=library.CreatedToken),
+    Operation("DELETE", "/api/v1/tokens/{token_id}", "Revoke an API token (token holders "
+              "only)", "lmstudio", reply=library.Deleted),
     Operation("GET", "/metrics", "Metrics: Prometheus text, or JSON with ?format=json",
               "openai"),
     Operation("GET", "/api/v0/models", "List models (LM Studio v0)", "openai",
@@ -215,7 +221,7 @@ def build_document(routes: list[Any], *, require_auth: bool = False) -> dict[str
     known = {(op.method, openapi_path(op.path)): op for op in OPERATIONS}
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
-        if not isinstance(route, Route) or not route.methods:
+        if not isinstance(route, Route) or not route.methods or not route.include_in_schema:
             continue
         path = openapi_path(route.path)
         for method in sorted(route.methods - {"HEAD"}):

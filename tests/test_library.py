@@ -238,3 +238,16 @@ def test_cancel_resume_then_delete(hub, hub_server):
     assert MLX_REPO not in keys
     r = httpx.post(url + "/api/v1/models/delete", json={"model": MLX_REPO})
     assert r.status_code == 404
+
+
+def test_token_routes_need_a_token_and_web_files_stay_in_their_folder(hub_server):
+    url = hub_server.url
+    # Authentication is off here, yet tokens are managed by token holders only.
+    assert httpx.get(url + "/api/v1/tokens").status_code == 403
+    assert httpx.post(url + "/api/v1/tokens", json={"name": "x"}).status_code == 403
+    page = httpx.get(url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert httpx.get(url + "/app/main.js").headers["content-type"].startswith("text/javascript")
+    for path in ("/app/../routes/web.py", "/app/%2e%2e/routes/web.py", "/app/nope.js"):
+        assert httpx.get(url + path).status_code == 404, path

@@ -22,6 +22,28 @@ class DeleteModel(BaseModel):
     model: str = Field(min_length=1, max_length=512)
 
 
+class CreateToken(BaseModel):
+    """``POST /api/v1/tokens``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(default="", max_length=100)
+
+
+class TokenInfo(BaseModel):
+    id: str
+    name: str
+    created_at: int
+
+
+class TokenList(BaseModel):
+    object: Literal["list"]
+    data: list[TokenInfo]
+
+
+class CreatedToken(TokenInfo):
+    token: str
+
+
 class ChatSummary(BaseModel):
     id: str
     title: str

@@ -1,6 +1,6 @@
 """What the web app (and any script) needs beyond LM Studio's routes: the stored chats (list,
 get, rename, delete), OpenAI's ``GET``/``DELETE /v1/responses/{id}``, hub search, cancelling
-a download and deleting a downloaded model."""
+a download, deleting a downloaded model, and API tokens (list, create, revoke)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from starlette.routing import Route
 
 from mlxserve.core.deletion import delete_model
 from mlxserve.core.hubsearch import FORMATS, MAX_RESULTS, HubSearch, machine_memory
-from mlxserve.errors import InvalidRequest
-from mlxserve.protocols.library import DeleteModel, RenameChat
+from mlxserve.errors import Forbidden, InvalidRequest, NotFoundRoute
+from mlxserve.middleware import presented_tokens
+from mlxserve.protocols.library import CreateToken, DeleteModel, RenameChat
 from mlxserve.routes.common import parse, read_json
 from mlxserve.state import AppState
 
@@ -120,6 +121,43 @@ async def remove_model(request: Request) -> Response:
     return JSONResponse({"id": info.key, "object": "model", "deleted": True})
 
 
+# --- API tokens -----------------------------------------------------------------------------
+
+
+def _token_holder(request: Request) -> AppState:
+    """Tokens are managed by token holders only, even while authentication is off."""
+    state = _state(request)
+    if not any(state.tokens.verify(t) for t in presented_tokens(request.scope)):
+        raise Forbidden(
+            "Managing API tokens needs a live API token in the request (create the first one "
+            "with 'mlxserve token create')."
+        )
+    return state
+
+
+async def list_tokens(request: Request) -> Response:
+    tokens = await asyncio.to_thread(_token_holder(request).tokens.list)
+    data = [{"id": t.id, "name": t.name, "created_at": t.created_at} for t in tokens]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def create_token(request: Request) -> Response:
+    """A new token; the token itself is in this reply only."""
+    state = _token_holder(request)
+    body = parse(CreateToken, await read_json(request))
+    info, token = await asyncio.to_thread(state.tokens.create, body.name)
+    return JSONResponse({"id": info.id, "name": info.name, "created_at": info.created_at,
+                         "token": token})  # fmt: skip
+
+
+async def revoke_token(request: Request) -> Response:
+    state = _token_holder(request)
+    token_id = request.path_params["token_id"]
+    if not await asyncio.to_thread(state.tokens.revoke_id, token_id):
+        raise NotFoundRoute("No API token with this id.", param="token_id")
+    return JSONResponse({"id": token_id, "object": "token", "deleted": True})
+
+
 routes = [
     Route("/api/v1/chats", list_chats, methods=["GET"]),
     Route("/api/v1/chats/{chat_id}", get_chat, methods=["GET"]),
@@ -130,4 +168,7 @@ routes = [
     Route("/api/v1/models/search", search_models, methods=["GET"]),
     Route("/api/v1/models/download/{job_id}", cancel_download, methods=["DELETE"]),
     Route("/api/v1/models/delete", remove_model, methods=["POST"]),
+    Route("/api/v1/tokens", list_tokens, methods=["GET"]),
+    Route("/api/v1/tokens", create_token, methods=["POST"]),
+    Route("/api/v1/tokens/{token_id}", revoke_token, methods=["DELETE"]),
 ]

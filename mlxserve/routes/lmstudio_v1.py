@@ -75,6 +75,8 @@ def model_entry(info: ModelInfo, instances: list[Loaded]) -> dict[str, Any]:
         "loaded_instances": [_instance_entry(i) for i in instances],
         "max_context_length": info.max_context_length,
         "format": info.format,
+        # Ours: where it lies ("models", "lmstudio", "hf-cache"); only "models" can be deleted.
+        "source": info.source,
     }
     if llm:
         capabilities: dict[str, Any] = {
