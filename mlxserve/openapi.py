@@ -54,6 +54,8 @@ class Operation:
     event_stream: bool = False
     # May load a model, whose failure is a (deterministic) 500.
     loads: bool = False
+    # Answers text (Prometheus' exposition format) as well as JSON.
+    text: bool = False
 
 
 OPERATIONS: tuple[Operation, ...] = (
@@ -111,7 +113,7 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("DELETE", "/api/v1/tokens/{token_id}", "Revoke an API token (token holders "
               "only)", "lmstudio", reply=library.Deleted),
     Operation("GET", "/metrics", "Metrics: Prometheus text, or JSON with ?format=json",
-              "openai"),
+              "openai", text=True),
     Operation("GET", "/api/v0/models", "List models (LM Studio v0)", "openai",
               reply=replies.LMStudioV0Models),
     Operation("GET", "/api/v0/models/{model:path}", "One model (LM Studio v0)", "openai"),
@@ -181,6 +183,8 @@ def _operation(
         ok["text/event-stream"] = {"schema": _SSE_EVENT}
     if op is not None and op.event_stream:
         ok = {"text/event-stream": {"schema": _SSE_EVENT}}
+    if op is not None and op.text:
+        ok["text/plain"] = {"schema": {"type": "string"}}
     responses: dict[str, Any] = {"200": {"description": "Success", "content": ok}}
     statuses = {"400": "Invalid request", "403": "Host or Origin refused (DNS-rebinding guard)",
                 "404": "Unknown model or resource", "503": "Busy or shutting down; retry after "
