@@ -268,14 +268,16 @@ class _Conn:
 )
 def test_unusable_tool_schemas_skip_validation(schema):
     conn = _Conn()
-    result = asyncio.run(_loop_with(schema, conn)._run(_Call("c", "pick", '{"q": "x"}')))
+    result = asyncio.run(
+        _loop_with(schema, conn)._run(_Call("c", "pick", '{"q": "x"}', {"q": "x"}))
+    )
     assert result.status == "success"
     assert conn.calls == [{"q": "x"}]
 
 
 def test_unexpected_tool_exceptions_become_tool_errors():
     loop = _loop_with({"type": "object"}, _Conn(fail=True))
-    result = asyncio.run(loop._run(_Call("c", "pick", "{}")))
+    result = asyncio.run(loop._run(_Call("c", "pick", "{}", {})))
     assert result.status == "tool_error" and "the SDK broke" in result.reason
 
 
