@@ -172,9 +172,10 @@ def reference(vision_models):
 
     model, processor = load(str(vision_models / VL_KEY))
 
-    def run(image: bytes, question: str = QUESTION) -> str:
+    def run(image: bytes, question: str = QUESTION, later: tuple[dict, ...] = ()) -> str:
         messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+            *later,
         ]
         prompt = processor.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
@@ -399,6 +400,50 @@ def test_bad_images_are_clear_4xx(server, image_host):
     assert _status(server, _image_body(_data_url(IMG_A))).status_code == 200
 
 
+def test_sdk_prepare_image(server, oai):
+    import lmstudio as lms
+
+    with lms.Client(server.url.removeprefix("http://")) as client:
+        handle = client.files.prepare_image(IMG_A, name="a.png")
+        assert handle.file_type == "image" and handle.size_bytes == len(IMG_A)
+        listed = {m.model_key: m.info.vision for m in client.llm.list_downloaded()}
+        assert listed[VL_KEY] is True and listed[MLX_KEY] is False
+        chat = lms.Chat()
+        chat.add_user_message(QUESTION, images=[handle])
+        result = client.llm.model(VL_KEY).respond(chat, config={"temperature": 0, "maxTokens": N})
+    content = [
+        {"type": "text", "text": QUESTION},
+        {"type": "image_url", "image_url": {"url": _data_url(IMG_A)}},
+    ]
+    expected = oai.chat.completions.create(
+        model=VL_KEY, messages=[{"role": "user", "content": content}], max_tokens=N, temperature=0
+    )
+    assert result.content == expected.choices[0].message.content
+    assert result.stats.prompt_tokens_count == expected.usage.prompt_tokens
+
+
+def test_second_turn_reuses_the_cached_image_prefix(oai, reference):
+    """The second turn of a chat about an image takes the first turn's KV from the prompt
+    cache (keyed by the image's pixels) instead of encoding the image again."""
+    question = "Describe it."
+    image = {"type": "image_url", "image_url": {"url": _data_url(IMG_B)}}
+    first = _ask(oai, _data_url(IMG_B), question)
+    reply = first.choices[0].message.content
+    later = (
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "And its colours?"},
+    )
+    second = oai.chat.completions.create(
+        model=VL_KEY,
+        messages=[{"role": "user", "content": [image, {"type": "text", "text": question}]}, *later],
+        max_tokens=N,
+        temperature=0,
+    )
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    assert second.choices[0].message.content == reference(IMG_B, question, later)
+
+
+# Last: it stops the module's server.
 def test_stateful_chat_keeps_its_image_across_a_restart(server, vision_models, home, image_host):
     first = httpx.post(
         server.url + "/api/v1/chat",
@@ -444,25 +489,3 @@ def test_stateful_chat_keeps_its_image_across_a_restart(server, vision_models, h
     assert after["output"] == before["output"]
     assert after["stats"]["input_tokens"] == before["stats"]["input_tokens"]
     assert list((home / "images").iterdir())
-
-
-def test_sdk_prepare_image(server, oai):
-    import lmstudio as lms
-
-    with lms.Client(server.url.removeprefix("http://")) as client:
-        handle = client.files.prepare_image(IMG_A, name="a.png")
-        assert handle.file_type == "image" and handle.size_bytes == len(IMG_A)
-        listed = {m.model_key: m.info.vision for m in client.llm.list_downloaded()}
-        assert listed[VL_KEY] is True and listed[MLX_KEY] is False
-        chat = lms.Chat()
-        chat.add_user_message(QUESTION, images=[handle])
-        result = client.llm.model(VL_KEY).respond(chat, config={"temperature": 0, "maxTokens": N})
-    content = [
-        {"type": "text", "text": QUESTION},
-        {"type": "image_url", "image_url": {"url": _data_url(IMG_A)}},
-    ]
-    expected = oai.chat.completions.create(
-        model=VL_KEY, messages=[{"role": "user", "content": content}], max_tokens=N, temperature=0
-    )
-    assert result.content == expected.choices[0].message.content
-    assert result.stats.prompt_tokens_count == expected.usage.prompt_tokens

@@ -11,6 +11,7 @@ offset, which mlx-lm's batch cannot express.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Generator
@@ -21,14 +22,7 @@ from typing import Any, cast
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from backends.base import (
-    EngineInfo,
-    GenerationRequest,
-    Job,
-    PromptProgress,
-    TokenStream,
-    VisionPrompt,
-)
+from backends.base import EngineInfo, Job, PromptProgress, VisionPrompt
 from backends.mlx.engine import MLXEngine
 
 log = logging.getLogger("mlxserve.backends")
@@ -48,12 +42,21 @@ def has_vision_tower(folder: Path) -> bool:
 
 @dataclass(frozen=True)
 class _Inputs:
-    """What mlx-vlm's processor made of a prompt and its images (numpy arrays)."""
+    """What mlx-vlm's processor made of a prompt and its images, and the prompt-cache key:
+    the token ids with each image's positions holding a (negative) mark of its pixels."""
 
     input_ids: Any
     pixel_values: Any
     mask: Any
     extra: dict[str, Any]
+    key: tuple[int, ...]
+    # Positions up to the end of the last image: a cached prefix must cover them.
+    media_end: int
+
+
+def _mark(image: Any) -> int:
+    digest = hashlib.sha256(image.tobytes()).hexdigest()
+    return -1 - int(digest[:15], 16)
 
 
 class MLXVisionEngine(MLXEngine):
@@ -115,37 +118,71 @@ class MLXVisionEngine(MLXEngine):
             getattr(config, name, None) for name in ("image_token_id", "image_token_index")
         } - {None}
         n_image = sum(1 for t in tokens if t in image_ids)
+        # Each run of image tokens is one image, in order.
+        marks = iter([_mark(image) for image in images] + [-1] * len(tokens))
+        key: list[int] = []
+        for i, t in enumerate(tokens):
+            if t in image_ids:
+                key.append(next(marks) if i == 0 or tokens[i - 1] not in image_ids else key[-1])
+            else:
+                key.append(t)
+        media_end = max((i + 1 for i, t in enumerate(tokens) if t in image_ids), default=0)
         payload = _Inputs(
-            input_ids, inputs.get("pixel_values"), inputs.get("attention_mask"), extra
+            input_ids,
+            inputs.get("pixel_values"),
+            inputs.get("attention_mask"),
+            extra,
+            tuple(key),
+            media_end,
         )
         return VisionPrompt(tokens, payload, n_image)
 
     def _admit(self, job: Job) -> None:
         if job.request.vision is not None:
-            self._solo.append((job, self._image_steps(job.request, job.stream)))
+            self._solo.append((job, self._image_steps(job)))
         else:
             super()._admit(job)
 
-    def _image_steps(
-        self, request: GenerationRequest, stream: TokenStream
-    ) -> Generator[int | PromptProgress, None, None]:
+    def _image_steps(self, job: Job) -> Generator[int | PromptProgress, None, None]:
+        from mlx_lm.models.cache import make_prompt_cache
         from mlx_vlm.generate import generate_step
 
+        request, stream = job.request, job.stream
         inputs = request.vision
         assert isinstance(inputs, _Inputs)
         lm = self._vlm.language_model
         state: dict[str, Any] = {k: None for k in _STEP_STATE if hasattr(lm, k)}
+        ids, pixels, mask, extra = inputs.input_ids, inputs.pixel_values, inputs.mask, inputs.extra
+        # A stored prefix that holds every image of this prompt (a later turn of a chat about
+        # them): only the text after it is processed, the images are not encoded again.
+        cache, cached = self._prompt_cache.fetch(inputs.key)
+        rope_index = getattr(lm, "get_rope_index", None)
+        if cache is None or cached < inputs.media_end or (state and not callable(rope_index)):
+            cache, cached = make_prompt_cache(self._model), 0
+        elif callable(rope_index):
+            # M-RoPE positions come from the whole prompt; the model slices them at its
+            # cache offset.
+            positions, deltas = rope_index(
+                ids, extra.get("image_grid_thw"), extra.get("video_grid_thw"), mask
+            )
+            extra = {**extra, "position_ids": positions, "rope_deltas": deltas}
+            state = {k: {"_position_ids": positions, "_rope_deltas": deltas}[k] for k in state}
+        if cached:
+            ids, pixels, mask = ids[:, cached:], None, None
+            job.progress(cached, len(inputs.key), cached)
         steps = generate_step(
-            inputs.input_ids,
+            ids,
             self._vlm,
-            inputs.pixel_values,
-            inputs.mask,
+            pixels,
+            mask,
             max_tokens=request.max_tokens + 1,
             sampler=self._sampler(request.sampling),
             logits_processors=self._processors(request),
             prefill_step_size=self.options.prefill_chunk,
-            **inputs.extra,
+            prompt_cache=cache,
+            **extra,
         )
+        generated: list[int] = []
         try:
             while not stream.cancelled:
                 for key, value in state.items():
@@ -156,6 +193,9 @@ class MLXVisionEngine(MLXEngine):
                     return
                 finally:
                     state = {k: getattr(lm, k) for k in state}
+                generated.append(int(token))
                 yield int(token)
         finally:
             steps.close()
+            if generated:
+                self._prompt_cache.store([*inputs.key, *generated], cache)
