@@ -85,6 +85,28 @@ class VisionPrompt:
 # GGUF sequences decoded in parallel, at most: each reserves a full context window of KV.
 GGUF_MAX_PARALLEL = 4
 
+# llama.cpp KV-cache types a load may name: ggml type id and bits per element.
+GGML_CACHE_TYPES = {
+    "f32": 0,
+    "f16": 1,
+    "q4_0": 2,
+    "q4_1": 3,
+    "q5_0": 6,
+    "q5_1": 7,
+    "q8_0": 8,
+    "iq4_nl": 20,
+}
+GGML_CACHE_BITS = {
+    "f32": 32.0,
+    "f16": 16.0,
+    "q4_0": 4.5,
+    "q4_1": 5.0,
+    "q5_0": 5.5,
+    "q5_1": 6.0,
+    "q8_0": 8.5,
+    "iq4_nl": 4.5,
+}
+
 
 @dataclass(frozen=True)
 class LoadOptions:
@@ -110,6 +132,11 @@ class LoadOptions:
     prefill_chunk: int = 512
     # Memory the prompt cache (KV of finished requests, for prefix reuse) may keep.
     prompt_cache_bytes: int = 1 << 30
+    # KV-cache quantization. MLX: bits per element (mlx.quantize; 2, 3, 4, 6 or 8). GGUF:
+    # llama.cpp cache types for K and V by name ("f16", "q8_0", "q4_0", ...).
+    kv_cache_bits: int | None = None
+    cache_type_k: str | None = None
+    cache_type_v: str | None = None
 
     def slots(self, fmt: str) -> int:
         """Requests a model of format ``fmt`` decodes at once."""
@@ -118,6 +145,19 @@ class LoadOptions:
         if fmt == "gguf":
             return max(1, min(self.max_batch_size, GGUF_MAX_PARALLEL))
         return max(1, self.max_batch_size)
+
+    def kv_element_bits(self, fmt: str) -> float:
+        """Bits one cached K or V element takes, quantization scales included (an MLX group
+        of 64 adds a scale and a bias in the model's dtype; llama.cpp's blocks of 32 add a
+        16-bit scale)."""
+        if fmt == "mlx" and self.kv_cache_bits:
+            return self.kv_cache_bits + (1.0 if self.kv_cache_f32 else 0.5)
+        plain = 32.0 if self.kv_cache_f32 else 16.0
+        if fmt == "gguf" and (self.cache_type_k or self.cache_type_v):
+            k = GGML_CACHE_BITS.get(self.cache_type_k or "", plain)
+            v = GGML_CACHE_BITS.get(self.cache_type_v or "", plain)
+            return (k + v) / 2
+        return plain
 
     def kv_windows(self, fmt: str) -> int:
         """Context windows of KV cache a model of format ``fmt`` reserves when loaded: a

@@ -226,6 +226,19 @@ def _add_client_commands(sub: Any, models_dir_option: Any) -> None:
         metavar="N",
         help="requests it decodes at once (GGUF parallel sequences, MLX batch size)",
     )
+    load.add_argument(
+        "--kv-cache-quantization",
+        type=int,
+        choices=(2, 3, 4, 6, 8),
+        metavar="BITS",
+        help="quantize an MLX model's KV cache to 2, 3, 4, 6 or 8 bits",
+    )
+    for side in ("k", "v"):
+        load.add_argument(
+            f"--cache-type-{side}",
+            metavar="TYPE",
+            help=f"llama.cpp {side.upper()}-cache type for a GGUF model (f16, q8_0, q4_0, ...)",
+        )
     client_options(load)
     load.set_defaults(func=_lazy("cli_models", "load"))
 

@@ -137,7 +137,8 @@ def load(args: argparse.Namespace) -> int:
             2,
         )
     body: dict[str, Any] = {"model": args.model, "echo_load_config": True}
-    for name in ("context_length", "identifier", "ttl", "parallel"):
+    options = ("context_length", "identifier", "ttl", "parallel", "kv_cache_quantization")
+    for name in (*options, "cache_type_k", "cache_type_v"):
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
     client = Client.from_args(args)

@@ -19,6 +19,7 @@ from llama_cpp._utils import suppress_stdout_stderr
 from llguidance.llamacpp import lltokenizer_from_vocab
 
 from backends.base import (
+    GGML_CACHE_TYPES,
     PENALTY_WINDOW,
     Engine,
     EngineInfo,
@@ -90,6 +91,14 @@ def _moe_key(path: Path) -> str | None:
     return f"{arch}.expert_used_count"
 
 
+def _cache_type(name: str | None, default: int) -> int:
+    if name is None:
+        return default
+    if name not in GGML_CACHE_TYPES:
+        raise ValueError(f"unknown KV cache type {name!r}; use one of {sorted(GGML_CACHE_TYPES)}")
+    return GGML_CACHE_TYPES[name]
+
+
 class LlamaCppEngine(Engine):
     """A GGUF model behind the backend interface."""
 
@@ -98,9 +107,13 @@ class LlamaCppEngine(Engine):
     def _load(self) -> EngineInfo:
         options = self.options
         kv_type = llama_cpp.GGML_TYPE_F32 if options.kv_cache_f32 else llama_cpp.GGML_TYPE_F16
+        type_k = _cache_type(options.cache_type_k, kv_type)
+        type_v = _cache_type(options.cache_type_v, kv_type)
         self._n_batch = options.eval_batch_size or options.prefill_chunk
         threads, threads_batch = _threads()
-        flash = bool(options.flash_attention)
+        # llama.cpp keeps a quantized V cache only with flash attention.
+        quantized_v = type_v not in (llama_cpp.GGML_TYPE_F32, llama_cpp.GGML_TYPE_F16)
+        flash = bool(options.flash_attention) or quantized_v
         offload = options.offload_kv_cache_to_gpu is not False
         moe = _moe_key(self.path) if options.num_experts else None
         overrides: dict[str, bool | int | float | str] | None = None
@@ -117,8 +130,8 @@ class LlamaCppEngine(Engine):
             n_threads_batch=threads_batch,
             last_n_tokens_size=PENALTY_WINDOW,
             verbose=False,
-            type_k=kv_type,
-            type_v=kv_type,
+            type_k=type_k,
+            type_v=type_v,
             flash_attn=flash,
             offload_kqv=offload,
             kv_overrides=overrides,
@@ -131,12 +144,16 @@ class LlamaCppEngine(Engine):
         if overrides:
             load_config["num_experts"] = options.num_experts
         load_config["parallel"] = options.slots("gguf")
+        if options.cache_type_k:
+            load_config["cache_type_k"] = options.cache_type_k
+        if options.cache_type_v:
+            load_config["cache_type_v"] = options.cache_type_v
         self._llm = llm
         self._projector: Projector | None = None
         projector = find_projector(self.path)
         if projector is not None:
             self._projector = Projector(projector, llm._model.model, threads_batch)
-        self._open_context(kv_type)
+        self._open_context()
         vocab = llm._model.vocab
         self._vocab = vocab
         self._piece_cache: dict[int, bytes] = {}
@@ -193,7 +210,7 @@ class LlamaCppEngine(Engine):
             self._piece_cache[token_id] = piece
         return piece
 
-    def _open_context(self, kv_type: int) -> None:
+    def _open_context(self) -> None:
         llm, options = self._llm, self.options
         self._parallel = options.kv_windows("gguf")
         # Half the sequence ids run requests, the rest keep finished ones for prefix reuse.
@@ -213,8 +230,9 @@ class LlamaCppEngine(Engine):
         model = llm._model.model
         n_head = max(1, llama_cpp.llama_model_n_head(model))
         kv_width = llama_cpp.llama_model_n_embd(model) * llama_cpp.llama_model_n_head_kv(model)
-        elem = 4 if kv_type == llama_cpp.GGML_TYPE_F32 else 2
-        self._token_bytes = 2 * llama_cpp.llama_model_n_layer(model) * kv_width // n_head * elem
+        bits = options.kv_element_bits("gguf")
+        n_layer = llama_cpp.llama_model_n_layer(model)
+        self._token_bytes = max(1, int(2 * n_layer * kv_width // n_head * bits / 8))
         self._free = list(range(n_seq))
         # Finished sequences kept for prefix reuse (least recently used first): their tokens.
         self._kept: OrderedDict[int, list[int]] = OrderedDict()

@@ -12,7 +12,7 @@ import llguidance.hf
 import mlx.core as mx
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator, StopSequences, generate_step
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
 from backends.base import (
@@ -30,6 +30,7 @@ from backends.base import (
 from backends.constraint import GrammarCache, GrammarConstraint
 from backends.logprobs import ranked
 from backends.mlx import release_thread_memory
+from backends.mlx.kvquant import BITS, group_size_for, quantized_caches
 from backends.mlx.prompt_cache import PromptCache
 
 log = logging.getLogger("mlxserve.backends")
@@ -139,6 +140,7 @@ class MLXEngine(Engine):
         # BatchGenerator merges per-request caches into batch caches; a model whose cache
         # cannot merge runs every request on the single path.
         self._batchable = all(hasattr(c, "merge") for c in make_prompt_cache(model))
+        self._kv_group = self._kv_quantization(model)
         self._batch = self._new_batch()
         self._prompt_cache = PromptCache(options.prompt_cache_bytes)
         self._tokenizer = tokenizer
@@ -180,8 +182,39 @@ class MLXEngine(Engine):
             eos_token=hf.eos_token or "",
             chat_template=hf.chat_template if isinstance(hf.chat_template, str) else None,
             strip_leading_space=strip,
-            load_config={"parallel": options.slots("mlx")},
+            load_config=self._load_config(),
         )
+
+    def _kv_quantization(self, model: Any) -> int | None:
+        """The quantization group size of a quantized KV cache (None: not quantized)."""
+        bits = self.options.kv_cache_bits
+        if not bits:
+            return None
+        if bits not in BITS:
+            raise ValueError(f"KV cache quantization takes {BITS} bits, not {bits}")
+        if not all(type(c) is KVCache for c in make_prompt_cache(model)):
+            raise ValueError("this model's cache (sliding window or state) cannot be quantized")
+        args = model.args
+        head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+        group = group_size_for(int(head_dim))
+        if group is None:
+            raise ValueError(f"a head size of {head_dim} cannot be quantized in groups of 32")
+        return group
+
+    def _load_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {"parallel": self.options.slots("mlx")}
+        if self._kv_group is not None:
+            config["kv_cache_quantization"] = {
+                "bits": self.options.kv_cache_bits,
+                "group_size": self._kv_group,
+            }
+        return config
+
+    def _fresh_cache(self) -> list[Any] | None:
+        """A new request's cache when it must not be mlx-lm's default (quantized KV)."""
+        if self._kv_group is None or self.options.kv_cache_bits is None:
+            return None
+        return quantized_caches(self._model, self._kv_group, self.options.kv_cache_bits)
 
     def tokenize(self, text: str) -> list[int]:
         return list(self._tokenizer._tokenizer.encode(text, add_special_tokens=False))
@@ -281,6 +314,7 @@ class MLXEngine(Engine):
                 logits_processors=self._processors(request),
                 prefill_step_size=self.options.prefill_chunk,
                 prompt_progress_callback=on_progress,
+                prompt_cache=self._fresh_cache(),
             ):
                 if k is None:
                     yield int(token)
@@ -298,6 +332,8 @@ class MLXEngine(Engine):
             return
         prompt = list(request.prompt)
         cache, cached = self._prompt_cache.fetch(prompt)
+        if cache is None:
+            cache = self._fresh_cache()
         stops = [[t] for t in sorted(request.stop_token_ids)]
         (uid,) = self._batch.insert(
             [prompt[cached:]],

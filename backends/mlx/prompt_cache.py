@@ -2,43 +2,54 @@
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from backends.base import common_prefix
+from backends.mlx.kvquant import QuantizedCache
 
 __all__ = ["PromptCache", "common_prefix"]
 
 
-def _prefix_view(cache: KVCache, n: int) -> KVCache:
+def _each(x: Any, fn: Callable[[mx.array], mx.array]) -> Any:
+    """``fn`` on an array, or on each array of a quantized (packed, scales, biases) triple."""
+    return tuple(fn(a) for a in x) if isinstance(x, tuple) else fn(x)
+
+
+def _arrays(cache: Any) -> list[mx.array]:
+    return [a for x in (cache.keys, cache.values) for a in (x if isinstance(x, tuple) else (x,))]
+
+
+def _prefix_view(cache: Any, n: int) -> Any:
     # A new cache object over the first n positions: MLX arrays are values, so the stored
     # entry is not copied here and later writes to the view never reach it.
-    view = KVCache()
-    view.keys = cache.keys[..., :n, :]
-    view.values = cache.values[..., :n, :]
+    view = copy.copy(cache)
+    view.keys = _each(cache.keys, lambda a: a[..., :n, :])
+    view.values = _each(cache.values, lambda a: a[..., :n, :])
     view.offset = n
     return view
 
 
-def _held_bytes(cache: KVCache) -> int:
+def _held_bytes(cache: Any) -> int:
     # What the cache will take once compacted to the positions it holds, from shapes alone.
     n = cache.offset
-    return sum(a.nbytes // a.shape[2] * n for a in (cache.keys, cache.values))
+    return sum(a.nbytes // a.shape[2] * n for a in _arrays(cache))
 
 
-def _compact(cache: KVCache) -> KVCache:
+def _compact(cache: Any) -> Any:
     # Keep exactly the positions held, as evaluated arrays of their own: a lazy slice or an
     # unevaluated copy would keep the whole step-allocated (or whole-batch) buffer alive,
     # several times what ``nbytes`` counts.
     n = cache.offset
-    if cache.keys.shape[2] != n:
-        cache.keys = mx.contiguous(cache.keys[..., :n, :])
-        cache.values = mx.contiguous(cache.values[..., :n, :])
-    mx.eval(cache.keys, cache.values)
+    if _arrays(cache)[0].shape[2] != n:
+        cache.keys = _each(cache.keys, lambda a: mx.contiguous(a[..., :n, :]))
+        cache.values = _each(cache.values, lambda a: mx.contiguous(a[..., :n, :]))
+    mx.eval(*_arrays(cache))
     return cache
 
 
@@ -69,10 +80,10 @@ class PromptCache:
         return [_prefix_view(c, best_n) for c in self._entries[best]], best_n
 
     def store(self, tokens: Sequence[int], cache: list[Any]) -> None:
-        """Keep ``cache`` (plain KV caches only) for the tokens it holds."""
+        """Keep ``cache`` (plain or quantized KV caches only) for the tokens it holds."""
         if self.budget <= 0 or not cache:
             return
-        if not all(type(c) is KVCache and c.keys is not None for c in cache):
+        if not all(type(c) in (KVCache, QuantizedCache) and c.keys is not None for c in cache):
             return
         n = cache[0].offset
         if len(tokens) < n:

@@ -28,6 +28,10 @@ class LoadRequest:
     num_experts: int | None = None
     # Requests decoded at once (LM Studio's ``parallel``): GGUF parallel sequences, MLX batch.
     parallel: int | None = None
+    # KV-cache quantization: bits for MLX models; llama.cpp cache types for GGUF models.
+    kv_cache_quantization: int | None = None
+    cache_type_k: str | None = None
+    cache_type_v: str | None = None
     # The instance id to give it (LM Studio's ``--identifier``); default: the key, then key:2...
     identifier: str | None = None
     ttl: float | None = None

@@ -47,6 +47,10 @@ class ModelLoader:
             num_experts=request.num_experts,
             max_batch_size=self.settings.max_batch_size,
             parallel=request.parallel,
+            # Each format takes its own cache options and ignores the other's, as LM Studio.
+            kv_cache_bits=request.kv_cache_quantization if info.format == "mlx" else None,
+            cache_type_k=request.cache_type_k if info.format == "gguf" else None,
+            cache_type_v=request.cache_type_v if info.format == "gguf" else None,
             prefill_chunk=self.settings.prefill_chunk,
             prompt_cache_bytes=self.settings.prompt_cache_bytes,
         )
@@ -58,6 +62,7 @@ class ModelLoader:
             options.context_length,
             kv_f32=options.kv_cache_f32,
             windows=options.kv_windows(info.format),
+            kv_bits=options.kv_element_bits(info.format),
         )
 
     async def check_fits(

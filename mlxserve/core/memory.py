@@ -105,10 +105,16 @@ def _gguf_geometry(file: Path) -> tuple[int, int, int] | None:
 
 
 def estimate(
-    info: ModelInfo, context_length: int, *, kv_f32: bool = False, windows: int = 1
+    info: ModelInfo,
+    context_length: int,
+    *,
+    kv_f32: bool = False,
+    windows: int = 1,
+    kv_bits: float | None = None,
 ) -> Estimate:
     """What loading ``info`` with ``context_length`` needs (reads a few files: not on the loop);
-    ``windows``: context windows of KV the engine reserves (one per parallel GGUF sequence)."""
+    ``windows``: context windows of KV the engine reserves (one per parallel GGUF sequence);
+    ``kv_bits``: bits per cached element when the cache is quantized."""
     kv = 0
     if info.type == "llm":
         geometry = (
@@ -116,7 +122,8 @@ def estimate(
         )
         if geometry is not None:
             layers, kv_heads, head_dim = geometry
-            per_token = layers * kv_heads * head_dim * 2 * (4 if kv_f32 else 2)
+            bits = kv_bits if kv_bits is not None else (32 if kv_f32 else 16)
+            per_token = int(layers * kv_heads * head_dim * 2 * bits / 8)
             kv = per_token * context_length * windows
     return Estimate(info.size_bytes, kv, context_length)
 

@@ -29,6 +29,8 @@ from mlxserve.protocols.openai import MAX_TTL_SECONDS
 MAX_CONTEXT_LENGTH = 1 << 24
 # Parallel sequences an instance may be loaded with (as many as the server's max batch size).
 MAX_PARALLEL = 64
+# llama.cpp KV-cache types (backends.base.GGML_CACHE_TYPES).
+CacheType = Literal["f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
 Ttl = Annotated[float, Field(gt=0, le=MAX_TTL_SECONDS)]
 
 
@@ -50,6 +52,10 @@ class LoadModelRequest(_Strict):
     num_experts: int | None = Field(default=None, ge=1, le=4096)
     offload_kv_cache_to_gpu: StrictBool | None = None
     parallel: int | None = Field(default=None, ge=1, le=MAX_PARALLEL, strict=True)
+    # KV-cache quantization: bits (MLX models) and llama.cpp cache types (GGUF models).
+    kv_cache_quantization: Literal[2, 3, 4, 6, 8] | None = None
+    cache_type_k: CacheType | None = None
+    cache_type_v: CacheType | None = None
     echo_load_config: StrictBool = False
     identifier: str | None = Field(default=None, min_length=1, max_length=256)
     ttl: Ttl | None = None
@@ -62,6 +68,9 @@ class LoadModelRequest(_Strict):
             offload_kv_cache_to_gpu=self.offload_kv_cache_to_gpu,
             num_experts=self.num_experts,
             parallel=self.parallel,
+            kv_cache_quantization=self.kv_cache_quantization,
+            cache_type_k=self.cache_type_k,
+            cache_type_v=self.cache_type_v,
             identifier=self.identifier,
             ttl=self.ttl,
         )

@@ -8,10 +8,10 @@ keys (``lms-kv-config`` ``schema.ts``); a stack is collapsed in order, later lay
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from mlxserve.core.instance import LoadRequest
-from mlxserve.protocols.lmstudio import MAX_PARALLEL
+from mlxserve.protocols.lmstudio import MAX_PARALLEL, CacheType
 from mlxserve.sdk.transport import SdkError
 
 P = "llm.prediction."
@@ -170,6 +170,40 @@ def echo(pred: Prediction, default_temperature: float) -> dict[str, Any]:
     return {"fields": fields}
 
 
+CACHE_TYPES = get_args(CacheType)
+
+
+def _cache_type(fields: dict[str, Any], key: str) -> str | None:
+    """``llamaK/VCacheQuantizationType``: a checkbox around a llama.cpp cache type name."""
+    value = fields.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("value"), str):
+        raise SdkError(f"The config value of '{key}' must be {{checked, value: type name}}.")
+    if not value.get("checked"):
+        return None
+    name = value["value"]
+    if name not in CACHE_TYPES:
+        raise SdkError(f"{key} must be one of {', '.join(CACHE_TYPES)}, not '{name}'.")
+    return str(name)
+
+
+def _mlx_kv_bits(fields: dict[str, Any]) -> int | None:
+    """The MLX KV-cache quantization field ``{enabled, bits, groupSize, quantizedStart}``."""
+    key = "llm.load.mlx.kvCacheQuantization"
+    value = fields.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise SdkError(f"The config value of '{key}' must be {{enabled, bits, ...}}.")
+    if not value.get("enabled"):
+        return None
+    bits = value.get("bits")
+    if bits not in (2, 3, 4, 6, 8) or isinstance(bits, bool):
+        raise SdkError(f"{key}.bits must be 2, 3, 4, 6 or 8.")
+    return int(bits)
+
+
 def load_request(
     stack: Any, *, identifier: str | None = None, ttl_ms: Any = None, embedding: bool = False
 ) -> LoadRequest:
@@ -191,7 +225,11 @@ def load_request(
     parallel = _number(fields, "llm.load.numParallelSessions")
     if parallel is not None and not 1 <= parallel <= MAX_PARALLEL:
         raise SdkError(f"numParallelSessions must be between 1 and {MAX_PARALLEL}.")
+    llm = not embedding
     return LoadRequest(
+        kv_cache_quantization=_mlx_kv_bits(fields) if llm else None,
+        cache_type_k=_cache_type(fields, "llm.load.llama.kCacheQuantizationType") if llm else None,
+        cache_type_v=_cache_type(fields, "llm.load.llama.vCacheQuantizationType") if llm else None,
         context_length=int(context) if context is not None else None,
         eval_batch_size=int(batch) if batch is not None and not embedding else None,
         flash_attention=flash if isinstance(flash, bool) and not embedding else None,
