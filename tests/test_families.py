@@ -397,11 +397,11 @@ GLM_CASES = [
     (
         GLM47(),
         "<tool_call>launch<arg_key>x</arg_key><arg_value>1</arg_value></tool_call>",
-        "launch<arg_key>x</arg_key><arg_value>1</arg_value>",
+        "launchx1",
         [],
         1,
     ),
-    (GLM47(), "<tool_call>get_weather<arg_key>ci", "get_weather<arg_key>ci", [], 1),
+    (GLM47(), "<tool_call>get_weather<arg_key>ci", "get_weatherci", [], 1),
     (
         DeepSeek(),
         "Let me look.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>"

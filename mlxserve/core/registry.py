@@ -12,7 +12,6 @@ from typing import Any, Literal
 from backends import mlx_vision_available
 from mlxserve.core.families import detect_family
 from mlxserve.core.sources import ExternalSource, hf_snapshot
-from mlxserve.core.templates import template_supports_tools
 
 log = logging.getLogger("mlxserve.registry")
 
@@ -117,14 +116,17 @@ def _demo_description(folder: Path) -> str | None:
         return "demo model"
 
 
-def _reasoning(template: Any, architecture: str) -> dict[str, Any]:
-    """The ModelInfo fields for the reasoning settings the model's family and template take."""
+def _family_facts(template: Any, architecture: str) -> dict[str, Any]:
+    """The ModelInfo fields the model's family and template decide: tool training and the
+    reasoning settings."""
     if not isinstance(template, str):
-        return {}
-    options = detect_family(template, {"architecture": architecture}).reasoning_options(template)
-    if options is None:
-        return {}
-    return {"reasoning_options": options.allowed, "reasoning_default": options.default}
+        return {"trained_for_tool_use": False}
+    family = detect_family(template, {"architecture": architecture})
+    facts: dict[str, Any] = {"trained_for_tool_use": family.trained_for_tools(template)}
+    options = family.reasoning_options(template)
+    if options is not None:
+        facts |= {"reasoning_options": options.allowed, "reasoning_default": options.default}
+    return facts
 
 
 def _mlx_model_type(folder: Path, config: dict[str, Any]) -> Literal["llm", "embedding"]:
@@ -202,8 +204,7 @@ def _mlx_info(publisher: str, folder: Path) -> ModelInfo:
         size_bytes=size,
         params_string=params_string(n_params),
         max_context_length=int(max_ctx),
-        trained_for_tool_use=template_supports_tools(template),
-        **_reasoning(template, architecture),
+        **_family_facts(template, architecture),
         type=_mlx_model_type(folder, config),
         description=_demo_description(folder),
         vision=isinstance(config.get("vision_config"), dict) and mlx_vision_available(),
@@ -256,8 +257,7 @@ def _gguf_info(publisher: str, folder: Path, file: Path, shards: list[Path]) -> 
         size_bytes=sum(p.stat().st_size for p in shards),
         params_string=params_string(n_params),
         max_context_length=int(max_ctx),
-        trained_for_tool_use=template_supports_tools(template),
-        **_reasoning(template, arch),
+        **_family_facts(template, arch),
         type=model_type,
         description=_demo_description(folder),
         # A GGUF folder is a vision model when its projector lies beside the weights.

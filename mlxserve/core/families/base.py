@@ -104,6 +104,10 @@ class Family:
         """Whether the template renders the request's tools itself (its ``tools`` variable)."""
         return "tools" in template
 
+    def trained_for_tools(self, template: str) -> bool:
+        """LM Studio's ``trained_for_tool_use``: the model has a tool-call format of its own."""
+        return self.takes_tools(template)
+
     def tool_prompt(self, functions: list[dict[str, Any]]) -> str | None:
         """System text that teaches the tools when the template does not take them."""
         return None

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from mlxserve.core.families.base import Family, Lit, ReasoningOptions, check_setting
 from mlxserve.core.families.calls import BlockSyntax, Call, UnreadableCall, arguments_object
-from mlxserve.core.families.xmlargs import arguments_rules, is_string, raw_text_terminal
+from mlxserve.core.families.xmlargs import arguments_rules, is_string, text_value
 from mlxserve.core.grammar import strict_json
 
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
@@ -94,6 +94,9 @@ class DeepSeek(Family):
         else:
             on = setting != "off"
         return {"thinking": on, "enable_thinking": on}
+
+    def trained_for_tools(self, template: str) -> bool:
+        return True
 
     def tool_prompt(self, functions: list[dict[str, Any]]) -> str:
         listing = "\n\n".join(
@@ -184,8 +187,8 @@ class DeepSeekV32(DeepSeek):
         return BlockSyntax(f"<{DSML}function_calls>", f"</{DSML}function_calls>", _dsml_calls)
 
     def call_grammar(self, functions: list[dict[str, Any]], parallel: bool, lit: Lit) -> str:
-        close = f"</{DSML}parameter>\n"
-        rules = [raw_text_terminal("TEXT", close)]
+        rule, text, close = text_value("TEXT", f"</{DSML}parameter>\n", lit)
+        rules = [rule]
         names = []
         for i, function in enumerate(functions):
             props = (function.get("parameters") or {}).get("properties") or {}
@@ -194,7 +197,7 @@ class DeepSeekV32(DeepSeek):
                 flag = "true" if is_string(props.get(json.loads(key)) or {}) else "false"
                 return f'"<{DSML}parameter name=\\"" {key} "\\" string=\\"{flag}\\">" {value}'
 
-            seq, arg_rules = arguments_rules(function, f"a{i}", one, "TEXT", close)
+            seq, arg_rules = arguments_rules(function, f"a{i}", one, text, close)
             opener = json.dumps(f'<{DSML}invoke name="{function["name"]}">\n')
             rules += [f'f{i}: {opener} {seq} "</{DSML}invoke>\\n"', *arg_rules]
             names.append(f"f{i}")

@@ -14,7 +14,7 @@ from typing import Any
 
 from mlxserve.core.families.base import Family, Lit
 from mlxserve.core.families.calls import BlockSyntax, Call, UnreadableCall
-from mlxserve.core.families.xmlargs import arguments_rules, raw_text_terminal
+from mlxserve.core.families.xmlargs import arguments_rules, text_value
 
 
 class GLM(Family):
@@ -22,7 +22,17 @@ class GLM(Family):
     think = ("<think>", "</think>")
     think_switch = "enable_thinking"
     end_tokens = ("<|user|>", "<|observation|>")
-    markers = ("<tool_call>", "</tool_call>", "<|user|>", "<|observation|>", "<|assistant|>")
+    markers = (
+        "<tool_call>",
+        "</tool_call>",
+        "<arg_key>",
+        "</arg_key>",
+        "<arg_value>",
+        "</arg_value>",
+        "<|user|>",
+        "<|observation|>",
+        "<|assistant|>",
+    )
     # Between a call's name and its arguments, and between arguments ("" on GLM-4.7).
     sep = "\n"
 
@@ -46,17 +56,16 @@ class GLM(Family):
 
     def call_grammar(self, functions: list[dict[str, Any]], parallel: bool, lit: Lit) -> str:
         sep = json.dumps(self.sep)
-        close = "</arg_value>"
-        rules = [raw_text_terminal("TEXT", close)]
+        rule, text, close = text_value("TEXT", "</arg_value>", lit)
+        rules = [rule]
+        key_open, key_close, value_open = lit("<arg_key>"), lit("</arg_key>"), lit("<arg_value>")
         names = []
         for i, function in enumerate(functions):
             seq, arg_rules = arguments_rules(
                 function,
                 f"a{i}",
-                lambda key, value: (
-                    f'{sep} "<arg_key>" {key} "</arg_key>" {sep} "<arg_value>" {value}'
-                ),
-                "TEXT",
+                lambda key, value: f"{sep} {key_open} {key} {key_close} {sep} {value_open} {value}",
+                text,
                 close,
             )
             rules += [f"f{i}: {json.dumps(function['name'])} {seq} {sep}", *arg_rules]

@@ -15,7 +15,7 @@ from typing import Any
 
 from mlxserve.core.families.base import Family, Lit
 from mlxserve.core.families.calls import BlockSyntax, Call, UnreadableCall
-from mlxserve.core.families.xmlargs import arguments_rules, raw_text_terminal
+from mlxserve.core.families.xmlargs import arguments_rules, text_value
 
 
 class Qwen3Coder(Family):
@@ -42,15 +42,15 @@ class Qwen3Coder(Family):
         return BlockSyntax("<tool_call>", "</tool_call>", parse)
 
     def call_grammar(self, functions: list[dict[str, Any]], parallel: bool, lit: Lit) -> str:
-        close = "\n</parameter>\n"
-        rules = [raw_text_terminal("TEXT", close)]
+        rule, text, close = text_value("TEXT", "\n</parameter>\n", lit)
+        rules = [rule]
         names = []
         for i, function in enumerate(functions):
             seq, arg_rules = arguments_rules(
                 function,
                 f"a{i}",
                 lambda key, value: f'"<parameter=" {key} ">\\n" {value}',
-                "TEXT",
+                text,
                 close,
             )
             opener = json.dumps(f"<function={function['name']}>\n")

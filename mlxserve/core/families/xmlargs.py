@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from mlxserve.core.families.base import Lit
 from mlxserve.core.grammar import strict_json
 from mlxserve.errors import InvalidRequest
 
@@ -15,23 +16,30 @@ from mlxserve.errors import InvalidRequest
 _STRING_KEYWORDS = {"type", "description", "title", "enum", "const", "default", "examples"}
 
 
-def raw_text_terminal(name: str, close: str) -> str:
-    """A Lark terminal for raw text up to and including the first ``close`` (one terminal, so
-    the lexer cannot take the start of ``close`` as text)."""
+def text_value(name: str, close: str, lit: Lit) -> tuple[str, str, str]:
+    """(terminal rule, value expression, close expression) for raw text ended by ``close``.
+    A ``close`` that is one token in the vocabulary is its own lexeme after text that never
+    holds it; a textual ``close`` goes into the text's terminal, so the lexer cannot take the
+    start of ``close`` as text."""
+    marker = lit(close)
     escaped = "".join("\\" + c if c in "/\\.|()[]{}*+?^$" else c for c in close)
     escaped = escaped.replace("\n", "\\n")
-    return f"{name}: /(.|\\n)*{escaped}/ & ~/(.|\\n)*{escaped}(.|\\n)+/\n"
+    if marker.startswith("<["):
+        rule = f"{name}: /(.|\\n)*/ & ~/(.|\\n)*{escaped}(.|\\n)*/\n"
+        return rule, f"{name} {marker}", marker
+    rule = f"{name}: /(.|\\n)*{escaped}/ & ~/(.|\\n)*{escaped}(.|\\n)+/\n"
+    return rule, name, marker
 
 
 def is_string(schema: dict[str, Any]) -> bool:
     return schema.get("type") == "string"
 
 
-def value_rule(schema: dict[str, Any], where: str, text_terminal: str, close: str) -> str:
-    """The Lark expression for one argument's value followed by ``close``; ``text_terminal``
-    is a :func:`raw_text_terminal` for the same ``close``."""
+def value_rule(schema: dict[str, Any], where: str, text: str, close: str) -> str:
+    """The Lark expression for one argument's value and the ``close`` after it (``text`` and
+    ``close`` as :func:`text_value` gives them)."""
     if not is_string(schema):
-        return "%json " + json.dumps(strict_json(schema or {})) + " " + json.dumps(close)
+        return "%json " + json.dumps(strict_json(schema or {})) + " " + close
     extra = sorted(set(schema) - _STRING_KEYWORDS)
     if extra:
         raise InvalidRequest(
@@ -43,15 +51,15 @@ def value_rule(schema: dict[str, Any], where: str, text_terminal: str, close: st
     options = schema.get("enum") or ([schema["const"]] if "const" in schema else None)
     if options:
         alternatives = " | ".join(json.dumps(str(o)) for o in options)
-        return f"({alternatives}) {json.dumps(close)}"
-    return text_terminal
+        return f"({alternatives}) {close}"
+    return text
 
 
 def arguments_rules(
     function: dict[str, Any],
     prefix: str,
     one_argument: Callable[[str, str], str],
-    text_terminal: str,
+    text: str,
     close: str,
 ) -> tuple[str, list[str]]:
     """(sequence expression, extra rules) for a function's arguments in declaration order:
@@ -64,7 +72,7 @@ def arguments_rules(
     for i, (key, schema) in enumerate(props.items()):
         rule = f"{prefix}_{i}"
         value = value_rule(
-            schema if isinstance(schema, dict) else {}, function["name"], text_terminal, close
+            schema if isinstance(schema, dict) else {}, function["name"], text, close
         )
         rules.append(f"{rule}: {one_argument(json.dumps(key), value)}")
         parts.append(rule if key in required else f"{rule}?")
