@@ -244,6 +244,8 @@ def _gguf_info(publisher: str, folder: Path, file: Path, shards: list[Path]) -> 
     model_type: Literal["llm", "embedding"] = (
         "embedding" if meta.get(f"{arch}.pooling_type") else "llm"
     )
+    # The projector (loaded with the model) counts in its size, and so in the guardrail.
+    projectors = sorted(p for p in folder.glob("mmproj*.gguf") if p.is_file())[:1]
     return ModelInfo(
         key=f"{publisher}/{folder.name}",
         publisher=publisher,
@@ -254,14 +256,14 @@ def _gguf_info(publisher: str, folder: Path, file: Path, shards: list[Path]) -> 
         architecture=arch,
         quantization=quantization,
         bits_per_weight=bpw,
-        size_bytes=sum(p.stat().st_size for p in shards),
+        size_bytes=sum(p.stat().st_size for p in [*shards, *projectors]),
         params_string=params_string(n_params),
         max_context_length=int(max_ctx),
         **_family_facts(template, arch),
         type=model_type,
         description=_demo_description(folder),
         # A GGUF folder is a vision model when its projector lies beside the weights.
-        vision=any(p.is_file() for p in folder.glob("mmproj*.gguf")),
+        vision=bool(projectors),
     )
 
 

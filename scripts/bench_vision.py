@@ -1,0 +1,212 @@
+"""Vision benchmark: time to first token with one image, the second turn's with the image in
+the prompt cache, and a vision model's text-only decode speed against the same weights'
+text model, through a real mlxserve server on the tiny Qwen2-VL of make_vision_models.py
+(MLX and GGUF + projector). Prints a table and writes JSON; figures in docs/benchmarks.md.
+
+    .venv/bin/python scripts/bench_vision.py [--rounds 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import importlib.util
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+PUBLISHER = "mlxserve-test"
+VL = {"mlx": f"{PUBLISHER}/tiny-qwen2-vl-mlx", "gguf": f"{PUBLISHER}/tiny-qwen2-vl-gguf"}
+TEXT = {"mlx": f"{PUBLISHER}/tiny-qwen2-mlx", "gguf": f"{PUBLISHER}/tiny-qwen2-gguf"}
+# 448x448 pixels: 256 image tokens on Qwen2-VL (the tiny model's largest resolution).
+IMAGE_SIZE = 448
+DECODE_TOKENS = 128
+
+
+def _module(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _image(seed: int) -> str:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).random((IMAGE_SIZE, IMAGE_SIZE, 3)) * 255
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype("uint8")).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stream(url: str, body: dict[str, Any]) -> tuple[float, float, int]:
+    """(seconds to the first content token, seconds from it to the last, tokens after it)."""
+    start = time.perf_counter()
+    first = last = 0.0
+    n = 0
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            delta = json.loads(line[6:])["choices"]
+            if delta and delta[0]["delta"].get("content"):
+                now = time.perf_counter()
+                if not first:
+                    first = now
+                else:
+                    n += 1
+                last = now
+    return first - start, last - first, n
+
+
+def _chat(content: list[dict[str, Any]] | str, model: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "max_tokens": 8,
+        **extra,
+    }
+
+
+def bench(url: str, fmt: str, rounds: int) -> dict[str, float]:
+    chat = url + "/v1/chat/completions"
+    vl, text = VL[fmt], TEXT[fmt]
+    question = {"type": "text", "text": "What is in this picture?"}
+    for model in (vl, text):  # load both, warm up
+        _stream(chat, _chat([{"type": "image_url", "image_url": {"url": _image(0)}}, question], vl))
+        _stream(chat, _chat("Hello", model))
+    cold, warm, ratio_rows = [], [], []
+    for r in range(rounds):
+        image = {"type": "image_url", "image_url": {"url": _image(1000 + r)}}
+        ttft, _, _ = _stream(chat, _chat([image, question], vl, max_tokens=4))
+        cold.append(ttft)
+        # The second turn of the same chat: the image is in the prompt cache (MLX).
+        first = httpx.post(chat, json=_chat([image, question], vl, max_tokens=4), timeout=600)
+        reply = first.json()["choices"][0]["message"]["content"]
+        turn2 = {
+            "model": vl,
+            "messages": [
+                {"role": "user", "content": [image, question]},
+                {"role": "assistant", "content": reply},
+                {"role": "user", "content": "And its colours?"},
+            ],
+            "temperature": 0,
+            "max_tokens": 4,
+        }
+        ttft2, _, _ = _stream(chat, turn2)
+        warm.append(ttft2)
+        rates = []
+        for model in (vl, text):
+            body = _chat("Tell me a long story.", model, max_tokens=DECODE_TOKENS, ignore_eos=True)
+            _, seconds, n = _stream(chat, body)
+            rates.append(n / seconds)
+        ratio_rows.append(rates)
+    vl_rate = statistics.median(r[0] for r in ratio_rows)
+    text_rate = statistics.median(r[1] for r in ratio_rows)
+    return {
+        "ttft_one_image_s": statistics.median(cold),
+        "ttft_second_turn_s": statistics.median(warm),
+        "vision_text_decode_tok_s": vl_rate,
+        "text_model_decode_tok_s": text_rate,
+        "decode_ratio": vl_rate / text_rate,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    root = REPO / ".cache" / "vision-models"
+    _module("make_vision_models").generate(root, publisher=PUBLISHER)
+    text_models = _module("make_test_models").generate(
+        REPO / ".cache" / "test-models", publisher=PUBLISHER, name="tiny-qwen2"
+    )
+    for fmt in ("mlx", "gguf"):
+        link = root / TEXT[fmt]
+        if not link.exists():
+            target = text_models[fmt] if fmt == "mlx" else text_models[fmt].parent
+            link.symlink_to(target, target_is_directory=True)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as home:
+        env = {
+            **os.environ,
+            "MLXSERVE_HOME": home,
+            "MLXSERVE_LMSTUDIO_MODELS": "false",
+            "MLXSERVE_HF_CACHE_MODELS": "false",
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlxserve",
+            "serve",
+            "--port",
+            str(port),
+            "--models-dir",
+            str(root),
+            "--no-auto-evict",
+        ]
+        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the server did not start")
+                time.sleep(0.3)
+            results = {fmt: bench(url, fmt, args.rounds) for fmt in ("mlx", "gguf")}
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    print(
+        f"{'':6} {'TTFT 1 image':>13} {'TTFT turn 2':>12} {'VL text tok/s':>14} "
+        f"{'text tok/s':>11} {'ratio':>6}"
+    )
+    for fmt, r in results.items():
+        print(
+            f"{fmt:6} {r['ttft_one_image_s'] * 1000:>11.0f}ms "
+            f"{r['ttft_second_turn_s'] * 1000:>10.0f}ms "
+            f"{r['vision_text_decode_tok_s']:>14.1f} {r['text_model_decode_tok_s']:>11.1f} "
+            f"{r['decode_ratio']:>6.2f}"
+        )
+    report = {
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "rounds": args.rounds,
+        "image_pixels": f"{IMAGE_SIZE}x{IMAGE_SIZE}",
+        "results": results,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
