@@ -14,7 +14,7 @@ import pytest
 
 from mlxserve.auth import TokenStore
 from mlxserve.core.chatstore import ChatStore
-from tests.conftest import GGUF_KEY, MLX_KEY, REPO, Server
+from tests.conftest import GGUF_KEY, MLX_KEY, MODELS_CACHE, PUBLISHER, REPO, Server
 from tests.hubserver import Hub, HubServer
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -30,6 +30,11 @@ FLAGS = [
 ]
 HUB_REPO = "hub-test/tiny-qwen2-mlx"
 MODELS = [MLX_KEY, GGUF_KEY]
+VL_GGUF_KEY = f"{PUBLISHER}/tiny-qwen2-vl-gguf"
+PNG_1PX = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de"
+    "0000000c4944415408d763f8cfc0f01f0005000201e2212bc50000000049454e44ae426082"
+)
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 if not CHROMIUM.exists():
@@ -37,6 +42,23 @@ if not CHROMIUM.exists():
         "Chromium is not installed (/usr/bin/chromium); ./scripts/setup installs it with apt",
         allow_module_level=True,
     )
+
+
+def _vision_models() -> Path | None:
+    """The tiny vision models (scripts/make_vision_models.py, cached like the others)."""
+    import importlib.util
+
+    if importlib.util.find_spec("mlx_vlm") is None or importlib.util.find_spec("PIL") is None:
+        return None
+    spec = importlib.util.spec_from_file_location(
+        "make_vision_models", REPO / "scripts" / "make_vision_models.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    root = MODELS_CACHE.parent / "vision-models"
+    module.generate(root, publisher=PUBLISHER)
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +111,9 @@ def site(models_root, hub, tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     for key in MODELS:
         shutil.copytree(models_root / key, models / key, copy_function=os.link)
+    vision = _vision_models()
+    if vision is not None:
+        shutil.copytree(vision / VL_GGUF_KEY, models / VL_GGUF_KEY, copy_function=os.link)
     site = Site(models, tmp_path_factory.mktemp("home"), hub[1])
     yield site
     site.server.stop()
@@ -175,6 +200,53 @@ def test_reply_streams_in_pieces_and_equals_the_api(page, site, key):
     )
     if key == MLX_KEY:
         shot(page, "chat")
+
+
+def test_edit_and_branch_then_regenerate(page, site):
+    open_app(page, site.url)
+    page.select_option("#model-pick", GGUF_KEY)
+    settings(page, temperature="0", max="4")
+    send(page, "One")
+    send(page, "Two")
+    chat_id = page.locator("#chats li.active").get_attribute("data-chat")
+    page.locator(".msg.user").last.locator("button.edit").click()
+    page.fill(".edit-box textarea", "Deux")
+    page.click(".edit-box button.primary")
+    page.locator(".msg.user .branch", has_text="2 / 2").wait_for()
+    assert page.locator(".msg.user .bubble").last.inner_text() == "Deux"
+    page.locator(".msg.user .branch button[title='Previous branch']").click()
+    assert page.locator(".msg.user .bubble").last.inner_text() == "Two"
+    regenerated = page.locator(".msg.assistant .regenerate").count()
+    page.locator(".msg.assistant .regenerate").last.click()
+    page.locator(".msg.user .branch", has_text="3 / 3").wait_for()
+    assert page.locator(".msg.assistant .regenerate").count() == regenerated
+    chat = httpx.get(f"{site.url}/api/v1/chats/{chat_id}").json()
+    first = next(t for t in chat["responses"] if t["parent_id"] is None)
+    branches = [t for t in chat["responses"] if t["parent_id"] == first["id"]]
+    assert [t["input"][0]["content"] for t in branches] == ["Two", "Deux", "Two"]
+    assert chat["turns"] == 4
+
+
+def test_images_attach_to_a_vision_model(page, site, tmp_path):
+    if not (site.models / VL_GGUF_KEY).exists():
+        pytest.skip("the vision test models need mlx-vlm and Pillow")
+    open_app(page, site.url)
+    page.select_option("#model-pick", GGUF_KEY)
+    assert page.locator("#attach").is_hidden()  # not a vision model
+    page.select_option("#model-pick", VL_GGUF_KEY)
+    settings(page, max="4")
+    image = tmp_path / "dot.png"
+    image.write_bytes(PNG_1PX)
+    page.set_input_files("#attach-input", str(image))
+    page.locator("#attachments .thumb img").wait_for()
+    send(page, "What is this?")
+    assert page.locator("#attachments").is_hidden()
+    chat_id = page.locator("#chats li.active").get_attribute("data-chat")
+    chat = httpx.get(f"{site.url}/api/v1/chats/{chat_id}").json()
+    content = chat["responses"][0]["input"][0]["content"]
+    assert [p["type"] for p in content] == ["text", "image"]
+    # The stored turn shows that it carried an image.
+    assert page.locator(".msg.user .thumbs .pill").count() == 1
 
 
 def running(url: str) -> float:

@@ -31,6 +31,8 @@ export class ChatView {
     this.stats = new Map();
     this.running = null;
     this.ready = false;
+    // Images to send with the next message: {url (data URL), name}.
+    this.images = [];
     this.bind();
   }
 
@@ -63,7 +65,12 @@ export class ChatView {
     });
     // On a phone the list slides over the conversation: a tap beside it closes it.
     document.querySelector(".conversation").addEventListener("click", () => $("#chat-list").classList.remove("open"));
-    $("#model-pick").addEventListener("change", () => localStorage.setItem(MODEL_KEY, $("#model-pick").value));
+    $("#model-pick").addEventListener("change", () => {
+      localStorage.setItem(MODEL_KEY, $("#model-pick").value);
+      this.visionControls();
+    });
+    $("#attach").addEventListener("click", () => $("#attach-input").click());
+    $("#attach-input").addEventListener("change", () => this.attach($("#attach-input").files));
     for (const id of ["#set-system", "#set-temperature", "#set-top-p", "#set-top-k", "#set-max", "#set-reasoning", "#set-mcp"]) {
       $(id).addEventListener("change", () => this.saveSettings());
     }
@@ -107,6 +114,49 @@ export class ChatView {
     if (rest.length) pick.append(group("Downloaded", rest));
     const keys = this.models.map((m) => m.key);
     pick.value = keys.includes(before) ? before : (loaded[0] || this.models[0]).key;
+    this.visionControls();
+  }
+
+  // --- images (vision models) ---------------------------------------------------------------
+
+  visionControls() {
+    const model = this.models.find((m) => m.key === $("#model-pick").value);
+    const vision = !!model?.capabilities?.vision;
+    $("#attach").hidden = !vision;
+    if (!vision && this.images.length) {
+      this.images = [];
+      this.renderAttachments();
+    }
+  }
+
+  attach(files) {
+    for (const file of files) {
+      const reader = new FileReader();
+      reader.onload = () => {
+        this.images.push({ url: reader.result, name: file.name });
+        this.renderAttachments();
+      };
+      reader.readAsDataURL(file);
+    }
+    $("#attach-input").value = "";
+  }
+
+  renderAttachments() {
+    const box = $("#attachments");
+    box.hidden = !this.images.length;
+    box.replaceChildren(
+      ...this.images.map((image, i) =>
+        el(
+          "div",
+          { class: "thumb" },
+          el("img", { src: image.url, alt: image.name }),
+          el("button", { type: "button", title: "Remove", onclick: () => {
+            this.images.splice(i, 1);
+            this.renderAttachments();
+          } }, "×"),
+        ),
+      ),
+    );
   }
 
   // --- chats list -------------------------------------------------------------------------
@@ -227,7 +277,10 @@ export class ChatView {
     }
     for (const turn of path) {
       for (const message of turn.input) {
-        if (message.role === "user") box.append(this.userMessage(turn, textOf(message.content)));
+        if (message.role !== "user") continue;
+        const parts = Array.isArray(message.content) ? message.content : [];
+        const images = parts.filter((p) => p && p.type === "image").map(() => null);
+        box.append(this.userMessage(turn, textOf(message.content), images));
       }
       box.append(this.assistantMessage(turn));
     }
@@ -244,10 +297,12 @@ export class ChatView {
     );
   }
 
-  userMessage(turn, text) {
+  userMessage(turn, text, images = []) {
     const bubble = el("div", { class: "bubble", text });
     const meta = el("div", { class: "meta" });
-    const node = el("div", { class: "msg user" }, bubble, meta);
+    const node = el("div", { class: "msg user" });
+    if (images.length) node.append(el("div", { class: "thumbs" }, images.map((src) => (src ? el("img", { src, alt: "image" }) : el("span", { class: "pill", text: "image" })))));
+    node.append(bubble, meta);
     if (turn) {
       const sibs = this.siblings(turn);
       if (sibs.length > 1) {
@@ -379,7 +434,9 @@ export class ChatView {
   }
 
   requestBody(text, previous) {
-    const body = { model: $("#model-pick").value, input: text, stream: true, store: true };
+    const images = this.images.map((image) => ({ type: "image", data_url: image.url }));
+    const input = images.length ? [{ type: "text", content: text }, ...images] : text;
+    const body = { model: $("#model-pick").value, input, stream: true, store: true };
     if (previous) body.previous_response_id = previous;
     const system = $("#set-system").value.trim();
     if (system) body.system_prompt = system;
@@ -420,6 +477,8 @@ export class ChatView {
       return;
     }
     const previous = branch ? parent : this.head;
+    // A first turn edited or regenerated starts a chat of its own (a chat grows from one turn).
+    if (!previous) this.chatId = null;
     if (!branch) {
       $("#prompt").value = "";
       this.grow();
@@ -430,7 +489,7 @@ export class ChatView {
     this.render();
     $("#empty")?.remove();
     const box = $("#messages");
-    box.append(this.userMessage(null, text));
+    box.append(this.userMessage(null, text, this.images.map((image) => image.url)));
     const node = el("div", { class: "msg assistant streaming" });
     const status = el("div", { class: "meta live", text: "Waiting for the model…" });
     const bubble = el("div", { class: "bubble md cursor" });
@@ -438,6 +497,9 @@ export class ChatView {
     box.append(node);
     box.scrollTop = box.scrollHeight;
 
+    const body = this.requestBody(text, previous);
+    this.images = [];
+    this.renderAttachments();
     const run = { controller: new AbortController(), stopped: false };
     this.setRunning(run);
     const started = performance.now();
@@ -468,7 +530,7 @@ export class ChatView {
     };
     try {
       await stream("/api/v1/chat", {
-        body: this.requestBody(text, previous),
+        body,
         signal: run.controller.signal,
         onEvent: (name, data) => {
           if (name === "model_load.start") status.textContent = "Loading the model…";
