@@ -15,7 +15,17 @@ from starlette.routing import Route
 from mlxserve import __version__
 from mlxserve import openapi as api_description
 from mlxserve.errors import MlxServeError
-from mlxserve.middleware import authenticated, security_middleware, warn_about_exposure
+from mlxserve.http.errors import error_response
+from mlxserve.http.middleware import (
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    CORSMiddleware,
+    HostGuardMiddleware,
+    authenticated,
+    warn_about_exposure,
+)
+from mlxserve.http.requestlog import LogTap
+from mlxserve.http.shutdown import GracefulShutdown
 from mlxserve.routes import (
     anthropic,
     downloads,
@@ -29,7 +39,6 @@ from mlxserve.routes import (
     responses,
     web,
 )
-from mlxserve.routes.common import error_response
 from mlxserve.sdk.routes import routes as sdk_routes
 from mlxserve.settings import Settings
 from mlxserve.state import AppState
@@ -76,6 +85,23 @@ async def health(request: Request) -> Response:
     )
 
 
+def _middleware(state: AppState) -> list[Middleware]:
+    """The stack, outermost first (:mod:`mlxserve.http.middleware` says why in this order)."""
+    settings = state.settings
+    return [
+        # Outermost, so that refusals are counted too.
+        Middleware(metrics.RequestMetrics, metrics=state.metrics),
+        Middleware(HostGuardMiddleware, settings=settings),
+        Middleware(CORSMiddleware, settings=settings),
+        Middleware(AuthMiddleware, state=state),
+        # Inside the guards: a request they refused never reaches the log stream.
+        Middleware(LogTap, bus=state.logbus),
+        Middleware(BodyLimitMiddleware, limit=settings.max_body_bytes),
+        # Innermost: it sees each exchange to its end, to finish it on shutdown.
+        Middleware(GracefulShutdown),
+    ]
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the server: every piece of state hangs off ``app.state.mlxserve``."""
     settings = settings or Settings()
@@ -114,9 +140,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             HTTPException: error_response,
             Exception: error_response,
         },
-        # Outermost, so that refusals are counted too.
-        middleware=[Middleware(metrics.RequestMetrics, metrics=state.metrics)]
-        + security_middleware(state),
+        middleware=_middleware(state),
         lifespan=lifespan,
     )
     app.state.mlxserve = state

@@ -69,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings.models_root.mkdir(parents=True, exist_ok=True)
     log = logging.getLogger("mlxserve")
     log.info("models directory: %s", settings.models_root)
-    from mlxserve.shutdown import exit_zero_after_signal
+    from mlxserve.http.shutdown import exit_zero_after_signal
 
     exit_zero_after_signal()
     if args.distributed is not None:

@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mlxserve import __version__
+from mlxserve.http.errors import Dialect, dialect_of
 from mlxserve.protocols import library, replies
 from mlxserve.protocols.anthropic import CountTokensRequest, MessagesRequest
 from mlxserve.protocols.downloads import DownloadRequest
@@ -34,7 +35,6 @@ from mlxserve.protocols.embeddings import EmbeddingRequest
 from mlxserve.protocols.lmstudio import ChatRequest, LoadModelRequest, UnloadModelRequest
 from mlxserve.protocols.openai import ChatCompletionRequest, CompletionRequest
 from mlxserve.protocols.responses import ResponsesRequest
-from mlxserve.routes.common import Dialect, dialect_of
 from mlxserve.state import AppState
 
 
@@ -219,7 +219,7 @@ def _operation(
 
 def build_document(routes: list[Any], *, require_auth: bool = False) -> dict[str, Any]:
     """The OpenAPI document for ``routes`` (an app's routes; websockets are left out)."""
-    from mlxserve.middleware import OPEN_PATHS
+    from mlxserve.http.middleware import OPEN_PATHS
 
     refs, defs = _schemas()
     known = {(op.method, openapi_path(op.path)): op for op in OPERATIONS}

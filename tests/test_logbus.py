@@ -76,11 +76,11 @@ def test_log_stream_masks_mcp_credentials(tmp_path):
 
 def test_log_stream_masks_secrets_in_cut_bodies():
     # A body over the preview limit is not JSON any more: the masking is textual.
-    from mlxserve.core.logbus import BODY_LIMIT, _preview
+    from mlxserve.core.logbus import BODY_LIMIT, preview
 
     raw = json.dumps({"headers": {"Authorization": "Bearer hunter2"}, "pad": "x" * BODY_LIMIT})
-    preview = _preview([raw.encode()], len(raw))
-    assert isinstance(preview, str) and "hunter2" not in preview
+    shown = preview([raw.encode()], len(raw))
+    assert isinstance(shown, str) and "hunter2" not in shown
     assert redact({"api_key": "k", "nested": [{"password": "p"}], "n": 1}) == {
         "api_key": "***",
         "nested": [{"password": "***"}],

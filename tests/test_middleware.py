@@ -6,7 +6,7 @@ import os
 import pytest
 
 from mlxserve.auth import TOKEN_PATTERN, TokenStore
-from mlxserve.middleware import (
+from mlxserve.http.middleware import (
     HostGuardMiddleware,
     OriginPolicy,
     binds_loopback,

@@ -161,7 +161,7 @@ def test_models_list_empty_and_missing_model(client):
 
 def test_error_envelopes_follow_the_dialect_of_the_path():
     from mlxserve.errors import InvalidRequest, ModelNotFound
-    from mlxserve.routes.common import error_body_for
+    from mlxserve.http.errors import error_body_for
 
     bad = InvalidRequest("nope", param="x")
     assert error_body_for("/v1/messages", bad) == {

@@ -13,7 +13,7 @@ from mlxserve.core.mcp import CallOutcome, Connection, McpTool, ServerSpec, Tool
 from mlxserve.core.toolloop import ToolLoop, _Call, with_tools
 from mlxserve.core.types import CoreRequest, SamplingParams
 from mlxserve.errors import InvalidRequest, McpConnectionError
-from mlxserve.routes.common import EventStreamResponse
+from mlxserve.http.sse import EventStreamResponse
 from tests.engine_harness import generate, load
 
 

@@ -14,7 +14,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from mlxserve.app import create_app
 from mlxserve.auth import TokenStore
-from mlxserve.middleware import OPEN_PATHS
+from mlxserve.http.middleware import OPEN_PATHS
 from mlxserve.settings import Settings
 
 # (method, path, json body): one route of each dialect, management routes included.
@@ -345,7 +345,7 @@ def test_no_token_yet_warns(tmp_path, caplog):
 
 
 def test_websocket_authorization_helper(tmp_path):
-    from mlxserve.middleware import websocket_authorized
+    from mlxserve.http.middleware import websocket_authorized
 
     app = create_app(Settings(home=tmp_path, models_dir=tmp_path, require_auth=True))
     state = app.state.mlxserve

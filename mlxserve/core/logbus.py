@@ -1,8 +1,6 @@
-"""Live request/response log for ``mlxserve log stream`` (like ``lms log stream``).
-
-A pure ASGI middleware taps every API request and its response (bodies cut to a few KB,
-headers never: they carry tokens) and publishes them to the subscribers of a small event
-bus. With nobody subscribed it only checks a length and passes the request on.
+"""Live request/response log for ``mlxserve log stream`` (like ``lms log stream``): the event
+bus its subscribers read, and how a body is shown there (cut to a few KB, credentials
+masked). The HTTP middleware that taps the requests is :mod:`mlxserve.http.requestlog`.
 """
 
 from __future__ import annotations
@@ -16,12 +14,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 BODY_LIMIT = 8192
 _QUEUE_SIZE = 1000
-# The log stream itself and health polls would only drown the rest.
-_UNTAPPED = ("/api/v1/logs/stream", "/health")
 # MCP credentials travel in request bodies (``integrations[].headers``, ``tools[].headers``,
 # ``tools[].authorization``): their values are masked before anything is published.
 _SECRET_KEYS = frozenset(
@@ -81,7 +75,7 @@ class LogBus:
             self._subscribers.discard(queue)
 
 
-def _preview(chunks: list[bytes], size: int) -> Any:
+def preview(chunks: list[bytes], size: int) -> Any:
     text = b"".join(chunks)[:BODY_LIMIT].decode("utf-8", errors="replace")
     if size > BODY_LIMIT:
         # A cut body cannot be parsed, so a secret key's value is masked textually.
@@ -92,79 +86,3 @@ def _preview(chunks: list[bytes], size: int) -> Any:
         return redact(json.loads(text))
     except ValueError:
         return redact(_SECRET_FIELD.sub(r"\1" + json.dumps(MASK), text))
-
-
-class LogTap:
-    """Pure ASGI middleware publishing each HTTP request and response to a :class:`LogBus`."""
-
-    def __init__(self, app: ASGIApp, bus: LogBus) -> None:
-        self.app = app
-        self.bus = bus
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.bus.active or scope["path"].startswith(_UNTAPPED):
-            await self.app(scope, receive, send)
-            return
-        bus = self.bus
-        request_id = bus.next_id()
-        started = time.perf_counter()
-        request_body: list[bytes] = []
-        request_size = 0
-        sent_request = False
-        response_body: list[bytes] = []
-        response_size = 0
-        status = 0
-
-        def publish_request() -> None:
-            nonlocal sent_request
-            if not sent_request:
-                sent_request = True
-                bus.publish(
-                    {
-                        "type": "request",
-                        "id": request_id,
-                        "method": scope["method"],
-                        "path": scope["path"],
-                        "body": _preview(request_body, request_size) if request_size else None,
-                    }
-                )
-
-        async def tapped_receive() -> Message:
-            nonlocal request_size
-            message = await receive()
-            if message["type"] == "http.request":
-                chunk = message.get("body", b"")
-                if request_size < BODY_LIMIT + 1:
-                    request_body.append(chunk[: BODY_LIMIT + 1 - request_size])
-                request_size += len(chunk)
-                if not message.get("more_body", False):
-                    publish_request()
-            return message
-
-        async def tapped_send(message: Message) -> None:
-            nonlocal response_size, status
-            if message["type"] == "http.response.start":
-                publish_request()
-                status = int(message["status"])
-            elif message["type"] == "http.response.body":
-                chunk = message.get("body", b"")
-                if response_size < BODY_LIMIT + 1:
-                    response_body.append(chunk[: BODY_LIMIT + 1 - response_size])
-                response_size += len(chunk)
-                if not message.get("more_body", False):
-                    bus.publish(
-                        {
-                            "type": "response",
-                            "id": request_id,
-                            "method": scope["method"],
-                            "path": scope["path"],
-                            "status": status,
-                            "duration_ms": round((time.perf_counter() - started) * 1000, 1),
-                            "body": (
-                                _preview(response_body, response_size) if response_size else None
-                            ),
-                        }
-                    )
-            await send(message)
-
-        await self.app(scope, tapped_receive, tapped_send)

@@ -20,17 +20,11 @@ from mlxserve.core import generate
 from mlxserve.core.generate import Generation
 from mlxserve.core.types import CoreRequest, Done, Event, Idle
 from mlxserve.errors import InvalidRequest, MlxServeError
+from mlxserve.http.errors import anthropic_error_body, as_mlxserve_error
+from mlxserve.http.sse import EventStreamResponse, sse
 from mlxserve.protocols.anthropic import CountTokensRequest, MessagesRequest
 from mlxserve.routes.blocks import Appended, Block, Blocks, Change, Opened, gather
-from mlxserve.routes.common import (
-    EventStreamResponse,
-    anthropic_error_body,
-    as_mlxserve_error,
-    parse,
-    read_json,
-    sse,
-    unless_disconnected,
-)
+from mlxserve.routes.common import parse, read_json, unless_disconnected
 from mlxserve.state import AppState
 
 NamedEvent = tuple[str, dict[str, Any]]

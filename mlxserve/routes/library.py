@@ -14,7 +14,7 @@ from starlette.routing import Route
 from mlxserve.core.deletion import delete_model
 from mlxserve.core.hubsearch import FORMATS, MAX_RESULTS, HubSearch, machine_memory
 from mlxserve.errors import Forbidden, InvalidRequest, NotFoundRoute
-from mlxserve.middleware import presented_tokens
+from mlxserve.http.middleware import presented_tokens
 from mlxserve.protocols.library import CreateToken, DeleteModel, RenameChat
 from mlxserve.routes.common import parse, read_json
 from mlxserve.state import AppState

@@ -30,21 +30,15 @@ from mlxserve.core.types import (
     ToolCallStart,
 )
 from mlxserve.errors import InvalidRequest, MlxServeError
+from mlxserve.http.errors import as_mlxserve_error, lmstudio_error_body
+from mlxserve.http.sse import EventStreamResponse, sse
 from mlxserve.protocols.lmstudio import (
     ChatRequest,
     LoadModelRequest,
     NamedTool,
     UnloadModelRequest,
 )
-from mlxserve.routes.common import (
-    EventStreamResponse,
-    as_mlxserve_error,
-    lmstudio_error_body,
-    parse,
-    read_json,
-    sse,
-    unless_disconnected,
-)
+from mlxserve.routes.common import parse, read_json, unless_disconnected
 from mlxserve.state import AppState
 
 

@@ -29,16 +29,10 @@ from mlxserve.core.types import (
     ToolCallStart,
 )
 from mlxserve.errors import MlxServeError, ModelNotFound
+from mlxserve.http.errors import as_mlxserve_error, openai_error_body
+from mlxserve.http.sse import EventStreamResponse, sse
 from mlxserve.protocols.openai import ChatCompletionRequest, CompletionRequest
-from mlxserve.routes.common import (
-    EventStreamResponse,
-    as_mlxserve_error,
-    openai_error_body,
-    parse,
-    read_json,
-    sse,
-    unless_disconnected,
-)
+from mlxserve.routes.common import parse, read_json, unless_disconnected
 from mlxserve.state import AppState
 
 FINGERPRINT = f"mlxserve-{__version__}"

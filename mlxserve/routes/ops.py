@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mlxserve.core.instance import Loaded
-from mlxserve.routes.common import EventStreamResponse, sse
+from mlxserve.http.sse import EventStreamResponse, sse
 from mlxserve.state import AppState
 
 

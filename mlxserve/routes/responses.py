@@ -24,16 +24,11 @@ from mlxserve.core.mcp import Toolset
 from mlxserve.core.toolloop import LoopEvent, ToolResult
 from mlxserve.core.types import Candidate, CoreRequest, Done, Idle, TokenLogprob
 from mlxserve.errors import InvalidRequest, MlxServeError
+from mlxserve.http.errors import as_mlxserve_error
+from mlxserve.http.sse import EventStreamResponse, sse
 from mlxserve.protocols.responses import McpChoice, ResponsesRequest
 from mlxserve.routes.blocks import Appended, Block, Blocks, Change, Opened, gather
-from mlxserve.routes.common import (
-    EventStreamResponse,
-    as_mlxserve_error,
-    parse,
-    read_json,
-    sse,
-    unless_disconnected,
-)
+from mlxserve.routes.common import parse, read_json, unless_disconnected
 from mlxserve.state import AppState
 
 _PREFIX = {"text": "msg", "reasoning": "rs", "tool": "fc"}

@@ -20,7 +20,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from mlxserve.errors import InstanceNotFound, MlxServeError, ModelNotFound
-from mlxserve.middleware import websocket_authorized
+from mlxserve.http.middleware import websocket_authorized
 from mlxserve.state import AppState
 
 log = logging.getLogger("mlxserve.sdk")

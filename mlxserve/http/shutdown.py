@@ -29,14 +29,14 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlxserve.errors import Overloaded
-from mlxserve.middleware import reject
-from mlxserve.routes.common import (
+from mlxserve.http.errors import (
     anthropic_error_body,
     dialect_of,
     lmstudio_error_body,
     openai_error_body,
-    sse,
+    reject,
 )
+from mlxserve.http.sse import sse
 
 log = logging.getLogger("mlxserve.shutdown")
 

@@ -8,7 +8,7 @@ Outermost first, and why in this order:
 2. :class:`CORSMiddleware` answers preflights (they never carry credentials) and labels the
    responses for allowed origins; off unless ``--cors``.
 3. :class:`AuthMiddleware` requires a live API token when ``require_auth``.
-   :class:`~mlxserve.core.logbus.LogTap` comes next, so refused requests are never published.
+   :class:`~mlxserve.http.requestlog.LogTap` comes next, so refused requests are never published.
 4. :class:`BodyLimitMiddleware` counts the body as it arrives and stops at ``max_body_bytes``.
 
 Refusals are rendered in the dialect of the path (OpenAI, Anthropic, LM Studio), like every
@@ -23,13 +23,11 @@ import socket
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.middleware import Middleware
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mlxserve.core.logbus import LogTap
-from mlxserve.errors import Forbidden, MlxServeError, PayloadTooLarge, Unauthorized
-from mlxserve.routes.common import error_body_for, error_headers
+from mlxserve.errors import Forbidden, PayloadTooLarge, Unauthorized
+from mlxserve.http.errors import reject
 from mlxserve.settings import Settings
 from mlxserve.state import AppState
 
@@ -101,20 +99,6 @@ class OriginPolicy:
         if origin_is_local(origin):
             return True
         return self.cors and (self.any_origin or origin.rstrip("/") in self.origins)
-
-
-async def reject(scope: Scope, receive: Receive, send: Send, exc: MlxServeError) -> None:
-    """Answer with ``exc`` in the path's dialect, without reaching the app."""
-    if scope["type"] == "websocket":
-        # Closing before accepting makes the server answer the upgrade with 403.
-        await send({"type": "websocket.close", "code": 1008, "reason": exc.message[:120]})
-        return
-    headers = error_headers(exc)
-    if isinstance(exc, Unauthorized):
-        headers["WWW-Authenticate"] = "Bearer"
-    body = error_body_for(scope.get("path", ""), exc)
-    response = JSONResponse(body, status_code=exc.status, headers=headers)
-    await response(scope, receive, send)
 
 
 def _arrived_on_loopback(scope: Scope) -> bool:
@@ -315,24 +299,6 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
-
-
-def security_middleware(state: AppState) -> list[Middleware]:
-    """The stack for :class:`starlette.applications.Starlette`, outermost first; innermost,
-    the graceful shutdown (which renders its refusals with :func:`reject`, hence the late
-    import)."""
-    from mlxserve.shutdown import GracefulShutdown
-
-    settings = state.settings
-    return [
-        Middleware(HostGuardMiddleware, settings=settings),
-        Middleware(CORSMiddleware, settings=settings),
-        Middleware(AuthMiddleware, state=state),
-        # Inside the guards: a request they refused never reaches the log stream.
-        Middleware(LogTap, bus=state.logbus),
-        Middleware(BodyLimitMiddleware, limit=settings.max_body_bytes),
-        Middleware(GracefulShutdown),
-    ]
 
 
 def warn_about_exposure(state: AppState) -> None:
