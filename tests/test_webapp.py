@@ -377,6 +377,37 @@ def test_markup_in_a_reply_shows_as_text_and_runs_nothing(page, site):
     assert page.evaluate("() => window.__ran") is None
 
 
+def test_tool_calls_and_their_results_show_as_cards(page, site):
+    store = ChatStore(site.home / "chats.sqlite3")
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "read_file", "arguments": {"path": "/tmp/<notes>.txt"}},
+    }
+    chat_id = store.save(
+        parent_id=None, model=MLX_KEY, system=None,
+        input=[{"role": "user", "content": "What do my notes say?"}],
+        output=[
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "name": "read_file",
+             "content": "<b>buy milk</b>"},
+            {"role": "assistant", "content": "They say **buy milk**."},
+        ],
+    )  # fmt: skip
+    store.close()
+    open_app(page, site.url, f"#/chat/{chat_id}")
+    card = page.locator(".msg.assistant details.tool")
+    card.wait_for()
+    assert "read_file" in card.locator("summary").inner_text()
+    card.locator("summary").click()
+    assert "/tmp/<notes>.txt" in card.locator(".tool-args").inner_text()
+    assert card.locator(".tool-output").inner_text() == "<b>buy milk</b>"
+    answer = page.locator(".msg.assistant .bubble")
+    assert answer.inner_text() == "They say buy milk."
+    assert answer.locator("strong").inner_text() == "buy milk"
+    shot(page, "chat-tools")
+
+
 def test_auth_shows_nothing_without_a_token_and_everything_with_one(browser, models_root, tmp_path):
     home = tmp_path / "home"
     home.mkdir()

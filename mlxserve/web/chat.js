@@ -348,15 +348,17 @@ export class ChatView {
   assistantMessage(turn) {
     const node = el("div", { class: "msg assistant", dataset: { response: turn.id } });
     let text = "";
+    const cards = new Map();
     for (const message of turn.output) {
       if (message.role === "assistant" && message.tool_calls) {
         for (const call of message.tool_calls) {
           const fn = call.function || call;
-          node.append(this.toolCard(fn.name, fn.arguments, null));
+          const card = this.toolCard(fn.name, fn.arguments, null);
+          cards.set(call.id, card);
+          node.append(card);
         }
       } else if (message.role === "tool") {
-        const cards = node.querySelectorAll(".tool");
-        const card = cards[cards.length - 1];
+        const card = cards.get(message.tool_call_id) || [...cards.values()].pop();
         if (card) this.toolResult(card, textOf(message.content), false);
       } else if (message.role === "assistant") {
         text += textOf(message.content);
