@@ -159,18 +159,11 @@ def test_forced_call_round_trip_responses_anthropic_v1(fam_server, oai, mcp_url,
     )
     (item,) = [o for o in first.output if o.type == "function_call"]
     jsonschema.validate(json.loads(item.arguments), PARAMS)
+    # The stored call is replayed from previous_response_id.
     second = oai.responses.create(
         model=model,
-        input=[
-            {"role": "user", "content": ASK},
-            {
-                "type": "function_call",
-                "call_id": item.call_id,
-                "name": item.name,
-                "arguments": item.arguments,
-            },
-            {"type": "function_call_output", "call_id": item.call_id, "output": "Sunny"},
-        ],
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": item.call_id, "output": "Sunny"}],
         max_output_tokens=4,
         temperature=0,
     )
@@ -221,11 +214,23 @@ def test_forced_call_round_trip_responses_anthropic_v1(fam_server, oai, mcp_url,
             "tool_choice": "required",
             "max_output_tokens": 60,
             "temperature": 0,
-            "store": False,
         },
         timeout=120,
     )
     assert r.status_code == 200, r.text
+    # A stateful follow-up replays the tool turn through the family's template.
+    follow = httpx.post(
+        fam_server.url + "/api/v1/chat",
+        json={
+            "model": model,
+            "input": "Thanks.",
+            "max_output_tokens": 4,
+            "temperature": 0,
+            "previous_response_id": r.json()["response_id"],
+        },
+        timeout=120,
+    )
+    assert follow.status_code == 200, follow.text
     types = [o["type"] for o in r.json()["output"]]
     assert "tool_call" in types and "invalid_tool_call" not in types, r.json()["output"]
     (done,) = [o for o in r.json()["output"] if o["type"] == "tool_call"]

@@ -490,3 +490,55 @@ def test_deepseek_reasoning_switch():
     assert family.reasoning_options("<｜Assistant｜><think>\\n").allowed == ("on",)
     with pytest.raises(InvalidRequest):
         family.reasoning_kwargs("off", "<｜Assistant｜><think>\\n", constrained=False)
+
+
+def _template(family_models, key):
+    folder = family_models(key)["mlx"]
+    return json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
+
+
+def test_gpt_oss_template_gets_the_level_and_replays_calls(family_models):
+    from mlxserve.core.templates import ChatTemplate
+
+    source = _template(family_models, "gpt-oss")
+    template, family = ChatTemplate(source), detect_family(source)
+    ask = [{"role": "user", "content": "hi"}]
+    for level in ("low", "high"):
+        kwargs = family.reasoning_kwargs(level, source, constrained=False)
+        assert f"Reasoning: {level}" in template.render(ask, **kwargs)
+    calls = [
+        {"id": f"c{i}", "type": "function", "function": {"name": "add", "arguments": {"a": i}}}
+        for i in (1, 2)
+    ]
+    history = [
+        *ask,
+        {"role": "assistant", "content": "", "reasoning_content": "two adds", "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "c1", "content": "1"},
+        {"role": "tool", "tool_call_id": "c2", "content": "2"},
+        {"role": "assistant", "content": "3", "reasoning_content": "sum"},
+        {"role": "user", "content": "again"},
+    ]
+    prompt = template.render(family.prepare_messages(history))
+    assert prompt.count("to=functions.add") == 2 and prompt.count("functions.add to=assistant") == 2
+    assert '{"a": 2}' in prompt
+    # Earlier turns' analysis is dropped by the template's rules once a final answer follows.
+    assert "two adds" not in prompt and "sum" not in prompt
+
+
+def test_v1_reports_an_unreadable_call_as_invalid_tool_call():
+    from mlxserve.core.types import InvalidToolCall, TextDelta
+    from mlxserve.routes.lmstudio_v1 import _Turn
+
+    turn = _Turn(instance_id="m")
+    turn.first_at = 0.0
+    events = turn.feed(TextDelta("Let me see. "))
+    events += turn.feed(InvalidToolCall('{"name": "rm"}', reason="no such tool", unknown_name="rm"))
+    assert (
+        "tool_call.failure",
+        {
+            "reason": "Invalid tool call: no such tool",
+            "metadata": {"type": "invalid_name", "tool_name": "rm"},
+        },
+    ) in events
+    assert [i["type"] for i in turn.items] == ["message", "invalid_tool_call"]
+    assert turn.items[0]["content"] == "Let me see. "
