@@ -1,5 +1,5 @@
 """``mlxserve chat`` and ``mlxserve log stream`` against streams that misbehave: hostile
-control characters, a failed reply, a server that dies mid-stream (``mlxserve.cli_chat``)."""
+control characters, a failed reply, a server that dies mid-stream (``mlxserve.cli.chat``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from mlxserve import cli
-from mlxserve.cli_http import Client
+from mlxserve.cli.http import Client
 from tests.conftest import free_port
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlxserve.cli_http import (
+from mlxserve.cli.http import (
     DEFAULT_HOST,
     DEFAULT_PORT,
     SERVER_FILE,
@@ -64,11 +64,9 @@ def _log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def start(args: argparse.Namespace, extra: list[str]) -> int:
-    from mlxserve.cli import build_parser
-
+def start(args: argparse.Namespace, extra: list[str], parser: argparse.ArgumentParser) -> int:
     # Options meant for `serve` are checked now, not in a background process.
-    build_parser().parse_args(["serve", *extra])
+    parser.parse_args(["serve", *extra])
     home = home_dir()
     host = args.host or os.environ.get("MLXSERVE_HOST") or DEFAULT_HOST
     port = args.port or int(os.environ.get("MLXSERVE_PORT") or DEFAULT_PORT)

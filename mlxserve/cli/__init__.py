@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mlxserve import __version__, cli_token
+from mlxserve import __version__
+from mlxserve.cli import tokens
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -130,16 +131,16 @@ def _serve_distributed(hostfile: str, settings: Any) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from mlxserve import cli_models
+    from mlxserve.cli import models
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    return cli_models.ls(args, _settings(args))
+    return models.ls(args, _settings(args))
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from mlxserve import cli_models
+    from mlxserve.cli import models
 
-    return cli_models.rm(args, _settings(args))
+    return models.rm(args, _settings(args))
 
 
 def _lazy(module: str, name: str) -> Any:
@@ -148,7 +149,7 @@ def _lazy(module: str, name: str) -> Any:
     def run(args: argparse.Namespace) -> int:
         import importlib
 
-        result: int = getattr(importlib.import_module(f"mlxserve.{module}"), name)(args)
+        result: int = getattr(importlib.import_module(f"mlxserve.cli.{module}"), name)(args)
         return result
 
     return run
@@ -186,7 +187,7 @@ def _source_options(p: argparse.ArgumentParser) -> None:
 
 def _add_client_commands(sub: Any, models_dir_option: Any) -> None:
     """``lms``'s verbs: they talk to a running server over HTTP."""
-    from mlxserve.cli_http import client_options
+    from mlxserve.cli.http import client_options
 
     server = sub.add_parser("server", help="start, stop or inspect the background server")
     server_sub = server.add_subparsers(dest="server_command", metavar="ACTION", required=True)
@@ -203,16 +204,16 @@ def _add_client_commands(sub: Any, models_dir_option: Any) -> None:
     start.set_defaults(func=None, server_start=True)
     stop = server_sub.add_parser("stop", help="stop the server `server start` started")
     client_options(stop, json_flag=False)
-    stop.set_defaults(func=_lazy("cli_server", "stop"))
+    stop.set_defaults(func=_lazy("server", "stop"))
     status = server_sub.add_parser("status", help="is the server running, and what is loaded")
     client_options(status)
-    status.set_defaults(func=_lazy("cli_server", "status"))
+    status.set_defaults(func=_lazy("server", "status"))
 
     ps = sub.add_parser(
         "ps", help="list the loaded models (context, parallel, TTL left, memory, queue)"
     )
     client_options(ps)
-    ps.set_defaults(func=_lazy("cli_models", "ps"))
+    ps.set_defaults(func=_lazy("models", "ps"))
 
     load = sub.add_parser("load", help="load a model into the running server")
     load.add_argument("model", help="model key (publisher/model, see `mlxserve ls`)")
@@ -240,13 +241,13 @@ def _add_client_commands(sub: Any, models_dir_option: Any) -> None:
             help=f"llama.cpp {side.upper()}-cache type for a GGUF model (f16, q8_0, q4_0, ...)",
         )
     client_options(load)
-    load.set_defaults(func=_lazy("cli_models", "load"))
+    load.set_defaults(func=_lazy("models", "load"))
 
     unload = sub.add_parser("unload", help="unload a loaded model instance")
     unload.add_argument("identifier", nargs="?", help="instance id (see `mlxserve ps`)")
     unload.add_argument("--all", action="store_true", help="unload every loaded model")
     client_options(unload)
-    unload.set_defaults(func=_lazy("cli_models", "unload"))
+    unload.set_defaults(func=_lazy("models", "unload"))
 
     get = sub.add_parser(
         "get",
@@ -258,7 +259,7 @@ def _add_client_commands(sub: Any, models_dir_option: Any) -> None:
     get.add_argument("model")
     get.add_argument("--quantization", help="GGUF quantization to fetch (e.g. Q4_K_M)")
     client_options(get)
-    get.set_defaults(func=_lazy("cli_models", "get"))
+    get.set_defaults(func=_lazy("models", "get"))
 
     search = sub.add_parser(
         "search",
@@ -271,7 +272,7 @@ def _add_client_commands(sub: Any, models_dir_option: Any) -> None:
     search.add_argument("--format", choices=["mlx", "gguf"], help="only this format")
     search.add_argument("--limit", type=int, default=20, help="results (1-50, default 20)")
     client_options(search)
-    search.set_defaults(func=_lazy("cli_models", "search"))
+    search.set_defaults(func=_lazy("models", "search"))
 
     rm = sub.add_parser("rm", help="delete a downloaded model from disk")
     rm.add_argument("model", help="model key (see `mlxserve ls`)")
@@ -286,14 +287,14 @@ def _add_client_commands(sub: Any, models_dir_option: Any) -> None:
     chat.add_argument("--max-tokens", type=int, help="longest reply, in tokens")
     chat.add_argument("--temperature", type=float, help="sampling temperature")
     client_options(chat, json_flag=False)
-    chat.set_defaults(func=_lazy("cli_chat", "chat"))
+    chat.set_defaults(func=_lazy("chat", "chat"))
 
     log = sub.add_parser("log", help="follow the server's requests and responses")
     log_sub = log.add_subparsers(dest="log_command", metavar="ACTION", required=True)
     stream = log_sub.add_parser("stream", help="print requests and responses as they happen")
     stream.add_argument("--width", type=int, default=200, help="characters of each body shown")
     client_options(stream)
-    stream.set_defaults(func=_lazy("cli_chat", "log_stream"))
+    stream.set_defaults(func=_lazy("chat", "log_stream"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -498,13 +499,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_ls)
 
-    cli_token.add_parser(sub)
+    tokens.add_parser(sub)
     _add_client_commands(sub, models_dir_option)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mlxserve.cli_http import CliError
+    from mlxserve.cli.http import CliError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -512,9 +513,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if getattr(args, "server_start", False):
-            from mlxserve import cli_server
+            from mlxserve.cli import server
 
-            return cli_server.start(args, extra)
+            return server.start(args, extra, parser)
         if not getattr(args, "func", None):
             parser.print_help()
             return 2

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlencode
 
-from mlxserve.cli_http import Client, CliError, human_size
+from mlxserve.cli.http import Client, CliError, human_size
 
 POLL_SECONDS = 0.25
 

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from mlxserve.cli_http import Client, CliError, ServerRefused
+from mlxserve.cli.http import Client, CliError, ServerRefused
 
 HELP = "Type a message and press Enter. /clear forgets the conversation, /exit (or Ctrl-D) quits."
 
