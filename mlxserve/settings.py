@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     log_level: str = "info"
     # Context length a model is loaded with unless the model's own maximum is smaller.
     default_context_length: int = Field(default=4096, ge=64)
+    # The most tokens one reply may generate, whatever the request asks (agents ask for 32000
+    # on every turn); None: only the context bounds it.
+    max_output_tokens: int | None = Field(default=None, ge=1)
     # Default sampling temperature when a request gives none (LM Studio's default).
     default_temperature: float = Field(default=0.8, ge=0.0, le=2.0)
     # Whether an inference request may load a model that is not loaded yet.

@@ -12,6 +12,7 @@ from mlxserve.core.manager import ModelManager
 from mlxserve.core.mcp import McpClients
 from mlxserve.core.metrics import Metrics
 from mlxserve.core.registry import Registry
+from mlxserve.core.sealed import ReasoningSeal
 from mlxserve.core.sources import external_sources
 from mlxserve.settings import Settings
 
@@ -33,6 +34,8 @@ class AppState:
     mcp: McpClients
     # The metrics registry (GET /metrics), fed by the manager and the generation path.
     metrics: Metrics
+    # Seals the reasoning that stateless agents carry between turns (Codex, Claude Code).
+    seal: ReasoningSeal
 
     @classmethod
     def build(cls, settings: Settings) -> AppState:
@@ -48,4 +51,5 @@ class AppState:
             logbus=LogBus(),
             mcp=McpClients(settings),
             metrics=metrics,
+            seal=ReasoningSeal.from_home(settings.home),
         )

@@ -320,6 +320,22 @@ def make_weights(seed: int, n_vocab: int) -> dict[str, np.ndarray]:
     return w
 
 
+# For agent tests: an embedding dimension no layer writes to (its o_proj and down_proj rows are
+# zero) holds 1.0 for every token and more for <|im_end|>, so the final state always leans
+# towards ending the turn: at temperature 0.8 about one token in eight ends it.
+TURN_END_DIM, TURN_END_LEAD = 0, 24.0
+
+
+def end_turns_early(weights: dict[str, np.ndarray], eos_id: int) -> None:
+    """Make the model end its replies by itself after a few tokens (in place)."""
+    embed = weights["model.embed_tokens.weight"]
+    embed[:, TURN_END_DIM] = 1.0
+    embed[eos_id, TURN_END_DIM] = 1.0 + TURN_END_LEAD
+    for i in range(LAYERS):
+        weights[f"model.layers.{i}.self_attn.o_proj.weight"][TURN_END_DIM, :] = 0.0
+        weights[f"model.layers.{i}.mlp.down_proj.weight"][TURN_END_DIM, :] = 0.0
+
+
 def gguf_name(hf_name: str) -> str:
     # Qwen2 uses NEOX-style rope, which is HF's layout: no q/k permutation as for llama.
     fixed = {
@@ -351,7 +367,7 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def model_config(n_vocab: int, bos: Any, eos: Any) -> dict[str, Any]:
+def model_config(n_vocab: int, bos: Any, eos: Any, context: int = CONTEXT) -> dict[str, Any]:
     return {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
@@ -360,7 +376,7 @@ def model_config(n_vocab: int, bos: Any, eos: Any) -> dict[str, Any]:
         "num_hidden_layers": LAYERS,
         "num_attention_heads": HEADS,
         "num_key_value_heads": KV_HEADS,
-        "max_position_embeddings": CONTEXT,
+        "max_position_embeddings": context,
         "rope_theta": ROPE_THETA,
         "rms_norm_eps": RMS_EPS,
         "hidden_act": "silu",
@@ -381,11 +397,12 @@ def write_mlx(
     vocab: Vocab,
     tokenizer_json: str,
     template: str = CHAT_TEMPLATE,
+    context: int = CONTEXT,
 ) -> None:
     from safetensors.numpy import save_file
 
     eot, im_end = vocab.id_of("<|endoftext|>"), vocab.id_of("<|im_end|>")
-    _write_json(folder / "config.json", model_config(len(vocab.tokens), eot, im_end))
+    _write_json(folder / "config.json", model_config(len(vocab.tokens), eot, im_end, context))
     _write_json(
         folder / "generation_config.json",
         {
@@ -409,7 +426,7 @@ def write_mlx(
             "chat_template": template,
             "clean_up_tokenization_spaces": False,
             "errors": "replace",
-            "model_max_length": CONTEXT,
+            "model_max_length": context,
             "split_special_tokens": False,
         },
     )
@@ -422,6 +439,7 @@ def write_gguf(
     name: str,
     template: str = CHAT_TEMPLATE,
     family: Any = None,
+    context: int = CONTEXT,
 ) -> None:
     """``family``: a model_families.Family whose special-token ids replace Qwen2's."""
     import gguf
@@ -429,7 +447,7 @@ def write_gguf(
     writer = gguf.GGUFWriter(str(path), arch="qwen2")
     writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    writer.add_context_length(CONTEXT)
+    writer.add_context_length(context)
     writer.add_embedding_length(HIDDEN)
     writer.add_block_count(LAYERS)
     writer.add_feed_forward_length(INTERMEDIATE)
@@ -473,7 +491,7 @@ def _families() -> Any:
     return module
 
 
-def _stamp(fmt: str, name: str, seed: int, folder: Path) -> dict[str, Any]:
+def _stamp(fmt: str, name: str, seed: int, folder: Path, variant: dict[str, Any]) -> dict[str, Any]:
     files = sorted(p for p in folder.iterdir() if p.name != STAMP_FILE)
     return {
         "generator": "mlxserve make_test_models",
@@ -482,14 +500,15 @@ def _stamp(fmt: str, name: str, seed: int, folder: Path) -> dict[str, Any]:
         "format": fmt,
         "name": name,
         "seed": seed,
+        **variant,
         "files": {p.name: p.stat().st_size for p in files},
     }
 
 
-def _is_complete(folder: Path, fmt: str, name: str, seed: int) -> bool:
+def _is_complete(folder: Path, fmt: str, name: str, seed: int, variant: dict[str, Any]) -> bool:
     try:
         stamp = json.loads((folder / STAMP_FILE).read_text(encoding="utf-8"))
-        return bool(stamp == _stamp(fmt, name, seed, folder) and stamp["files"])
+        return bool(stamp == _stamp(fmt, name, seed, folder, variant) and stamp["files"])
     except (OSError, ValueError):
         return False
 
@@ -526,12 +545,17 @@ def generate(
     description: str | None = None,
     template: str = "tools",
     family: str | None = None,
+    context: int = CONTEXT,
+    ends_turns: bool = False,
 ) -> dict[str, Path]:
     """Write the models; return {"mlx": model folder, "gguf": .gguf file} for the formats asked.
 
     ``template`` picks the chat template: "tools" (ChatML with tools) or "thinking" (the
     same, opening a <think> block). ``family`` (a key of model_families.FAMILIES) instead
-    gives the model that family's real template and special tokens. A ``description`` is
+    gives the model that family's real template and special tokens. ``context`` is the
+    context length the model declares (the weights are the same whatever it is);
+    ``ends_turns`` makes it end its replies by itself after a few sampled tokens
+    (:func:`end_turns_early`). A ``description`` is
     written to DEMO_MARKER in each folder: the server labels such a model with it (the demo
     models ``scripts/serve`` installs)."""
     fam = None
@@ -546,7 +570,8 @@ def generate(
     base = Path(out_root) / publisher
     folders = {fmt: base / f"{name}-{fmt}" for fmt in FORMATS if fmt in formats}
     result = {fmt: (d / f"{name}-f32.gguf" if fmt == "gguf" else d) for fmt, d in folders.items()}
-    todo = [fmt for fmt, d in folders.items() if not _is_complete(d, fmt, name, seed)]
+    variant = {"context": context, "ends_turns": ends_turns}
+    todo = [fmt for fmt, d in folders.items() if not _is_complete(d, fmt, name, seed, variant)]
     if not todo:
         return result
 
@@ -560,6 +585,8 @@ def generate(
         )
         chat_template = find_template(fam.template).read_text(encoding="utf-8")
     weights = make_weights(seed, len(voc.tokens))
+    if ends_turns:
+        end_turns_early(weights, voc.id_of("<|im_end|>"))
     base.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(base, name)
     for fmt in todo:
@@ -573,20 +600,22 @@ def generate(
                     voc,
                     build_tokenizer_json(voc),
                     chat_template,
-                    model_config(len(voc.tokens), None, None),
+                    model_config(len(voc.tokens), None, None, context),
                     EOG_TEXTS,
                 )
             elif fmt == "mlx":
-                write_mlx(tmp, weights, voc, build_tokenizer_json(voc), chat_template)
+                write_mlx(tmp, weights, voc, build_tokenizer_json(voc), chat_template, context)
             else:
-                write_gguf(tmp / f"{name}-f32.gguf", weights, voc, name, chat_template, fam)
+                write_gguf(
+                    tmp / f"{name}-f32.gguf", weights, voc, name, chat_template, fam, context
+                )
             if description:
                 _write_json(tmp / DEMO_MARKER, {"description": description})
-            _write_json(tmp / STAMP_FILE, _stamp(fmt, name, seed, tmp))
+            _write_json(tmp / STAMP_FILE, _stamp(fmt, name, seed, tmp, variant))
             try:
                 _publish(tmp, folders[fmt])
             except OSError:
-                if not _is_complete(folders[fmt], fmt, name, seed):
+                if not _is_complete(folders[fmt], fmt, name, seed, variant):
                     raise
                 continue  # a concurrent run published the same model first
         finally:
@@ -609,6 +638,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a model family (scripts/model_families.py), or 'all': the family's real chat "
         "template and special tokens; the model is named tiny-<family>",
     )
+    parser.add_argument("--context", type=int, default=CONTEXT, help="declared context length")
+    parser.add_argument(
+        "--ends-turns", action="store_true", help="end replies by itself after a few tokens"
+    )
     parser.add_argument(
         "--demo",
         action="store_true",
@@ -627,7 +660,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.out, publisher, f"tiny-{key}", args.seed, formats, args.vocab, family=key
                 )
             return 0
-        generate(args.out, publisher, name, args.seed, formats, args.vocab, description)
+        generate(
+            args.out,
+            publisher,
+            name,
+            args.seed,
+            formats,
+            args.vocab,
+            description,
+            context=args.context,
+            ends_turns=args.ends_turns,
+        )
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
         parser.exit(1, f"error: {exc}\n")
     return 0

@@ -11,6 +11,7 @@ from starlette.testclient import TestClient
 
 from mlxserve.app import create_app
 from mlxserve.core.chatstore import ChatStore, new_response_id
+from mlxserve.core.sealed import ReasoningSeal
 from mlxserve.core.textstream import TextAssembler
 from mlxserve.core.types import (
     Done,
@@ -28,6 +29,8 @@ from mlxserve.routes.blocks import Appended, Blocks, Closed, Opened
 from mlxserve.routes.responses import ResponseRenderer, _stream
 from mlxserve.settings import Settings
 
+SEAL = ReasoningSeal(b"k" * 32)
+
 
 def request(**kw):
     return ResponsesRequest.model_validate({"model": "m", "input": "hi", **kw})
@@ -35,7 +38,7 @@ def request(**kw):
 
 def renderer(**kw):
     body = request(**kw)
-    return ResponseRenderer(body, {"model": "m", **kw}, body.to_core(0.8, []), "m")
+    return ResponseRenderer(body, {"model": "m", **kw}, body.to_core(0.8, []), "m", SEAL)
 
 
 def test_string_input_is_one_user_message():
@@ -372,7 +375,6 @@ def client(tmp_path_factory):
         ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
         ({"input": [{"type": "function_call", "name": "f"}]}, "input[0].call_id"),
         ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input[0].output"),
-        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"tools": [{"type": "function", "name": "bad name"}]}, "tools[0].name"),
         ({"tools": [{"type": "function", "name": "f"}] * 2}, "tools"),
         ({"tool_choice": "sometimes"}, "tool_choice"),

@@ -21,6 +21,7 @@ def _settings(args: argparse.Namespace) -> Any:
         "port",
         "models_dir",
         "default_context_length",
+        "max_output_tokens",
         "log_level",
         "jit_loading",
         "ttl_seconds",
@@ -322,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="default_context_length",
         type=int,
         help="context length models are loaded with (default 4096, capped by the model)",
+    )
+    serve.add_argument(
+        "--max-output-tokens",
+        type=int,
+        help="cap every reply at this many generated tokens, whatever the request asks",
     )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     dist = serve.add_argument_group(

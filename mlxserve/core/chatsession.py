@@ -65,7 +65,7 @@ class ChatSession:
                 core = with_tools(core, self.toolset)
             # Queued on the leased instance, never on a second lookup that could race an
             # eviction of this very instance.
-            gen = await generate.admit(instance, core, policy)
+            gen = await generate.admit(instance, core, policy, self.settings.max_output_tokens)
         self.gen = gen
         if self.toolset is not None:
             rounds = self.settings.mcp_max_rounds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -23,11 +24,13 @@ from backends.constraint import GrammarConstraint, GrammarError
 from backends.owner import QueueFull
 from mlxserve.core import images
 from mlxserve.core.families import OutputParser
+from mlxserve.core.families.base import ReasoningOptions, check_setting
 from mlxserve.core.families.history import check_tool_results
 from mlxserve.core.grammar import json_schema_grammar, lark_grammar
 from mlxserve.core.instance import Instance
 from mlxserve.core.manager import ModelManager
 from mlxserve.core.metrics import note_model
+from mlxserve.core.system_messages import arrange_system
 from mlxserve.core.textstream import TextAssembler
 from mlxserve.core.types import (
     Candidate,
@@ -45,6 +48,8 @@ from mlxserve.core.types import (
     Usage,
 )
 from mlxserve.errors import ContextLengthExceeded, EngineFailure, InvalidRequest, Overloaded
+
+log = logging.getLogger("mlxserve.generate")
 
 REASONING_ALIASES = {"none": "off"}
 
@@ -228,7 +233,7 @@ class _Plan:
 def _plan(instance: Instance, request: CoreRequest) -> _Plan:
     loaded = instance.family
     family, source = loaded.family, loaded.template
-    messages = list(request.messages or ())
+    messages = arrange_system(instance.template, list(request.messages or ()))
     check_tool_results(messages)
     plan = _Plan(family.prepare_messages(messages), dict(request.template_kwargs))
     if request.tools and request.tool_choice != "none":
@@ -250,6 +255,8 @@ def _plan(instance: Instance, request: CoreRequest) -> _Plan:
     if plan.grammar is None and request.json_schema is not None:
         plan.grammar = json_schema_grammar(request.json_schema, "response_format")
     setting = REASONING_ALIASES.get(request.reasoning or "", request.reasoning)
+    if setting is not None and request.reasoning_optional:
+        setting = _wished(setting, family.reasoning_options(source), instance.id)
     kwargs = family.reasoning_kwargs(setting, source, constrained=plan.grammar is not None)
     for key, value in kwargs.items():
         plan.template_kwargs.setdefault(key, value)
@@ -257,6 +264,19 @@ def _plan(instance: Instance, request: CoreRequest) -> _Plan:
         plan.grammar is not None or setting == "off"
     )
     return plan
+
+
+def _wished(setting: str, options: ReasoningOptions | None, model: str) -> str | None:
+    """A reasoning setting that was only a wish (an agent's adaptive thinking), as the model
+    can take it: its default where it cannot take the setting, nothing where it does not
+    reason (logged)."""
+    try:
+        check_setting(setting, options)
+        return setting
+    except InvalidRequest:
+        fallback = options.default if options is not None else None
+        log.info("model %s cannot take reasoning %r; using %s", model, setting, fallback)
+        return fallback
 
 
 def _with_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
@@ -321,14 +341,18 @@ async def start(manager: ModelManager, request: CoreRequest) -> Generation:
     request = await images.fetch_all(request, policy)
     # Leased until the work is queued on the engine, which then finishes it before it closes.
     async with manager.lease(request.model, ttl=request.ttl) as instance:
-        return await admit(instance, request, policy)
+        return await admit(instance, request, policy, manager.settings.max_output_tokens)
 
 
 async def admit(
-    instance: Instance, request: CoreRequest, policy: images.ImagePolicy | None = None
+    instance: Instance,
+    request: CoreRequest,
+    policy: images.ImagePolicy | None = None,
+    output_cap: int | None = None,
 ) -> Generation:
     """Render, tokenize, check and queue ``request`` on an instance the caller leases
-    (its image URLs already read: :func:`images.fetch_all`)."""
+    (its image URLs already read: :func:`images.fetch_all`); the reply is cut at
+    ``output_cap`` tokens (the server's ``max_output_tokens``)."""
     engine = instance.engine
     info = engine.info
     note_model(instance.id)
@@ -348,7 +372,14 @@ async def admit(
     # The reply gets whatever room the context has left; a larger max_tokens is clamped and
     # the reply then ends with finish_reason "length".
     room = n_ctx - len(tokens)
-    max_tokens = min(request.max_tokens or room, room)
+    max_tokens = min(request.max_tokens or room, room, output_cap or room)
+    if request.max_tokens is not None and max_tokens < request.max_tokens:
+        log.info(
+            "max_tokens %d capped to %d (%s)",
+            request.max_tokens,
+            max_tokens,
+            "server's max output tokens" if max_tokens == output_cap else "what the context holds",
+        )
     try:
         stream = engine.submit(
             GenerationRequest(

@@ -47,6 +47,9 @@ class CoreRequest:
     json_schema: dict[str, Any] | None = None
     # "off", "on", "low", "medium", "high"; None leaves the model's default.
     reasoning: str | None = None
+    # A wish rather than a demand (an agent's adaptive thinking): a model that cannot reason
+    # ignores ``reasoning`` instead of refusing the request.
+    reasoning_optional: bool = False
     # Idle seconds before a just-in-time loaded model is unloaded (LM Studio's ``ttl``).
     ttl: float | None = None
     # Log probabilities of each generated token and of this many most likely alternatives;

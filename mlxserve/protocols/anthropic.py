@@ -1,19 +1,26 @@
 """Anthropic Messages API wire schemas (``POST /v1/messages``, ``/v1/messages/count_tokens``;
 responses are rendered by ``routes/anthropic.py``).
 
-Unknown fields (``metadata``, ``cache_control``, ...) are accepted and ignored. Content blocks
-and tools of a kind we cannot honour (documents, server tools) are refused with a 400
-naming them.
+Unknown fields (``metadata``, ``cache_control``, ``context_management``, ...) are accepted and
+ignored, as are betas. What Claude Code sends is taken as it means it: ``system`` turns in the
+middle of ``messages``, adaptive thinking (a wish, ignored by a model that does not think),
+``output_config.effort``, tools with ``defer_loading`` (offered to the model once a
+``tool_reference`` names them), and thinking blocks whose ``signature`` is one of our seals
+(the reasoning is restored from it). Server tools (``web_search_...``) are dropped from what the
+model sees, with a log line. Content blocks we cannot honour (documents) are refused
+with a 400 naming them.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, StrictBool, Tag, field_validator, model_validator
 
 from mlxserve.core import images
+from mlxserve.core.sealed import ReasoningSeal
 from mlxserve.core.types import CoreRequest, SamplingParams
 from mlxserve.errors import InvalidRequest
 from mlxserve.protocols.openai import (
@@ -22,6 +29,8 @@ from mlxserve.protocols.openai import (
     MAX_TTL_SECONDS,
     _Lenient,
 )
+
+log = logging.getLogger("mlxserve.anthropic")
 
 _BLOCK_TAGS = {
     "text": "Text",
@@ -96,9 +105,18 @@ class ToolUseBlock(_Lenient):
     input: dict[str, Any]
 
 
+class ToolReferenceBlock(_Lenient):
+    """A tool search result: the named deferred tool is offered to the model from now on."""
+
+    type: Literal["tool_reference"]
+    tool_name: str = Field(min_length=1, max_length=128)
+
+
 ResultPart = Annotated[
-    Annotated[TextBlock, Tag("Text")] | Annotated[OtherBlock, Tag("Other")],
-    _tag({"text": "Text"}),
+    Annotated[TextBlock, Tag("Text")]
+    | Annotated[ToolReferenceBlock, Tag("ToolReference")]
+    | Annotated[OtherBlock, Tag("Other")],
+    _tag({"text": "Text", "tool_reference": "ToolReference"}),
 ]
 
 
@@ -120,14 +138,29 @@ class ToolResultBlock(_Lenient):
         elif isinstance(self.content, str):
             text = self.content
         else:
-            text = "".join(p.text for p in self.content if isinstance(p, TextBlock))
+            text = "".join(
+                p.text if isinstance(p, TextBlock) else f"Tool {p.tool_name} is now available."
+                for p in self.content
+                if isinstance(p, TextBlock | ToolReferenceBlock)
+            )
         return f"Error: {text}" if self.is_error else text
+
+    def references(self) -> list[str]:
+        if not isinstance(self.content, list):
+            return []
+        return [p.tool_name for p in self.content if isinstance(p, ToolReferenceBlock)]
 
 
 class ThinkingBlock(_Lenient):
     type: Literal["thinking"]
-    thinking: str
+    thinking: str = ""
     signature: str | None = None
+
+    def text(self, seal: ReasoningSeal | None) -> str:
+        """The reasoning: from our seal when it verifies (thinking sent with display
+        ``omitted`` comes back empty), else the plain text."""
+        opened = seal.open(self.signature) if seal is not None else None
+        return self.thinking if opened is None else opened
 
 
 class RedactedThinkingBlock(_Lenient):
@@ -147,25 +180,36 @@ Block = Annotated[
 
 
 class Message(_Lenient):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     # Tagged so that a bad block is reported, not "not a string".
     content: Annotated[
         Annotated[str, Tag("Str")] | Annotated[list[Block], Tag("List")],
         Discriminator(_str_or_list),
     ]
 
-    def to_template(self) -> list[dict[str, Any]]:
+    def to_template(self, seal: ReasoningSeal | None = None) -> list[dict[str, Any]]:
         """Chat-template messages: a user turn's ``tool_result`` blocks become ``tool``
-        messages (in place), an assistant turn's ``tool_use`` blocks its ``tool_calls``."""
+        messages (in place), an assistant turn's ``tool_use`` blocks its ``tool_calls``, a
+        system turn's text a system message (the core places it as the template allows)."""
         if isinstance(self.content, str):
             return [{"role": self.role, "content": self.content}]
+        if self.role == "system":
+            texts = [b.text for b in self.content if isinstance(b, TextBlock)]
+            if len(texts) != len(self.content):
+                raise InvalidRequest(
+                    "Invalid value for 'messages': system messages hold text blocks only.",
+                    param="messages",
+                )
+            return [{"role": "system", "content": "".join(texts)}]
         if self.role == "assistant":
             message: dict[str, Any] = {"role": "assistant", "content": ""}
             for block in self.content:
                 if isinstance(block, TextBlock):
                     message["content"] += block.text
                 elif isinstance(block, ThinkingBlock):
-                    message["reasoning_content"] = block.thinking
+                    message["reasoning_content"] = message.get(
+                        "reasoning_content", ""
+                    ) + block.text(seal)
                 elif isinstance(block, ToolUseBlock):
                     call = {
                         "id": block.id,
@@ -218,22 +262,33 @@ class Tool(_Lenient):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     description: str | None = None
     input_schema: dict[str, Any]
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_server_tools(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("type") not in (None, "custom"):
-            raise ValueError(
-                f"tools of type '{data['type']}' (server tools) are not supported; "
-                "only custom tools with an input_schema are"
-            )
-        return data
+    # Offered to the model only once a tool_reference block names it (tool search).
+    defer_loading: StrictBool | None = None
 
     def to_core(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "parameters": self.input_schema}
         if self.description:
             out["description"] = self.description
         return out
+
+
+class ServerTool(_Lenient):
+    """A tool Anthropic's servers run (``web_search_...``, ``code_execution_...``): nothing
+    here can run it, so it is left out of what the model sees."""
+
+    type: str
+    name: str | None = None
+
+
+def _tool_kind(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return "Custom" if kind in (None, "custom") else "Server"
+
+
+AnyTool = Annotated[
+    Annotated[Tool, Tag("Custom")] | Annotated[ServerTool, Tag("Server")],
+    Discriminator(_tool_kind),
+]
 
 
 class ToolChoice(_Lenient):
@@ -244,8 +299,20 @@ class ToolChoice(_Lenient):
 
 class Thinking(_Lenient):
     type: Literal["enabled", "disabled", "adaptive", "between_tools"]
-    # Accepted for compatibility; thinking is bounded by max_tokens only.
+    # Mapped onto the model's reasoning effort; only max_tokens bounds the thinking itself.
     budget_tokens: int | None = Field(default=None, ge=1)
+    # "omitted": thinking blocks carry no text, only the signature (which restores it).
+    display: Literal["summarized", "omitted"] | None = None
+
+
+# output_config.effort and thinking budgets as the core's reasoning levels.
+EFFORT = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
+
+
+def _budget_level(budget: int | None) -> str:
+    if budget is None:
+        return "on"
+    return "low" if budget <= 4096 else "medium" if budget <= 16384 else "high"
 
 
 class OutputFormat(_Lenient):
@@ -254,9 +321,10 @@ class OutputFormat(_Lenient):
 
 
 class OutputConfig(_Lenient):
-    """Structured output; ``effort`` is a hint a local model has no use for."""
+    """Structured output and the reasoning effort (with thinking, or alone)."""
 
     format: OutputFormat | None = None
+    effort: str | None = Field(default=None, max_length=32)
 
 
 class CountTokensRequest(_Lenient):
@@ -271,16 +339,19 @@ class CountTokensRequest(_Lenient):
         ]
         | None
     ) = None
-    tools: list[Tool] | None = Field(default=None, max_length=512)
+    tools: list[AnyTool] | None = Field(default=None, max_length=512)
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
     output_config: OutputConfig | None = None
     # LM Studio's: idle seconds before a just-in-time loaded model is unloaded.
     ttl: float | None = Field(default=None, gt=0, le=MAX_TTL_SECONDS)
 
+    def custom_tools(self) -> list[Tool]:
+        return [t for t in self.tools or [] if isinstance(t, Tool)]
+
     @model_validator(mode="after")
     def _tools_consistent(self) -> CountTokensRequest:
-        names = [t.name for t in self.tools or []]
+        names = [t.name for t in self.custom_tools()]
         if len(set(names)) != len(names):
             raise InvalidRequest(
                 "Invalid value for 'tools': tool names must be unique.", param="tools"
@@ -311,12 +382,30 @@ class CountTokensRequest(_Lenient):
             return self.system
         return "\n".join(b.text for b in self.system)
 
-    def template_messages(self) -> list[dict[str, Any]]:
-        out = [m for message in self.messages for m in message.to_template()]
+    def template_messages(self, seal: ReasoningSeal | None = None) -> list[dict[str, Any]]:
+        out = [m for message in self.messages for m in message.to_template(seal)]
         system = self.system_text()
         if system:
             out.insert(0, {"role": "system", "content": system})
         return out
+
+    def offered_tools(self) -> list[dict[str, Any]]:
+        """The tools the model sees: custom tools, deferred ones only once a tool search
+        result referenced them; server tools are dropped (logged)."""
+        dropped = [t.type for t in self.tools or [] if isinstance(t, ServerTool)]
+        if dropped:
+            log.info("server tools dropped (nothing here runs them): %s", ", ".join(dropped))
+        referenced = {
+            name
+            for message in self.messages
+            if isinstance(message.content, list)
+            for block in message.content
+            if isinstance(block, ToolResultBlock)
+            for name in block.references()
+        }
+        return [
+            t.to_core() for t in self.custom_tools() if not t.defer_loading or t.name in referenced
+        ]
 
     def _tool_choice(self) -> str | dict[str, str]:
         choice = self.tool_choice
@@ -326,25 +415,37 @@ class CountTokensRequest(_Lenient):
             return {"name": choice.name or ""}
         return "required" if choice.type == "any" else "none"
 
-    def _reasoning(self) -> str | None:
-        if self.thinking is None:
-            return None
-        return "off" if self.thinking.type == "disabled" else "on"
+    def _reasoning(self) -> tuple[str | None, bool]:
+        """The core's reasoning level, and whether it is only a wish: adaptive thinking (and
+        an effort alone) lets a model that cannot think answer anyway; ``enabled`` does
+        not."""
+        effort = self.output_config.effort if self.output_config else None
+        level = EFFORT.get(effort, "on") if effort else None
+        thinking = self.thinking
+        if thinking is None:
+            return level, True
+        if thinking.type == "disabled":
+            return "off", False
+        if thinking.type == "enabled":
+            return level or _budget_level(thinking.budget_tokens), False
+        return level or "on", True
 
     def _json_schema(self) -> dict[str, Any] | None:
         output = self.output_config
         return output.format.schema_ if output and output.format else None
 
-    def to_core(self, default_temperature: float) -> CoreRequest:
+    def to_core(self, default_temperature: float, seal: ReasoningSeal | None = None) -> CoreRequest:
         choice = self.tool_choice
+        reasoning, optional = self._reasoning()
         return CoreRequest(
             model=self.model,
             sampling=SamplingParams(temperature=default_temperature),
-            messages=tuple(self.template_messages()),
-            tools=tuple(t.to_core() for t in self.tools or []),
+            messages=tuple(self.template_messages(seal)),
+            tools=tuple(self.offered_tools()),
             tool_choice=self._tool_choice(),
             parallel_tool_calls=not (choice and choice.disable_parallel_tool_use),
-            reasoning=self._reasoning(),
+            reasoning=reasoning,
+            reasoning_optional=optional,
             json_schema=self._json_schema(),
             ttl=self.ttl,
         )
@@ -362,9 +463,9 @@ class MessagesRequest(CountTokensRequest):
     # llama.cpp's extension: keep generating past the end-of-text token (benchmarks, tests).
     ignore_eos: StrictBool = False
 
-    def to_core(self, default_temperature: float) -> CoreRequest:
+    def to_core(self, default_temperature: float, seal: ReasoningSeal | None = None) -> CoreRequest:
         return replace(
-            super().to_core(default_temperature),
+            super().to_core(default_temperature, seal),
             sampling=SamplingParams(
                 temperature=default_temperature if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p,

@@ -1,19 +1,27 @@
 """OpenAI Responses API wire schemas (``POST /v1/responses``; responses are rendered by
 ``routes/responses.py``).
 
-Unknown fields are accepted and ignored. Input items, content parts and tools of a kind we
-cannot honour (images, files, hosted tools, ...) are refused with a 400 naming them.
+Unknown fields (``prompt_cache_key``, ``client_metadata``, ``include`` entries other than
+``reasoning.encrypted_content``, ...) are accepted and ignored. What Codex sends is taken as it
+means it: ``developer`` messages are system messages (placed by the core as the template
+allows), the functions of a ``namespace`` tool are offered to the model as
+``<namespace>__<name>`` and its calls come back as ``name`` + ``namespace``, hosted tools
+(``web_search``, ...) and custom tools are dropped from what the model sees (logged), and
+reasoning items are restored from the ``encrypted_content`` we sealed. Input items and content
+parts of a kind we cannot honour (images, files, ...) are refused with a 400 naming them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, StrictBool, Tag, field_validator, model_validator
 
 from mlxserve.core import images
 from mlxserve.core.mcp import Requested
+from mlxserve.core.sealed import ReasoningSeal
 from mlxserve.core.types import CoreRequest, SamplingParams
 from mlxserve.errors import InvalidRequest
 from mlxserve.protocols.openai import (
@@ -25,6 +33,11 @@ from mlxserve.protocols.openai import (
 )
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
+
+log = logging.getLogger("mlxserve.responses")
+
+# How a namespace's function is named to the model.
+NAMESPACE_SEPARATOR = "__"
 
 # Tags are capitalised so that error locations name the client's fields, not our union members.
 _ITEM_TAGS = {
@@ -152,6 +165,12 @@ class FunctionCallItem(_Lenient):
     call_id: str = Field(min_length=1, max_length=256)
     name: str = Field(min_length=1, max_length=64)
     arguments: str = ""
+    # The namespace tool the function belongs to.
+    namespace: str | None = Field(default=None, max_length=64)
+
+    def model_name(self) -> str:
+        """The name the model knows the function by."""
+        return f"{self.namespace}{NAMESPACE_SEPARATOR}{self.name}" if self.namespace else self.name
 
 
 class FunctionCallOutputItem(_Lenient):
@@ -169,8 +188,13 @@ class ReasoningItem(_Lenient):
     type: Literal["reasoning"]
     summary: list[ReasoningText] = Field(default_factory=list)
     content: list[ReasoningText] | None = None
+    encrypted_content: str | None = None
 
-    def text(self) -> str:
+    def text(self, seal: ReasoningSeal | None = None) -> str:
+        """The reasoning: from our seal when it verifies, else the text the item carries."""
+        opened = seal.open(self.encrypted_content) if seal is not None else None
+        if opened is not None:
+            return opened
         return "".join(p.text for p in (self.content or self.summary))
 
 
@@ -286,21 +310,44 @@ class McpTool(_Lenient):
 
 
 class OtherTool(_Lenient):
+    """A hosted tool (``web_search``, ``file_search``, ...) or a custom (free-text) tool:
+    nothing here runs the former and no template writes the latter, so the model does not
+    see it."""
+
     type: str
 
-    @field_validator("type")
-    @classmethod
-    def _refuse(cls, v: str) -> str:
-        raise ValueError(
-            f"tools of type '{v}' are not supported; only 'function' and 'mcp' tools are"
-        )
+
+# A namespace holds function tools (custom ones are dropped like other tools).
+Member = Annotated[
+    Annotated[FunctionTool, Tag("Function")] | Annotated[OtherTool, Tag("Other")],
+    _tag({"function": "Function"}),
+]
+
+
+class NamespaceTool(_Lenient):
+    """A group of functions (Codex's ``multi_agent_v1``, ...); the model sees each as
+    ``<namespace>__<name>``."""
+
+    type: Literal["namespace"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    tools: list[Member] = Field(default_factory=list, max_length=512)
+
+    def functions(self) -> list[tuple[str, FunctionDef]]:
+        """``(name for the model, function)`` for each function tool."""
+        return [
+            (f"{self.name}{NAMESPACE_SEPARATOR}{t.name}", t)
+            for t in self.tools
+            if isinstance(t, FunctionTool)
+        ]
 
 
 Tool = Annotated[
     Annotated[FunctionTool, Tag("Function")]
+    | Annotated[NamespaceTool, Tag("Namespace")]
     | Annotated[McpTool, Tag("Mcp")]
     | Annotated[OtherTool, Tag("Other")],
-    _tag({"function": "Function", "mcp": "Mcp"}),
+    _tag({"function": "Function", "namespace": "Namespace", "mcp": "Mcp"}),
 ]
 
 
@@ -343,6 +390,8 @@ class TextConfig(_Lenient):
 
 class ReasoningConfig(_Lenient):
     effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    # Reasoning is returned whole (``reasoning_text``); a summary is not made.
+    summary: Literal["auto", "concise", "detailed", "none"] | None = None
 
 
 def _arguments(text: str) -> Any:
@@ -374,8 +423,8 @@ class ResponsesRequest(_Lenient):
     store: StrictBool = True
     previous_response_id: str | None = Field(default=None, min_length=1, max_length=256)
     stream: StrictBool = False
-    # "message.output_text.logprobs" asks for log probabilities; others are accepted and
-    # have nothing to add here.
+    # "message.output_text.logprobs" asks for log probabilities, "reasoning.encrypted_content"
+    # for sealed reasoning; others are accepted and have nothing to add here.
     include: list[str] | None = Field(default=None, max_length=32)
     top_logprobs: int | None = None
     background: StrictBool | None = None
@@ -410,7 +459,7 @@ class ResponsesRequest(_Lenient):
             raise InvalidRequest("Background responses are not supported.", param="background")
         if self.input is None or self.input == []:
             raise InvalidRequest("'input' is required and must not be empty.", param="input")
-        names = [t.name for t in self.tools or [] if isinstance(t, FunctionTool)]
+        names = [name for name, _ in self.functions()]
         if len(set(names)) != len(names):
             raise InvalidRequest("Tool names must be unique.", param="tools")
         if isinstance(self.tool_choice, FunctionChoice) and self.tool_choice.name not in names:
@@ -437,7 +486,35 @@ class ResponsesRequest(_Lenient):
     def wants_logprobs(self) -> bool:
         return LOGPROBS_INCLUDE in (self.include or ())
 
-    def input_messages(self) -> list[dict[str, Any]]:
+    def functions(self) -> list[tuple[str, FunctionDef]]:
+        """The function tools as the model sees them: ``(name, function)``, a namespace's
+        functions flattened."""
+        out: list[tuple[str, FunctionDef]] = []
+        for tool in self.tools or []:
+            if isinstance(tool, FunctionTool):
+                out.append((tool.name, tool))
+            elif isinstance(tool, NamespaceTool):
+                out += tool.functions()
+        return out
+
+    def dropped_tools(self) -> list[str]:
+        """The types of the tools the model does not see (hosted and custom tools)."""
+        inner = [m for t in self.tools or [] if isinstance(t, NamespaceTool) for m in t.tools]
+        return [t.type for t in [*(self.tools or []), *inner] if isinstance(t, OtherTool)]
+
+    def namespaced(self) -> dict[str, tuple[str, str]]:
+        """A namespace function's name for the model -> (namespace, name)."""
+        return {
+            f"{t.name}{NAMESPACE_SEPARATOR}{fn.name}": (t.name, fn.name)
+            for t in self.tools or []
+            if isinstance(t, NamespaceTool)
+            for _, fn in t.functions()
+        }
+
+    def wants_encrypted_reasoning(self) -> bool:
+        return "reasoning.encrypted_content" in (self.include or [])
+
+    def input_messages(self, seal: ReasoningSeal | None = None) -> list[dict[str, Any]]:
         """The input as chat-template messages: function calls join the assistant message
         before them, reasoning items ride on the assistant message after them."""
         if isinstance(self.input, str):
@@ -446,7 +523,7 @@ class ResponsesRequest(_Lenient):
         reasoning = ""
         for item in self.input or []:
             if isinstance(item, ReasoningItem):
-                reasoning += item.text()
+                reasoning += item.text(seal)
                 continue
             if isinstance(item, McpListToolsItem):
                 continue
@@ -476,7 +553,10 @@ class ResponsesRequest(_Lenient):
                 call = {
                     "id": item.call_id,
                     "type": "function",
-                    "function": {"name": item.name, "arguments": _arguments(item.arguments)},
+                    "function": {
+                        "name": item.model_name(),
+                        "arguments": _arguments(item.arguments),
+                    },
                 }
                 out[-1].setdefault("tool_calls", []).append(call)
             if reasoning and out[-1]["role"] == "assistant":
@@ -496,15 +576,23 @@ class ResponsesRequest(_Lenient):
         """The MCP servers among the tools."""
         return [t.requested() for t in self.tools or [] if isinstance(t, McpTool)]
 
-    def to_core(self, default_temperature: float, history: list[dict[str, Any]]) -> CoreRequest:
+    def to_core(
+        self,
+        default_temperature: float,
+        history: list[dict[str, Any]],
+        seal: ReasoningSeal | None = None,
+    ) -> CoreRequest:
         """The core request: ``instructions``, then the stored ``history`` of
         ``previous_response_id`` (instructions are not carried over, as OpenAI documents),
         then this input."""
-        messages = list(history) + self.input_messages()
+        messages = list(history) + self.input_messages(seal)
         if self.instructions:
             messages.insert(0, {"role": "system", "content": self.instructions})
         effort = self.reasoning.effort if self.reasoning else None
         text_format = self.text.format if self.text else None
+        dropped = self.dropped_tools()
+        if dropped:
+            log.info("tools dropped (nothing here runs them): %s", ", ".join(dropped))
         return CoreRequest(
             model=self.model,
             sampling=SamplingParams(
@@ -518,7 +606,7 @@ class ResponsesRequest(_Lenient):
             messages=tuple(messages),
             max_tokens=self.max_output_tokens,
             ignore_eos=self.ignore_eos,
-            tools=tuple(t.to_core() for t in self.tools or [] if isinstance(t, FunctionTool)),
+            tools=tuple({**fn.to_core(), "name": name} for name, fn in self.functions()),
             tool_choice=self._tool_choice(),
             parallel_tool_calls=self.parallel_tool_calls is not False,
             json_schema=text_format.as_json_schema() if text_format else None,

@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from mlxserve.core import generate
 from mlxserve.core.generate import Generation
+from mlxserve.core.sealed import ReasoningSeal
 from mlxserve.core.types import CoreRequest, Done, Event, Idle
 from mlxserve.errors import InvalidRequest, MlxServeError
 from mlxserve.http.errors import anthropic_error_body, as_mlxserve_error
@@ -47,11 +48,19 @@ def _tool_use_id(call_id: str) -> str:
     return "toolu_" + call_id.removeprefix("call_")
 
 
-def _content_block(block: Block, *, whole: bool) -> dict[str, Any]:
+def _content_block(
+    block: Block, *, whole: bool, seal: ReasoningSeal, show_thinking: bool = True
+) -> dict[str, Any]:
     if block.kind == "text":
         return {"type": "text", "text": block.text if whole else ""}
     if block.kind == "reasoning":
-        return {"type": "thinking", "thinking": block.text if whole else "", "signature": ""}
+        # The signature seals the thinking, so that it comes back whole next turn even when
+        # the client was shown none of it.
+        return {
+            "type": "thinking",
+            "thinking": block.text if whole and show_thinking else "",
+            "signature": seal.seal(block.text) if whole else "",
+        }
     return {
         "type": "tool_use",
         "id": _tool_use_id(block.call_id),
@@ -65,21 +74,36 @@ class MessageRenderer:
     """One reply, as Anthropic stream events or as one message object; both go through the
     same blocks, so they agree."""
 
-    def __init__(self, model: str, prompt_tokens: int) -> None:
+    def __init__(
+        self, model: str, prompt_tokens: int, seal: ReasoningSeal, *, show_thinking: bool = True
+    ) -> None:
         self.id = f"msg_{uuid.uuid4().hex}"
         self.model = model
         self.prompt_tokens = prompt_tokens
+        self.seal = seal
+        # Thinking display "omitted": thinking blocks carry only their signature.
+        self.show_thinking = show_thinking
         self.blocks = Blocks()
         self.done: Done | None = None
         self._pinged = False
 
+    def _input_usage(self) -> dict[str, int]:
+        """Anthropic counts prompt tokens read from the cache apart from ``input_tokens``."""
+        cached = self.done.usage.cached_tokens if self.done else 0
+        return {
+            "input_tokens": self.prompt_tokens - cached,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached,
+        }
+
     def _usage(self) -> dict[str, Any]:
         return {
-            "input_tokens": self.prompt_tokens,
+            **self._input_usage(),
             "output_tokens": self.done.usage.completion_tokens if self.done else 0,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
         }
+
+    def _block(self, block: Block, *, whole: bool) -> dict[str, Any]:
+        return _content_block(block, whole=whole, seal=self.seal, show_thinking=self.show_thinking)
 
     def message(self) -> dict[str, Any]:
         done = self.done
@@ -88,7 +112,7 @@ class MessageRenderer:
             "type": "message",
             "role": "assistant",
             "model": self.model,
-            "content": [_content_block(b, whole=True) for b in self.blocks.blocks] if done else [],
+            "content": [self._block(b, whole=True) for b in self.blocks.blocks] if done else [],
             "stop_reason": stop_reason(done) if done else None,
             "stop_sequence": done.stop_sequence if done else None,
             "usage": self._usage(),
@@ -105,7 +129,7 @@ class MessageRenderer:
         self.done = done
         out = self._render(self.blocks.finish())
         delta = {"stop_reason": stop_reason(done), "stop_sequence": done.stop_sequence}
-        usage = {"input_tokens": self.prompt_tokens, "output_tokens": done.usage.completion_tokens}
+        usage = {**self._input_usage(), "output_tokens": done.usage.completion_tokens}
         out.append(("message_delta", {"type": "message_delta", "delta": delta, "usage": usage}))
         out.append(("message_stop", {"type": "message_stop"}))
         return out
@@ -118,7 +142,7 @@ class MessageRenderer:
                 start = {
                     "type": "content_block_start",
                     "index": block.index,
-                    "content_block": _content_block(block, whole=False),
+                    "content_block": self._block(block, whole=False),
                 }
                 out.append(("content_block_start", start))
                 if not self._pinged:
@@ -126,6 +150,8 @@ class MessageRenderer:
                     out.append(("ping", {"type": "ping"}))
                 continue
             if isinstance(change, Appended):
+                if block.kind == "reasoning" and not self.show_thinking:
+                    continue
                 if block.kind == "tool":
                     delta = {"type": "input_json_delta", "partial_json": change.text}
                 else:
@@ -135,8 +161,7 @@ class MessageRenderer:
                 out.append(("content_block_delta", event))
                 continue
             if block.kind == "reasoning":
-                # Thinking blocks end with a signature; local models have none to give.
-                signature = {"type": "signature_delta", "signature": ""}
+                signature = {"type": "signature_delta", "signature": self.seal.seal(block.text)}
                 event = {"type": "content_block_delta", "index": block.index, "delta": signature}
                 out.append(("content_block_delta", event))
             stop = {"type": "content_block_stop", "index": block.index}
@@ -188,8 +213,9 @@ async def _stream(
 async def messages(request: Request) -> Response:
     state: AppState = request.app.state.mlxserve
     body = parse(MessagesRequest, await read_json(request))
-    gen = await _start(state, body.to_core(state.settings.default_temperature))
-    renderer = MessageRenderer(gen.instance.id, gen.prompt_tokens)
+    gen = await _start(state, body.to_core(state.settings.default_temperature, state.seal))
+    show = not (body.thinking and body.thinking.display == "omitted")
+    renderer = MessageRenderer(gen.instance.id, gen.prompt_tokens, state.seal, show_thinking=show)
     if body.stream:
         return EventStreamResponse(
             _stream(gen, renderer, state.settings.sse_ping_seconds), on_close=gen.cancel
@@ -206,7 +232,7 @@ async def messages(request: Request) -> Response:
 async def count_tokens(request: Request) -> Response:
     state: AppState = request.app.state.mlxserve
     body = parse(CountTokensRequest, await read_json(request))
-    core = body.to_core(state.settings.default_temperature)
+    core = body.to_core(state.settings.default_temperature, state.seal)
     try:
         count = await generate.count_prompt_tokens(state.manager, core)
     except InvalidRequest as exc:

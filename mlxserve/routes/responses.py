@@ -21,6 +21,7 @@ from starlette.routing import Route
 from mlxserve.core.chatsession import ChatSession
 from mlxserve.core.chatstore import new_response_id
 from mlxserve.core.mcp import Toolset
+from mlxserve.core.sealed import ReasoningSeal
 from mlxserve.core.toolloop import LoopEvent, ToolResult
 from mlxserve.core.types import Candidate, CoreRequest, Done, Idle, TokenLogprob
 from mlxserve.errors import InvalidRequest, MlxServeError
@@ -84,10 +85,20 @@ class ResponseRenderer:
     there. Streamed and gathered responses go through the same steps, so they agree."""
 
     def __init__(
-        self, body: ResponsesRequest, raw: dict[str, Any], core: CoreRequest, model: str
+        self,
+        body: ResponsesRequest,
+        raw: dict[str, Any],
+        core: CoreRequest,
+        model: str,
+        seal: ReasoningSeal,
     ) -> None:
         self.id = new_response_id()
         self.body = body
+        self.seal = seal
+        # Reasoning items carry their text sealed in encrypted_content when asked to.
+        self.encrypt_reasoning = body.wants_encrypted_reasoning()
+        # A namespace function's name for the model -> (namespace, name).
+        self.namespaced = body.namespaced()
         self.raw = raw
         self.core = core
         self.model = model
@@ -275,14 +286,17 @@ class ResponseRenderer:
             }
         if block.kind == "reasoning":
             content = [_reasoning_part(block.text)] if whole else []
-            return {
+            item: dict[str, Any] = {
                 "id": item_id,
                 "type": "reasoning",
                 "summary": [],
                 "content": content,
                 "status": status,
             }
-        return {
+            if self.encrypt_reasoning:
+                item["encrypted_content"] = self.seal.seal(block.text) if whole else None
+            return item
+        call: dict[str, Any] = {
             "id": item_id,
             "type": "function_call",
             "status": status,
@@ -290,6 +304,9 @@ class ResponseRenderer:
             "name": block.name,
             "arguments": block.text if whole else "",
         }
+        if block.name in self.namespaced:
+            call["namespace"], call["name"] = self.namespaced[block.name]
+        return call
 
     def _render(self, changes: list[Change]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -347,7 +364,8 @@ class ResponseRenderer:
             ]
         if block.kind == "tool":
             name = "response.function_call_arguments.done"
-            out.append({"type": name, **where, "name": block.name, "arguments": block.text})
+            call = self.namespaced.get(block.name, (None, block.name))[1]
+            out.append({"type": name, **where, "name": call, "arguments": block.text})
         else:
             done = {"type": f"response.{_PART[block.kind]}.done", **where, "text": block.text}
             logprobs = self._logprobs.get(block.index, [])
@@ -442,7 +460,7 @@ async def create_response(request: Request) -> Response:
     history: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
         history = (await state.chats.aconversation(body.previous_response_id)).messages
-    core = body.to_core(state.settings.default_temperature, history)
+    core = body.to_core(state.settings.default_temperature, history, state.seal)
     session = ChatSession(state.settings, state.manager, state.mcp, state.chats)
     try:
         toolset = await session.connect(body.requested_servers())
@@ -453,7 +471,7 @@ async def create_response(request: Request) -> Response:
         except InvalidRequest as exc:
             exc.param = _FIELDS.get(exc.param or "", exc.param)
             raise
-        renderer = ResponseRenderer(body, raw, core, gen.instance.id)
+        renderer = ResponseRenderer(body, raw, core, gen.instance.id, state.seal)
     except BaseException:
         await session.close()  # a generation queued already must not run on to max_tokens
         raise
@@ -464,7 +482,7 @@ async def create_response(request: Request) -> Response:
                 response_id=renderer.id,
                 parent_id=body.previous_response_id,
                 system=body.instructions,
-                input=body.input_messages(),
+                input=body.input_messages(state.seal),
                 answer=renderer.template_output(),
                 reply=renderer.response(),
             )

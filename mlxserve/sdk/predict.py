@@ -317,7 +317,7 @@ async def predict(ctx: Context, channel: Channel, parameter: Any) -> None:
     run = _Run(started=time.perf_counter())
     async with state.manager.lease(found.id) as instance:
         request, pred = core_request(state, instance, parameter)
-        gen = await generate.admit(instance, request)
+        gen = await generate.admit(instance, request, output_cap=state.settings.max_output_tokens)
     done: Done | None = None
     generated = 0
     events = aiter(gen.events(state.settings.sse_ping_seconds or None))
