@@ -354,6 +354,10 @@ Tool = Annotated[
 class FunctionChoice(_Lenient):
     type: Literal["function"]
     name: str
+    namespace: str | None = Field(default=None, max_length=64)
+
+    def model_name(self) -> str:
+        return f"{self.namespace}{NAMESPACE_SEPARATOR}{self.name}" if self.namespace else self.name
 
 
 class McpChoice(_Lenient):
@@ -462,7 +466,10 @@ class ResponsesRequest(_Lenient):
         names = [name for name, _ in self.functions()]
         if len(set(names)) != len(names):
             raise InvalidRequest("Tool names must be unique.", param="tools")
-        if isinstance(self.tool_choice, FunctionChoice) and self.tool_choice.name not in names:
+        if (
+            isinstance(self.tool_choice, FunctionChoice)
+            and self.tool_choice.model_name() not in names
+        ):
             raise InvalidRequest(
                 f"tool_choice names '{self.tool_choice.name}', which is not in tools.",
                 param="tool_choice",
@@ -566,7 +573,7 @@ class ResponsesRequest(_Lenient):
 
     def _tool_choice(self) -> str | dict[str, str]:
         if isinstance(self.tool_choice, FunctionChoice):
-            return {"name": self.tool_choice.name}
+            return {"name": self.tool_choice.model_name()}
         if isinstance(self.tool_choice, McpChoice):
             name = self.tool_choice.name
             return {"name": name} if name else "required"
