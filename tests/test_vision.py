@@ -111,7 +111,8 @@ def _serve(vision_models: Path, home: Path, image_host: str) -> Server:
     os.environ["MLXSERVE_IMAGE_FETCH_TIMEOUT"] = "1"
     os.environ["MLXSERVE_MAX_IMAGES_PER_REQUEST"] = "3"
     try:
-        return Server(vision_models, home, "--no-auto-evict")
+        # A 512-token window: three 448x448 images (256 tokens each) do not fit.
+        return Server(vision_models, home, "--no-auto-evict", "--context-length", "512")
     finally:
         for name in ("ALLOWED_HOSTS", "FETCH_TIMEOUT"):
             os.environ.pop(f"MLXSERVE_IMAGE_{name}", None)
@@ -226,6 +227,25 @@ def test_reply_equals_the_engine_library_and_images_matter(oai, reference, gguf_
     wide = _ask(oai, _data_url(IMG_WIDE), model=model)
     assert a.usage.prompt_tokens == text.usage.prompt_tokens + 2 + 16
     assert wide.usage.prompt_tokens == a.usage.prompt_tokens + 16
+    # Log probabilities come with image requests too: the sampled token's is the top one.
+    lp = oai.chat.completions.create(
+        model=model,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": _data_url(IMG_A)}},
+                    {"type": "text", "text": QUESTION},
+                ],
+            }
+        ],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    entries = lp.choices[0].logprobs.content
+    assert len(entries) == 3 and all(e.logprob == e.top_logprobs[0].logprob <= 0 for e in entries)
     # A JPEG, a WebP and a GIF of the same picture decode too.
     for fmt, media in (("JPEG", "image/jpeg"), ("WEBP", "image/webp"), ("GIF", "image/gif")):
         r = _ask(oai, _data_url(_png(1, fmt=fmt), media), model=model)
@@ -398,6 +418,34 @@ def test_bad_images_are_clear_4xx(server, image_host):
     assert "does not support image input" in claude.json()["error"]["message"]
     # Still serving.
     assert _status(server, _image_body(_data_url(IMG_A))).status_code == 200
+
+
+@pytest.mark.parametrize("model", VL_MODELS)
+def test_image_tokens_count_against_the_context(server, model):
+    parts = [
+        {"type": "image_url", "image_url": {"url": _data_url(_png(s, (448, 448)))}}
+        for s in (7, 8, 9)
+    ]
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "hi"}]}],
+        "max_tokens": 2,
+    }
+    r = _status(server, body)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert "maximum context length is 512 tokens" in r.json()["error"]["message"]
+    assert (
+        _status(
+            server,
+            {
+                **body,
+                "messages": [
+                    {"role": "user", "content": [parts[0], {"type": "text", "text": "hi"}]}
+                ],
+            },
+        ).status_code
+        == 200
+    )
 
 
 def test_sdk_prepare_image(server, oai):

@@ -22,8 +22,8 @@ from typing import Any, cast
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from backends.base import EngineInfo, Job, PromptProgress, VisionPrompt
-from backends.mlx.engine import MLXEngine
+from backends.base import EngineInfo, Job, PromptProgress, Sampled, VisionPrompt
+from backends.mlx.engine import MLXEngine, _logprobs
 
 log = logging.getLogger("mlxserve.backends")
 
@@ -143,7 +143,7 @@ class MLXVisionEngine(MLXEngine):
         else:
             super()._admit(job)
 
-    def _image_steps(self, job: Job) -> Generator[int | PromptProgress, None, None]:
+    def _image_steps(self, job: Job) -> Generator[Sampled | PromptProgress, None, None]:
         from mlx_lm.models.cache import make_prompt_cache
         from mlx_vlm.generate import generate_step
 
@@ -183,18 +183,23 @@ class MLXVisionEngine(MLXEngine):
             **extra,
         )
         generated: list[int] = []
+        k = request.logprobs
         try:
             while not stream.cancelled:
                 for key, value in state.items():
                     setattr(lm, key, value)
                 try:
-                    token, _ = next(steps)
+                    token, logprobs = next(steps)
                 except StopIteration:
                     return
                 finally:
                     state = {k: getattr(lm, k) for k in state}
                 generated.append(int(token))
-                yield int(token)
+                if k is None:
+                    yield int(token)
+                else:
+                    # mlx-vlm yields the processed logits' log-softmax, as mlx-lm does.
+                    yield int(token), _logprobs([(logprobs, int(token), k)])[0]
         finally:
             steps.close()
             if generated:
