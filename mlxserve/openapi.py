@@ -103,6 +103,7 @@ OPERATIONS: tuple[Operation, ...] = (
               reply=library.Deleted),
     Operation("GET", "/api/v1/models/search", "Search Hugging Face for MLX and GGUF models",
               "lmstudio", reply=library.HubSearchResults),
+    Operation("GET", "/api/v1/models/download", "This server's download jobs", "lmstudio"),
     Operation("DELETE", "/api/v1/models/download/{job_id}", "Cancel a download", "lmstudio"),
     Operation("POST", "/api/v1/models/delete", "Delete a downloaded model", "lmstudio",
               request=library.DeleteModel, reply=library.Deleted),

@@ -211,6 +211,8 @@ def test_cancel_resume_then_delete(hub, hub_server):
             1 << 20
         ):
             time.sleep(0.05)
+        listed = httpx.get(url + "/api/v1/models/download").json()["data"]
+        assert listed[0]["job_id"] == job and listed[0]["status"] == "downloading"
         cancelled = httpx.delete(f"{url}/api/v1/models/download/{job}").json()
         assert cancelled["status"] == "failed"
         assert cancelled["error"] == "cancelled; ask again to resume"

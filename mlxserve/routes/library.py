@@ -107,6 +107,12 @@ async def search_models(request: Request) -> Response:
     return JSONResponse(body)
 
 
+async def list_downloads(request: Request) -> Response:
+    """This server's download jobs (the last 200), newest first."""
+    jobs = list(_state(request).downloads.jobs.values())
+    return JSONResponse({"object": "list", "data": [j.status() for j in reversed(jobs)]})
+
+
 async def cancel_download(request: Request) -> Response:
     """Stop a download; asking for the model again resumes where it stopped."""
     job = await _state(request).downloads.cancel(request.path_params["job_id"])
@@ -166,6 +172,7 @@ routes = [
     Route("/v1/responses/{id}", get_response, methods=["GET"]),
     Route("/v1/responses/{id}", delete_response, methods=["DELETE"]),
     Route("/api/v1/models/search", search_models, methods=["GET"]),
+    Route("/api/v1/models/download", list_downloads, methods=["GET"]),
     Route("/api/v1/models/download/{job_id}", cancel_download, methods=["DELETE"]),
     Route("/api/v1/models/delete", remove_model, methods=["POST"]),
     Route("/api/v1/tokens", list_tokens, methods=["GET"]),

@@ -18,8 +18,19 @@ export class ModelsView {
   }
 
   async enter() {
-    await this.refresh();
+    await Promise.all([this.refresh(), this.loadJobs()]);
     this.poll();
+  }
+
+  // Downloads this server runs or ran (started here, in another tab, or by `mlxserve get`).
+  async loadJobs() {
+    const { data } = await api("/api/v1/models/download");
+    for (const status of data.slice().reverse()) {
+      if (this.jobs.has(status.job_id) || status.status === "completed") continue;
+      const spec = status.quantization ? `${status.model}@${status.quantization}` : status.model;
+      this.jobs.set(status.job_id, { spec, status });
+      this.renderJob(status.job_id);
+    }
   }
 
   leave() {
