@@ -542,3 +542,20 @@ def test_v1_reports_an_unreadable_call_as_invalid_tool_call():
     ) in events
     assert [i["type"] for i in turn.items] == ["message", "invalid_tool_call"]
     assert turn.items[0]["content"] == "Let me see. "
+
+
+def test_end_of_turn_tokens_and_markers_by_id():
+    from mlxserve.core.families import load_family
+
+    vocab = {"<|channel|>": 10, "<|message|>": 11, "<|end|>": 12, "<|call|>": 13, "<|return|>": 14}
+
+    def tokenize(text):
+        return [vocab[text]] if text in vocab else [ord(c) for c in text]
+
+    loaded = load_family("<|channel|>x<|message|>", {}, tokenize)
+    assert loaded.family.name == "harmony"
+    # The tokenizer lists <|end|> as end of sequence; harmony's turn goes on after it.
+    assert loaded.stop_ids(frozenset({12, 99})) == {13, 14, 99}
+    assert loaded.lit("<|channel|>") == "<[10]>" and loaded.lit("<|start|>") == '"<|start|>"'
+    shown = loaded.token_bytes(lambda token: b"")  # engines decode control tokens to nothing
+    assert shown(11) == b"<|message|>" and shown(42) == b""
