@@ -289,6 +289,9 @@ def test_load_with_a_context_length_then_unload(page, site):
     row.locator("button.load").click()
     page.fill("#load-form input[name=context_length]", "1536")
     page.fill("#load-form input[name=identifier]", "web-loaded")
+    page.fill("#load-form input[name=parallel]", "2")
+    assert page.locator("#load-form select[name=kv_cache_quantization]").is_hidden()
+    page.select_option("#load-form select[name=cache_type_k]", "q8_0")
     page.click("#load-go")
     line = page.locator(".instance-line[data-instance='web-loaded']")
     line.wait_for()
@@ -297,6 +300,8 @@ def test_load_with_a_context_length_then_unload(page, site):
     [entry] = [m for m in models if m["key"] == GGUF_KEY]
     loaded = {i["id"]: i["config"]["context_length"] for i in entry["loaded_instances"]}
     assert loaded["web-loaded"] == 1536
+    [config] = [i["config"] for i in entry["loaded_instances"] if i["id"] == "web-loaded"]
+    assert config["parallel"] == 2 and config["cache_type_k"] == "q8_0"
     shot(page, "models")
     line.locator("button.unload").click()
     line.wait_for(state="detached")

@@ -97,6 +97,8 @@ export class ModelsView {
     $("#load-model").textContent = model.display_name || model.key;
     form.elements.context_length.placeholder = `default, up to ${count(model.max_context_length)}`;
     form.elements.context_length.max = model.max_context_length;
+    for (const label of form.querySelectorAll(".only-mlx")) label.hidden = model.format !== "mlx";
+    for (const label of form.querySelectorAll(".only-gguf")) label.hidden = model.format !== "gguf";
     $("#load-error").hidden = true;
     $("#load-dialog").showModal();
     form.elements.context_length.focus();
@@ -107,11 +109,14 @@ export class ModelsView {
     event.preventDefault();
     const form = $("#load-form");
     const body = { model: form.dataset.model };
-    for (const name of ["context_length", "ttl", "eval_batch_size", "num_experts"]) {
+    for (const name of ["context_length", "ttl", "eval_batch_size", "num_experts", "parallel", "kv_cache_quantization"]) {
       const value = form.elements[name].value.trim();
       if (value) body[name] = Number(value);
     }
     if (form.elements.identifier.value.trim()) body.identifier = form.elements.identifier.value.trim();
+    for (const name of ["cache_type_k", "cache_type_v"]) {
+      if (form.elements[name].value) body[name] = form.elements[name].value;
+    }
     for (const name of ["flash_attention", "offload_kv_cache_to_gpu"]) {
       const value = form.elements[name].value;
       if (value) body[name] = value === "true";
