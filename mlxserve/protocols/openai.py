@@ -273,6 +273,18 @@ class ChatCompletionRequest(_Structured):
             raise ValueError("tool_choice 'required' needs at least one tool in tools")
         return self
 
+    @model_validator(mode="after")
+    def _contents_present(self) -> ChatCompletionRequest:
+        # Required upstream on every message but an assistant's that calls tools: without it
+        # a user turn is empty and the reply runs on to the end of the context.
+        for i, message in enumerate(self.messages):
+            if message.content is None and not (message.role == "assistant" and message.tool_calls):
+                raise InvalidRequest(
+                    f"Missing required parameter: 'messages[{i}].content'.",
+                    param=f"messages[{i}].content",
+                )
+        return self
+
     def _tool_choice(self) -> str | dict[str, str]:
         if isinstance(self.tool_choice, NamedToolChoice):
             return {"name": self.tool_choice.function.name}
