@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -42,6 +45,8 @@ from mlxserve.routes import (
 from mlxserve.sdk.routes import routes as sdk_routes
 from mlxserve.settings import Settings
 from mlxserve.state import AppState
+
+log = logging.getLogger("mlxserve.app")
 
 
 async def health(request: Request) -> Response:
@@ -113,10 +118,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
         state.registry.scan()
         state.manager.start()
         yield
-        await state.downloads.close()
-        await state.mcp.close()
-        await state.manager.close()
-        state.chats.close()
+        # Each part is closed even if one before it fails: a broken MCP session must not leave
+        # the models loaded or the chat store open.
+        closes: list[tuple[str, Callable[[], Any]]] = [
+            ("downloads", state.downloads.close),
+            ("MCP sessions", state.mcp.close),
+            ("models", state.manager.close),
+            ("chat store", state.chats.close),
+        ]
+        for what, close in closes:
+            try:
+                result = close()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("closing the %s failed; closing the rest", what)
 
     app = Starlette(
         routes=[

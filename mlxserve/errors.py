@@ -141,6 +141,15 @@ class EngineFailure(MlxServeError):
     code = "engine_error"
 
 
+class GenerationCancelled(MlxServeError):
+    """The server stopped a generation before it ended (its model unloaded, or shutting
+    down): the reply is cut short, which is neither a stop nor the length limit."""
+
+    status = 503
+    kind = "server_error"
+    code = "generation_cancelled"
+
+
 class PermissionDenied(MlxServeError):
     """A feature this server's settings switch off (per-request MCP servers, mcp.json)."""
 

@@ -47,7 +47,13 @@ from mlxserve.core.types import (
     ToolCallStart,
     Usage,
 )
-from mlxserve.errors import ContextLengthExceeded, EngineFailure, InvalidRequest, Overloaded
+from mlxserve.errors import (
+    ContextLengthExceeded,
+    EngineFailure,
+    GenerationCancelled,
+    InvalidRequest,
+    Overloaded,
+)
 
 log = logging.getLogger("mlxserve.generate")
 
@@ -200,6 +206,11 @@ class Generation:
                         self.cached_tokens = max(self.cached_tokens, item.cached)
                         yield Progress(item.processed, item.total, item.cached)
                     elif isinstance(item, Finished):
+                        if item.reason == "cancelled":
+                            raise GenerationCancelled(
+                                "The generation was stopped before it ended: its model is "
+                                "being unloaded or the server is shutting down."
+                            )
                         for event in self._output.finish():
                             yield event
                         yield self._done(item.reason, item.generated)
