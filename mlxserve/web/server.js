@@ -99,7 +99,7 @@ export class ServerView {
       cursor: { drag: { x: false, y: false } },
       scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(max * 1.15, floor)] } },
       axes: [
-        { ...axis, values: (u, ticks) => ticks.map((t) => new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" })) },
+        { ...axis, space: 70, values: (u, ticks) => ticks.map((t) => new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false })) },
         { ...axis, size: 76, values: (u, ticks) => ticks.map(format) },
       ],
       series: [{}, ...series.map((label, i) => ({ label, stroke: colors[i], width: 2, fill: i === 0 ? `${accent}22` : undefined, value: (u, v) => (v == null ? "–" : format(v)) }))],
