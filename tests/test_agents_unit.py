@@ -125,6 +125,9 @@ def test_claude_code_request_to_core():
     assert [m["role"] for m in core.messages] == ["system", "user", "system"]
     assert core.messages[2]["content"] == "Agents: Explore."
     assert [t["name"] for t in core.tools] == ["Bash"]  # deferred and server tools left out
+    forced = claude_request(tool_choice={"type": "tool", "name": "Monitor"})
+    core = MessagesRequest.model_validate(forced).to_core(0.8, SEAL)
+    assert [t["name"] for t in core.tools] == ["Bash", "Monitor"]
     assert core.reasoning == "high" and core.reasoning_optional
     assert core.max_tokens == 32000
 

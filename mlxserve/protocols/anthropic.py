@@ -403,6 +403,8 @@ class CountTokensRequest(_Lenient):
             if isinstance(block, ToolResultBlock)
             for name in block.references()
         }
+        if self.tool_choice is not None and self.tool_choice.name:
+            referenced.add(self.tool_choice.name)  # a forced tool is offered, deferred or not
         return [
             t.to_core() for t in self.custom_tools() if not t.defer_loading or t.name in referenced
         ]
