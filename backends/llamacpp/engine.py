@@ -236,6 +236,8 @@ class LlamaCppEngine(Engine):
         self._free = list(range(n_seq))
         # Finished sequences kept for prefix reuse (least recently used first): their tokens.
         self._kept: OrderedDict[int, list[int]] = OrderedDict()
+        # Their position shift: cells minus positions after an image (M-RoPE).
+        self._kept_shift: dict[int, int] = {}
 
     # --- parallel sequences (owner thread) ----------------------------------------------
 
@@ -274,6 +276,7 @@ class LlamaCppEngine(Engine):
     def _drop(self, seq: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
         self._kept.pop(seq, None)
+        self._kept_shift.pop(seq, None)
         self._free.append(seq)
 
     def _evict_until(self, fits: Any, keep: int | None = None) -> None:
@@ -289,10 +292,16 @@ class LlamaCppEngine(Engine):
         request = job.request
         prompt = list(request.prompt)
         source, shared = None, 0
-        for seq, tokens in self._kept.items() if request.vision is None else ():
+        for seq, tokens in self._kept.items():
             n = common_prefix(tokens, prompt, len(prompt) - 1)
             if n > shared:
                 source, shared = seq, n
+        # Image cells are marked by their image's hash (negative ids): a prompt with images
+        # reuses a kept sequence only when the shared prefix holds all of its images.
+        media_end = max((i + 1 for i, t in enumerate(prompt) if t < 0), default=0)
+        if shared < media_end:
+            source, shared = None, 0
+        first_media = next((i for i, t in enumerate(prompt) if t < 0), len(prompt))
         need = len(prompt) + request.max_tokens + sum(s.reserve for s in self._running)
         self._evict_until(lambda: need + self._kept_cells() <= self._cells, keep=source)
         if not self._free:
@@ -304,8 +313,10 @@ class LlamaCppEngine(Engine):
         try:
             if source is not None:
                 self._kept.move_to_end(source)
-                # Unified KV: the copy shares the source's cells, nothing is duplicated.
-                llama_cpp.llama_memory_seq_cp(self._mem, source, seq, 0, shared)
+                # Unified KV: the copy shares the source's cells, nothing is duplicated. The
+                # range is in positions: after an image they lag the cells by its shift.
+                shift = self._kept_shift.get(source, 0) if shared > first_media else 0
+                llama_cpp.llama_memory_seq_cp(self._mem, source, seq, 0, shared - shift)
             p = request.sampling
             seed = p.seed % (1 << 32) if p.seed is not None else random.getrandbits(31)
             self._llm.set_seed(seed)
@@ -321,14 +332,19 @@ class LlamaCppEngine(Engine):
                 presence_penalty=p.presence_penalty,
             )
             pos_shift = 0
+            if source is not None and shared > first_media:
+                pos_shift = self._kept_shift.get(source, 0)
             if request.vision is not None:
-                pos_shift = self._evaluate_images(request.vision, seq, len(prompt))
-                shared = len(prompt) - 1
+                if source is None:
+                    pos_shift = self._evaluate_images(request.vision, seq, len(prompt))
+                    shared = len(prompt) - 1
+                else:
+                    request.vision.free()
         except BaseException:
             # The sequence id goes back, its cells cleared, so that no slot leaks.
             self._drop(seq)
             raise
-        cached = 0 if request.vision is not None else shared
+        cached = 0 if request.vision is not None and source is None else shared
         state = _Seq(job, seq, prompt, cached, sampler, prompt[:shared], pos_shift=pos_shift)
         self._running.append(state)
         job.progress(shared, len(prompt), cached)
@@ -345,14 +361,14 @@ class LlamaCppEngine(Engine):
         self._running.remove(s)
         tokens = s.tokens
         size = len(tokens) * self._token_bytes
-        # Image cells are not tokens: a prompt with images is not kept for reuse.
-        if not tokens or size > self.options.prompt_cache_bytes or s.job.request.vision:
+        if not tokens or size > self.options.prompt_cache_bytes:
             self._drop(s.seq)
             return
         for seq, kept in list(self._kept.items()):
             if len(kept) <= len(tokens) and tokens[: len(kept)] == kept:
                 self._drop(seq)
         self._kept[s.seq] = tokens
+        self._kept_shift[s.seq] = s.pos_shift
         budget = self.options.prompt_cache_bytes // self._token_bytes
         self._evict_until(lambda: self._kept_cells() <= budget, keep=s.seq)
 

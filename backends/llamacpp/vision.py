@@ -5,6 +5,7 @@ lay them out."""
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import weakref
 from pathlib import Path
@@ -73,9 +74,11 @@ class Projector:
             self.ctx = None
 
     def tokenize(self, text: str, images: list[Any]) -> VisionPrompt:
-        """``text`` holds one marker per image; images are RGB PIL images. Image positions
-        are -1 in the returned token ids (they are embeddings, not tokens)."""
+        """``text`` holds one marker per image; images are RGB PIL images. An image's cells
+        hold a negative mark of its pixels' hash in the returned token ids (they are
+        embeddings, not tokens), so that prefix matching tells images apart."""
         mtmd = self._mtmd
+        marks = iter([-1 - int(hashlib.sha256(i.tobytes()).hexdigest()[:15], 16) for i in images])
         bitmaps = []
         try:
             for image in images:
@@ -113,7 +116,7 @@ class Projector:
                 ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
                 tokens += [int(ptr[j]) for j in range(count.value)]
             else:
-                tokens += [-1] * n
+                tokens += [next(marks, -1)] * n
                 n_image += n
         return VisionPrompt(tuple(tokens), chunks, n_image)
 
