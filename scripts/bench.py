@@ -365,6 +365,46 @@ async def logprobs_cost(server: Server, mode: Mode) -> float:
     return statistics.median(rates[True]) / statistics.median(rates[False])
 
 
+async def kv_quantization(server: Server, fmt: str, mode: Mode) -> dict[str, float]:
+    """An 8-bit KV cache (MLX bits, llama.cpp q8_0) beside the plain one: KV bytes per
+    token (the guardrail's count, from /api/v1/models/loaded), and aggregate tok/s at 8
+    streams, the two instances alternating, medians."""
+    plain = server.model
+    options = (
+        {"kv_cache_quantization": 8}
+        if fmt == "mlx"
+        else {"cache_type_k": "q8_0", "cache_type_v": "q8_0"}
+    )
+    ident = f"kvq-{fmt}"
+    async with httpx.AsyncClient(base_url=server.url, timeout=600) as client:
+        r = await client.post(
+            "/api/v1/models/load", json={"model": plain, "identifier": ident, **options}
+        )
+        r.raise_for_status()
+        loaded = (await client.get("/api/v1/models/loaded")).json()["instances"]
+    per_token = {}
+    for i in loaded:
+        if i["id"] in (plain, ident):
+            per_token[i["id"]] = (i["memory_bytes"] - i["size_bytes"]) / i["context_length"]
+    rates: dict[str, list[float]] = {plain: [], ident: []}
+    try:
+        for r_ in range(max(2, mode.rounds)):
+            for model in (plain, ident) if r_ % 2 == 0 else (ident, plain):
+                server.model = model
+                result = await concurrent(server, 8, mode.out_tokens, f"kvq{r_}{model}")
+                rates[model].append(result["aggregate_tps"])
+    finally:
+        server.model = plain
+        async with httpx.AsyncClient(base_url=server.url, timeout=600) as client:
+            await client.post("/api/v1/models/unload", json={"instance_id": ident})
+    return {
+        "kv_bytes_per_token_plain": per_token[plain],
+        "kv_bytes_per_token_8bit": per_token[ident],
+        "kv_8bit_aggregate_8_vs_plain": statistics.median(rates[ident])
+        / statistics.median(rates[plain]),
+    }
+
+
 def fmt_table(rows: list[tuple[str, str, str]]) -> str:
     width = max(len(r[0]) for r in rows)
     lines = [f"{'figure':<{width}}  {'value':>12}  goal", "-" * (width + 30)]
@@ -462,6 +502,7 @@ async def run(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
             figs["second_turn_cached_tokens"] = turn["cached_tokens"]
             figs["admission_max_gap_ms"] = await admission_gap(ours, mode) * 1000
             figs["logprobs_5_decode_vs_none"] = await logprobs_cost(ours, mode)
+            figs.update(await kv_quantization(ours, fmt, mode))
             results["figures"][fmt] = {"figures": figs, "raw": by_n, "inproc_decode_tps": inproc[0]}
             goals = {
                 "single_decode_vs_inproc": ">= 0.97" if fmt == "mlx" else ">= 0.95",
@@ -473,6 +514,9 @@ async def run(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
                 "second_turn_cached_tokens": "> 0",
                 "admission_max_gap_ms": "<= 1 chunk + 1 step",
                 "logprobs_5_decode_vs_none": ">= 0.95",
+                "kv_bytes_per_token_plain": "reported",
+                "kv_bytes_per_token_8bit": "reported",
+                "kv_8bit_aggregate_8_vs_plain": "reported",
             }
             for k, v in figs.items():
                 goal = goals.get(k, ">= 1.0" if k.startswith("vs_mlx") else ">= 2 (at 4)")
@@ -480,6 +524,38 @@ async def run(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
     finally:
         for s in servers:
             s.stop()
+    print(fmt_table(rows))
+    return results
+
+
+async def engine_features(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
+    """Only the engine-feature figures (logprobs cost, 8-bit KV cache), mlxserve alone."""
+    root = REPO / ".cache" / "bench-models"
+    make_model(root, mode.size)
+    home = Path(tempfile.mkdtemp(prefix="mlxserve-bench-"))
+    key = f"{PUBLISHER}/bench-qwen2-{mode.size}"
+    argv = [sys.executable, "-m", "mlxserve", "serve", "--port", "{port}"]
+    argv += ["--models-dir", str(root), "--no-auto-evict"]
+    env = {"MLXSERVE_HOME": str(home), "MLXSERVE_DEFAULT_CONTEXT_LENGTH": "8192"}
+    ours = Server("mlxserve", f"{key}-mlx", argv, env)
+    results: dict[str, Any] = {"mode": mode.size, "machine": machine(), "figures": {}}
+    rows: list[tuple[str, str, str]] = []
+    try:
+        ours.start(home)
+        for fmt in args.formats:
+            ours.model = f"{key}-{fmt}"
+            # Warm-up: the first request loads the model.
+            async with httpx.AsyncClient(timeout=600) as client:
+                await stream_once(client, ours, "warm up", 4)
+            figs = {"logprobs_5_decode_vs_none": await logprobs_cost(ours, mode)}
+            figs.update(await kv_quantization(ours, fmt, mode))
+            results["figures"][fmt] = figs
+            for k, v in figs.items():
+                rows.append(
+                    (f"{fmt} {k}", f"{v:.3f}", ">= 0.95" if "logprobs" in k else "reported")
+                )
+    finally:
+        ours.stop()
     print(fmt_table(rows))
     return results
 
@@ -502,13 +578,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", default="mlx,gguf", help="comma-separated: mlx,gguf")
     parser.add_argument("--skip-peers", action="store_true", help="measure mlxserve alone")
     parser.add_argument(
+        "--engine-features",
+        action="store_true",
+        help="only the logprobs and KV-quantization figures (mlxserve alone)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=REPO / ".cache" / "bench" / "results.json", help="JSON output"
     )
     args = parser.parse_args(argv)
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     mode = QUICK if args.quick else FULL
     started = time.perf_counter()
-    results = asyncio.run(run(args, mode))
+    results = asyncio.run((engine_features if args.engine_features else run)(args, mode))
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["settings"] = asdict(mode)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -268,3 +268,16 @@ def test_grammar_mask_is_in_the_reported_distribution(engine):
     token = asyncio.run(first())
     assert token.logprobs.top and token.logprobs.top[0][0] == token.id
     assert all(engine.token_bytes(i).startswith(b"{") for i, _ in token.logprobs.top)
+
+
+def test_v0_chat_carries_logprobs(server):
+    body = {"model": GGUF_KEY, "messages": HELLO, "max_tokens": 4, "temperature": 0}
+    r = httpx.post(
+        f"{server.url}/api/v0/chat/completions",
+        json={**body, "logprobs": True, "top_logprobs": 2},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == 4 and all(len(e["top_logprobs"]) == 2 for e in content)
+    assert "stats" in r.json()
