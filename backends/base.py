@@ -66,6 +66,10 @@ class GenerationRequest:
     # Log probabilities: None computes none; n reports the sampled token's and the n most
     # likely tokens' (see :class:`TokenLogprobs`).
     logprobs: int | None = None
+    # Speculative decoding: the draft model's folder (see Engine.prepare_draft) and how many
+    # tokens it proposes per step.
+    draft: Path | None = None
+    num_draft_tokens: int = 3
     # Images: the ``payload`` of the engine's :meth:`Engine.prepare_vision` for this prompt.
     vision: Any = None
 
@@ -222,16 +226,33 @@ class PromptProgress:
     cached: int = 0
 
 
+@dataclass
+class DraftStats:
+    """What a draft model proposed for a request (LM Studio's counts): accepted and rejected
+    by verification, or ignored because the reply ended first."""
+
+    total: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    ignored: int = 0
+
+
 @dataclass(frozen=True)
 class Finished:
     """The last item of every stream. ``generated`` counts every sampled token, stop tokens too."""
 
     reason: Literal["stop", "length", "cancelled"]
     generated: int
+    # Set when a draft model proposed tokens.
+    draft: DraftStats | None = None
 
 
 class EngineError(Exception):
     """The engine failed while generating."""
+
+
+class DraftUnsupported(Exception):
+    """This engine has no speculative decoding."""
 
 
 StreamItem = Token | PromptProgress | Finished
@@ -309,6 +330,7 @@ class Job:
         self._release = release
         self.generated = 0
         self.done = False
+        self.draft: DraftStats | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -334,7 +356,7 @@ class Job:
             self.done = True
             # Released first: whoever sees the end of the stream sees the engine free too.
             self._release()
-            self.stream.put(Finished(reason, self.generated))
+            self.stream.put(Finished(reason, self.generated, self.draft))
 
     def fail(self, exc: BaseException) -> None:
         if not self.done:
@@ -390,6 +412,11 @@ class Engine(ABC):
         fully processed.
         """
         raise NotImplementedError(f"{type(self).__name__} schedules its requests itself")
+
+    def prepare_draft(self, path: Path) -> None:
+        """Load (once) the draft model at ``path`` for speculative decoding, on the owner
+        thread; ValueError if it cannot draft for this model (another vocabulary)."""
+        raise DraftUnsupported(f"speculative decoding is not available for {self.format} models")
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:

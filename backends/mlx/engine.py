@@ -6,17 +6,24 @@ import json
 import logging
 import random
 from collections.abc import Callable, Generator
+from pathlib import Path
 from typing import Any, cast
 
 import llguidance.hf
 import mlx.core as mx
 from mlx_lm import load as mlx_load
-from mlx_lm.generate import BatchGenerator, StopSequences, generate_step
+from mlx_lm.generate import (
+    BatchGenerator,
+    StopSequences,
+    generate_step,
+    speculative_generate_step,
+)
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
 from backends.base import (
     PENALTY_WINDOW,
+    DraftStats,
     Engine,
     EngineInfo,
     GenerationRequest,
@@ -127,6 +134,70 @@ class MLXEngine(Engine):
         # Requests in the batch by BatchGenerator uid, and how many of their prompt tokens
         # came from the prompt cache.
         self._batched: dict[int, tuple[Job, int]] = {}
+        # Draft models by folder, loaded into this engine for speculative decoding.
+        self._drafts: dict[Path, Any] = {}
+
+    def prepare_draft(self, path: Path) -> None:
+        if path in self._drafts:
+            return
+        model, tokenizer = mlx_load(str(path))[:2]
+        if tokenizer._tokenizer.get_vocab() != self._tokenizer._tokenizer.get_vocab():
+            raise ValueError("its vocabulary differs")
+        self._drafts[path] = model
+
+    def _speculates(self, request: GenerationRequest) -> bool:
+        """Drafted requests run on their own lane; mlx-lm's speculative step feeds logits
+        processors the draft's tokens too, so a grammar or a penalty would see tokens that
+        verification then rejects: those requests decode without the draft."""
+        p = request.sampling
+        penalties = p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+        return (
+            request.draft is not None
+            and request.constraint is None
+            and not penalties
+            and self._kv_group is None
+        )
+
+    def _spec_steps(self, job: Job) -> Generator[Sampled | PromptProgress, None, None]:
+        request = job.request
+        assert request.draft is not None
+        stats = job.draft = DraftStats()
+        k = request.logprobs
+        steps = speculative_generate_step(
+            mx.array(request.prompt),
+            self._model,
+            self._drafts[request.draft],
+            num_draft_tokens=request.num_draft_tokens,
+            max_tokens=request.max_tokens,
+            sampler=self._sampler(request.sampling),
+            prefill_step_size=self.options.prefill_chunk,
+        )
+        produced = 0
+        drafted = accepted = 0
+        in_round = False
+        try:
+            for token, logprobs, from_draft in steps:
+                if not in_round:
+                    # A round: the draft proposes, verification accepts some, then the
+                    # model's own token ends it.
+                    drafted = min(request.max_tokens - produced, request.num_draft_tokens)
+                    accepted = 0
+                    stats.total += drafted
+                    in_round = True
+                if from_draft:
+                    accepted += 1
+                    stats.accepted += 1
+                else:
+                    stats.rejected += drafted - accepted
+                    in_round = False
+                produced += 1
+                if k is None:
+                    yield int(token)
+                else:
+                    yield int(token), _logprobs([(logprobs, int(token), k)])[0]
+        finally:
+            if in_round:
+                stats.ignored += drafted - accepted
 
     def _load_model(self) -> tuple[Any, Any]:
         """The model and its tokenizer (a distributed engine loads its shard instead)."""
@@ -327,6 +398,9 @@ class MLXEngine(Engine):
 
     def _admit(self, job: Job) -> None:
         request = job.request
+        if self._speculates(request):
+            self._solo.append((job, self._spec_steps(job)))
+            return
         if request.sampling.seed is not None or not self._batchable:
             super()._admit(job)
             return
@@ -418,5 +492,6 @@ class MLXEngine(Engine):
     def _unload(self) -> None:
         self._batch.close()
         self._prompt_cache.clear()
+        self._drafts.clear()
         del self._batch, self._prompt_cache, self._model
         release_thread_memory()

@@ -8,9 +8,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from backends.base import (
+    DraftStats,
+    DraftUnsupported,
     EngineError,
     Finished,
     GenerationRequest,
@@ -52,6 +55,7 @@ from mlxserve.errors import (
     EngineFailure,
     GenerationCancelled,
     InvalidRequest,
+    ModelNotFound,
     Overloaded,
 )
 
@@ -142,11 +146,13 @@ class Generation:
         # Prompt tokens the engine took from its prompt cache instead of processing them.
         self.cached_tokens = 0
         self._queued_at = time.perf_counter()
+        # The draft model's key, when the request named one.
+        self.draft_model: str | None = None
 
     def cancel(self) -> None:
         self._stream.cancel()
 
-    def _done(self, reason: str, generated: int) -> Done:
+    def _done(self, reason: str, generated: int, draft: DraftStats | None = None) -> Done:
         finish = "stop" if reason == "stop" else "length"
         if finish == "stop" and self._output.called_tools:
             finish = "tool_calls"
@@ -154,7 +160,7 @@ class Generation:
             self.prompt_tokens, generated, self._output.reasoning_tokens, self.cached_tokens
         )
         stop = self._output.stop_sequence if finish == "stop" else None
-        return Done(finish, usage, stop)  # type: ignore[arg-type]
+        return Done(finish, usage, stop, self.draft_model, draft)  # type: ignore[arg-type]
 
     def _candidate(self, token_id: int, logprob: float) -> Candidate:
         raw = self.instance.engine.token_bytes(token_id)
@@ -213,7 +219,7 @@ class Generation:
                             )
                         for event in self._output.finish():
                             yield event
-                        yield self._done(item.reason, item.generated)
+                        yield self._done(item.reason, item.generated, item.draft)
                         return
         except EngineError as exc:
             raise EngineFailure(f"Generation failed: {exc}") from exc
@@ -352,7 +358,40 @@ async def start(manager: ModelManager, request: CoreRequest) -> Generation:
     request = await images.fetch_all(request, policy)
     # Leased until the work is queued on the engine, which then finishes it before it closes.
     async with manager.lease(request.model, ttl=request.ttl) as instance:
-        return await admit(instance, request, policy, manager.settings.max_output_tokens)
+        draft = await _draft(manager, instance, request)
+        gen = await admit(
+            instance, request, policy, manager.settings.max_output_tokens, draft=draft
+        )
+        gen.draft_model = request.draft_model if draft is not None else None
+        return gen
+
+
+async def _draft(manager: ModelManager, instance: Instance, request: CoreRequest) -> Path | None:
+    """The draft model's folder, loaded into ``instance``'s engine, or None."""
+    name = request.draft_model
+    if name is None:
+        return None
+    info = manager.registry.get(name)
+    if info is None:
+        raise ModelNotFound(name)
+    main = instance.info
+    if info.type != "llm" or info.format != main.format:
+        raise InvalidRequest(
+            f"Draft model '{info.key}' ({info.format} {info.type}) cannot draft for "
+            f"'{main.key}' ({main.format}): a draft must be a text model of the same format.",
+            param="draft_model",
+        )
+    engine = instance.engine
+    try:
+        await asyncio.wrap_future(engine.call(lambda: engine.prepare_draft(info.path)))
+    except DraftUnsupported as exc:
+        raise InvalidRequest(f"Model '{main.key}': {exc}.", param="draft_model") from exc
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"Draft model '{info.key}' cannot draft for '{main.key}': {exc}.",
+            param="draft_model",
+        ) from exc
+    return info.path
 
 
 async def admit(
@@ -360,6 +399,8 @@ async def admit(
     request: CoreRequest,
     policy: images.ImagePolicy | None = None,
     output_cap: int | None = None,
+    *,
+    draft: Path | None = None,
 ) -> Generation:
     """Render, tokenize, check and queue ``request`` on an instance the caller leases
     (its image URLs already read: :func:`images.fetch_all`); the reply is cut at
@@ -404,6 +445,8 @@ async def admit(
                 ),
                 constraint=constraint,
                 logprobs=request.logprobs,
+                draft=draft,
+                num_draft_tokens=request.num_draft_tokens or 3,
                 vision=vision.payload if vision is not None else None,
             )
         )

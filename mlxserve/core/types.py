@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from backends.base import SamplingParams
+from backends.base import DraftStats, SamplingParams
 
 __all__ = [
     "Candidate",
@@ -55,6 +55,9 @@ class CoreRequest:
     # Log probabilities of each generated token and of this many most likely alternatives;
     # None reports none.
     logprobs: int | None = None
+    # Speculative decoding: the draft model's key and its tokens proposed per step.
+    draft_model: str | None = None
+    num_draft_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,9 @@ class Done:
     usage: Usage
     # The stop string that ended the reply (finish_reason "stop"); None for end-of-text.
     stop_sequence: str | None = None
+    # Speculative decoding: the draft model's key and what it proposed.
+    draft_model: str | None = None
+    draft: DraftStats | None = None
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,10 @@ class _Sampling(_Lenient):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1, description="only one choice per request")
+    # LM Studio's speculative decoding: a draft model (same format and vocabulary) and
+    # how many tokens it proposes per step.
+    draft_model: str | None = Field(default=None, min_length=1, max_length=512)
+    num_draft_tokens: int | None = Field(default=None, ge=1, le=16)
     # llama.cpp's extension: keep generating past the end-of-text token (benchmarks, tests).
     ignore_eos: StrictBool = False
     # LM Studio's extension: idle seconds before a just-in-time loaded model is unloaded.
@@ -305,6 +309,8 @@ class ChatCompletionRequest(_Structured):
             stops=self.stop_list(),
             ttl=self.ttl,
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            draft_model=self.draft_model,
+            num_draft_tokens=self.num_draft_tokens,
         )
 
 
@@ -347,4 +353,6 @@ class CompletionRequest(_Structured):
             stops=self.stop_list(),
             ttl=self.ttl,
             logprobs=self.logprobs,
+            draft_model=self.draft_model,
+            num_draft_tokens=self.num_draft_tokens,
         )

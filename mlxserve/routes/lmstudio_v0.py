@@ -110,6 +110,7 @@ class _Timed:
                 "time_to_first_token": round(first - self.started, 3),
                 "generation_time": round(generation_time, 3),
                 "stop_reason": stop_reason,
+                **_draft_stats(self.done),
             },
             "model_info": {
                 "arch": info.architecture,
@@ -119,6 +120,20 @@ class _Timed:
             },
             "runtime": _runtime(info.format),
         }
+
+
+def _draft_stats(done: Done) -> dict[str, Any]:
+    """LM Studio's speculative-decoding stats, when a draft model proposed tokens."""
+    if done.draft is None or done.draft_model is None:
+        return {}
+    d = done.draft
+    return {
+        "draft_model": done.draft_model,
+        "total_draft_tokens_count": d.total,
+        "accepted_draft_tokens_count": d.accepted,
+        "rejected_draft_tokens_count": d.rejected,
+        "ignored_draft_tokens_count": d.ignored,
+    }
 
 
 async def _run(gen: Generation, started: float) -> _Timed:
