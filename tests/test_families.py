@@ -559,3 +559,16 @@ def test_end_of_turn_tokens_and_markers_by_id():
     assert loaded.lit("<|channel|>") == "<[10]>" and loaded.lit("<|start|>") == '"<|start|>"'
     shown = loaded.token_bytes(lambda token: b"")  # engines decode control tokens to nothing
     assert shown(11) == b"<|message|>" and shown(42) == b""
+
+
+def test_tools_reach_templates_with_a_description(family_models):
+    from mlxserve.core.generate import template_tool
+    from mlxserve.core.templates import ChatTemplate
+
+    # gpt-oss's template (like Hermes's) reads tool.description, which OpenAI makes optional.
+    tool = template_tool({"name": "get_weather", "parameters": FUNCS[0]["parameters"]})
+    assert tool["function"]["description"] == ""
+    prompt = ChatTemplate(_template(family_models, "gpt-oss")).render(
+        [{"role": "user", "content": "hi"}], tools=[tool]
+    )
+    assert "type get_weather = (_: {" in prompt

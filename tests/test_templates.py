@@ -49,3 +49,13 @@ def test_tool_support_detection():
     assert template_supports_tools("{% if tools %}...{% endif %}")
     assert not template_supports_tools(CHATML)
     assert not template_supports_tools(None)
+
+
+def test_generation_tag_renders_its_body():
+    # Hugging Face's training-mask tag (LFM2.5, Laguna templates).
+    source = (
+        "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}"
+        "A:{{ m.content }}{% endgeneration %}{% else %}U:{{ m.content }}{% endif %}{% endfor %}"
+    )
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert ChatTemplate(source).render(messages) == "U:hiA:yo"

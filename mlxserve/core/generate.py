@@ -260,7 +260,7 @@ def _plan(instance: Instance, request: CoreRequest) -> _Plan:
         if prompt is not None:
             plan.messages = _with_system(plan.messages, prompt)
         else:
-            plan.template_kwargs["tools"] = [{"type": "function", "function": f} for f in functions]
+            plan.template_kwargs["tools"] = [template_tool(f) for f in functions]
         forced = request.tool_choice
         if forced == "required" or isinstance(forced, dict):
             chosen = functions
@@ -294,6 +294,15 @@ def _wished(setting: str, options: ReasoningOptions | None, model: str) -> str |
         fallback = options.default if options is not None else None
         log.info("model %s cannot take reasoning %r; using %s", model, setting, fallback)
         return fallback
+
+
+def template_tool(function: dict[str, Any]) -> dict[str, Any]:
+    """A function as chat templates expect a tool: Hugging Face's shape, which always has a
+    ``description`` (gpt-oss's, Hermes's and other templates fail without one)."""
+    return {
+        "type": "function",
+        "function": {"name": function["name"], "description": "", **function},
+    }
 
 
 def _with_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:

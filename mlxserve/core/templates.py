@@ -9,6 +9,7 @@ from functools import lru_cache
 from typing import Any
 
 import jinja2
+from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mlxserve.errors import InvalidRequest
@@ -42,12 +43,23 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+class _GenerationTag(Extension):
+    """``{% generation %}...{% endgeneration %}`` (Hugging Face's mark of the assistant's part,
+    for training masks; LFM2.5 and Laguna templates use it): rendered as its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> Any:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 @lru_cache(maxsize=1)
 def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True,
         lstrip_blocks=True,
-        extensions=["jinja2.ext.loopcontrols"],
+        extensions=["jinja2.ext.loopcontrols", _GenerationTag],
         undefined=jinja2.Undefined,
     )
     env.filters["tojson"] = _tojson
