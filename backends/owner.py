@@ -52,15 +52,22 @@ class OwnerThread:
         self._inbox: queue.Queue[_Call | None] = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
+        # The stop sentinel is queued: nothing put in the inbox after it would ever run.
+        self._stopping = False
         self._last: Callable[[], None] | None = None
         self.pending = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
-        """Run ``fn`` on the owner thread."""
+        """Run ``fn`` on the owner thread; once :meth:`close` was called, the future fails at
+        once (the thread would never reach it, and its caller would wait forever)."""
         item = _Call(fn)
-        self._inbox.put(item)
+        with self._lock:
+            if self._stopping:
+                item.future.set_exception(RuntimeError("this model has been unloaded"))
+                return item.future
+            self._inbox.put(item)
         return item.future
 
     def reserve(self) -> Callable[[], None]:
@@ -93,14 +100,21 @@ class OwnerThread:
         with self._lock:
             self.pending -= 1
 
-    def close(self, last: Callable[[], None] | None = None, timeout: float = 30) -> None:
-        """Refuse new requests, finish the queued and running work, run ``last``, then stop."""
+    def close(self, last: Callable[[], None] | None = None, timeout: float | None = None) -> None:
+        """Refuse new requests, finish the queued and running work, run ``last``, then stop;
+        returns once the thread has ended (what it held is then really freed), or after
+        ``timeout`` seconds for a thread that may never end (a lost distributed rank)."""
         with self._lock:
             self._closed = True
+            if self._stopping:
+                return
+            self._stopping = True
+            if self._thread.is_alive():
+                self._last = last
+                self._inbox.put(None)
+        self._thread.join(timeout)
         if self._thread.is_alive():
-            self._last = last
-            self._inbox.put(None)
-            self._thread.join(timeout=timeout)
+            log.warning("%s did not stop within %ss", self._thread.name, timeout)
 
     def _step(self, pump: Pump) -> bool:
         """One pump step; an exception must not kill this thread (every request on the model

@@ -440,7 +440,7 @@ class DistributedMLXEngine(_ShardedMLXEngine):
 
     def close(self) -> None:
         # After a failure the owner thread may be stuck for good in a collective.
-        self._owner.close(self._unload, timeout=1.0 if self.group.failed else 30.0)
+        self._owner.close(self._unload, timeout=1.0 if self.group.failed else None)
 
     def _fail_all(self, reason: str) -> None:
         # From the watchdog thread while the owner thread is stuck in a collective, or from

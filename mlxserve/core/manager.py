@@ -128,6 +128,8 @@ class ModelManager:
         self._clock = clock
         self._instances: dict[str, Instance] = {}
         self._embedders: dict[str, EmbeddingInstance] = {}
+        # Instances out of the tables but not closed yet: their memory is not free until then.
+        self._closing: dict[int, Loaded] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         # Serializes evict-then-load, so that two JIT loads cannot both keep their model.
         self._evict_lock = asyncio.Lock()
@@ -147,6 +149,11 @@ class ModelManager:
 
     def _all(self) -> list[Loaded]:
         return [*self._instances.values(), *self._embedders.values()]
+
+    def _in_use(self) -> int:
+        """Bytes the loaded instances take, those still closing included."""
+        closing = sum(i.memory_bytes for i in self._closing.values())
+        return sum(i.memory_bytes for i in self._all()) + closing
 
     def instances_of(self, key: str) -> list[Loaded]:
         """The loaded instances of the model ``key``, oldest first."""
@@ -362,7 +369,7 @@ class ModelManager:
         when the load does not fit beside them (or a distributed group serves one model)."""
         idle = [v for v in victims if not is_busy(v)]
         busy = [v for v in victims if is_busy(v)]
-        in_use = sum(i.memory_bytes for i in self._all())
+        in_use = self._in_use()
         if busy and self.distributed is None:
             try:
                 await self.loader.check_fits(info, need, in_use, sum(v.memory_bytes for v in idle))
@@ -393,7 +400,7 @@ class ModelManager:
         if victims:
             victims = await self._evict_now(info, need, victims)
         else:
-            in_use = sum(i.memory_bytes for i in self._all())
+            in_use = self._in_use()
             await self.loader.check_fits(info, need, in_use, 0)
         for victim in victims:
             await self._retire(victim, "auto-evicted for a just-in-time load")
@@ -471,9 +478,14 @@ class ModelManager:
 
     async def _close_when_released(self, instance: Loaded) -> None:
         started = time.perf_counter()
-        while instance.holds:
-            await instance.released.wait()
-        await self.loader.close(instance)
+        self._closing[id(instance)] = instance
+        try:
+            while instance.holds:
+                await instance.released.wait()
+            # Waits for the requests queued and running on it: unloading never cuts a reply.
+            await self.loader.close(instance)
+        finally:
+            del self._closing[id(instance)]
         if self.observer is not None:
             self.observer.unloaded(instance.id, seconds=time.perf_counter() - started)
 
