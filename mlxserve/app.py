@@ -115,6 +115,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         warn_about_exposure(state)
+        if settings.require_auth:
+            # A corrupt token file would turn every request away: refuse to start instead.
+            try:
+                state.tokens.check()
+            except (OSError, ValueError) as exc:
+                log.error("refusing to start with --require-auth: %s", exc)
+                raise
         state.registry.scan()
         state.manager.start()
         yield

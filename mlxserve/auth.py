@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
@@ -22,6 +23,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("mlxserve.auth")
 
 TOKEN_PREFIX = "sk-lm-"
 TOKEN_PATTERN = re.compile(r"^sk-lm-([A-Za-z0-9]{8}):([A-Za-z0-9]{20})$")
@@ -43,14 +46,20 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+class CorruptTokenFile(ValueError):
+    """``tokens.json`` cannot be read as a token list: no token can be checked."""
+
+
 class TokenStore:
-    """Hashed API tokens in ``<home>/tokens.json``."""
+    """Hashed API tokens in ``<home>/tokens.json``, read again only when the file changes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._mtime: float | None = None
         self._entries: list[dict[str, object]] = []
+        # The modification time of a corrupt file already reported, so it is logged once.
+        self._reported: float | None = None
 
     # -- file ------------------------------------------------------------------
     def _load(self) -> list[dict[str, object]]:
@@ -60,11 +69,21 @@ class TokenStore:
             self._mtime, self._entries = None, []
             return self._entries
         if mtime != self._mtime:
-            data = json.loads(self.path.read_text(encoding="utf-8") or "{}")
-            entries = data.get("tokens", []) if isinstance(data, dict) else []
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CorruptTokenFile(f"{self.path} is not valid JSON ({exc})") from exc
+            entries = data.get("tokens", []) if isinstance(data, dict) else None
+            if not isinstance(entries, list):
+                raise CorruptTokenFile(f'{self.path} has no "tokens" list')
             self._entries = [e for e in entries if isinstance(e, dict)]
             self._mtime = mtime
         return self._entries
+
+    def check(self) -> None:
+        """Raise :class:`CorruptTokenFile` (or OSError) when the token file cannot be used."""
+        with self._lock:
+            self._load()
 
     def _save(self, entries: list[dict[str, object]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,12 +161,27 @@ class TokenStore:
         with self._lock:
             try:
                 entries = self._load()
-            except (OSError, ValueError):
+            except (OSError, ValueError) as exc:
+                self._report(exc)
                 return False
             ok = False
             for e in entries:
                 ok |= hmac.compare_digest(digest, str(e.get("sha256", "")))
             return ok
+
+    def _report(self, exc: Exception) -> None:
+        try:
+            mtime: float | None = self.path.stat().st_mtime_ns
+        except OSError:
+            mtime = None
+        if mtime != self._reported or mtime is None:
+            self._reported = mtime
+            log.error(
+                "THE API TOKEN FILE CANNOT BE READ: %s; every request needing a token gets "
+                "401 until it is fixed (or removed and tokens created again with 'mlxserve "
+                "token create')",
+                exc,
+            )
 
     def verify_client(self, client_identifier: str, client_passkey: str) -> bool:
         """The LM Studio SDK's websocket handshake (``clientIdentifier``, ``clientPasskey``):
