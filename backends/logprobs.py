@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
 
@@ -16,12 +17,6 @@ def ranked(ids: Iterable[int], values: Iterable[float], k: int) -> tuple[tuple[i
     pairs = [(int(i), float(v)) for i, v in zip(ids, values, strict=True) if v != -np.inf]
     pairs.sort(key=lambda p: (-p[1], p[0]))
     return tuple(pairs[:k])
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    peak = np.max(x)
-    return x - (peak + np.log(np.sum(np.exp(x - peak))))
 
 
 def penalize(logits: np.ndarray, window: Iterable[int], p: SamplingParams) -> np.ndarray:
@@ -43,12 +38,20 @@ def penalize(logits: np.ndarray, window: Iterable[int], p: SamplingParams) -> np
 
 def token_logprobs(logits: np.ndarray, token: int, k: int) -> TokenLogprobs:
     """The sampled ``token``'s log probability and the ``k`` most likely tokens' under the
-    softmax of ``logits`` (already penalised and masked)."""
-    lp = log_softmax(logits)
+    softmax of ``logits`` (already penalised and masked), in float32."""
+    peak = float(logits.max())
+    lse = peak + math.log(float(np.exp(logits - peak).sum()))
     top: tuple[tuple[int, float], ...] = ()
     if k > 0:
-        # A few spare candidates, so ties at the boundary still resolve by lower id.
-        m = min(k + 8, lp.shape[0])
-        ids = np.argpartition(-lp, m - 1)[:m]
-        top = ranked(ids.tolist(), lp[ids].tolist(), k)
-    return TokenLogprobs(float(lp[token]), top)
+        # k passes of argmax beat a partition of the whole vocabulary several times over, and
+        # argmax takes the lowest id among equals.
+        work = logits.copy()
+        ids = []
+        for _ in range(min(k, work.shape[0])):
+            i = int(work.argmax())
+            if work[i] == -np.inf:
+                break  # the grammar allows fewer than k tokens
+            ids.append(i)
+            work[i] = -np.inf
+        top = ranked(ids, (logits[ids] - lse).tolist(), k)
+    return TokenLogprobs(float(logits[token]) - lse, top)
