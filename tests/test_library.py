@@ -13,7 +13,7 @@ import httpx
 import pytest
 from openai import NotFoundError, OpenAI
 
-from tests.conftest import MLX_KEY, Server
+from tests.conftest import GGUF_KEY, MLX_KEY, Server
 from tests.hubserver import Hub, HubServer
 
 MLX_REPO = "hub-test/tiny-qwen2-mlx"
@@ -53,7 +53,8 @@ def hub_server(hub, tmp_path_factory):
 
 
 def chat(url: str, text: str, previous: str | None = None) -> dict:
-    body = {"model": MLX_KEY, "input": text, "temperature": 0, "max_output_tokens": 4}
+    # GGUF: it loads in about a second, and this test loads it twice (a restart).
+    body = {"model": GGUF_KEY, "input": text, "temperature": 0, "max_output_tokens": 4}
     if previous:
         body["previous_response_id"] = previous
     r = httpx.post(url + "/api/v1/chat", json=body, timeout=120)
@@ -76,7 +77,7 @@ def test_chats_list_get_rename_delete_and_survive_a_restart(models_root, tmp_pat
         first = listed["data"][1]
         assert first["title"] == "First question about cats"
         assert first["turns"] == 3 and first["head_response_id"] == branch
-        assert first["model"] == MLX_KEY
+        assert first["model"] == GGUF_KEY
         detail = httpx.get(f"{srv.url}/api/v1/chats/{one}").json()
         assert [t["id"] for t in detail["responses"]] == [one, two, branch]
         assert [t["parent_id"] for t in detail["responses"]] == [None, one, one]
@@ -107,7 +108,7 @@ def test_chats_list_get_rename_delete_and_survive_a_restart(models_root, tmp_pat
         # Its turns went with it.
         r = chat_status = httpx.post(
             srv.url + "/api/v1/chat",
-            json={"model": MLX_KEY, "input": "x", "previous_response_id": three},
+            json={"model": GGUF_KEY, "input": "x", "previous_response_id": three},
         )
         assert chat_status.status_code == 404, r.text
         assert httpx.get(srv.url + "/api/v1/chats?limit=0").status_code == 400
