@@ -202,5 +202,7 @@ class MLXVisionEngine(MLXEngine):
                     yield int(token), _logprobs([(logprobs, int(token), k)])[0]
         finally:
             steps.close()
-            if generated:
+            # With KV-cache bits the text batch holds quantized caches: a plain image cache
+            # kept here could be handed to it, so it is not kept.
+            if generated and self._fresh_cache() is None:
                 self._prompt_cache.store([*inputs.key, *generated], cache)
