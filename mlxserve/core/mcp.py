@@ -51,6 +51,9 @@ class ServerSpec:
     args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] | None = None
     allowed_tools: frozenset[str] | None = None
+    # The address the URL's host was checked at: connections go there, never to what a
+    # second lookup answers (DNS rebinding). None: the host is allow-listed by name.
+    pinned: str | None = None
 
     @property
     def provider(self) -> dict[str, str]:
@@ -91,10 +94,11 @@ def check_url(
     *,
     param: str = "server_url",
     allow_flag: str = "--mcp-allowed-hosts (MLXSERVE_MCP_ALLOWED_HOSTS)",
-) -> None:
+) -> str | None:
     """Refuse what an ephemeral server URL must not reach: other schemes, and (unless the
     host is allow-listed) loopback, private, link-local and other non-public addresses,
-    such as cloud metadata endpoints. Image URLs go through the same check."""
+    such as cloud metadata endpoints. Image URLs go through the same check. Returns the
+    checked address to connect to (None for an allow-listed host)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidRequest(
@@ -107,7 +111,7 @@ def check_url(
     host = parts.hostname.lower()
     allowed = {h.lower() for h in allowed_hosts}
     if host in allowed or (port and f"{host}:{port}" in allowed):
-        return
+        return None
     try:
         infos = socket.getaddrinfo(host, port or 443, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError) as exc:
@@ -120,6 +124,51 @@ def check_url(
                 f"private networks must be allow-listed with {allow_flag}.",
                 param=param,
             )
+    return str(infos[0][4][0]).split("%")[0]
+
+
+class PinnedTransport(httpx2.AsyncBaseTransport):
+    """Sends every request to ``address`` (the one :func:`check_url` checked) while keeping
+    the URL's host name for the ``Host`` header and TLS (SNI and certificate checks)."""
+
+    def __init__(self, address: str, inner: httpx2.AsyncBaseTransport | None = None) -> None:
+        self.address = address
+        self.inner = inner or httpx2.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        name = request.url.host
+        request.headers.setdefault(
+            "Host", request.headers.get("Host") or request.url.netloc.decode()
+        )
+        request.url = request.url.copy_with(host=self.address)
+        request.extensions = {**request.extensions, "sni_hostname": name}
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _pinned(spec: ServerSpec) -> PinnedTransport | None:
+    return PinnedTransport(spec.pinned) if spec.pinned is not None else None
+
+
+def _client_factory(spec: ServerSpec) -> Any:
+    """The SSE client's ``httpx_client_factory``: the SDK's client, pinned like the HTTP one."""
+
+    def make(
+        headers: dict[str, str] | None = None,
+        timeout: httpx2.Timeout | None = None,
+        auth: httpx2.Auth | None = None,
+    ) -> httpx2.AsyncClient:
+        return httpx2.AsyncClient(
+            headers=headers,
+            timeout=timeout or httpx2.Timeout(30.0),
+            auth=auth,
+            follow_redirects=True,
+            transport=_pinned(spec),
+        )
+
+    return make
 
 
 def _result_text(result: CallToolResult) -> str:
@@ -209,6 +258,7 @@ class Connection:
                         httpx2.AsyncClient(
                             headers=dict(spec.headers),
                             timeout=httpx2.Timeout(self.connect_timeout, read=self.call_timeout),
+                            transport=_pinned(spec),
                         )
                     )
                     read, write = await stack.enter_async_context(
@@ -222,6 +272,7 @@ class Connection:
                             headers=dict(spec.headers),
                             timeout=self.connect_timeout,
                             sse_read_timeout=self.call_timeout,
+                            httpx_client_factory=_client_factory(spec),
                         )
                     )
                 session = await stack.enter_async_context(
@@ -405,7 +456,7 @@ async def specs_for(settings: Settings, requested: list[Requested]) -> list[Serv
                     param="server_url",
                 )
             assert item.url is not None
-            await asyncio.to_thread(check_url, item.url, allowed_hosts)
+            pinned = await asyncio.to_thread(check_url, item.url, allowed_hosts)
             provider = (("type", "ephemeral_mcp"), ("server_label", item.label))
             specs.append(
                 ServerSpec(
@@ -414,6 +465,7 @@ async def specs_for(settings: Settings, requested: list[Requested]) -> list[Serv
                     url=item.url,
                     headers=item.headers,
                     allowed_tools=item.allowed_tools,
+                    pinned=pinned,
                 )
             )
             continue
