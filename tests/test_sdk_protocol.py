@@ -4,6 +4,7 @@ tests in test_sdk_python.py / test_sdk_js.py drive real models)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -308,3 +309,45 @@ def test_history_to_template_messages():
         )
     with pytest.raises(SdkError):
         history_messages({"messages": [{"role": "robot", "content": []}]})
+
+
+def test_calls_and_channels_per_connection_are_capped(tmp_path, monkeypatch):
+    from mlxserve.sdk import models as sdk_models
+    from mlxserve.sdk import routes as sdk_routes
+    from mlxserve.sdk import transport
+
+    monkeypatch.setattr(transport, "MAX_CALLS_PER_CONNECTION", 3)
+    monkeypatch.setattr(transport, "MAX_CHANNELS_PER_CONNECTION", 2)
+
+    async def never(ctx, parameter):
+        await asyncio.Event().wait()
+
+    async def never_ends(ctx, channel, parameter):
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(sdk_routes, "list_downloaded", never)
+    monkeypatch.setattr(sdk_models, "get_or_load", never_ends)
+    with make_client(tmp_path) as client:
+        ws, s = connect(client, "system")
+        try:
+            assert s.receive_json() == {"success": True}
+            for call_id in range(4):
+                s.send_json(
+                    {"type": "rpcCall", "endpoint": "listDownloadedModels", "callId": call_id}
+                )
+            refused = s.receive_json()
+            assert refused["type"] == "rpcError" and refused["callId"] == 3
+            assert "Too many calls" in refused["error"]["title"]
+        finally:
+            ws.__exit__(None, None, None)
+        ws, s = connect(client, "llm")
+        try:
+            assert s.receive_json() == {"success": True}
+            for channel_id in range(3):
+                create = {"type": "channelCreate", "endpoint": "getOrLoad", "channelId": channel_id}
+                s.send_json(create)
+            refused = s.receive_json()
+            assert refused["type"] == "channelError" and refused["channelId"] == 2
+            assert "Too many channels" in refused["error"]["title"]
+        finally:
+            ws.__exit__(None, None, None)

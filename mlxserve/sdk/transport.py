@@ -27,6 +27,10 @@ log = logging.getLogger("mlxserve.sdk")
 
 # The reference server's limit for the first frame (``AuthenticatedWsServer.ts``).
 AUTH_TIMEOUT_SECONDS = 10.0
+# What one connection may have in flight at once; more is refused, not queued, so that one
+# client cannot pile up unbounded work (LM Studio's clients keep a handful open).
+MAX_CALLS_PER_CONNECTION = 64
+MAX_CHANNELS_PER_CONNECTION = 32
 _MAX_ID_LENGTH = 256
 
 
@@ -80,6 +84,13 @@ def unsupported(namespace: str, endpoint: str, kind: str) -> SdkError:
         suggestion="mlxserve implements the model, inference and embedding endpoints of the "
         "LM Studio SDKs; see its README.",
     )
+
+
+def _too_many(what: str, limit: int) -> dict[str, Any]:
+    return SdkError(
+        f"Too many {what} in flight on this connection (at most {limit}); wait for some to "
+        "finish, or open another connection."
+    ).serialize()
 
 
 def serialize_error(exc: BaseException) -> dict[str, Any]:
@@ -148,6 +159,7 @@ class Connection:
         self._send_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._channels: dict[int, Channel] = {}
+        self._calls = 0
 
     async def send(self, frame: dict[str, Any]) -> None:
         text = json.dumps(frame, ensure_ascii=False, allow_nan=False)
@@ -222,13 +234,23 @@ class Connection:
         kind = frame.get("type") if isinstance(frame, dict) else None
         ns = self.namespace
         if kind == "rpcCall" and isinstance(frame.get("callId"), int):
+            if self._calls >= MAX_CALLS_PER_CONNECTION:
+                error = _too_many("calls", MAX_CALLS_PER_CONNECTION)
+                await self.send({"type": "rpcError", "callId": frame["callId"], "error": error})
+                return
             handler = ns.rpc.get(frame.get("endpoint"))
+            self._calls += 1
             self._spawn(
                 self._rpc(
                     frame["callId"], str(frame.get("endpoint")), handler, frame.get("parameter")
                 )
             )
         elif kind == "channelCreate" and isinstance(frame.get("channelId"), int):
+            if len(self._channels) >= MAX_CHANNELS_PER_CONNECTION:
+                error = _too_many("channels", MAX_CHANNELS_PER_CONNECTION)
+                frame = {"type": "channelError", "channelId": frame["channelId"], "error": error}
+                await self.send(frame)
+                return
             channel = Channel(self, frame["channelId"])
             self._channels[channel.id] = channel
             chandler = ns.channels.get(frame.get("endpoint"))
@@ -266,6 +288,14 @@ class Connection:
             )
 
     async def _rpc(
+        self, call_id: int, endpoint: str, handler: RpcHandler | None, parameter: Any
+    ) -> None:
+        try:
+            await self._answer(call_id, endpoint, handler, parameter)
+        finally:
+            self._calls -= 1
+
+    async def _answer(
         self, call_id: int, endpoint: str, handler: RpcHandler | None, parameter: Any
     ) -> None:
         try:
