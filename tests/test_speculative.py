@@ -68,3 +68,18 @@ def test_bad_drafts_are_refused(http, model, draft, status):
         err = r.json()["error"]
         assert err["param"] == "draft_model"
         assert model.split("/")[1] in err["message"]
+
+
+def test_python_sdk_draft_model_and_stats(server):
+    import lmstudio as lms
+
+    with lms.Client(server.url.removeprefix("http://")) as client:
+        model = client.llm.model(MLX_KEY)
+        config = {"temperature": 0, "maxTokens": 10, "repeatPenalty": False}
+        plain = model.respond("Hello", config=config)
+        drafted = model.respond("Hello", config={**config, "draftModel": MLX_KEY})
+    assert drafted.content == plain.content
+    stats = drafted.stats
+    assert stats.used_draft_model_key == MLX_KEY
+    assert stats.accepted_draft_tokens_count and stats.total_draft_tokens_count
+    assert plain.stats.used_draft_model_key is None

@@ -367,15 +367,13 @@ async def start(manager: ModelManager, request: CoreRequest) -> Generation:
     request = await images.fetch_all(request, policy)
     # Leased until the work is queued on the engine, which then finishes it before it closes.
     async with manager.lease(request.model, ttl=request.ttl) as instance:
-        draft = await _draft(manager, instance, request)
-        gen = await admit(
+        draft = await draft_for(manager, instance, request)
+        return await admit(
             instance, request, policy, manager.settings.max_output_tokens, draft=draft
         )
-        gen.draft_model = request.draft_model if draft is not None else None
-        return gen
 
 
-async def _draft(manager: ModelManager, instance: Instance, request: CoreRequest) -> Path | None:
+async def draft_for(manager: ModelManager, instance: Instance, request: CoreRequest) -> Path | None:
     """The draft model's folder, loaded into ``instance``'s engine, or None."""
     name = request.draft_model
     if name is None:
@@ -472,4 +470,6 @@ async def admit(
             plan.functions, prompt=text, reasoning=plan.reasoning
         )
     output = OutputPipeline(assembler, parser)
-    return Generation(instance, len(tokens), stream, output)
+    gen = Generation(instance, len(tokens), stream, output)
+    gen.draft_model = request.draft_model if draft is not None else None
+    return gen

@@ -80,6 +80,9 @@ class Prediction:
     tools: tuple[dict[str, Any], ...] = ()
     tool_choice: str = "auto"
     raw: bool = False
+    # The SDK's draftModel and speculativeDecodingNumDraftTokensExact.
+    draft_model: str | None = None
+    num_draft_tokens: int | None = None
     echoed: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -151,6 +154,14 @@ def prediction(stack: Any) -> Prediction:
         out.tool_choice = mode
     elif choice is not None:
         raise SdkError("llm.prediction.toolChoice must be {type: 'generic', mode}.")
+    draft = fields.get(P + "speculativeDecoding.draftModel")
+    if draft is not None and (not isinstance(draft, str) or not draft):
+        raise SdkError("draftModel must be a model key.")
+    out.draft_model = draft
+    num = _number(fields, P + "speculativeDecoding.numDraftTokensExact")
+    if num is not None and not 1 <= num <= 16:
+        raise SdkError("speculativeDecodingNumDraftTokensExact must be between 1 and 16.")
+    out.num_draft_tokens = int(num) if num is not None else None
     out.raw = RAW_COMPLETION_LAYER in layers
     return out
 

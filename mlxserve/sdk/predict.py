@@ -137,6 +137,8 @@ def core_request(
         "max_tokens": pred.max_tokens,
         "stops": pred.stops,
         "json_schema": pred.json_schema,
+        "draft_model": pred.draft_model,
+        "num_draft_tokens": pred.num_draft_tokens,
     }
     if pred.raw:
         return CoreRequest(prompt=_raw_prompt(messages), **common), pred
@@ -274,6 +276,12 @@ def _stats(
     }
     if done is not None and done.stop_sequence:
         stats["stopString"] = done.stop_sequence
+    if done is not None and done.draft is not None and done.draft_model is not None:
+        stats["usedDraftModelKey"] = done.draft_model
+        stats["totalDraftTokensCount"] = done.draft.total
+        stats["acceptedDraftTokensCount"] = done.draft.accepted
+        stats["rejectedDraftTokensCount"] = done.draft.rejected
+        stats["ignoredDraftTokensCount"] = done.draft.ignored
     if run.first_at is not None:
         stats["timeToFirstTokenSec"] = round(run.first_at - run.started, 6)
         generating = now - run.first_at
@@ -317,7 +325,10 @@ async def predict(ctx: Context, channel: Channel, parameter: Any) -> None:
     run = _Run(started=time.perf_counter())
     async with state.manager.lease(found.id) as instance:
         request, pred = core_request(state, instance, parameter)
-        gen = await generate.admit(instance, request, output_cap=state.settings.max_output_tokens)
+        draft = await generate.draft_for(state.manager, instance, request)
+        gen = await generate.admit(
+            instance, request, output_cap=state.settings.max_output_tokens, draft=draft
+        )
     done: Done | None = None
     generated = 0
     events = aiter(gen.events(state.settings.sse_ping_seconds or None))
