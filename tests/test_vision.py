@@ -495,6 +495,32 @@ def test_second_turn_reuses_the_cached_image_prefix(oai, reference, gguf_referen
     assert second.choices[0].message.content == own(IMG_B, question, later)
 
 
+def test_responses_previous_response_id_keeps_the_image(oai):
+    first = oai.responses.create(
+        model=VL_KEY,
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_image", "image_url": _data_url(IMG_WIDE)},
+                    {"type": "input_text", "text": QUESTION},
+                ],
+            }
+        ],
+        temperature=0,
+        max_output_tokens=4,
+    )
+    follow = oai.responses.create(
+        model=VL_KEY,
+        input="And its colours?",
+        previous_response_id=first.id,
+        temperature=0,
+        max_output_tokens=4,
+    )
+    # The follow-up's prompt holds the first turn's 32 image tokens again.
+    assert follow.usage.input_tokens > first.usage.input_tokens > 32
+
+
 # Last: it stops the module's server.
 def test_stateful_chat_keeps_its_image_across_a_restart(server, vision_models, home, image_host):
     first = httpx.post(
