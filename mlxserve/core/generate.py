@@ -252,7 +252,7 @@ def _plan(instance: Instance, request: CoreRequest) -> _Plan:
     family, source = loaded.family, loaded.template
     messages = arrange_system(instance.template, list(request.messages or ()))
     check_tool_results(messages)
-    plan = _Plan(family.prepare_messages(messages), dict(request.template_kwargs))
+    plan = _Plan(messages, dict(request.template_kwargs))
     if request.tools and request.tool_choice != "none":
         functions = list(request.tools)
         plan.functions = functions
@@ -277,6 +277,11 @@ def _plan(instance: Instance, request: CoreRequest) -> _Plan:
     kwargs = family.reasoning_kwargs(setting, source, constrained=plan.grammar is not None)
     for key, value in kwargs.items():
         plan.template_kwargs.setdefault(key, value)
+    if plan.grammar is None:
+        plan.messages = family.reasoning_messages(plan.messages, setting, source)
+    # Last, so that the family reshapes what was added too (the tool prompt, for Gemma's
+    # templates that take no system message).
+    plan.messages = family.prepare_messages(plan.messages)
     plan.reasoning = family.reasoning_options(source) is not None and not (
         plan.grammar is not None or setting == "off"
     )

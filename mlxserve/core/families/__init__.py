@@ -51,12 +51,14 @@ from typing import Any
 
 from mlxserve.core.families.base import Family, OutputParser, ReasoningOptions
 from mlxserve.core.families.deepseek import DeepSeek, DeepSeekV32
+from mlxserve.core.families.gemma import Gemma4, GemmaPlain
 from mlxserve.core.families.glm import GLM, GLM47
 from mlxserve.core.families.harmony import Harmony
 from mlxserve.core.families.hermes import Hermes
 from mlxserve.core.families.llama3 import Llama3
 from mlxserve.core.families.lmstudio import LMStudio
-from mlxserve.core.families.mistral import Mistral
+from mlxserve.core.families.mistral import Mistral, MistralV11
+from mlxserve.core.families.others import LFM2, KimiK2, MiniMaxM2
 from mlxserve.core.families.qwen3_coder import Qwen3Coder
 
 __all__ = [
@@ -77,9 +79,15 @@ FAMILIES: tuple[Family, ...] = (
     GLM(),
     GLM47(),
     Qwen3Coder(),
+    Gemma4(),
+    KimiK2(),
+    MiniMaxM2(),
+    LFM2(),
     Hermes(),
+    MistralV11(),
     Mistral(),
     Llama3(),
+    GemmaPlain(),
 )
 # A template that takes tools but shows no family's markers: most such models were trained on
 # Hermes-style calls.

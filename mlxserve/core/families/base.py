@@ -142,6 +142,13 @@ class Family:
             return {}
         return {switch: setting != "off"}
 
+    def reasoning_messages(
+        self, messages: list[dict[str, Any]], setting: str | None, template: str
+    ) -> list[dict[str, Any]]:
+        """The conversation with a reasoning setting applied, for families whose switch is in
+        the messages (Magistral's system prompt) rather than a template argument."""
+        return messages
+
     # -- output side
 
     def call_syntax(self, functions: list[dict[str, Any]]) -> BlockSyntax | None:

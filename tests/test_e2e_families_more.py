@@ -1,0 +1,197 @@
+"""End to end for Mistral Small 3.2 / Devstral / Ministral reasoning, Gemma 4 and plain Gemma,
+Llama 3.x, Kimi K2, MiniMax M2, Granite 4, SmolLM3, LFM2 and Phi-3.5: a forced call in each
+family's own syntax parses back on MLX and GGUF alike (the same arguments at temperature 0), and
+the next turn with the tool's result renders through the family's template; streamed fragments
+join to the same call; Responses and Anthropic carry the call round trip; LM Studio's model list
+reports each family's reasoning options. Models: tiny random-weight ones with each family's real
+template and special tokens (``family_models``); a call is forced, never chosen.
+
+Cost: one server for all of these models (auto-evict keeps one loaded), replies of a few tokens.
+"""
+
+from __future__ import annotations
+
+import json
+
+import anthropic
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from tests.conftest import Server
+
+# Both formats, one family per call syntax (the same weights and vocabulary in every family
+# model, so the others differ only in template and tokens, checked on GGUF).
+BOTH_FORMATS = ["mistral-small-3.2", "gemma4", "llama3.1", "kimi-k2", "minimax-m2", "lfm2"]
+GGUF_ONLY = ["devstral", "ministral-reasoning", "gemma2", "granite-4.0", "smollm3", "phi-3.5"]
+FAMILIES = BOTH_FORMATS + GGUF_ONLY
+# One family per kind of syntax also goes through Responses and Anthropic.
+OTHER_DIALECTS = ["mistral-small-3.2", "gemma4", "lfm2"]
+PARAMS = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "enum": ["Oslo", "Rome"]}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+TOOL = {"name": "get_weather", "description": "Weather in a city", "parameters": PARAMS}
+ASK = "What is the weather in Oslo?"
+CALL_TOKENS = 60
+
+
+def key(family: str, fmt: str) -> str:
+    return f"mlxserve-test/tiny-{family}-{fmt}"
+
+
+@pytest.fixture(scope="module")
+def srv(models_root, family_models, tmp_path_factory):
+    for family in FAMILIES:
+        family_models(family)
+    server = Server(models_root, tmp_path_factory.mktemp("fam2-home"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def oai(srv):
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+
+
+def _forced(oai, model: str, **extra):
+    return oai.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": ASK}],
+        tools=[{"type": "function", "function": TOOL}],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=CALL_TOKENS,
+        temperature=0,
+        **extra,
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forced_call_round_trip(oai, family):
+    calls = {}
+    formats = ("mlx", "gguf") if family in BOTH_FORMATS else ("gguf",)
+    for fmt in formats:
+        reply = _forced(oai, key(family, fmt))
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls", (fmt, choice.message.content)
+        assert not choice.message.content
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather"
+        arguments = json.loads(call.function.arguments)
+        jsonschema.validate(arguments, PARAMS)
+        calls[fmt] = arguments
+        # A fixed id: some templates render it, and the two formats must see the same prompt.
+        dumped = {**call.model_dump(), "id": "call_fixed_1"}
+        history = [
+            {"role": "user", "content": ASK},
+            {"role": "assistant", "content": None, "tool_calls": [dumped]},
+            {"role": "tool", "tool_call_id": dumped["id"], "content": "Sunny, 21 C"},
+        ]
+        after = oai.chat.completions.create(
+            model=key(family, fmt), messages=history, max_tokens=3, temperature=0
+        )
+        assert after.choices[0].finish_reason in ("stop", "length")
+        calls[fmt + "-next"] = after.choices[0].message.content
+    if family in BOTH_FORMATS:
+        assert calls["mlx"] == calls["gguf"]
+        assert calls["mlx-next"] == calls["gguf-next"]
+    fragments, names = "", []
+    for chunk in _forced(oai, key(family, "gguf"), stream=True):
+        for delta in chunk.choices[0].delta.tool_calls or () if chunk.choices else ():
+            if delta.function and delta.function.name:
+                names.append(delta.function.name)
+            fragments += (delta.function and delta.function.arguments) or ""
+    assert names == ["get_weather"] and json.loads(fragments) == calls["gguf"]
+
+
+@pytest.mark.parametrize("family", OTHER_DIALECTS)
+def test_forced_call_responses_and_anthropic(srv, oai, family):
+    model = key(family, "gguf")
+    first = oai.responses.create(
+        model=model,
+        input=ASK,
+        tools=[{"type": "function", "strict": True, **TOOL}],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=CALL_TOKENS,
+        temperature=0,
+    )
+    (item,) = [o for o in first.output if o.type == "function_call"]
+    jsonschema.validate(json.loads(item.arguments), PARAMS)
+    call_id = item.call_id
+    second = oai.responses.create(
+        model=model,
+        input=[
+            {"role": "user", "content": ASK},
+            {
+                "type": "function_call",
+                "call_id": call_id,
+                "name": item.name,
+                "arguments": item.arguments,
+            },
+            {"type": "function_call_output", "call_id": call_id, "output": "Sunny"},
+        ],
+        max_output_tokens=3,
+        temperature=0,
+    )
+    assert second.status in ("completed", "incomplete")
+    claude = anthropic.Anthropic(base_url=srv.url, api_key="x", max_retries=0)
+    tools = [{"name": TOOL["name"], "description": TOOL["description"], "input_schema": PARAMS}]
+    message = claude.messages.create(
+        model=model,
+        max_tokens=CALL_TOKENS,
+        tools=tools,
+        tool_choice={"type": "tool", "name": "get_weather"},
+        messages=[{"role": "user", "content": ASK}],
+    )
+    assert message.stop_reason == "tool_use"
+    (use,) = [b for b in message.content if b.type == "tool_use"]
+    jsonschema.validate(use.input, PARAMS)
+    use_id = use.id
+    reply = claude.messages.create(
+        model=model,
+        max_tokens=3,
+        tools=tools,
+        messages=[
+            {"role": "user", "content": ASK},
+            {"role": "assistant", "content": [use.model_dump()]},
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": use_id, "content": "Sunny"}],
+            },
+        ],
+    )
+    assert reply.stop_reason in ("end_turn", "max_tokens")
+
+
+def test_reasoning_options_and_switches(srv, oai):
+    listed = httpx.get(srv.url + "/api/v1/models", timeout=30).json()["models"]
+    caps = {m["key"]: m.get("capabilities", {}).get("reasoning") for m in listed}
+    assert caps[key("ministral-reasoning", "gguf")] == {
+        "allowed_options": ["off", "on"],
+        "default": "on",
+    }
+    assert caps[key("gemma4", "mlx")] == {"allowed_options": ["off", "on"], "default": "off"}
+    assert caps[key("minimax-m2", "gguf")] == {"allowed_options": ["on"], "default": "on"}
+    assert caps[key("mistral-small-3.2", "gguf")] is None
+    # A setting the model cannot honour is a 400 in the client's dialect.
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(
+            model=key("minimax-m2", "gguf"),
+            messages=[{"role": "user", "content": "hi"}],
+            reasoning_effort="none",
+            max_tokens=2,
+        )
+    for setting in ("none", "high"):
+        r = oai.chat.completions.create(
+            model=key("ministral-reasoning", "gguf"),
+            messages=[{"role": "user", "content": "hi"}],
+            reasoning_effort=setting,
+            max_tokens=2,
+            temperature=0,
+        )
+        assert r.choices[0].finish_reason in ("stop", "length")
