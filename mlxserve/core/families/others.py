@@ -19,7 +19,7 @@ from typing import Any
 
 from mlxserve.core.families.base import Family, Lit
 from mlxserve.core.families.calls import BlockSyntax, Call, UnreadableCall, arguments_object
-from mlxserve.core.families.xmlargs import arguments_rules, raw_text_terminal
+from mlxserve.core.families.xmlargs import arguments_rules, text_value
 from mlxserve.core.grammar import strict_json
 
 
@@ -122,14 +122,14 @@ class MiniMaxM2(Family):
     def call_grammar(self, functions: list[dict[str, Any]], parallel: bool, lit: Lit) -> str:
         # The template opens a thinking block the model cannot skip: a forced reply closes it
         # at once ("</think>" is a marker, so it never reaches content).
-        close = "</parameter>\n"
-        rules, names = [raw_text_terminal("TEXT", close)], []
+        rule, text, close = text_value("TEXT", "</parameter>\n", lit)
+        rules, names = [rule], []
         for i, function in enumerate(functions):
             seq, arg_rules = arguments_rules(
                 function,
                 f"a{i}",
                 lambda key, value: f'"<parameter name=\\"" {key} "\\">" {value}',
-                "TEXT",
+                text,
                 close,
             )
             opener = json.dumps(f'<invoke name="{function["name"]}">\n')
