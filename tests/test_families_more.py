@@ -124,7 +124,7 @@ CASES = [
         "",
         [PARIS],
         0,
-        "\nI'm\nthinking",
+        "I'm\nthinking",
     ),
     (Gemma4(), "<|channel>thought<channel|>Hello, world!", "Hello, world!", [], 0, ""),
     (

@@ -18,10 +18,18 @@ import json
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from mlxserve.core.families.base import Family, Lit, ReasoningOptions
+from mlxserve.core.families.base import (
+    Family,
+    Lit,
+    OutputEvent,
+    OutputParser,
+    ReasoningOptions,
+    StandardParser,
+)
 from mlxserve.core.families.calls import BlockSyntax, Call, UnreadableCall, arguments_object
 from mlxserve.core.families.lmstudio import LMStudio
 from mlxserve.core.families.others import comma_sequence
+from mlxserve.core.types import ReasoningDelta
 from mlxserve.errors import InvalidRequest
 
 CALL_OPEN, CALL_CLOSE, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
@@ -144,6 +152,11 @@ class Gemma4(Family):
     def call_syntax(self, functions: list[dict[str, Any]]) -> BlockSyntax:
         return BlockSyntax(CALL_OPEN, CALL_CLOSE, gemma_calls)
 
+    def parser(
+        self, functions: list[dict[str, Any]], *, prompt: str, reasoning: bool
+    ) -> OutputParser:
+        return _ThoughtParser(StandardParser(self, functions, prompt=prompt, reasoning=reasoning))
+
     def call_grammar(self, functions: list[dict[str, Any]], parallel: bool, lit: Lit) -> str:
         calls, rules = [], []
         for i, function in enumerate(functions):
@@ -161,6 +174,40 @@ class Gemma4(Family):
             "GEMMA_NUMBER: /-?(0|[1-9][0-9]{0,15})(\\.[0-9]{1,15})?/",
         ]
         return "\n".join([f"start: {body}", f"call: {names}", *calls, *rules, *terminals]) + "\n"
+
+
+class _ThoughtParser:
+    """The standard parser, without the newline Gemma 4 writes after ``<|channel>thought``."""
+
+    def __init__(self, inner: StandardParser) -> None:
+        self._inner = inner
+        self._started = False
+
+    @property
+    def in_reasoning(self) -> bool:
+        return self._inner.in_reasoning
+
+    @property
+    def calls(self) -> int:
+        return self._inner.calls
+
+    def feed(self, text: str) -> list[OutputEvent]:
+        return self._trim(self._inner.feed(text))
+
+    def finish(self) -> list[OutputEvent]:
+        return self._trim(self._inner.finish())
+
+    def _trim(self, events: list[OutputEvent]) -> list[OutputEvent]:
+        out: list[OutputEvent] = []
+        for event in events:
+            if isinstance(event, ReasoningDelta) and not self._started:
+                self._started = True
+                text = event.text.removeprefix("\n")
+                if not text:
+                    continue
+                event = ReasoningDelta(text)
+            out.append(event)
+        return out
 
 
 class GemmaPlain(LMStudio):
