@@ -246,7 +246,12 @@ def test_reply_equals_the_engine_library_and_images_matter(oai, reference, gguf_
         top_logprobs=2,
     )
     entries = lp.choices[0].logprobs.content
-    assert len(entries) == 3 and all(e.logprob == e.top_logprobs[0].logprob <= 0 for e in entries)
+    assert len(entries) == 3
+    for e in entries:  # greedy: the sampled token is the most likely one
+        assert (
+            e.top_logprobs[0].token == e.token and abs(e.logprob - e.top_logprobs[0].logprob) < 1e-4
+        )
+        assert e.logprob <= 0 and e.top_logprobs[1].logprob <= e.logprob + 1e-4
     # A JPEG, a WebP and a GIF of the same picture decode too.
     for fmt, media in (("JPEG", "image/jpeg"), ("WEBP", "image/webp"), ("GIF", "image/gif")):
         r = _ask(oai, _data_url(_png(1, fmt=fmt), media), model=model)
