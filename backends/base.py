@@ -139,6 +139,9 @@ class LoadOptions:
     # KV-cache quantization. MLX: bits per element (mlx.quantize; 2, 3, 4, 6 or 8). GGUF:
     # llama.cpp cache types for K and V by name ("f16", "q8_0", "q4_0", ...).
     kv_cache_bits: int | None = None
+    # The key of the instance's default draft model (speculative decoding): reported in
+    # ``load_config`` and resolved by the core per request; engines load it on first use.
+    draft_model: str | None = None
     cache_type_k: str | None = None
     cache_type_v: str | None = None
 

@@ -83,3 +83,27 @@ def test_python_sdk_draft_model_and_stats(server):
     assert stats.used_draft_model_key == MLX_KEY
     assert stats.accepted_draft_tokens_count and stats.total_draft_tokens_count
     assert plain.stats.used_draft_model_key is None
+
+
+def test_load_time_default_draft(http):
+    r = http.post(
+        "/api/v1/models/load",
+        json={
+            "model": MLX_KEY,
+            "identifier": "spec-default",
+            "draft_model": THINK_MLX_KEY,
+            "echo_load_config": True,
+        },
+    )
+    assert r.status_code == 200, r.text
+    try:
+        assert r.json()["load_config"]["draft_model"] == THINK_MLX_KEY
+        plain = v0(http)
+        drafted = v0(http, model="spec-default")
+        assert drafted["stats"]["draft_model"] == THINK_MLX_KEY
+        assert drafted["choices"][0]["message"] == plain["choices"][0]["message"]
+    finally:
+        http.post("/api/v1/models/unload", json={"instance_id": "spec-default"})
+    for model, draft in ((GGUF_KEY, GGUF_KEY), (MLX_KEY, GGUF_KEY)):
+        r = http.post("/api/v1/models/load", json={"model": model, "draft_model": draft})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "draft_model"

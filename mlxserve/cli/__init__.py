@@ -235,6 +235,11 @@ def _add_client_commands(sub: Any, models_dir_option: Any) -> None:
         metavar="BITS",
         help="quantize an MLX model's KV cache to 2, 3, 4, 6 or 8 bits",
     )
+    load.add_argument(
+        "--draft-model",
+        metavar="MODEL",
+        help="default draft model for speculative decoding (same format and vocabulary)",
+    )
     for side in ("k", "v"):
         load.add_argument(
             f"--cache-type-{side}",

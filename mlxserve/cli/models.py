@@ -138,7 +138,7 @@ def load(args: argparse.Namespace) -> int:
         )
     body: dict[str, Any] = {"model": args.model, "echo_load_config": True}
     options = ("context_length", "identifier", "ttl", "parallel", "kv_cache_quantization")
-    for name in (*options, "cache_type_k", "cache_type_v"):
+    for name in (*options, "cache_type_k", "cache_type_v", "draft_model"):
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
     client = Client.from_args(args)

@@ -33,6 +33,7 @@ from mlxserve.core.grammar import json_schema_grammar, lark_grammar
 from mlxserve.core.instance import Instance
 from mlxserve.core.manager import ModelManager
 from mlxserve.core.metrics import note_model
+from mlxserve.core.registry import ModelInfo, Registry
 from mlxserve.core.system_messages import arrange_system
 from mlxserve.core.textstream import TextAssembler
 from mlxserve.core.types import (
@@ -378,21 +379,33 @@ async def start(manager: ModelManager, request: CoreRequest) -> Generation:
         )
 
 
-async def draft_for(manager: ModelManager, instance: Instance, request: CoreRequest) -> Path | None:
-    """The draft model's folder, loaded into ``instance``'s engine, or None."""
-    name = request.draft_model
-    if name is None:
-        return None
-    info = manager.registry.get(name)
+def check_draft(registry: Registry, main: ModelInfo, name: str) -> ModelInfo:
+    """The draft model ``name``, if it exists and is a text model of ``main``'s format."""
+    if main.format != "mlx":
+        raise InvalidRequest(
+            f"Model '{main.key}': speculative decoding is not available for {main.format} models.",
+            param="draft_model",
+        )
+    info = registry.get(name)
     if info is None:
         raise ModelNotFound(name)
-    main = instance.info
     if info.type != "llm" or info.format != main.format:
         raise InvalidRequest(
             f"Draft model '{info.key}' ({info.format} {info.type}) cannot draft for "
             f"'{main.key}' ({main.format}): a draft must be a text model of the same format.",
             param="draft_model",
         )
+    return info
+
+
+async def draft_for(manager: ModelManager, instance: Instance, request: CoreRequest) -> Path | None:
+    """The draft model's folder (the request's, else the instance's load-time default),
+    loaded into ``instance``'s engine, or None."""
+    name = request.draft_model or instance.load_config.get("draft_model")
+    if name is None:
+        return None
+    info = check_draft(manager.registry, instance.info, name)
+    main = instance.info
     engine = instance.engine
     try:
         await asyncio.wrap_future(engine.call(lambda: engine.prepare_draft(info.path)))
@@ -476,5 +489,6 @@ async def admit(
         )
     output = OutputPipeline(assembler, parser)
     gen = Generation(instance, len(tokens), stream, output)
-    gen.draft_model = request.draft_model if draft is not None else None
+    if draft is not None:
+        gen.draft_model = request.draft_model or instance.load_config.get("draft_model")
     return gen

@@ -32,6 +32,8 @@ class LoadRequest:
     kv_cache_quantization: int | None = None
     cache_type_k: str | None = None
     cache_type_v: str | None = None
+    # The draft model requests use for speculative decoding unless they name their own.
+    draft_model: str | None = None
     # The instance id to give it (LM Studio's ``--identifier``); default: the key, then key:2...
     identifier: str | None = None
     ttl: float | None = None

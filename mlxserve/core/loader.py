@@ -51,6 +51,7 @@ class ModelLoader:
             kv_cache_bits=request.kv_cache_quantization if info.format == "mlx" else None,
             cache_type_k=request.cache_type_k if info.format == "gguf" else None,
             cache_type_v=request.cache_type_v if info.format == "gguf" else None,
+            draft_model=request.draft_model,
             prefill_chunk=self.settings.prefill_chunk,
             prompt_cache_bytes=self.settings.prompt_cache_bytes,
         )
@@ -114,6 +115,8 @@ class ModelLoader:
             ) from exc
         elapsed = time.perf_counter() - started
         config: dict[str, Any] = {"context_length": engine.info.context_length}
+        if options.draft_model:
+            config["draft_model"] = options.draft_model
         if isinstance(engine, EmbeddingEngine):
             return EmbeddingInstance(
                 id=instance_id,

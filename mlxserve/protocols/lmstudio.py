@@ -56,6 +56,8 @@ class LoadModelRequest(_Strict):
     kv_cache_quantization: Literal[2, 3, 4, 6, 8] | None = None
     cache_type_k: CacheType | None = None
     cache_type_v: CacheType | None = None
+    # The default draft model for speculative decoding (a model key of the same format).
+    draft_model: str | None = Field(default=None, min_length=1, max_length=512)
     echo_load_config: StrictBool = False
     identifier: str | None = Field(default=None, min_length=1, max_length=256)
     ttl: Ttl | None = None
@@ -71,6 +73,7 @@ class LoadModelRequest(_Strict):
             kv_cache_quantization=self.kv_cache_quantization,
             cache_type_k=self.cache_type_k,
             cache_type_v=self.cache_type_v,
+            draft_model=self.draft_model,
             identifier=self.identifier,
             ttl=self.ttl,
         )

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mlxserve.core.chatsession import ChatSession
-from mlxserve.core.generate import Generation
+from mlxserve.core.generate import Generation, check_draft
 from mlxserve.core.instance import Instance, Loaded
 from mlxserve.core.mcp import Toolset
 from mlxserve.core.registry import ModelInfo
@@ -97,6 +97,8 @@ async def load_model(request: Request) -> Response:
     state: AppState = request.app.state.mlxserve
     body = parse(LoadModelRequest, await read_json(request))
     info = state.manager.find_model(body.model)
+    if body.draft_model is not None:
+        check_draft(state.registry, info, body.draft_model)
     instance = await state.manager.load_any(info, body.to_load_request())
     out: dict[str, Any] = {
         "type": info.type,
