@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -335,8 +336,14 @@ async def _prompt(
         messages = plan.messages
         if pictures and info.image_marker is not None:
             messages = images.with_markers(messages, info.image_marker)
-        text = instance.template.render(
-            messages, add_generation_prompt=True, **plan.template_kwargs
+        # Off the event loop: a long conversation's template can take milliseconds to render.
+        text = await asyncio.to_thread(
+            functools.partial(
+                instance.template.render,
+                messages,
+                add_generation_prompt=True,
+                **plan.template_kwargs,
+            )
         )
         if pictures:
             if any(p.url is not None for p in pictures):
