@@ -107,3 +107,19 @@ def test_load_time_default_draft(http):
     for model, draft in ((GGUF_KEY, GGUF_KEY), (MLX_KEY, GGUF_KEY)):
         r = http.post("/api/v1/models/load", json={"model": model, "draft_model": draft})
         assert r.status_code == 400 and r.json()["error"]["param"] == "draft_model"
+
+
+def test_v1_chat_draft_and_stats(http):
+    body = {
+        "model": MLX_KEY,
+        "input": "Hi",
+        "temperature": 0,
+        "max_output_tokens": 10,
+        "store": False,
+    }
+    plain = http.post("/api/v1/chat", json=body).json()
+    drafted = http.post("/api/v1/chat", json={**body, "draft_model": MLX_KEY}).json()
+    assert drafted["output"] == plain["output"]
+    assert drafted["stats"]["draft_model"] == MLX_KEY
+    assert drafted["stats"]["accepted_draft_tokens_count"] > 0
+    assert "draft_model" not in plain["stats"]

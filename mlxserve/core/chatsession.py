@@ -65,7 +65,10 @@ class ChatSession:
                 core = with_tools(core, self.toolset)
             # Queued on the leased instance, never on a second lookup that could race an
             # eviction of this very instance.
-            gen = await generate.admit(instance, core, policy, self.settings.max_output_tokens)
+            draft = await generate.draft_for(self.manager, instance, core)
+            gen = await generate.admit(
+                instance, core, policy, self.settings.max_output_tokens, draft=draft
+            )
         self.gen = gen
         if self.toolset is not None:
             rounds = self.settings.mcp_max_rounds

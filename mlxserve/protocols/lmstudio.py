@@ -200,6 +200,8 @@ class ChatRequest(_Lenient):
         default=None, pattern=r"^resp_[A-Za-z0-9_-]{1,128}$", max_length=133
     )
     ttl: Ttl | None = None
+    # Speculative decoding, as on the OpenAI-compatible routes.
+    draft_model: str | None = Field(default=None, min_length=1, max_length=512)
 
     def check_supported(self) -> None:
         """Refuse what cannot be honoured yet, naming the field."""
@@ -260,6 +262,7 @@ class ChatRequest(_Lenient):
             max_tokens=self.max_output_tokens,
             reasoning=self.reasoning,
             ttl=self.ttl,
+            draft_model=self.draft_model,
             tool_choice=self._tool_choice(),
             # A forced choice makes one call: a grammar allowing several would let a model
             # (a random-weight one does) go on calling until it runs out of tokens.

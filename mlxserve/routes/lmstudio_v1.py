@@ -293,6 +293,13 @@ class _Turn:
         }
         if self.load_seconds is not None:
             stats["model_load_time_seconds"] = round(self.load_seconds, 3)
+        done = self.done
+        if done is not None and done.draft is not None and done.draft_model is not None:
+            stats["draft_model"] = done.draft_model
+            stats["total_draft_tokens_count"] = done.draft.total
+            stats["accepted_draft_tokens_count"] = done.draft.accepted
+            stats["rejected_draft_tokens_count"] = done.draft.rejected
+            stats["ignored_draft_tokens_count"] = done.draft.ignored
         return stats
 
     def result(self) -> dict[str, Any]:
