@@ -100,3 +100,21 @@ def test_ls_and_rm(models_root, tmp_path, capsys, monkeypatch):
     assert not target.exists() and not target.parent.exists()
     assert cli.main(["ls", "--models-dir", str(models)]) == 0
     assert "No models in" in capsys.readouterr().out
+
+
+def test_tuning_settings_have_flags_and_bad_values_are_one_line(capsys):
+    parser = cli.build_parser()
+    args, _ = parser.parse_known_args(
+        ["serve", "--max-batch-size", "4", "--prefill-chunk", "64", "--mcp-call-timeout", "2.5"]
+    )
+    settings = cli._settings(args)
+    assert (settings.max_batch_size, settings.prefill_chunk) == (4, 64)
+    assert settings.mcp_call_timeout == 2.5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    shown = capsys.readouterr().out
+    for name in cli.TUNING_FLAGS:
+        assert f"--{name.replace('_', '-')}" in shown and f"MLXSERVE_{name.upper()}" in shown
+    assert cli.main(["serve", "--max-batch-size", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --max-batch-size:") and "Traceback" not in err

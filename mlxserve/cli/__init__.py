@@ -16,46 +16,24 @@ def _settings(args: argparse.Namespace) -> Any:
     from mlxserve.settings import Settings
 
     overrides: dict[str, Any] = {}
-    names = (
-        "host",
-        "port",
-        "models_dir",
-        "default_context_length",
-        "max_output_tokens",
-        "log_level",
-        "jit_loading",
-        "ttl_seconds",
-        "auto_evict",
-        "load_guardrail",
-        "guardrail_memory_gb",
-        "require_auth",
-        "cors_origins",
-        "allowed_hosts",
-        "max_body_bytes",
-        "allow_ephemeral_mcp",
-        "allow_mcp_json",
-        "mcp_allowed_hosts",
-        "image_fetch_timeout",
-        "max_image_bytes",
-        "max_image_pixels",
-        "max_images_per_request",
-        "image_allowed_hosts",
-        "image_file_roots",
-        "lmstudio_models",
-        "lmstudio_models_dir",
-        "hf_cache_models",
-        "hf_cache_dir",
-        "distributed_backend",
-        "distributed_timeout",
-        "distributed_port",
-    )
+    # Every option whose destination is a setting overrides it (else the environment wins).
+    names = Settings.model_fields
     for name in names:
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
     if "cors_origins" in overrides:
         overrides["cors"] = True
-    return Settings(**overrides)
+    from pydantic import ValidationError
+
+    from mlxserve.cli.http import CliError
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise CliError(f"--{where.replace('_', '-')}: {error['msg']}", status=2) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -154,6 +132,37 @@ def _lazy(module: str, name: str) -> Any:
         return result
 
     return run
+
+
+# Settings that are a plain number, offered on ``serve`` as ``--name-with-dashes`` with their
+# default and environment variable in the help: a new one is one line here.
+TUNING_FLAGS = (
+    "max_queue_per_model",
+    "max_batch_size",
+    "prefill_chunk",
+    "prompt_cache_bytes",
+    "sse_ping_seconds",
+    "default_temperature",
+    "mcp_connect_timeout",
+    "mcp_call_timeout",
+    "mcp_max_rounds",
+)
+
+
+def _setting_flags(p: argparse.ArgumentParser) -> None:
+    from mlxserve.settings import Settings
+
+    group = p.add_argument_group("tuning (each also MLXSERVE_<NAME>)")
+    for name in TUNING_FLAGS:
+        field = Settings.model_fields[name]
+        kind = float if field.annotation in (float, "float") else int
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=kind,
+            metavar="SECONDS" if name.endswith(("_seconds", "_timeout")) else "N",
+            help=f"default {field.default}; env MLXSERVE_{name.upper()}",
+        )
 
 
 def _source_options(p: argparse.ArgumentParser) -> None:
@@ -323,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind (default 1234)")
     models_dir_option(serve)
+    _setting_flags(serve)
     serve.add_argument(
         "--context-length",
         dest="default_context_length",
