@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from mlxserve import __version__
+from mlxserve import __version__, versions
 from mlxserve import openapi as api_description
 from mlxserve.errors import MlxServeError
 from mlxserve.http.errors import error_response
@@ -115,6 +115,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         warn_about_exposure(state)
+        versions.check()
         if settings.require_auth:
             # A corrupt token file would turn every request away: refuse to start instead.
             try:
