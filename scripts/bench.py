@@ -405,6 +405,33 @@ async def kv_quantization(server: Server, fmt: str, mode: Mode) -> dict[str, flo
     }
 
 
+async def speculative(server: Server, mode: Mode) -> dict[str, float]:
+    """MLX, the model drafting for itself (acceptance 100%): one stream's decode tok/s with
+    the draft ÷ without; and a non-drafted stream's decode tok/s beside a drafted one ÷
+    alone (the cost a drafted request puts on the batch). Alternating, medians."""
+    n = 2 * mode.out_tokens
+    draft = {"draft_model": server.model, "num_draft_tokens": 4}
+    rates: dict[str, list[float]] = {"plain": [], "draft": [], "alone": [], "beside": []}
+    async with httpx.AsyncClient(timeout=600) as client:
+        for r in range(max(3, 2 * mode.rounds)):
+            for drafted in (r % 2 == 0, r % 2 == 1):
+                prompt = unique_prompt(f"sd{r}{int(drafted)}", 64)
+                s = await stream_once(client, server, prompt, n, draft if drafted else None)
+                rates["draft" if drafted else "plain"].append(s.decode_tps)
+            alone = await stream_once(client, server, unique_prompt(f"sa{r}", 64), n)
+            rates["alone"].append(alone.decode_tps)
+            _, beside = await asyncio.gather(
+                stream_once(client, server, unique_prompt(f"sx{r}", 64), 2 * n, draft),
+                stream_once(client, server, unique_prompt(f"sb{r}", 64), n),
+            )
+            rates["beside"].append(beside.decode_tps)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {
+        "draft_self_decode_vs_none": med["draft"] / med["plain"],
+        "plain_stream_beside_drafted_vs_alone": med["beside"] / med["alone"],
+    }
+
+
 def fmt_table(rows: list[tuple[str, str, str]]) -> str:
     width = max(len(r[0]) for r in rows)
     lines = [f"{'figure':<{width}}  {'value':>12}  goal", "-" * (width + 30)]
@@ -549,6 +576,8 @@ async def engine_features(args: argparse.Namespace, mode: Mode) -> dict[str, Any
                 await stream_once(client, ours, "warm up", 4)
             figs = {"logprobs_5_decode_vs_none": await logprobs_cost(ours, mode)}
             figs.update(await kv_quantization(ours, fmt, mode))
+            if fmt == "mlx":
+                figs.update(await speculative(ours, mode))
             results["figures"][fmt] = figs
             for k, v in figs.items():
                 rows.append(
