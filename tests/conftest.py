@@ -145,3 +145,30 @@ def server(models_root, tmp_path_factory):
     srv = Server(models_root, tmp_path_factory.mktemp("home"), "--no-auto-evict")
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def forced_tool_calls(monkeypatch):
+    """``lmstudio`` 1.5 has no tool-choice option (the JS SDK 2.0 sends
+    ``llm.prediction.toolChoice``); a random-weight model never calls a tool by itself. This
+    adds the 2.0 field to predictions that offer tools; the server's grammar forces the call."""
+    from lmstudio import json_api
+    from lmstudio._sdk_models import KvConfigStack
+
+    original = json_api.prediction_config_to_kv_config_stack
+
+    def forcing(*args, **kwargs):
+        structured, stack = original(*args, **kwargs)
+        data = stack.to_dict()
+        fields = [f for layer in data["layers"] for f in layer["config"]["fields"]]
+        if any(
+            f["key"] == "llm.prediction.tools" and f["value"]["type"] == "toolArray" for f in fields
+        ):
+            choice = {
+                "key": "llm.prediction.toolChoice",
+                "value": {"type": "generic", "mode": "required"},
+            }
+            data["layers"].append({"layerName": "apiOverride", "config": {"fields": [choice]}})
+        return structured, KvConfigStack._from_api_dict(data)
+
+    monkeypatch.setattr(json_api, "prediction_config_to_kv_config_stack", forcing)

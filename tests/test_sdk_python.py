@@ -10,8 +10,6 @@ import httpx
 import lmstudio as lms
 import msgspec
 import pytest
-from lmstudio import json_api
-from lmstudio._sdk_models import KvConfigStack
 
 from tests.conftest import EMBED_GGUF_KEY, EMBED_MLX_KEY, GGUF_KEY, MLX_KEY
 
@@ -145,30 +143,6 @@ def test_structured(client, key):
         "A person:", response_format=schema, config={"temperature": 0, "maxTokens": 60}
     )
     assert isinstance(completed.parsed, dict), completed.content
-
-
-@pytest.fixture
-def forced_tool_calls(monkeypatch):
-    """``lmstudio`` 1.5 has no tool-choice option (the JS SDK 2.0 sends
-    ``llm.prediction.toolChoice``); a random-weight model never calls a tool by itself. This
-    adds the 2.0 field to predictions that offer tools; the server's grammar forces the call."""
-    original = json_api.prediction_config_to_kv_config_stack
-
-    def forcing(*args, **kwargs):
-        structured, stack = original(*args, **kwargs)
-        data = stack.to_dict()
-        fields = [f for layer in data["layers"] for f in layer["config"]["fields"]]
-        if any(
-            f["key"] == "llm.prediction.tools" and f["value"]["type"] == "toolArray" for f in fields
-        ):
-            choice = {
-                "key": "llm.prediction.toolChoice",
-                "value": {"type": "generic", "mode": "required"},
-            }
-            data["layers"].append({"layerName": "apiOverride", "config": {"fields": [choice]}})
-        return structured, KvConfigStack._from_api_dict(data)
-
-    monkeypatch.setattr(json_api, "prediction_config_to_kv_config_stack", forcing)
 
 
 Digit = Annotated[int, msgspec.Meta(ge=0, le=99)]

@@ -103,9 +103,12 @@ def parse_tools(value: Any) -> tuple[dict[str, Any], ...]:
         if isinstance(function.get("description"), str):
             entry["description"] = function["description"]
         params = function.get("parameters")
-        entry["parameters"] = (
-            params if isinstance(params, dict) else {"type": "object", "properties": {}}
-        )
+        schema = dict(params) if isinstance(params, dict) else {"type": "object", "properties": {}}
+        # The SDKs build the schema from a function's signature and never close it; a forced
+        # call would otherwise run on with invented arguments until it runs out of tokens.
+        if schema.get("type") == "object" and "additionalProperties" not in schema:
+            schema["additionalProperties"] = False
+        entry["parameters"] = schema
         out.append(entry)
     return tuple(out)
 

@@ -1,0 +1,73 @@
+"""Shared legs of the family end-to-end tests: a forced call on LM Studio's legacy v0 route, and
+an ``act()`` round with the LM Studio Python SDK over its websocket (the model calls a tool, the
+SDK runs it, the next turn renders the result through the family's template)."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import httpx
+import jsonschema
+import lmstudio as lms
+
+
+def v0_forced_call(url: str, model: str, ask: str, tool: dict, max_tokens: int) -> dict:
+    """A forced call on ``/api/v0/chat/completions``; returns its parsed arguments."""
+    r = httpx.post(
+        url + "/api/v0/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": ask}],
+            "tools": [{"type": "function", "function": tool}],
+            "tool_choice": "required",
+            "parallel_tool_calls": False,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        },
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice["message"]
+    assert not choice["message"].get("content")
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == tool["name"]
+    arguments = json.loads(call["function"]["arguments"])
+    jsonschema.validate(arguments, tool["parameters"])
+    # v0 adds LM Studio's stats and model info to the OpenAI shape.
+    assert body["model_info"]["format"] == "gguf" and body["stats"]["tokens_per_second"] >= 0
+    return arguments
+
+
+City = Literal["Oslo", "Rome"]
+
+
+def act_round(url: str, model: str, ask: str) -> None:
+    """``act()`` with one tool, forced (``forced_tool_calls`` fixture): the SDK runs the tool on
+    the parsed call and sends its result back for a second round."""
+    calls: list[str] = []
+
+    def get_weather(city: City) -> str:
+        """Weather in a city."""
+        calls.append(city)
+        return "Sunny, 21 C"
+
+    messages: list = []
+    with lms.Client(url.removeprefix("http://")) as client:
+        result = client.llm.model(model).act(
+            ask,
+            [get_weather],
+            max_prediction_rounds=2,
+            config={"temperature": 0, "maxTokens": 60},
+            on_message=messages.append,
+        )
+    assert result.rounds == 2, (result.rounds, messages)
+    assert calls and all(c in ("Oslo", "Rome") for c in calls), calls
+    roles = [m.role for m in messages]
+    assert roles[:2] == ["assistant", "tool"] and roles[-1] == "assistant", roles
+    requests = [p for p in messages[0].content if p.type == "toolCallRequest"]
+    assert requests and requests[0].tool_call_request.name == "get_weather", messages[0]
+    results = [p for p in messages[1].content if p.type == "toolCallResult"]
+    assert results[0].tool_call_id == requests[0].tool_call_request.id
