@@ -172,3 +172,27 @@ def forced_tool_calls(monkeypatch):
         return structured, KvConfigStack._from_api_dict(data)
 
     monkeypatch.setattr(json_api, "prediction_config_to_kv_config_stack", forcing)
+
+
+@pytest.fixture(scope="session")
+def mcp_url(tmp_path_factory):
+    """tests/mcp_servers.py over streamable HTTP: its ``lookup(color)`` tool for v1."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("fam-mcp") / "calls.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "mcp_servers.py"), "http", str(port), str(log)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/mcp"
+        for _ in range(300):
+            try:
+                httpx.get(url, timeout=0.5)
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None, "MCP test server exited"
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

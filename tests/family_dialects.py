@@ -71,3 +71,46 @@ def act_round(url: str, model: str, ask: str) -> None:
     assert requests and requests[0].tool_call_request.name == "get_weather", messages[0]
     results = [p for p in messages[1].content if p.type == "toolCallResult"]
     assert results[0].tool_call_id == requests[0].tool_call_request.id
+
+
+def v1_mcp_round(url: str, model: str, mcp_url: str) -> None:
+    """LM Studio v1 chat with an ephemeral MCP tool (``mcp_url``), forced, then a stateful
+    follow-up that replays the tool turn through the family's template."""
+    # LM Studio v1: the MCP tool is called, its result fed back, and the model answers.
+    r = httpx.post(
+        url + "/api/v1/chat",
+        json={
+            "model": model,
+            "input": "Look up red.",
+            "integrations": [
+                {
+                    "type": "ephemeral_mcp",
+                    "server_label": "t",
+                    "server_url": mcp_url,
+                    "allowed_tools": ["lookup"],
+                }
+            ],
+            "tool_choice": "required",
+            "max_output_tokens": 60,
+            "temperature": 0,
+        },
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    # A stateful follow-up replays the tool turn through the family's template.
+    follow = httpx.post(
+        url + "/api/v1/chat",
+        json={
+            "model": model,
+            "input": "Thanks.",
+            "max_output_tokens": 4,
+            "temperature": 0,
+            "previous_response_id": r.json()["response_id"],
+        },
+        timeout=120,
+    )
+    assert follow.status_code == 200, follow.text
+    types = [o["type"] for o in r.json()["output"]]
+    assert "tool_call" in types and "invalid_tool_call" not in types, r.json()["output"]
+    (done,) = [o for o in r.json()["output"] if o["type"] == "tool_call"]
+    assert done["tool"] == "lookup" and done["arguments"]["color"] in ("red", "green")

@@ -12,8 +12,6 @@ Cost: one server for every family model (MLX and GGUF), short replies; the MLX l
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import anthropic
 import httpx
@@ -21,8 +19,8 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import REPO, Server, free_port
-from tests.family_dialects import act_round, v0_forced_call
+from tests.conftest import Server
+from tests.family_dialects import act_round, v0_forced_call, v1_mcp_round
 
 FAMILIES = [
     "gpt-oss",
@@ -48,30 +46,6 @@ CALL_TOKENS = 100
 
 def key(family: str, fmt: str) -> str:
     return f"mlxserve-test/tiny-{family}-{fmt}"
-
-
-@pytest.fixture(scope="module")
-def mcp_url(tmp_path_factory):
-    """tests/mcp_servers.py over streamable HTTP: its ``lookup(color)`` tool for v1."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("fam-mcp") / "calls.jsonl"
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "mcp_servers.py"), "http", str(port), str(log)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}/mcp"
-        for _ in range(300):
-            try:
-                httpx.get(url, timeout=0.5)
-                break
-            except httpx.HTTPError:
-                assert proc.poll() is None, "MCP test server exited"
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -208,44 +182,7 @@ def test_forced_call_round_trip_responses_anthropic_v1(fam_server, oai, mcp_url,
         ],
     )
     assert reply.stop_reason in ("end_turn", "max_tokens")
-    # LM Studio v1: the MCP tool is called, its result fed back, and the model answers.
-    r = httpx.post(
-        fam_server.url + "/api/v1/chat",
-        json={
-            "model": model,
-            "input": "Look up red.",
-            "integrations": [
-                {
-                    "type": "ephemeral_mcp",
-                    "server_label": "t",
-                    "server_url": mcp_url,
-                    "allowed_tools": ["lookup"],
-                }
-            ],
-            "tool_choice": "required",
-            "max_output_tokens": 60,
-            "temperature": 0,
-        },
-        timeout=120,
-    )
-    assert r.status_code == 200, r.text
-    # A stateful follow-up replays the tool turn through the family's template.
-    follow = httpx.post(
-        fam_server.url + "/api/v1/chat",
-        json={
-            "model": model,
-            "input": "Thanks.",
-            "max_output_tokens": 4,
-            "temperature": 0,
-            "previous_response_id": r.json()["response_id"],
-        },
-        timeout=120,
-    )
-    assert follow.status_code == 200, follow.text
-    types = [o["type"] for o in r.json()["output"]]
-    assert "tool_call" in types and "invalid_tool_call" not in types, r.json()["output"]
-    (done,) = [o for o in r.json()["output"] if o["type"] == "tool_call"]
-    assert done["tool"] == "lookup" and done["arguments"]["color"] in ("red", "green")
+    v1_mcp_round(fam_server.url, model, mcp_url)
 
 
 def test_reasoning_settings_and_capabilities(fam_server, oai):

@@ -20,15 +20,15 @@ import openai
 import pytest
 
 from tests.conftest import Server
-from tests.family_dialects import act_round, v0_forced_call
+from tests.family_dialects import act_round, v0_forced_call, v1_mcp_round
 
 # Both formats, one family per call syntax (the same weights and vocabulary in every family
 # model, so the others differ only in template and tokens, checked on GGUF).
 BOTH_FORMATS = ["mistral-small-3.2", "gemma4", "llama3.1", "kimi-k2", "minimax-m2", "lfm2"]
 GGUF_ONLY = ["devstral", "ministral-reasoning", "gemma2", "granite-4.0", "smollm3", "phi-3.5"]
 FAMILIES = BOTH_FORMATS + GGUF_ONLY
-# One family per kind of syntax also goes through Responses and Anthropic.
-OTHER_DIALECTS = ["mistral-small-3.2", "gemma4", "lfm2"]
+# One family per kind of syntax also goes through Responses, Anthropic and LM Studio v1.
+OTHER_DIALECTS = BOTH_FORMATS
 PARAMS = {
     "type": "object",
     "properties": {"city": {"type": "string", "enum": ["Oslo", "Rome"]}},
@@ -48,7 +48,13 @@ def key(family: str, fmt: str) -> str:
 def srv(models_root, family_models, tmp_path_factory):
     for family in FAMILIES:
         family_models(family)
-    server = Server(models_root, tmp_path_factory.mktemp("fam2-home"))
+    server = Server(
+        models_root,
+        tmp_path_factory.mktemp("fam2-home"),
+        "--allow-ephemeral-mcp",
+        "--mcp-allowed-hosts",
+        "127.0.0.1",
+    )
     yield server
     server.stop()
 
@@ -120,7 +126,7 @@ def test_sdk_act(srv, forced_tool_calls, family):
 
 
 @pytest.mark.parametrize("family", OTHER_DIALECTS)
-def test_forced_call_responses_and_anthropic(srv, oai, family):
+def test_forced_call_responses_anthropic_v1(srv, oai, mcp_url, family):
     model = key(family, "gguf")
     first = oai.responses.create(
         model=model,
@@ -177,6 +183,7 @@ def test_forced_call_responses_and_anthropic(srv, oai, family):
         ],
     )
     assert reply.stop_reason in ("end_turn", "max_tokens")
+    v1_mcp_round(srv.url, model, mcp_url)
 
 
 def test_reasoning_options_and_switches(srv, oai):
