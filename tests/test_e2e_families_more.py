@@ -2,7 +2,8 @@
 Llama 3.x, Kimi K2, MiniMax M2, Granite 4, SmolLM3, LFM2 and Phi-3.5: a forced call in each
 family's own syntax parses back on MLX and GGUF alike (the same arguments at temperature 0), and
 the next turn with the tool's result renders through the family's template; streamed fragments
-join to the same call; Responses and Anthropic carry the call round trip; LM Studio's model list
+join to the same call, and LM Studio v0 writes the same; Responses, Anthropic and LM Studio v1
+(an MCP tool) carry the call round trip, and the lmstudio SDK's act() runs it; LM Studio's list
 reports each family's reasoning options. Models: tiny random-weight ones with each family's real
 template and special tokens (``family_models``); a call is forced, never chosen.
 
@@ -22,11 +23,10 @@ import pytest
 from tests.conftest import Server
 from tests.family_dialects import act_round, v0_forced_call, v1_mcp_round
 
-# Both formats, one family per call syntax (the same weights and vocabulary in every family
-# model, so the others differ only in template and tokens, checked on GGUF).
+# One family per call syntax, then the other families of each (template and tokens differ).
 BOTH_FORMATS = ["mistral-small-3.2", "gemma4", "llama3.1", "kimi-k2", "minimax-m2", "lfm2"]
-GGUF_ONLY = ["devstral", "ministral-reasoning", "gemma2", "granite-4.0", "smollm3", "phi-3.5"]
-FAMILIES = BOTH_FORMATS + GGUF_ONLY
+MORE = ["devstral", "ministral-reasoning", "gemma2", "granite-4.0", "smollm3", "phi-3.5"]
+FAMILIES = BOTH_FORMATS + MORE
 # One family per kind of syntax also goes through Responses, Anthropic and LM Studio v1.
 OTHER_DIALECTS = BOTH_FORMATS
 PARAMS = {
@@ -80,8 +80,7 @@ def _forced(oai, model: str, **extra):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forced_call_round_trip(srv, oai, family):
     calls = {}
-    formats = ("mlx", "gguf") if family in BOTH_FORMATS else ("gguf",)
-    for fmt in formats:
+    for fmt in ("mlx", "gguf"):
         reply = _forced(oai, key(family, fmt))
         choice = reply.choices[0]
         assert choice.finish_reason == "tool_calls", (fmt, choice.message.content)
@@ -103,9 +102,8 @@ def test_forced_call_round_trip(srv, oai, family):
         )
         assert after.choices[0].finish_reason in ("stop", "length")
         calls[fmt + "-next"] = after.choices[0].message.content
-    if family in BOTH_FORMATS:
-        assert calls["mlx"] == calls["gguf"]
-        assert calls["mlx-next"] == calls["gguf-next"]
+    assert calls["mlx"] == calls["gguf"]
+    assert calls["mlx-next"] == calls["gguf-next"]
     fragments, names = "", []
     for chunk in _forced(oai, key(family, "gguf"), stream=True):
         for delta in chunk.choices[0].delta.tool_calls or () if chunk.choices else ():
