@@ -250,13 +250,13 @@ def _too_large(image: ImagePart, policy: ImagePolicy) -> InvalidRequest:
 
 
 async def _fetch(image: ImagePart, policy: ImagePolicy) -> ImagePart:
-    import httpx
+    import httpx2
 
-    from mlxserve.core.mcp import check_url
+    from mlxserve.core.mcp import PinnedTransport, check_url
 
     assert image.url is not None
     try:
-        await asyncio.to_thread(
+        pinned = await asyncio.to_thread(
             check_url,
             image.url,
             list(policy.allowed_hosts),
@@ -269,9 +269,14 @@ async def _fetch(image: ImagePart, policy: ImagePolicy) -> ImagePart:
     total = 0
     try:
         async with asyncio.timeout(policy.timeout):
-            # Redirects are not followed: each hop would need the address check again.
+            # Redirects are not followed: each hop would need the address check again. The
+            # connection goes to the address check_url checked, never to a second lookup
+            # (DNS rebinding); an allow-listed host (pinned is None) resolves as usual.
+            transport = PinnedTransport(pinned, _transport()) if pinned is not None else None
             async with (
-                httpx.AsyncClient(timeout=policy.timeout, follow_redirects=False) as client,
+                httpx2.AsyncClient(
+                    timeout=policy.timeout, follow_redirects=False, transport=transport
+                ) as client,
                 client.stream("GET", image.url, headers={"Accept": "image/*"}) as response,
             ):
                 if response.status_code != 200:
@@ -289,11 +294,18 @@ async def _fetch(image: ImagePart, policy: ImagePolicy) -> ImagePart:
         raise InvalidRequest(
             f"Fetching the image URL timed out after {policy.timeout:g} s.", param=image.param
         ) from None
-    except httpx.HTTPError as exc:
+    except httpx2.HTTPError as exc:
         raise InvalidRequest(
             f"The image URL cannot be fetched ({type(exc).__name__}).", param=image.param
         ) from None
     return ImagePart(b"".join(chunks), media_type.lower(), param=image.param)
+
+
+def _transport() -> Any:
+    """The transport under the pinning one (a seam: tests replace it to see the request)."""
+    import httpx2
+
+    return httpx2.AsyncHTTPTransport()
 
 
 def decode(image: ImagePart, policy: ImagePolicy, max_model_pixels: int | None) -> Image:
