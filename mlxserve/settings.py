@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     prompt_cache_bytes: int = Field(default=1 << 30, ge=0)
     # Interval between SSE keep-alive comments while a stream produces nothing; 0 turns them off.
     sse_ping_seconds: float = Field(default=15.0, ge=0.0)
+    # Retention of stored chats (chats.sqlite3): chats not continued for this many days are
+    # deleted, and while the stored turns take more than chat_store_max_bytes the least
+    # recently continued chats are deleted; 0 turns either off.
+    chat_store_max_age_days: float = Field(default=0.0, ge=0.0)
+    chat_store_max_bytes: int = Field(default=1 << 30, ge=0)
     # Every API route requires ``Authorization: Bearer <token>`` (tokens: ``mlxserve token``).
     require_auth: bool = False
     # While bound to loopback, requests must name a loopback host (the DNS-rebinding guard):

@@ -45,7 +45,11 @@ class AppState:
             settings=settings,
             registry=registry,
             manager=ModelManager(settings, registry, observer=metrics),
-            chats=ChatStore(settings.home / "chats.sqlite3"),
+            chats=ChatStore(
+                settings.home / "chats.sqlite3",
+                max_age_days=settings.chat_store_max_age_days,
+                max_bytes=settings.chat_store_max_bytes,
+            ),
             tokens=TokenStore(settings.home / "tokens.json"),
             downloads=DownloadManager(settings.models_root, registry),
             logbus=LogBus(),

@@ -146,6 +146,8 @@ TUNING_FLAGS = (
     "mcp_connect_timeout",
     "mcp_call_timeout",
     "mcp_max_rounds",
+    "chat_store_max_age_days",
+    "chat_store_max_bytes",
 )
 
 
@@ -160,7 +162,11 @@ def _setting_flags(p: argparse.ArgumentParser) -> None:
             "--" + name.replace("_", "-"),
             dest=name,
             type=kind,
-            metavar="SECONDS" if name.endswith(("_seconds", "_timeout")) else "N",
+            metavar="SECONDS"
+            if name.endswith(("_seconds", "_timeout"))
+            else "DAYS"
+            if name.endswith("_days")
+            else "N",
             help=f"default {field.default}; env MLXSERVE_{name.upper()}",
         )
 

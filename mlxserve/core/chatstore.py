@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +29,17 @@ from mlxserve.core import images
 from mlxserve.core.images import ImagePart
 from mlxserve.errors import MlxServeError
 
+log = logging.getLogger(__name__)
+
 # Guards against a corrupt chain (a cycle can only come from a hand-edited database).
 MAX_TURNS = 10_000
 TITLE_CHARS = 80
+# Retention runs at most this often after saves (it also runs when the store opens).
+PRUNE_INTERVAL_SECONDS = 60.0
+# A response read to be continued keeps its chat from retention until the continuation is
+# saved, or this long if it never is (the request failed or did not store).
+PIN_SECONDS = 3600.0
+IMAGE_REF = re.compile(r'"__image_sha256__": "([0-9a-f]{64})"')
 
 
 def new_response_id() -> str:
@@ -126,10 +136,42 @@ class Conversation:
     messages: list[dict[str, Any]]
 
 
-class ChatStore:
-    """Thread-safe; the async methods run the SQLite work off the event loop."""
+class StoreClosed(MlxServeError):
+    status = 503
+    kind = "server_error"
+    code = "server_shutting_down"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self) -> None:
+        super().__init__("The server is shutting down; the chat was not stored.")
+
+
+class ChatStore:
+    """Thread-safe; the async methods run the SQLite work off the event loop.
+
+    Retention: chats not continued for ``max_age_days`` and, while the stored turns take more
+    than ``max_bytes``, the least recently continued chats are deleted (0 turns either off),
+    when the store opens and after saves. A chat whose response a request is continuing is
+    kept until that request saved its turn."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_age_days: float = 0.0,
+        max_bytes: int = 0,
+        prune_interval: float = PRUNE_INTERVAL_SECONDS,
+    ) -> None:
+        self.max_age_days = max_age_days
+        self.max_bytes = max_bytes
+        self._prune_interval = prune_interval
+        self._last_prune = 0.0
+        # response id -> (readers continuing it, when the last one began)
+        self._pins: dict[str, tuple[int, float]] = {}
+        # Saves asked for and not finished: close() waits for them.
+        self._in_flight = 0
+        self._closing = False
+        self._closed = False
+        self._idle = threading.Condition()
         path.parent.mkdir(parents=True, exist_ok=True)
         # Images of stored turns, once each, named by the SHA-256 of their bytes.
         self._images = path.parent / "images"
@@ -155,6 +197,7 @@ class ChatStore:
                 self._db.execute("ALTER TABLE responses ADD COLUMN reply TEXT")
             self._db.execute("CREATE INDEX IF NOT EXISTS responses_chat ON responses(chat_id)")
             self._file_orphans()
+        self.prune()
 
     def _file_orphans(self) -> None:
         """Give every turn without a chat the chat of its root (caller holds the lock)."""
@@ -182,8 +225,14 @@ class ChatStore:
                 (chat_id, title_of(input), now, now, turn_id),
             )
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Close once the saves already asked for (:meth:`asave`) are written; later ones
+        fail with :class:`StoreClosed`."""
+        with self._idle:
+            self._closing = True
+            self._idle.wait_for(lambda: self._in_flight == 0, timeout=timeout)
         with self._lock:
+            self._closed = True
             self._db.close()
 
     _COLUMNS = "id, parent_id, model, system, input, output, created, chat_id"
@@ -243,6 +292,8 @@ class ChatStore:
         response_id = response_id or new_response_id()
         now = time.time()
         with self._lock, self._db:
+            if self._closed:
+                raise StoreClosed()
             chat_id = response_id
             if parent_id is not None:
                 row = self._db.execute(
@@ -264,7 +315,90 @@ class ChatStore:
                 ),
             )
             self._file(response_id, chat_id, input, now)
+        if parent_id is not None:
+            self._unpin(parent_id)
+        if now - self._last_prune >= self._prune_interval:
+            self.prune()
         return response_id
+
+    # --- retention --------------------------------------------------------------------------
+
+    def _pin(self, response_id: str) -> None:
+        with self._idle:
+            count, _ = self._pins.get(response_id, (0, 0.0))
+            self._pins[response_id] = (count + 1, time.monotonic())
+
+    def _unpin(self, response_id: str) -> None:
+        with self._idle:
+            count, since = self._pins.get(response_id, (0, 0.0))
+            if count > 1:
+                self._pins[response_id] = (count - 1, since)
+            else:
+                self._pins.pop(response_id, None)
+
+    def _pinned(self) -> set[str]:
+        now = time.monotonic()
+        with self._idle:
+            for key, (_, since) in list(self._pins.items()):
+                if now - since > PIN_SECONDS:
+                    del self._pins[key]
+            return set(self._pins)
+
+    def prune(self) -> list[str]:
+        """Apply the retention settings; returns the ids of the chats deleted, oldest first."""
+        self._last_prune = time.time()
+        if self.max_age_days <= 0 and self.max_bytes <= 0:
+            return []
+        pinned = self._pinned()
+        with self._lock, self._db:
+            if self._closed:
+                return []
+            placeholders = ",".join("?" * len(pinned))
+            busy = {
+                row[0]
+                for row in self._db.execute(
+                    f"SELECT chat_id FROM responses WHERE id IN ({placeholders})", tuple(pinned)
+                )
+            }
+            rows = self._db.execute(
+                "SELECT c.id, c.updated, (SELECT IFNULL(SUM(LENGTH(CAST(input AS BLOB))"
+                " + LENGTH(CAST(output AS BLOB)) + IFNULL(LENGTH(CAST(reply AS BLOB)), 0)), 0)"
+                " FROM responses WHERE chat_id = c.id) FROM chats c ORDER BY c.updated"
+            ).fetchall()
+            total = sum(size for _, _, size in rows)
+            cutoff = time.time() - self.max_age_days * 86400 if self.max_age_days > 0 else None
+            doomed: list[str] = []
+            for chat_id, updated, size in rows:
+                too_old = cutoff is not None and updated < cutoff
+                too_big = self.max_bytes > 0 and total > self.max_bytes
+                if not (too_old or too_big):
+                    break
+                if chat_id in busy:
+                    continue
+                doomed.append(chat_id)
+                total -= size
+            images: set[str] = set()
+            for chat_id in doomed:
+                for input_json, output_json in self._db.execute(
+                    "SELECT input, output FROM responses WHERE chat_id = ?", (chat_id,)
+                ):
+                    images.update(IMAGE_REF.findall(input_json + output_json))
+                self._db.execute("DELETE FROM responses WHERE chat_id = ?", (chat_id,))
+                self._db.execute("DELETE FROM chats WHERE id = ?", (chat_id,))
+            orphans = [
+                digest
+                for digest in images
+                if self._db.execute(
+                    "SELECT 1 FROM responses WHERE instr(input, ?) OR instr(output, ?) LIMIT 1",
+                    (digest, digest),
+                ).fetchone()
+                is None
+            ]
+        for digest in orphans:
+            (self._images / digest).unlink(missing_ok=True)
+        if doomed:
+            log.info("chat store retention deleted %d chat(s)", len(doomed))
+        return doomed
 
     # --- the response objects of /v1/responses --------------------------------------------
 
@@ -391,7 +525,27 @@ class ChatStore:
         return ImagePart(data, str(value.get("media_type") or ""), param="previous_response_id")
 
     async def aconversation(self, response_id: str) -> Conversation:
-        return await asyncio.to_thread(self.conversation, response_id)
+        """The branch to continue; its chat is kept from retention until the continuation
+        is saved."""
+        conversation = await asyncio.to_thread(self.conversation, response_id)
+        self._pin(response_id)
+        return conversation
 
-    async def asave(self, **kwargs: Any) -> str:
-        return await asyncio.to_thread(lambda: self.save(**kwargs))
+    def asave(self, **kwargs: Any) -> Awaitable[str]:
+        """:meth:`save` off the event loop. The save counts as in flight from this call (not
+        from the first await), and runs to the end even if the caller is cancelled, so a
+        close racing it waits and nothing asked for is lost."""
+        with self._idle:
+            if self._closing:
+                raise StoreClosed()
+            self._in_flight += 1
+
+        def run() -> str:
+            try:
+                return self.save(**kwargs)
+            finally:
+                with self._idle:
+                    self._in_flight -= 1
+                    self._idle.notify_all()
+
+        return asyncio.shield(asyncio.get_running_loop().run_in_executor(None, run))
