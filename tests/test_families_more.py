@@ -301,6 +301,21 @@ def test_gemma4_grammar_types_values_and_refuses_what_it_cannot_force():
     assert run(family, good + "<tool_call|>", typed).calls == [
         ("f", {"n": 1.5, "flag": True, "unit": "c", "tags": ["a"], "where": {"x": 2}})
     ]
+    # An untyped enum (the lmstudio SDK's Literal) takes its values' type.
+    untyped = [
+        {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {"unit": {"enum": ["c", "f"]}, "n": {"const": 3}},
+                "required": ["unit", "n"],
+            },
+        }
+    ]
+    assert grammar_accepts(
+        family, untyped, False, f"<|tool_call>call:f{{unit:{Q}f{Q},n:3}}<tool_call|>"
+    )
+    assert not grammar_accepts(family, untyped, False, "<|tool_call>call:f{unit:f,n:3}<tool_call|>")
     for keyword, schema in (
         ("pattern", {"type": "string", "pattern": "^a"}),
         ("anyOf", {"anyOf": [{"type": "string"}]}),

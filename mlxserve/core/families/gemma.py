@@ -82,6 +82,13 @@ class _Values:
         if not isinstance(schema, dict):
             raise self.refuse("a schema that is not an object")
         kind = schema.get("type", "object" if "properties" in schema else None)
+        if kind is None:
+            # An untyped enum/const (what Python's Literal becomes) takes its values' type.
+            values = schema.get("enum") or ([schema["const"]] if "const" in schema else [])
+            if values and all(isinstance(v, str) for v in values):
+                kind = "string"
+            elif values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                kind = "integer"
         allowed = _KNOWN.get(kind) if isinstance(kind, str) else None
         extra = sorted(set(schema) - (allowed or {"type"}) - _SCHEMA_NOTES)
         if extra:
@@ -90,7 +97,10 @@ class _Values:
             raise self.refuse("type")
         options = schema.get("enum") or ([schema["const"]] if "const" in schema else None)
         if options:
-            parts = [self.string(str(o)) if kind == "string" else json.dumps(o) for o in options]
+            parts = [
+                self.string(str(o)) if kind == "string" else json.dumps(json.dumps(o))
+                for o in options
+            ]
             return "(" + " | ".join(parts) + ")"
         if kind == "string":
             quote = self.lit(QUOTE)
