@@ -11,7 +11,7 @@ import lmstudio as lms
 import msgspec
 import pytest
 
-from tests.conftest import EMBED_GGUF_KEY, EMBED_MLX_KEY, GGUF_KEY, MLX_KEY
+from tests.conftest import EMBED_GGUF_KEY, EMBED_MLX_KEY, GGUF_KEY, MLX_KEY, THINK_MLX_KEY
 
 MODELS = [MLX_KEY, GGUF_KEY]
 
@@ -232,3 +232,42 @@ def test_async_client_opens_every_namespace(server, embedding_models):
             return [m.model_key for m in await c.list_downloaded_models()]
 
     assert MLX_KEY in asyncio.run(run())
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+# No description: templates are given one anyway (an empty one), as generation gives them.
+CLOCK = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+}
+
+
+@pytest.mark.parametrize("key", [*MODELS, THINK_MLX_KEY])
+def test_applied_template_is_the_prompt_the_model_is_given(client, key):
+    model = client.llm.model(key)
+    chat = lms.Chat("You are terse.")
+    chat.add_user_message("What is the weather in Paris?")
+    formatted = model.apply_prompt_template(chat, {"toolDefinitions": [WEATHER, CLOCK]})
+    assert "get_weather" in formatted and "What is the weather in Paris?" in formatted
+    result = model.respond(
+        chat,
+        config={
+            "rawTools": {"type": "toolArray", "tools": [WEATHER, CLOCK]},
+            "maxTokens": 1,
+            "temperature": 0,
+        },
+    )
+    assert result.stats.prompt_tokens_count == len(model.tokenize(formatted))

@@ -362,6 +362,15 @@ async def _prompt(
     return text, tokens, None
 
 
+async def rendered_prompt(
+    instance: Instance, request: CoreRequest, policy: images.ImagePolicy
+) -> str:
+    """The prompt text :func:`start` gives ``instance`` for ``request``: the same planning
+    (tool prompt or template tools, reasoning switch, the family's message handling)."""
+    text, _, _ = await _prompt(instance, request, _plan(instance, request), policy)
+    return text
+
+
 async def count_prompt_tokens(manager: ModelManager, request: CoreRequest) -> int:
     """How many tokens ``request``'s prompt is, rendered exactly as :func:`start` renders it."""
     policy = images.ImagePolicy.from_settings(manager.settings)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
@@ -378,22 +379,37 @@ async def count_tokens(ctx: Context, parameter: Any) -> dict[str, Any]:
 
 
 async def apply_prompt_template(ctx: Context, parameter: Any) -> dict[str, Any]:
+    """The prompt the model would be given for this history and prediction config: rendered
+    by the same planning as a prediction (``generate.rendered_prompt``)."""
     if not isinstance(parameter, dict):
         raise SdkError("The parameter must be an object.")
-    instance = shapes.resolve_llm(ctx.state, parameter.get("specifier"))
-    messages = history_messages(parameter.get("history"))
+    state = ctx.state
+    found = shapes.resolve_llm(state, parameter.get("specifier"))
     opts: dict[str, Any] = parameter.get("opts") or {}
     if not isinstance(opts, dict):
         raise SdkError("opts must be an object.")
-    tools = None
     definitions = opts.get("toolDefinitions")
+    request, pred = core_request(
+        state,
+        found,
+        {"history": parameter.get("history"), **_stack(parameter)},
+    )
     if definitions:
-        listed = parse_tools({"type": "toolArray", "tools": definitions})
-        tools = [{"type": "function", "function": f} for f in listed]
+        extra = parse_tools({"type": "toolArray", "tools": definitions})
+        request = dataclasses.replace(request, tools=(*request.tools, *extra))
+    if pred.raw:
+        return {"formatted": request.prompt or ""}
+    policy = images.ImagePolicy.from_settings(state.settings)
+    async with state.manager.lease(found.id) as instance:
+        text = await generate.rendered_prompt(instance, request, policy)
     template = instance.template
-    text = template.render(messages, tools=tools, add_generation_prompt=True)
     if opts.get("omitBosToken") and template.bos_token and text.startswith(template.bos_token):
         text = text[len(template.bos_token) :]
     if opts.get("omitEosToken") and template.eos_token and text.endswith(template.eos_token):
         text = text[: -len(template.eos_token)]
     return {"formatted": text}
+
+
+def _stack(parameter: dict[str, Any]) -> dict[str, Any]:
+    stack = parameter.get("predictionConfigStack")
+    return {} if stack is None else {"predictionConfigStack": stack}
