@@ -145,7 +145,14 @@ def core_request(
         return CoreRequest(prompt=_raw_prompt(messages), **common), pred
     return (
         CoreRequest(
-            messages=tuple(messages), tools=pred.tools, tool_choice=pred.tool_choice, **common
+            messages=tuple(messages),
+            tools=pred.tools,
+            tool_choice=pred.tool_choice,
+            # The SDK protocol has no parallel-calls switch, so a forced call is one call: a
+            # parallel-capable forcing grammar let a model repeat its call until maxTokens, and
+            # the cut-off last call failed the whole act() round in the SDK.
+            parallel_tool_calls=False,
+            **common,
         ),
         pred,
     )
