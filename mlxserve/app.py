@@ -123,7 +123,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             except (OSError, ValueError) as exc:
                 log.error("refusing to start with --require-auth: %s", exc)
                 raise
-        state.registry.scan()
+        await state.registry.models()
         state.manager.start()
         yield
         # Each part is closed even if one before it fails: a broken MCP session must not leave

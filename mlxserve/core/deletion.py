@@ -3,6 +3,7 @@ tools, which mlxserve only reads)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 
@@ -13,9 +14,9 @@ from mlxserve.errors import InvalidRequest
 _SPLIT = re.compile(r"-\d{5}-of-(\d{5})\.gguf$")
 
 
-def delete_model(manager: ModelManager, model: str) -> ModelInfo:
+async def delete_model(manager: ModelManager, model: str) -> ModelInfo:
     """Delete ``model`` (a key) from disk; refused while any of its files is loaded."""
-    info = manager.find_model(model)
+    info = await manager.find_model(model)
     if info.source != "models":
         raise InvalidRequest(
             f"{info.key} lies in the {info.source} folder, which mlxserve only reads; delete it "
@@ -28,6 +29,14 @@ def delete_model(manager: ModelManager, model: str) -> ModelInfo:
     loaded += [e.info.key for e in manager.loaded_embedders()]
     if any(key.partition("@")[0] == folder_key for key in loaded):
         raise InvalidRequest(f"{info.key} is loaded; unload it first.", param="model")
+    try:
+        await asyncio.to_thread(_remove, info)
+    finally:
+        manager.registry.invalidate()
+    return info
+
+
+def _remove(info: ModelInfo) -> None:
     if "@" in info.key:
         # One quantization of several: its file (or its split set), never the folder.
         split = _SPLIT.search(info.weights.name)
@@ -42,4 +51,3 @@ def delete_model(manager: ModelManager, model: str) -> ModelInfo:
     publisher = info.path.parent
     if publisher.is_dir() and not any(publisher.iterdir()):
         publisher.rmdir()
-    return info

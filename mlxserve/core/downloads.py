@@ -510,7 +510,7 @@ class DownloadManager:
             job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
         else:
             job.state, job.completed_at = "completed", time.time()
-            job.model_key = self._key_of(job)
+            job.model_key = await asyncio.to_thread(self._key_of, job)
             log.info("downloaded %s", job.spec.repo)
         finally:
             if job.error:
@@ -526,7 +526,10 @@ class DownloadManager:
             self._fetch(job, remote)
             job.done_bytes += remote.size
             job.file_bytes = 0
-        self._promote(job)
+        try:
+            self._promote(job)
+        finally:
+            self.registry.invalidate()
 
     def _fetch(self, job: DownloadJob, remote: RemoteFile) -> None:
         from huggingface_hub import hf_hub_url

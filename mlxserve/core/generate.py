@@ -395,14 +395,14 @@ async def start(manager: ModelManager, request: CoreRequest) -> Generation:
         )
 
 
-def check_draft(registry: Registry, main: ModelInfo, name: str) -> ModelInfo:
+async def check_draft(registry: Registry, main: ModelInfo, name: str) -> ModelInfo:
     """The draft model ``name``, if it exists and is a text model of ``main``'s format."""
     if main.format != "mlx":
         raise InvalidRequest(
             f"Model '{main.key}': speculative decoding is not available for {main.format} models.",
             param="draft_model",
         )
-    info = registry.get(name)
+    info = await registry.find(name)
     if info is None:
         raise ModelNotFound(name)
     if info.type != "llm" or info.format != main.format:
@@ -420,7 +420,7 @@ async def draft_for(manager: ModelManager, instance: Instance, request: CoreRequ
     name = request.draft_model or instance.load_config.get("draft_model")
     if name is None:
         return None
-    info = check_draft(manager.registry, instance.info, name)
+    info = await check_draft(manager.registry, instance.info, name)
     main = instance.info
     engine = instance.engine
     try:

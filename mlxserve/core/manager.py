@@ -172,23 +172,23 @@ class ModelManager:
         """Seconds until ``instance`` is unloaded for idleness; None without a TTL."""
         return self.reaper.ttl_left(instance)
 
-    def find_model(self, model: str) -> ModelInfo:
+    async def find_model(self, model: str) -> ModelInfo:
         """The downloaded model a request names: its key, or its folder name when unique."""
         if not model or len(model) > 512:
             raise ModelNotFound(model[:64])
         if "/" in model:
-            info = self.registry.get(model)
+            info = await self.registry.find(model)
             if info is None:
                 raise ModelNotFound(model)
             return info
-        matches = [m for m in self.registry.scan() if m.name == model]
+        matches = [m for m in await self.registry.models() if m.name == model]
         if len(matches) != 1:
             raise ModelNotFound(model)
         return matches[0]
 
     # --- leasing a model ----------------------------------------------------------------
 
-    def resolve(self, model: str) -> Instance | ModelInfo:
+    async def resolve(self, model: str) -> Instance | ModelInfo:
         """The loaded instance serving ``model`` (an instance id or a model key), or the model
         to load for it. Raises when it names nothing, or a model that may not be loaded now."""
         instance = self._instances.get(model)
@@ -196,7 +196,7 @@ class ModelManager:
             return instance
         if model in self._embedders:
             raise _not_a_text_model(self._embedders[model].info.key)
-        info = self.find_model(model)
+        info = await self.find_model(model)
         if info.type != "llm":
             raise _not_a_text_model(info.key)
         candidates = [i for i in self._instances.values() if i.info.key == info.key]
@@ -206,13 +206,13 @@ class ModelManager:
             raise _jit_off(info.key)
         return info
 
-    def _resolve_embedder(self, model: str) -> EmbeddingInstance | ModelInfo:
+    async def _resolve_embedder(self, model: str) -> EmbeddingInstance | ModelInfo:
         embedder = self._embedders.get(model)
         if embedder is not None:
             return embedder
         if model in self._instances:
             raise _not_an_embedding_model(self._instances[model].info.key)
-        info = self.find_model(model)
+        info = await self.find_model(model)
         if info.type != "embedding":
             raise _not_an_embedding_model(info.key)
         candidates = [e for e in self._embedders.values() if e.info.key == info.key]
@@ -230,7 +230,7 @@ class ModelManager:
         sets a JIT instance's idle TTL."""
 
         async def acquire() -> tuple[Instance, float | None]:
-            found = self.resolve(model)
+            found = await self.resolve(model)
             if isinstance(found, Instance):
                 self._touch(found, ttl)
                 self._hold(found)
@@ -245,7 +245,7 @@ class ModelManager:
         """A lease on the embedding instance serving ``model``, as :meth:`lease`."""
 
         async def acquire() -> tuple[EmbeddingInstance, float | None]:
-            found = self._resolve_embedder(model)
+            found = await self._resolve_embedder(model)
             if isinstance(found, EmbeddingInstance):
                 self._touch(found, ttl)
                 self._hold(found)

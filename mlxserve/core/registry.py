@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -327,6 +329,38 @@ class Registry:
         self.sources = sources or []
         self._cache: dict[Path, tuple[tuple[Any, ...], list[ModelInfo]]] = {}
         self._reported: dict[Path, str] = {}
+        # The last scan's models and the folder times it saw: a listing with nothing changed
+        # stats those folders and walks nothing. Scans run in threads (``models``, ``find``),
+        # one at a time.
+        self._lock = threading.Lock()
+        self._models: list[ModelInfo] | None = None
+        self._stamp: tuple[Any, ...] = ()
+        self._watched: list[Path] = []
+
+    def invalidate(self) -> None:
+        """Rescan on the next listing: files changed inside a model folder (a download or a
+        deletion finished), which the folder times watched do not always show."""
+        with self._lock:
+            self._models = None
+
+    async def models(self) -> list[ModelInfo]:
+        """:meth:`scan` off the event loop."""
+        return await asyncio.to_thread(self.scan)
+
+    async def find(self, key: str) -> ModelInfo | None:
+        """:meth:`get` off the event loop."""
+        return await asyncio.to_thread(self.get, key)
+
+    @staticmethod
+    def _times(paths: list[Path]) -> tuple[Any, ...]:
+        out: list[Any] = []
+        for path in paths:
+            try:
+                st = path.stat()
+                out.append((st.st_mtime_ns, st.st_ino))
+            except OSError:
+                out.append(None)
+        return tuple(out)
 
     def _fingerprint(self, folder: Path) -> tuple[Any, ...]:
         entries = []
@@ -339,7 +373,42 @@ class Registry:
         return tuple(entries)
 
     def scan(self) -> list[ModelInfo]:
-        """Every usable model, sorted by key. Unusable folders are logged once, then skipped."""
+        """Every usable model, sorted by key. Unusable folders are logged once, then skipped.
+        Blocking (it reads the disk): the event loop calls :meth:`models` instead."""
+        with self._lock:
+            if self._models is not None and self._times(self._watched) == self._stamp:
+                return self._models
+            # The times are taken before the walk, so a change during it shows next time.
+            watched = self._watch_list()
+            stamp = self._times(watched)
+            models = self._scan()
+            self._models, self._stamp, self._watched = models, stamp, watched
+            return models
+
+    def _watch_list(self) -> list[Path]:
+        """The folders whose times change when a model appears, goes or changes: each root,
+        its publisher folders and model folders (a Hugging Face repository's ``refs`` and
+        ``snapshots``)."""
+        out: list[Path] = []
+        roots = [(self.root, "models")] + [(s.root, s.name) for s in self.sources]
+        for root, name in roots:
+            out.append(root)
+            try:
+                if not root.is_dir():
+                    continue
+                if name == "hf-cache":
+                    for repo in root.glob("models--*--*"):
+                        out += [repo, repo / "refs", repo / "snapshots"]
+                    continue
+                for publisher in root.iterdir():
+                    if publisher.is_dir() and not publisher.name.startswith("."):
+                        out.append(publisher)
+                        out += [f for f in publisher.iterdir() if f.is_dir()]
+            except OSError:
+                continue
+        return out
+
+    def _scan(self) -> list[ModelInfo]:
         seen: set[Path] = set()
         found: dict[str, ModelInfo] = {}
         candidates = self._layout(self.root, "models")

@@ -123,7 +123,7 @@ async def remove_model(request: Request) -> Response:
     """Delete a downloaded model from the models directory."""
     body = parse(DeleteModel, await read_json(request))
     state = _state(request)
-    info = await asyncio.to_thread(delete_model, state.manager, body.model)
+    info = await delete_model(state.manager, body.model)
     return JSONResponse({"id": info.key, "object": "model", "deleted": True})
 
 

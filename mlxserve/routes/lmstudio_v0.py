@@ -50,13 +50,15 @@ def model_entry(info: ModelInfo, instances: list[Loaded]) -> dict[str, Any]:
 
 async def list_models(request: Request) -> Response:
     state: AppState = request.app.state.mlxserve
-    models = [model_entry(m, state.manager.instances_of(m.key)) for m in state.registry.scan()]
+    models = [
+        model_entry(m, state.manager.instances_of(m.key)) for m in await state.registry.models()
+    ]
     return JSONResponse({"object": "list", "data": models})
 
 
 async def get_model(request: Request) -> Response:
     state: AppState = request.app.state.mlxserve
-    info = state.manager.find_model(request.path_params["model"])
+    info = await state.manager.find_model(request.path_params["model"])
     return JSONResponse(model_entry(info, state.manager.instances_of(info.key)))
 
 

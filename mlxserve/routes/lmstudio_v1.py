@@ -89,16 +89,18 @@ def model_entry(info: ModelInfo, instances: list[Loaded]) -> dict[str, Any]:
 
 async def list_models(request: Request) -> Response:
     state: AppState = request.app.state.mlxserve
-    models = [model_entry(m, state.manager.instances_of(m.key)) for m in state.registry.scan()]
+    models = [
+        model_entry(m, state.manager.instances_of(m.key)) for m in await state.registry.models()
+    ]
     return JSONResponse({"models": models})
 
 
 async def load_model(request: Request) -> Response:
     state: AppState = request.app.state.mlxserve
     body = parse(LoadModelRequest, await read_json(request))
-    info = state.manager.find_model(body.model)
+    info = await state.manager.find_model(body.model)
     if body.draft_model is not None:
-        check_draft(state.registry, info, body.draft_model)
+        await check_draft(state.registry, info, body.draft_model)
     instance = await state.manager.load_any(info, body.to_load_request())
     out: dict[str, Any] = {
         "type": info.type,
@@ -436,7 +438,7 @@ async def chat(request: Request) -> Response:
     session = ChatSession(state.settings, state.manager, state.mcp, state.chats)
     chat = _Chat(state, body, messages, new_messages, session)
     try:
-        target = state.manager.resolve(body.model)
+        target = await state.manager.resolve(body.model)
         await chat.connect()
         if body.stream and not isinstance(target, Instance):
             # The load happens inside the stream, so that its events can be sent as it goes.

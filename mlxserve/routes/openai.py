@@ -53,7 +53,7 @@ def _model_object(info: ModelInfo) -> dict[str, Any]:
 async def list_models(request: Request) -> Response:
     state: AppState = request.app.state.mlxserve
     if state.settings.jit_loading:
-        models = [_model_object(m) for m in state.registry.scan()]
+        models = [_model_object(m) for m in await state.registry.models()]
     else:
         # Without JIT only loaded models can answer, so only they are listed (LM Studio).
         loaded: list[Loaded] = [*state.manager.loaded(), *state.manager.loaded_embedders()]
@@ -64,7 +64,7 @@ async def list_models(request: Request) -> Response:
 async def get_model(request: Request) -> Response:
     state: AppState = request.app.state.mlxserve
     key = request.path_params["model"]
-    info = state.registry.get(key)
+    info = await state.registry.find(key)
     if info is None:
         raise ModelNotFound(key)
     return JSONResponse(_model_object(info))

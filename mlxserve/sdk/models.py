@@ -32,7 +32,7 @@ def _domain(ctx: Context) -> str:
     return "embedding" if ctx.namespace == "embedding" else "llm"
 
 
-def find_downloaded(state: AppState, ctx: Context, name: Any) -> ModelInfo:
+async def find_downloaded(state: AppState, ctx: Context, name: Any) -> ModelInfo:
     """The downloaded model a key, folder name or LM Studio path names, in this domain."""
     if not isinstance(name, str) or not name:
         raise SdkError("A model key is required.")
@@ -43,7 +43,7 @@ def find_downloaded(state: AppState, ctx: Context, name: Any) -> ModelInfo:
     info: ModelInfo | None = None
     for candidate in candidates:
         try:
-            info = manager.find_model(candidate)
+            info = await manager.find_model(candidate)
             break
         except ModelNotFound:
             continue
@@ -95,7 +95,7 @@ async def get_or_load(ctx: Context, channel: Channel, parameter: Any) -> None:
     if found is not None:
         await channel.send({"type": "alreadyLoaded", "info": shapes.instance_info(found)})
         return
-    info = find_downloaded(state, ctx, name)
+    info = await find_downloaded(state, ctx, name)
     request = load_request(
         p.get("loadConfigStack"), ttl_ms=p.get("loadTtlMs"), embedding=_domain(ctx) == "embedding"
     )
@@ -138,7 +138,7 @@ async def _jit_load(state: AppState, info: ModelInfo, request: LoadRequest) -> L
 async def load_model(ctx: Context, channel: Channel, parameter: Any) -> None:
     p = _params(parameter)
     state = ctx.state
-    info = find_downloaded(state, ctx, p.get("modelKey"))
+    info = await find_downloaded(state, ctx, p.get("modelKey"))
     identifier = p.get("identifier")
     taken: list[Loaded] = [*state.manager.loaded(), *state.manager.loaded_embedders()]
     if isinstance(identifier, str) and any(i.id == identifier for i in taken):

@@ -33,12 +33,12 @@ async def lms_status(request: Request) -> Response:
 
 
 async def list_downloaded(ctx: Context, parameter: Any) -> list[dict[str, Any]]:
-    return [shapes.model_info(m) for m in ctx.state.registry.scan()]
+    return [shapes.model_info(m) for m in await ctx.state.registry.models()]
 
 
 async def list_variants(ctx: Context, parameter: Any) -> list[dict[str, Any]]:
     key = parameter.get("modelKey") if isinstance(parameter, dict) else None
-    info = ctx.state.registry.get(key) if isinstance(key, str) and "/" in key else None
+    info = await ctx.state.registry.find(key) if isinstance(key, str) and "/" in key else None
     if info is None:
         raise SdkError(f"No downloaded model has the key {str(key)[:128]!r}.")
     return [shapes.model_info(info)]
