@@ -14,6 +14,7 @@ from mlxserve.core.metrics import Metrics
 from mlxserve.core.registry import Registry
 from mlxserve.core.sealed import ReasoningSeal
 from mlxserve.core.sources import external_sources
+from mlxserve.sdk.quota import SdkQuota
 from mlxserve.settings import Settings
 
 
@@ -36,6 +37,8 @@ class AppState:
     metrics: Metrics
     # Seals the reasoning that stateless agents carry between turns (Codex, Claude Code).
     seal: ReasoningSeal
+    # In-flight SDK websocket calls and channels per token (or client), across connections.
+    sdk_quota: SdkQuota
 
     @classmethod
     def build(cls, settings: Settings) -> AppState:
@@ -56,4 +59,5 @@ class AppState:
             mcp=McpClients(settings),
             metrics=metrics,
             seal=ReasoningSeal.from_home(settings.home),
+            sdk_quota=SdkQuota(),
         )

@@ -351,3 +351,65 @@ def test_calls_and_channels_per_connection_are_capped(tmp_path, monkeypatch):
             assert "Too many channels" in refused["error"]["title"]
         finally:
             ws.__exit__(None, None, None)
+
+
+def test_calls_and_channels_per_token_are_capped_across_connections(tmp_path, monkeypatch):
+    from mlxserve.sdk import models as sdk_models
+    from mlxserve.sdk import routes as sdk_routes
+    from mlxserve.sdk import transport
+
+    monkeypatch.setattr(transport, "MAX_CALLS_PER_TOKEN", 3)
+    monkeypatch.setattr(transport, "MAX_CHANNELS_PER_TOKEN", 2)
+    release = asyncio.Event()
+
+    async def held(ctx, parameter):
+        await release.wait()
+
+    async def never_ends(ctx, channel, parameter):
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(sdk_routes, "list_downloaded", held)
+    monkeypatch.setattr(sdk_models, "get_or_load", never_ends)
+    with make_client(tmp_path, require_auth=True) as client:
+        tokens = client.app.state.mlxserve.tokens
+        hellos = []
+        for name in ("a", "b"):
+            identifier, passkey = tokens.create(name)[1].removeprefix("sk-lm-").split(":")
+            hellos.append({**GUEST, "clientIdentifier": identifier, "clientPasskey": passkey})
+        opened = [connect(client, "system", hellos[0]) for _ in range(2)]
+        other = connect(client, "system", hellos[1])
+        channels = [connect(client, "llm", hellos[0]) for _ in range(2)]
+        try:
+            for _, s in [*opened, other, *channels]:
+                assert s.receive_json() == {"success": True}
+            call = {"type": "rpcCall", "endpoint": "listDownloadedModels"}
+            # Token a: two calls on the first connection, two on the second; the fourth is
+            # refused though each connection is far below its own cap.
+            for call_id in range(2):
+                opened[0][1].send_json({**call, "callId": call_id})
+            for call_id in range(2):
+                opened[1][1].send_json({**call, "callId": call_id})
+            refused = opened[1][1].receive_json()
+            assert refused["type"] == "rpcError" and refused["callId"] == 1
+            assert "for this API token" in refused["error"]["title"]
+            # Token b has its own share.
+            other[1].send_json({**call, "callId": 7})
+            create = {"type": "channelCreate", "endpoint": "getOrLoad"}
+            channels[0][1].send_json({**create, "channelId": 0})
+            channels[1][1].send_json({**create, "channelId": 0})
+            channels[1][1].send_json({**create, "channelId": 1})
+            refused = channels[1][1].receive_json()
+            assert refused["type"] == "channelError" and refused["channelId"] == 1
+            assert "for this API token" in refused["error"]["title"]
+            # Finished calls give their share back.
+            client.portal.call(release.set)  # type: ignore[union-attr]
+            answered = sorted(opened[0][1].receive_json()["callId"] for _ in range(2))
+            assert answered == [0, 1] and opened[1][1].receive_json()["callId"] == 0
+            assert other[1].receive_json() == {"type": "rpcResult", "callId": 7}
+            release.clear()
+            opened[0][1].send_json({**call, "callId": 9})
+            client.portal.call(release.set)  # type: ignore[union-attr]
+            assert opened[0][1].receive_json() == {"type": "rpcResult", "callId": 9}
+        finally:
+            for ws, _ in [*opened, other, *channels]:
+                ws.__exit__(None, None, None)

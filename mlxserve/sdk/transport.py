@@ -19,8 +19,9 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from mlxserve.auth import TOKEN_PREFIX
 from mlxserve.errors import InstanceNotFound, MlxServeError, ModelNotFound
-from mlxserve.http.middleware import websocket_authorized
+from mlxserve.http.middleware import presented_tokens, websocket_authorized
 from mlxserve.state import AppState
 
 log = logging.getLogger("mlxserve.sdk")
@@ -31,6 +32,10 @@ AUTH_TIMEOUT_SECONDS = 10.0
 # client cannot pile up unbounded work (LM Studio's clients keep a handful open).
 MAX_CALLS_PER_CONNECTION = 64
 MAX_CHANNELS_PER_CONNECTION = 32
+# The same, per token (or per client identifier when authentication is off) across all its
+# connections: more connections do not buy more work in flight.
+MAX_CALLS_PER_TOKEN = 256
+MAX_CHANNELS_PER_TOKEN = 128
 _MAX_ID_LENGTH = 256
 
 
@@ -90,6 +95,13 @@ def _too_many(what: str, limit: int) -> dict[str, Any]:
     return SdkError(
         f"Too many {what} in flight on this connection (at most {limit}); wait for some to "
         "finish, or open another connection."
+    ).serialize()
+
+
+def _too_many_for_token(what: str, limit: int) -> dict[str, Any]:
+    return SdkError(
+        f"Too many {what} in flight for this API token across its connections (at most "
+        f"{limit}); wait for some to finish."
     ).serialize()
 
 
@@ -160,6 +172,7 @@ class Connection:
         self._tasks: set[asyncio.Task[None]] = set()
         self._channels: dict[int, Channel] = {}
         self._calls = 0
+        self._principal = ""
 
     async def send(self, frame: dict[str, Any]) -> None:
         text = json.dumps(frame, ensure_ascii=False, allow_nan=False)
@@ -194,11 +207,25 @@ class Connection:
                 "and pass it to the client as its apiToken)."
             )
         if ok:
+            assert isinstance(hello, dict)
+            self._principal = self._principal_of(hello["clientIdentifier"], hello["clientPasskey"])
             await self.send({"success": True})
             return True
         await self.send({"success": False, "error": error})
         await self.ws.close(code=1008)
         return False
+
+    def _principal_of(self, client_identifier: str, client_passkey: str) -> str:
+        """Whom the per-token caps count against: the header token that authorized the
+        connection, else the token of the first frame; the client identifier when
+        authentication is off."""
+        tokens = self.state.tokens
+        if not self.state.settings.require_auth:
+            credential = f"client:{client_identifier}"
+        else:
+            verified = [t for t in presented_tokens(self.ws.scope) if tokens.verify(t)]
+            credential = (verified or [f"{TOKEN_PREFIX}{client_identifier}:{client_passkey}"])[0]
+        return self.state.sdk_quota.principal(credential)
 
     async def serve(self) -> None:
         await self.ws.accept()
@@ -234,8 +261,12 @@ class Connection:
         kind = frame.get("type") if isinstance(frame, dict) else None
         ns = self.namespace
         if kind == "rpcCall" and isinstance(frame.get("callId"), int):
+            error = None
             if self._calls >= MAX_CALLS_PER_CONNECTION:
                 error = _too_many("calls", MAX_CALLS_PER_CONNECTION)
+            elif not self.state.sdk_quota.acquire(self._principal, "calls", MAX_CALLS_PER_TOKEN):
+                error = _too_many_for_token("calls", MAX_CALLS_PER_TOKEN)
+            if error is not None:
                 await self.send({"type": "rpcError", "callId": frame["callId"], "error": error})
                 return
             handler = ns.rpc.get(frame.get("endpoint"))
@@ -246,8 +277,13 @@ class Connection:
                 )
             )
         elif kind == "channelCreate" and isinstance(frame.get("channelId"), int):
+            quota = self.state.sdk_quota
+            error = None
             if len(self._channels) >= MAX_CHANNELS_PER_CONNECTION:
                 error = _too_many("channels", MAX_CHANNELS_PER_CONNECTION)
+            elif not quota.acquire(self._principal, "channels", MAX_CHANNELS_PER_TOKEN):
+                error = _too_many_for_token("channels", MAX_CHANNELS_PER_TOKEN)
+            if error is not None:
                 frame = {"type": "channelError", "channelId": frame["channelId"], "error": error}
                 await self.send(frame)
                 return
@@ -294,6 +330,7 @@ class Connection:
             await self._answer(call_id, endpoint, handler, parameter)
         finally:
             self._calls -= 1
+            self.state.sdk_quota.release(self._principal, "calls")
 
     async def _answer(
         self, call_id: int, endpoint: str, handler: RpcHandler | None, parameter: Any
@@ -335,6 +372,7 @@ class Connection:
             await self._send_quietly({"type": "channelClose", "channelId": channel.id})
         finally:
             self._channels.pop(channel.id, None)
+            self.state.sdk_quota.release(self._principal, "channels")
 
     async def _send_quietly(self, frame: dict[str, Any]) -> None:
         # The client may have gone; there is no one left to tell.
