@@ -1,6 +1,8 @@
 """The versions of the inference libraries this server is tested with. It reaches into
-private parts of mlx-lm and llama-cpp-python, which change between minor releases, so a
-version outside these ranges is named loudly at startup (it may still work)."""
+private parts of mlx-lm, mlx-vlm and llama-cpp-python (each behind one adapter module:
+``backends/mlx/lm_adapter.py``, ``backends/mlx/vlm_adapter.py``,
+``backends/llamacpp/adapter.py``), which change between minor releases, so a version
+outside these ranges is named loudly at startup (it may still work)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ SUPPORTED = {
     "mlx": SpecifierSet(">=0.29,<0.33"),
     "mlx-lm": SpecifierSet(">=0.28,<0.33"),
     "llama-cpp-python": SpecifierSet(">=0.3.16,<0.4"),
+    # Optional (vision); scripts/setup installs 0.7.10.
+    "mlx-vlm": SpecifierSet(">=0.7.10,<0.8"),
 }
 
 

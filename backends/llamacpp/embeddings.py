@@ -10,6 +10,7 @@ import numpy as np
 from llama_cpp import Llama
 
 from backends.embedding import EmbeddingEngine, EmbeddingInfo, Pooling
+from backends.llamacpp import adapter
 
 _POOLING: dict[int, Pooling] = {
     llama_cpp.LLAMA_POOLING_TYPE_MEAN: "mean",
@@ -57,7 +58,7 @@ class LlamaCppEmbeddingEngine(EmbeddingEngine):
         return EmbeddingInfo(
             format="gguf",
             dimensions=llm.n_embd(),
-            context_length=min(window, llm._model.n_ctx_train()),
+            context_length=min(window, adapter.train_context_length(llm)),
             vocab_size=llm.n_vocab(),
             pooling=pooling,
             # GGUF files do not say; llama.cpp's server normalizes by default, as OpenAI does.
@@ -72,14 +73,10 @@ class LlamaCppEmbeddingEngine(EmbeddingEngine):
 
     def _encode(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         llm = self._llm
-        llm._batch.reset()
-        for seq_id, ids in enumerate(batch):
-            llm._batch.add_sequence(ids, seq_id, True)
-        llm._ctx.kv_cache_clear()
-        llm._ctx.decode(llm._batch)
+        ctx = adapter.embed_sequences(llm, batch)
         out = np.empty((len(batch), self.info.dimensions), np.float32)
         for seq_id in range(len(batch)):
-            ptr = llama_cpp.llama_get_embeddings_seq(llm._ctx.ctx, seq_id)
+            ptr = llama_cpp.llama_get_embeddings_seq(ctx, seq_id)
             if not ptr:
                 raise RuntimeError(f"llama.cpp returned no embedding for sequence {seq_id}")
             out[seq_id] = np.ctypeslib.as_array(ptr, shape=(self.info.dimensions,))

@@ -14,8 +14,6 @@ from typing import Any
 import llama_cpp
 import numpy as np
 from llama_cpp import Llama
-from llama_cpp._internals import LlamaContext, LlamaSampler
-from llama_cpp._utils import suppress_stdout_stderr
 from llguidance.llamacpp import lltokenizer_from_vocab
 
 from backends.base import (
@@ -28,6 +26,8 @@ from backends.base import (
     common_prefix,
 )
 from backends.constraint import GrammarCache
+from backends.llamacpp import adapter
+from backends.llamacpp.adapter import LlamaSampler
 from backends.llamacpp.vision import DEFAULT_MAX_PIXELS, Chunks, Projector, find_projector
 from backends.logprobs import penalize, token_logprobs
 
@@ -71,7 +71,7 @@ def _moe_key(path: Path) -> str | None:
     or None for a dense model. Reads the file's metadata and vocabulary only, no tensors."""
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
-    with suppress_stdout_stderr(disable=False):
+    with adapter.quiet():
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
     if not model:
         return None
@@ -152,9 +152,9 @@ class LlamaCppEngine(Engine):
         self._projector: Projector | None = None
         projector = find_projector(self.path)
         if projector is not None:
-            self._projector = Projector(projector, llm._model.model, threads_batch)
+            self._projector = Projector(projector, adapter.model_pointer(llm), threads_batch)
         self._open_context()
-        vocab = llm._model.vocab
+        vocab = adapter.vocab_pointer(llm)
         self._vocab = vocab
         self._piece_cache: dict[int, bytes] = {}
         n_vocab = llm.n_vocab()
@@ -223,11 +223,11 @@ class LlamaCppEngine(Engine):
         params.n_ubatch = min(self._n_batch, 512)
         params.n_seq_max = n_seq
         params.kv_unified = True
-        with suppress_stdout_stderr(disable=False):
-            self._ctx = LlamaContext(model=llm._model, params=params, verbose=False)
+        with adapter.quiet():
+            self._ctx = adapter.new_context(llm, params)
         self._mem = llama_cpp.llama_get_memory(self._ctx.ctx)
         self._batch = llama_cpp.llama_batch_init(self._step_tokens, 0, 1)
-        model = llm._model.model
+        model = adapter.model_pointer(llm)
         n_head = max(1, llama_cpp.llama_model_n_head(model))
         kv_width = llama_cpp.llama_model_n_embd(model) * llama_cpp.llama_model_n_head_kv(model)
         bits = options.kv_element_bits("gguf")
@@ -322,7 +322,8 @@ class LlamaCppEngine(Engine):
             self._llm.set_seed(seed)
             # llama-cpp-python's sampler chain (penalties, top-k/p, min-p, temperature, seeded
             # draw), one per sequence; a grammar masks the logits in place before it samples.
-            sampler = self._llm._init_sampler(
+            sampler = adapter.sampler_chain(
+                self._llm,
                 top_k=p.top_k,
                 top_p=p.top_p,
                 min_p=p.min_p,

@@ -13,9 +13,9 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
-from llama_cpp._utils import suppress_stdout_stderr
 
 from backends.base import VisionPrompt
+from backends.llamacpp import adapter
 
 log = logging.getLogger("mlxserve.backends")
 
@@ -48,17 +48,17 @@ class Projector:
 
     def __init__(self, path: Path, model: Any, n_threads: int) -> None:
         from llama_cpp import mtmd_cpp
-        from llama_cpp._logger import llama_log_callback
 
         self._mtmd = mtmd_cpp
         # mtmd logs every image it encodes: through llama-cpp-python's logger (errors only).
-        mtmd_cpp.mtmd_log_set(llama_log_callback, ctypes.c_void_p(0))
-        mtmd_cpp.mtmd_helper_log_set(llama_log_callback, ctypes.c_void_p(0))
+        log_callback = adapter.log_callback()
+        mtmd_cpp.mtmd_log_set(log_callback, ctypes.c_void_p(0))
+        mtmd_cpp.mtmd_helper_log_set(log_callback, ctypes.c_void_p(0))
         params = mtmd_cpp.mtmd_context_params_default()
         params.use_gpu = True
         params.print_timings = False
         params.n_threads = n_threads
-        with suppress_stdout_stderr(disable=False):
+        with adapter.quiet():
             ctx = mtmd_cpp.mtmd_init_from_file(str(path).encode(), model, params)
         if not ctx:
             raise RuntimeError(f"cannot load the projector {path.name}")

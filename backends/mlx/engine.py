@@ -38,6 +38,7 @@ from backends.constraint import GrammarCache, GrammarConstraint
 from backends.logprobs import ranked
 from backends.mlx import release_thread_memory
 from backends.mlx.kvquant import BITS, group_size_for, quantized_caches
+from backends.mlx.lm_adapter import hf_tokenizer
 from backends.mlx.prompt_cache import PromptCache
 
 log = logging.getLogger("mlxserve.backends")
@@ -141,7 +142,7 @@ class MLXEngine(Engine):
         if path in self._drafts:
             return
         model, tokenizer = mlx_load(str(path))[:2]
-        if tokenizer._tokenizer.get_vocab() != self._tokenizer._tokenizer.get_vocab():
+        if hf_tokenizer(tokenizer).get_vocab() != hf_tokenizer(self._tokenizer).get_vocab():
             raise ValueError("its vocabulary differs")
         self._drafts[path] = model
 
@@ -215,7 +216,7 @@ class MLXEngine(Engine):
         self._batch = self._new_batch()
         self._prompt_cache = PromptCache(options.prompt_cache_bytes)
         self._tokenizer = tokenizer
-        hf = tokenizer._tokenizer
+        hf = hf_tokenizer(tokenizer)
         backend = hf.backend_tokenizer
         decoder = json.loads(backend.to_str()).get("decoder")
         kinds = _decoder_kinds(decoder)
@@ -288,7 +289,7 @@ class MLXEngine(Engine):
         return quantized_caches(self._model, self._kv_group, self.options.kv_cache_bits)
 
     def tokenize(self, text: str) -> list[int]:
-        return list(self._tokenizer._tokenizer.encode(text, add_special_tokens=False))
+        return list(hf_tokenizer(self._tokenizer).encode(text, add_special_tokens=False))
 
     def token_bytes(self, token_id: int) -> bytes:
         piece = self._piece_cache.get(token_id)
@@ -300,7 +301,7 @@ class MLXEngine(Engine):
     def _piece(self, token_id: int) -> bytes:
         if token_id in self._special_ids:
             return b""
-        hf = self._tokenizer._tokenizer
+        hf = hf_tokenizer(self._tokenizer)
         if token_id in hf.added_tokens_decoder:
             return hf.added_tokens_decoder[token_id].content.encode()
         token = hf.convert_ids_to_tokens(token_id)

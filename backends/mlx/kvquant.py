@@ -11,7 +11,9 @@ from typing import Any, cast
 
 import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
-from mlx_lm.models.cache import QuantizedKVCache, _BaseCache, dynamic_roll
+from mlx_lm.models.cache import QuantizedKVCache, dynamic_roll
+
+from backends.mlx.lm_adapter import BaseCache
 
 Triple = tuple[mx.array, mx.array, mx.array]
 
@@ -65,7 +67,7 @@ class QuantizedCache(QuantizedKVCache):
         return int(self.offset)
 
 
-class BatchQuantizedKVCache(_BaseCache):
+class BatchQuantizedKVCache(BaseCache):
     """Left-padded batch of quantized KV caches (mlx-lm's ``BatchKVCache``, quantized)."""
 
     step = 256

@@ -23,13 +23,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from backends.base import EngineInfo, Job, PromptProgress, Sampled, VisionPrompt
+from backends.mlx import vlm_adapter
 from backends.mlx.engine import MLXEngine, _logprobs
 
 log = logging.getLogger("mlxserve.backends")
-
-# Per-request state mlx-vlm language models keep on the module between steps (M-RoPE
-# positions); saved and restored around each step so image requests can interleave.
-_STEP_STATE = ("_rope_deltas", "_position_ids")
 
 
 def has_vision_tower(folder: Path) -> bool:
@@ -151,7 +148,7 @@ class MLXVisionEngine(MLXEngine):
         inputs = request.vision
         assert isinstance(inputs, _Inputs)
         lm = self._vlm.language_model
-        state: dict[str, Any] = {k: None for k in _STEP_STATE if hasattr(lm, k)}
+        state = vlm_adapter.step_state(lm)
         ids, pixels, mask, extra = inputs.input_ids, inputs.pixel_values, inputs.mask, inputs.extra
         # A stored prefix that holds every image of this prompt (a later turn of a chat about
         # them): only the text after it is processed, the images are not encoded again.
@@ -166,7 +163,7 @@ class MLXVisionEngine(MLXEngine):
                 ids, extra.get("image_grid_thw"), extra.get("video_grid_thw"), mask
             )
             extra = {**extra, "position_ids": positions, "rope_deltas": deltas}
-            state = {k: {"_position_ids": positions, "_rope_deltas": deltas}[k] for k in state}
+            state = vlm_adapter.rope_state(state, positions, deltas)
         if cached:
             ids, pixels, mask = ids[:, cached:], None, None
             job.progress(cached, len(inputs.key), cached)
@@ -186,14 +183,13 @@ class MLXVisionEngine(MLXEngine):
         k = request.logprobs
         try:
             while not stream.cancelled:
-                for key, value in state.items():
-                    setattr(lm, key, value)
+                vlm_adapter.load_state(lm, state)
                 try:
                     token, logprobs = next(steps)
                 except StopIteration:
                     return
                 finally:
-                    state = {k: getattr(lm, k) for k in state}
+                    state = vlm_adapter.save_state(lm, state)
                 generated.append(int(token))
                 if k is None:
                     yield int(token)
