@@ -122,9 +122,8 @@ def test_forced_call_round_trip_openai_both_formats(fam_server, oai, family):
     assert v0 == calls["gguf"]
 
 
-# The SDK parses the call, runs the tool, and the next turn renders. Not yet Qwen3-Coder (no
-# call reaches the tool): see the issue 16 notes.
-@pytest.mark.parametrize("family", ["gpt-oss", "glm-4.7", "deepseek-v3.1", "qwen3"])
+# The SDK parses the call, runs the tool, and the next turn renders.
+@pytest.mark.parametrize("family", ["gpt-oss", "glm-4.7", "deepseek-v3.1", "qwen3", "qwen3-coder"])
 def test_sdk_act(fam_server, forced_tool_calls, family):
     act_round(fam_server.url, key(family, "gguf"), ASK)
 

@@ -115,11 +115,9 @@ def test_forced_call_round_trip(srv, oai, family):
     assert v0_forced_call(srv.url, key(family, "gguf"), ASK, TOOL, CALL_TOKENS) == calls["gguf"]
 
 
-# The SDK parses the call, runs the tool, and the next turn renders. Not yet Kimi K2, MiniMax M2
-# and LFM2 (parallel calls the SDK cannot turn off run until maxTokens and the cut-off section
-# comes back as text) nor Gemma 4 (the tool result's id is not the request's): see the issue 16
-# notes.
-@pytest.mark.parametrize("family", ["mistral-small-3.2", "llama3.1"])
+# The SDK parses the call, runs the tool, and the next turn renders. Kimi K2, MiniMax M2, LFM2
+# and Gemma 4 need the SDK's forced call to be a single call (the SDK has no parallel switch).
+@pytest.mark.parametrize("family", BOTH_FORMATS)
 def test_sdk_act(srv, forced_tool_calls, family):
     act_round(srv.url, key(family, "gguf"), ASK)
 

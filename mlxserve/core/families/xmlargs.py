@@ -32,7 +32,14 @@ def text_value(name: str, close: str, lit: Lit) -> tuple[str, str, str]:
 
 
 def is_string(schema: dict[str, Any]) -> bool:
-    return schema.get("type") == "string"
+    """A string argument, written raw. An untyped enum/const of strings (what the lmstudio SDK
+    makes of ``Literal["a", "b"]``) is one too: the templates write a string value raw, and
+    mlx-lm's Qwen3-Coder parser keeps an untyped value's text as is, so a JSON-quoted value
+    came back with its quotes."""
+    if "type" in schema:
+        return schema["type"] == "string"
+    values = schema.get("enum") or ([schema["const"]] if "const" in schema else [])
+    return bool(values) and all(isinstance(v, str) for v in values)
 
 
 def value_rule(schema: dict[str, Any], where: str, text: str, close: str) -> str:
