@@ -12,8 +12,8 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from mlxserve.app import create_app
-from mlxserve.sdk.kvconfig import collapse, load_request, prediction
-from mlxserve.sdk.predict import history_messages
+from mlxserve.protocols.sdk import history_messages
+from mlxserve.sdk.kvconfig import P, collapse, load_request, prediction
 from mlxserve.sdk.transport import SdkError
 from mlxserve.settings import Settings
 
@@ -233,7 +233,8 @@ def test_prediction_keys():
     assert pred.min_p is None and pred.repeat_penalty is None
     assert pred.stops == ("x",) and pred.json_schema == {"type": "object"}
     assert pred.tool_choice == "required"
-    assert pred.tools == ({"name": "f", "parameters": {"type": "object", "properties": {}}},)
+    closed = {"type": "object", "properties": {}, "additionalProperties": False}
+    assert pred.tools == ({"name": "f", "parameters": closed},)
     assert not pred.raw
     # JS sends maxTokens: false as an unchecked box: no limit.
     assert (
@@ -413,3 +414,36 @@ def test_calls_and_channels_per_token_are_capped_across_connections(tmp_path, mo
         finally:
             for ws, _ in [*opened, other, *channels]:
                 ws.__exit__(None, None, None)
+
+
+def test_parameters_are_models_with_to_core():
+    from mlxserve.protocols.sdk import (
+        ApplyPromptTemplateParameter,
+        PredictParameter,
+        parse_parameter,
+    )
+
+    history = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    stack = {"layers": [layer("apiOverride", **{P + "temperature": 0.3, P + "topKSampling": 20})]}
+    body = parse_parameter(
+        PredictParameter, {"modelSpecifier": {}, "history": history, "predictionConfigStack": stack}
+    )
+    request, pred = body.to_core("m:1", 0.8, None)
+    assert (request.model, request.sampling.temperature, request.sampling.top_k) == ("m:1", 0.3, 20)
+    assert request.messages == ({"role": "user", "content": "hi"},) and pred.temperature == 0.3
+    assert request.parallel_tool_calls is False
+    # The server's default temperature when the config gives none.
+    request, _ = parse_parameter(PredictParameter, {"history": history}).to_core("m", 0.8, None)
+    assert request.sampling.temperature == 0.8
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    body = parse_parameter(
+        ApplyPromptTemplateParameter, {"history": history, "opts": {"toolDefinitions": [tool]}}
+    )
+    request, _ = body.to_core("m", 0.8, None)
+    assert [t["name"] for t in request.tools] == ["f"]
+    with pytest.raises(SdkError, match="opts.omitBosToken"):
+        parse_parameter(ApplyPromptTemplateParameter, {"opts": {"omitBosToken": [1]}})
+    with pytest.raises(SdkError, match="fuzzyPresetIdentifier"):
+        parse_parameter(PredictParameter, {"fuzzyPresetIdentifier": {"a": 1}})
+    with pytest.raises(SdkError, match="must be an object"):
+        parse_parameter(PredictParameter, [])

@@ -1,7 +1,8 @@
 """The ``llm`` namespace's own endpoints: the ``predict`` channel (``respond``, ``complete``,
 each round of ``act``), ``tokenize``, ``countTokens`` and ``applyPromptTemplate``.
 
-A prediction runs through the same core as the REST APIs (``generate.admit``): chat
+Parameters are read by :mod:`mlxserve.protocols.sdk`'s models (``to_core()``). A prediction
+runs through the same core as the REST APIs (``generate.admit``): chat
 template, stop strings, reasoning split, tool-call parsing, grammars. Its events become the
 SDK's ``fragment`` / ``toolCallGeneration*`` messages and a final ``success`` with stats.
 """
@@ -10,152 +11,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from mlxserve.core import generate, images
-from mlxserve.core.instance import Instance
 from mlxserve.core.types import (
-    CoreRequest,
     Done,
     Event,
     Idle,
     Progress,
     ReasoningDelta,
-    SamplingParams,
     TextDelta,
     ToolCallDelta,
     ToolCallEnd,
     ToolCallStart,
 )
-from mlxserve.sdk import files, shapes
-from mlxserve.sdk.kvconfig import Prediction, echo, parse_tools, prediction
+from mlxserve.protocols.sdk import (
+    ApplyPromptTemplateParameter,
+    PredictParameter,
+    parse_parameter,
+)
+from mlxserve.sdk import shapes
+from mlxserve.sdk.kvconfig import echo
 from mlxserve.sdk.transport import Channel, Context, SdkError
-from mlxserve.state import AppState
 
 _STOP_REASONS = {"tool_calls": "toolCalls", "length": "maxPredictedTokensReached"}
-
-
-def _text_parts(
-    message: dict[str, Any], role: str, home: Path | None
-) -> str | list[dict[str, Any]]:
-    parts: list[dict[str, Any]] = []
-    for part in message.get("content") or []:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            parts.append({"type": "text", "text": part["text"]})
-        elif kind == "file":
-            if role != "user" or home is None:
-                raise SdkError("File parts (images) are accepted in user messages only.")
-            parts.append(files.image_part(home, part))
-        elif kind not in ("toolCallRequest", "toolCallResult") or role not in ("assistant", "tool"):
-            raise SdkError(f"Unexpected content part {kind!r} in a {role} message.")
-    return images.message_content(parts)
-
-
-def history_messages(history: Any, home: Path | None = None) -> list[dict[str, Any]]:
-    """``ChatHistoryData`` to chat-template messages (HF conventions, as the REST APIs use);
-    images uploaded under ``home`` (``files.uploadFileBase64``) become image parts."""
-    messages = history.get("messages") if isinstance(history, dict) else None
-    if not isinstance(messages, list):
-        raise SdkError("history must be {messages: [...]}.")
-    out: list[dict[str, Any]] = []
-    for message in messages:
-        role = message.get("role") if isinstance(message, dict) else None
-        if role not in ("system", "user", "assistant", "tool"):
-            raise SdkError(f"Unknown message role {role!r}.")
-        if role == "tool":
-            for part in message.get("content") or []:
-                if not isinstance(part, dict) or part.get("type") != "toolCallResult":
-                    raise SdkError("Tool messages may hold only toolCallResult parts.")
-                entry: dict[str, Any] = {"role": "tool", "content": str(part.get("content", ""))}
-                if isinstance(part.get("toolCallId"), str):
-                    entry["tool_call_id"] = part["toolCallId"]
-                if isinstance(part.get("name"), str):
-                    entry["name"] = part["name"]
-                out.append(entry)
-            continue
-        entry = {"role": role, "content": _text_parts(message, role, home)}
-        calls = [
-            p["toolCallRequest"]
-            for p in message.get("content") or []
-            if isinstance(p, dict) and p.get("type") == "toolCallRequest"
-        ]
-        if calls:
-            entry["tool_calls"] = [
-                {
-                    "id": c.get("id") or f"call_{n}",
-                    "type": "function",
-                    "function": {"name": c.get("name"), "arguments": c.get("arguments") or {}},
-                }
-                for n, c in enumerate(calls)
-            ]
-        out.append(entry)
-    return out
-
-
-def _raw_prompt(messages: list[dict[str, Any]]) -> str:
-    # The SDKs' completion layer renders nothing but the contents, one after the other.
-    return "".join(m["content"] for m in messages)
-
-
-def core_request(
-    state: AppState, instance: Instance, p: dict[str, Any]
-) -> tuple[CoreRequest, Prediction]:
-    preset = p.get("fuzzyPresetIdentifier")
-    if preset:
-        raise SdkError(
-            f"No preset matches '{str(preset)[:128]}'; mlxserve has no presets.",
-            display_data={
-                "code": "generic.presetNotFound",
-                "specifiedFuzzyPresetIdentifier": str(preset)[:256],
-                "availablePresetsSample": [],
-                "totalAvailablePresets": 0,
-            },
-        )
-    pred = prediction(p.get("predictionConfigStack"))
-    messages = history_messages(p.get("history"), state.settings.home)
-    defaults = SamplingParams()
-    sampling = SamplingParams(
-        temperature=pred.temperature
-        if pred.temperature is not None
-        else state.settings.default_temperature,
-        top_p=pred.top_p if pred.top_p is not None else defaults.top_p,
-        top_k=pred.top_k or 0,
-        min_p=pred.min_p if pred.min_p is not None else defaults.min_p,
-        repeat_penalty=pred.repeat_penalty
-        if pred.repeat_penalty is not None
-        else defaults.repeat_penalty,
-        presence_penalty=pred.presence_penalty or 0.0,
-    )
-    common: dict[str, Any] = {
-        "model": instance.id,
-        "sampling": sampling,
-        "max_tokens": pred.max_tokens,
-        "stops": pred.stops,
-        "json_schema": pred.json_schema,
-        "draft_model": pred.draft_model,
-        "num_draft_tokens": pred.num_draft_tokens,
-    }
-    if pred.raw:
-        return CoreRequest(prompt=_raw_prompt(messages), **common), pred
-    return (
-        CoreRequest(
-            messages=tuple(messages),
-            tools=pred.tools,
-            tool_choice=pred.tool_choice,
-            # The SDK protocol has no parallel-calls switch, so a forced call is one call: a
-            # parallel-capable forcing grammar let a model repeat its call until maxTokens, and
-            # the cut-off last call failed the whole act() round in the SDK.
-            parallel_tool_calls=False,
-            **common,
-        ),
-        pred,
-    )
 
 
 def _fragment(text: str, reasoning: str = "none", *, structural: bool = False) -> dict[str, Any]:
@@ -326,13 +208,14 @@ async def _until_cancelled(
 
 
 async def predict(ctx: Context, channel: Channel, parameter: Any) -> None:
-    if not isinstance(parameter, dict):
-        raise SdkError("The predict parameter must be an object.")
+    body = parse_parameter(PredictParameter, parameter)
     state = ctx.state
-    found = shapes.resolve_llm(state, parameter.get("modelSpecifier"))
+    found = shapes.resolve_llm(state, body.modelSpecifier)
     run = _Run(started=time.perf_counter())
     async with state.manager.lease(found.id) as instance:
-        request, pred = core_request(state, instance, parameter)
+        request, pred = body.to_core(
+            instance.id, state.settings.default_temperature, state.settings.home
+        )
         draft = await generate.draft_for(state.manager, instance, request)
         gen = await generate.admit(
             instance, request, output_cap=state.settings.max_output_tokens, draft=draft
@@ -388,35 +271,18 @@ async def count_tokens(ctx: Context, parameter: Any) -> dict[str, Any]:
 async def apply_prompt_template(ctx: Context, parameter: Any) -> dict[str, Any]:
     """The prompt the model would be given for this history and prediction config: rendered
     by the same planning as a prediction (``generate.rendered_prompt``)."""
-    if not isinstance(parameter, dict):
-        raise SdkError("The parameter must be an object.")
+    body = parse_parameter(ApplyPromptTemplateParameter, parameter)
     state = ctx.state
-    found = shapes.resolve_llm(state, parameter.get("specifier"))
-    opts: dict[str, Any] = parameter.get("opts") or {}
-    if not isinstance(opts, dict):
-        raise SdkError("opts must be an object.")
-    definitions = opts.get("toolDefinitions")
-    request, pred = core_request(
-        state,
-        found,
-        {"history": parameter.get("history"), **_stack(parameter)},
-    )
-    if definitions:
-        extra = parse_tools({"type": "toolArray", "tools": definitions})
-        request = dataclasses.replace(request, tools=(*request.tools, *extra))
+    found = shapes.resolve_llm(state, body.specifier)
+    request, pred = body.to_core(found.id, state.settings.default_temperature, state.settings.home)
     if pred.raw:
         return {"formatted": request.prompt or ""}
     policy = images.ImagePolicy.from_settings(state.settings)
     async with state.manager.lease(found.id) as instance:
         text = await generate.rendered_prompt(instance, request, policy)
     template = instance.template
-    if opts.get("omitBosToken") and template.bos_token and text.startswith(template.bos_token):
+    if body.opts.omitBosToken and template.bos_token and text.startswith(template.bos_token):
         text = text[len(template.bos_token) :]
-    if opts.get("omitEosToken") and template.eos_token and text.endswith(template.eos_token):
+    if body.opts.omitEosToken and template.eos_token and text.endswith(template.eos_token):
         text = text[: -len(template.eos_token)]
     return {"formatted": text}
-
-
-def _stack(parameter: dict[str, Any]) -> dict[str, Any]:
-    stack = parameter.get("predictionConfigStack")
-    return {} if stack is None else {"predictionConfigStack": stack}
