@@ -19,15 +19,18 @@ from llguidance.llamacpp import lltokenizer_from_vocab
 from backends.base import (
     GGML_CACHE_TYPES,
     PENALTY_WINDOW,
+    DraftStats,
     Engine,
     EngineInfo,
     Job,
+    TokenLogprobs,
     VisionPrompt,
     common_prefix,
 )
 from backends.constraint import GrammarCache
 from backends.llamacpp import adapter
 from backends.llamacpp.adapter import LlamaSampler
+from backends.llamacpp.draft import DraftModel
 from backends.llamacpp.vision import DEFAULT_MAX_PIXELS, Chunks, Projector, find_projector
 from backends.logprobs import penalize, token_logprobs
 
@@ -60,6 +63,8 @@ class _Seq:
     recent: deque[int] = field(default_factory=lambda: deque(maxlen=PENALTY_WINDOW))
     # Cells minus positions: images take fewer positions than cells on M-RoPE models.
     pos_shift: int = 0
+    # Decoding through speculative rounds with this draft model (see _spec_round).
+    draft: DraftModel | None = None
 
     @property
     def reserve(self) -> int:
@@ -215,6 +220,7 @@ class LlamaCppEngine(Engine):
         self._parallel = options.kv_windows("gguf")
         # Half the sequence ids run requests, the rest keep finished ones for prefix reuse.
         n_seq = min(2 * self._parallel, llama_cpp.llama_max_parallel_sequences())
+        self._n_seq = n_seq
         self._cells = options.context_length * self._parallel
         self._step_tokens = max(self._n_batch, IDLE_PREFILL_CHUNK) + self._parallel
         params = type(llm.context_params).from_buffer_copy(llm.context_params)
@@ -245,6 +251,14 @@ class LlamaCppEngine(Engine):
         super()._setup()
         self._waiting: deque[Job] = deque()
         self._running: list[_Seq] = []
+        # Draft models by folder, loaded into this engine for speculative decoding.
+        self._drafts: dict[Path, DraftModel] = {}
+
+    def prepare_draft(self, path: Path) -> None:
+        if path not in self._drafts:
+            self._drafts[path] = DraftModel(
+                path, self._llm, self._n_seq, self._cells, self._n_batch
+            )
 
     def _admit(self, job: Job) -> None:
         self._waiting.append(job)
@@ -275,6 +289,8 @@ class LlamaCppEngine(Engine):
 
     def _drop(self, seq: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        for draft in self._drafts.values():
+            draft.drop(seq)
         self._kept.pop(seq, None)
         self._kept_shift.pop(seq, None)
         self._free.append(seq)
@@ -347,6 +363,10 @@ class LlamaCppEngine(Engine):
             raise
         cached = 0 if request.vision is not None and source is None else shared
         state = _Seq(job, seq, prompt, cached, sampler, prompt[:shared], pos_shift=pos_shift)
+        # Image prompts decode without their draft: its context holds no images.
+        if request.draft is not None and request.vision is None:
+            state.draft = self._drafts[request.draft]
+            job.draft = DraftStats()
         self._running.append(state)
         job.progress(shared, len(prompt), cached)
 
@@ -360,6 +380,8 @@ class LlamaCppEngine(Engine):
 
     def _finish_seq(self, s: _Seq) -> None:
         self._running.remove(s)
+        if s.draft is not None:
+            s.draft.drop(s.seq)
         tokens = s.tokens
         size = len(tokens) * self._token_bytes
         if not tokens or size > self.options.prompt_cache_bytes:
@@ -405,7 +427,7 @@ class LlamaCppEngine(Engine):
             if logits:
                 outputs.append((s, i))
 
-        decoding = [s for s in self._running if s.pending is not None]
+        decoding = [s for s in self._running if s.pending is not None and s.draft is None]
         for s in decoding:
             assert s.pending is not None
             add(s, s.pending, True)
@@ -423,38 +445,108 @@ class LlamaCppEngine(Engine):
                 add(s, token, done + j == len(s.prompt) - 1)
             if len(s.tokens) < len(s.prompt):
                 s.job.progress(len(s.tokens), len(s.prompt), s.cached)
-        rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc}")
-        n_vocab = self._n_vocab
+        if batch.n_tokens:
+            self._decode()
         for s, i in outputs:
-            request = s.job.request
-            constraint = request.constraint
-            logits = None
-            if constraint is not None or request.logprobs is not None:
-                logits = np.ctypeslib.as_array(
-                    llama_cpp.llama_get_logits_ith(self._ctx.ctx, i), shape=(n_vocab,)
-                )
-            if constraint is not None and logits is not None:
-                constraint.mask_inplace(logits)
-            if logits is not None and request.logprobs is not None:
-                # The chain's penalty sampler works on its own copy: apply them here too.
-                logits = penalize(logits, s.recent, request.sampling)
-            token = s.sampler.sample(self._ctx, i)
-            if constraint is not None:
-                constraint.advance(token)
-            lp = None
-            if logits is not None and request.logprobs is not None:
-                lp = token_logprobs(logits, token, request.logprobs)
-                s.recent.append(token)
+            token, lp = self._sample(s, i)
             if self._accept(s.job, token, lp):
                 self._finish_seq(s)
             else:
                 s.pending = token
+        # Drafted requests each take one speculative round of their own after the batch.
+        for s in [s for s in self._running if s.pending is not None and s.draft is not None]:
+            self._spec_round(s)
+
+    def _decode(self) -> None:
+        rc = llama_cpp.llama_decode(self._ctx.ctx, self._batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def _sample(self, s: _Seq, i: int) -> tuple[int, TokenLogprobs | None]:
+        """Sample ``s``'s next token from row ``i`` of the last decode: grammar mask, then the
+        sequence's sampler chain (which takes the token into its penalty window)."""
+        request = s.job.request
+        constraint = request.constraint
+        logits = None
+        if constraint is not None or request.logprobs is not None:
+            logits = np.ctypeslib.as_array(
+                llama_cpp.llama_get_logits_ith(self._ctx.ctx, i), shape=(self._n_vocab,)
+            )
+        if constraint is not None and logits is not None:
+            constraint.mask_inplace(logits)
+        if logits is not None and request.logprobs is not None:
+            # The chain's penalty sampler works on its own copy: apply them here too.
+            logits = penalize(logits, s.recent, request.sampling)
+        token = s.sampler.sample(self._ctx, i)
+        if constraint is not None:
+            constraint.advance(token)
+        lp = None
+        if logits is not None and request.logprobs is not None:
+            lp = token_logprobs(logits, token, request.logprobs)
+            s.recent.append(token)
+        return token, lp
+
+    def _spec_round(self, s: _Seq) -> None:
+        """One speculative round: the draft proposes up to ``num_draft_tokens`` greedy tokens
+        after the pending one, the model evaluates them all in one decode, and its own samples
+        are taken row by row while they match the proposals. Every token is sampled from the
+        model's row for exactly the prefix it follows, through the same grammar and sampler
+        state as without a draft, so the output is the same; the cache cells past the last
+        accepted proposal are removed."""
+        assert s.draft is not None and s.pending is not None and s.job.draft is not None
+        job, stats = s.job, s.job.draft
+        request = job.request
+        # Never past max_tokens: the round yields at most k + 1 tokens.
+        k = max(0, min(request.num_draft_tokens, request.max_tokens - job.generated - 1))
+        pending, s.pending = s.pending, None
+        proposed = s.draft.propose(s.seq, [*s.tokens, pending], k) if k else []
+        stats.total += len(proposed)
+        start = len(s.tokens)
+        batch = self._batch
+        batch.n_tokens = 0
+        for token in [pending, *proposed]:
+            i = batch.n_tokens
+            batch.token[i] = token
+            batch.pos[i] = len(s.tokens) - s.pos_shift
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = s.seq
+            batch.logits[i] = True
+            batch.n_tokens = i + 1
+            s.tokens.append(token)
+        self._decode()
+        accepted, done = 0, False
+        for i in range(len(proposed) + 1):
+            token, lp = self._sample(s, i)
+            # The stream's last item carries the stats: proposals not judged yet count as
+            # ignored before a token that may end the reply is taken, and are judged after.
+            stats.ignored += len(proposed) - i
+            done = self._accept(job, token, lp)
+            if done:
+                break
+            stats.ignored -= len(proposed) - i
+            if i == len(proposed):
+                s.pending = token
+                break
+            if token != proposed[i]:
+                stats.rejected += len(proposed) - i
+                s.pending = token
+                break
+            accepted += 1
+            stats.accepted += 1
+        keep = start + 1 + accepted
+        if keep < len(s.tokens):
+            llama_cpp.llama_memory_seq_rm(self._mem, s.seq, keep - s.pos_shift, -1)
+            del s.tokens[keep:]
+        if done:
+            s.pending = None
+            self._finish_seq(s)
 
     def _unload(self) -> None:
         if self._projector is not None:
             self._projector.close()
+        for draft in self._drafts.values():
+            draft.close()
+        self._drafts.clear()
         llama_cpp.llama_batch_free(self._batch)
         self._ctx.close()
         self._llm.close()

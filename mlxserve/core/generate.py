@@ -397,11 +397,6 @@ async def start(manager: ModelManager, request: CoreRequest) -> Generation:
 
 async def check_draft(registry: Registry, main: ModelInfo, name: str) -> ModelInfo:
     """The draft model ``name``, if it exists and is a text model of ``main``'s format."""
-    if main.format != "mlx":
-        raise InvalidRequest(
-            f"Model '{main.key}': speculative decoding is not available for {main.format} models.",
-            param="draft_model",
-        )
     info = await registry.find(name)
     if info is None:
         raise ModelNotFound(name)
@@ -424,7 +419,7 @@ async def draft_for(manager: ModelManager, instance: Instance, request: CoreRequ
     main = instance.info
     engine = instance.engine
     try:
-        await asyncio.wrap_future(engine.call(lambda: engine.prepare_draft(info.path)))
+        await asyncio.wrap_future(engine.call(lambda: engine.prepare_draft(info.weights)))
     except DraftUnsupported as exc:
         raise InvalidRequest(f"Model '{main.key}': {exc}.", param="draft_model") from exc
     except ValueError as exc:
@@ -432,7 +427,7 @@ async def draft_for(manager: ModelManager, instance: Instance, request: CoreRequ
             f"Draft model '{info.key}' cannot draft for '{main.key}': {exc}.",
             param="draft_model",
         ) from exc
-    return info.path
+    return info.weights
 
 
 async def admit(
