@@ -406,7 +406,7 @@ async def kv_quantization(server: Server, fmt: str, mode: Mode) -> dict[str, flo
 
 
 async def speculative(server: Server, mode: Mode) -> dict[str, float]:
-    """MLX, the model drafting for itself (acceptance 100%): one stream's decode tok/s with
+    """The model drafting for itself (acceptance 100%): one stream's decode tok/s with
     the draft ÷ without; and a non-drafted stream's decode tok/s beside a drafted one ÷
     alone (the cost a drafted request puts on the batch). Alternating, medians."""
     n = 2 * mode.out_tokens
@@ -576,8 +576,7 @@ async def engine_features(args: argparse.Namespace, mode: Mode) -> dict[str, Any
                 await stream_once(client, ours, "warm up", 4)
             figs = {"logprobs_5_decode_vs_none": await logprobs_cost(ours, mode)}
             figs.update(await kv_quantization(ours, fmt, mode))
-            if fmt == "mlx":
-                figs.update(await speculative(ours, mode))
+            figs.update(await speculative(ours, mode))
             results["figures"][fmt] = figs
             for k, v in figs.items():
                 rows.append(
