@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -318,19 +316,8 @@ def rm(args: argparse.Namespace, settings: Any) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("Nothing deleted.")
             return 1
-    if "@" in info.key:
-        # One quantization of several: its file (or its split set), never the folder.
-        split = re.search(r"-\d{5}-of-(\d{5})\.gguf$", info.weights.name)
-        if split:
-            stem = info.weights.name[: split.start()]
-            for shard in info.path.glob(f"{stem}-*-of-{split.group(1)}.gguf"):
-                shard.unlink()
-        else:
-            info.weights.unlink()
-    else:
-        shutil.rmtree(info.path)
-    publisher = info.path.parent
-    if publisher.is_dir() and not any(publisher.iterdir()):
-        publisher.rmdir()
+    from mlxserve.core.deletion import remove_files
+
+    remove_files(info)
     print(f"Deleted {info.key}.")
     return 0

@@ -30,13 +30,14 @@ async def delete_model(manager: ModelManager, model: str) -> ModelInfo:
     if any(key.partition("@")[0] == folder_key for key in loaded):
         raise InvalidRequest(f"{info.key} is loaded; unload it first.", param="model")
     try:
-        await asyncio.to_thread(_remove, info)
+        await asyncio.to_thread(remove_files, info)
     finally:
         manager.registry.invalidate()
     return info
 
 
-def _remove(info: ModelInfo) -> None:
+def remove_files(info: ModelInfo) -> None:
+    """Remove ``info``'s files from disk, unchecked (the REST delete and `mlxserve rm`)."""
     if "@" in info.key:
         # One quantization of several: its file (or its split set), never the folder.
         split = _SPLIT.search(info.weights.name)
