@@ -13,6 +13,7 @@ The forcing grammars are ours, in each family's syntax (mlx-lm only reads these 
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +27,27 @@ from mlxserve.core.grammar import strict_json
 def _calls(parsed: Any) -> list[Call]:
     items = parsed if isinstance(parsed, list) else [parsed]
     return [(str(item["name"]), arguments_object(item["arguments"])) for item in items]
+
+
+def _mlx_lm_syntax(
+    begin: str,
+    end: str,
+    parser: str,
+    tools: list[dict[str, Any]] | None,
+    errors: tuple[type[Exception], ...] = (ValueError,),
+) -> BlockSyntax:
+    """Blocks read by ``mlx_lm.tool_parsers.<parser>`` (given ``tools`` unless None), imported
+    at the first call read."""
+
+    def parse(body: str) -> list[Call]:
+        module = importlib.import_module(f"mlx_lm.tool_parsers.{parser}")
+        args = (body,) if tools is None else (body, tools)
+        try:
+            return _calls(module.parse_tool_call(*args))
+        except errors as exc:
+            raise UnreadableCall(f"the call cannot be read ({exc})") from exc
+
+    return BlockSyntax(begin, end, parse)
 
 
 def _json_args(function: dict[str, Any]) -> str:
@@ -63,16 +85,7 @@ class KimiK2(Family):
 
     def call_syntax(self, functions: list[dict[str, Any]]) -> BlockSyntax:
         tools = [{"type": "function", "function": f} for f in functions]
-
-        def parse(body: str) -> list[Call]:
-            from mlx_lm.tool_parsers import kimi_k2
-
-            try:
-                return _calls(kimi_k2.parse_tool_call(body, tools))
-            except ValueError as exc:
-                raise UnreadableCall(f"the call cannot be read ({exc})") from exc
-
-        return BlockSyntax(SECTION_BEGIN, SECTION_END, parse)
+        return _mlx_lm_syntax(SECTION_BEGIN, SECTION_END, "kimi_k2", tools)
 
     def call_grammar(self, functions: list[dict[str, Any]], parallel: bool, lit: Lit) -> str:
         calls = [
@@ -108,16 +121,7 @@ class MiniMaxM2(Family):
 
     def call_syntax(self, functions: list[dict[str, Any]]) -> BlockSyntax:
         tools = [{"type": "function", "function": f} for f in functions]
-
-        def parse(body: str) -> list[Call]:
-            from mlx_lm.tool_parsers import minimax_m2
-
-            try:
-                return _calls(minimax_m2.parse_tool_call(body, tools))
-            except ValueError as exc:
-                raise UnreadableCall(f"the call cannot be read ({exc})") from exc
-
-        return BlockSyntax(MINIMAX_OPEN, MINIMAX_CLOSE, parse)
+        return _mlx_lm_syntax(MINIMAX_OPEN, MINIMAX_CLOSE, "minimax_m2", tools)
 
     def call_grammar(self, functions: list[dict[str, Any]], parallel: bool, lit: Lit) -> str:
         # The template opens a thinking block the model cannot skip: a forced reply closes it
@@ -153,15 +157,7 @@ class LFM2(Family):
         return "<|tool_list_start|>" in template or LFM_OPEN in template
 
     def call_syntax(self, functions: list[dict[str, Any]]) -> BlockSyntax:
-        def parse(body: str) -> list[Call]:
-            from mlx_lm.tool_parsers import pythonic
-
-            try:
-                return _calls(pythonic.parse_tool_call(body))
-            except (ValueError, SyntaxError) as exc:
-                raise UnreadableCall(f"the call cannot be read ({exc})") from exc
-
-        return BlockSyntax(LFM_OPEN, LFM_CLOSE, parse)
+        return _mlx_lm_syntax(LFM_OPEN, LFM_CLOSE, "pythonic", None, (ValueError, SyntaxError))
 
     def call_grammar(self, functions: list[dict[str, Any]], parallel: bool, lit: Lit) -> str:
         # Python keyword arguments with JSON values: mlx-lm's parser reads true/false/null too.
