@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+# The shared family test helpers assert on behalf of the tests: failures show their values.
+pytest.register_assert_rewrite("tests.families_harness", "tests.family_dialects")
 REPO = Path(__file__).resolve().parents[1]
 # Tests never see the developer's own LM Studio models or Hugging Face cache (servers they
 # start inherit this environment); tests of those sources name temporary folders.

@@ -92,3 +92,16 @@ def grammar_accepts(family: Family, functions: list[dict], parallel: bool, text:
     matcher = LLMatcher(llguidance.LLTokenizer("byte"), LLMatcher.grammar_from_lark(lark))
     assert not matcher.is_error(), matcher.get_error()
     return bool(matcher.consume_tokens(list(text.encode()))) and matcher.is_accepting()
+
+
+def assert_forced_call_parses_back(
+    family: Family, functions: list[dict], one: str, two: str
+) -> None:
+    """The forced-call grammar accepts ``one`` (a get_weather call for Oslo) and ``two`` (Oslo
+    then Rome, only when parallel), refuses a misspelled name, and the family reads both back."""
+    assert grammar_accepts(family, functions, False, one)
+    assert not grammar_accepts(family, functions, False, one.replace("get_weather", "get_wether"))
+    assert run(family, one, functions).calls == [("get_weather", {"city": "Oslo"})]
+    assert grammar_accepts(family, functions, True, two)
+    assert not grammar_accepts(family, functions, False, two)
+    assert [c[1]["city"] for c in run(family, two, functions).calls] == ["Oslo", "Rome"]

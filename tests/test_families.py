@@ -16,7 +16,7 @@ from mlxserve.core.families.lmstudio import LMStudio
 from mlxserve.core.families.mistral import Mistral
 from mlxserve.core.families.qwen3_coder import Qwen3Coder
 from mlxserve.errors import InvalidRequest
-from tests.families_harness import MODES, grammar_accepts, run
+from tests.families_harness import MODES, assert_forced_call_parses_back, grammar_accepts, run
 
 FUNCS = [
     {
@@ -215,14 +215,7 @@ FAMILIES = [Hermes(), Llama3(), Mistral(), LMStudio(), Qwen3Coder()]
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_forced_call_grammar_parses_back(family):
-    text = CALLS[family.name]
-    assert grammar_accepts(family, FUNCS, False, text)
-    assert not grammar_accepts(family, FUNCS, False, text.replace("get_weather", "get_wether"))
-    assert run(family, text, FUNCS).calls == [("get_weather", {"city": "Oslo"})]
-    two = TWO_CALLS[family.name]
-    assert grammar_accepts(family, FUNCS, True, two)
-    assert not grammar_accepts(family, FUNCS, False, two)
-    assert [c[1]["city"] for c in run(family, two, FUNCS).calls] == ["Oslo", "Rome"]
+    assert_forced_call_parses_back(family, FUNCS, CALLS[family.name], TWO_CALLS[family.name])
 
 
 def test_xml_grammar_types_values_and_refuses_what_it_cannot_force():

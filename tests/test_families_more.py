@@ -16,7 +16,7 @@ from mlxserve.core.families.gemma import Gemma4, GemmaPlain
 from mlxserve.core.families.mistral import Mistral, MistralV11
 from mlxserve.core.families.others import LFM2, KimiK2, MiniMaxM2
 from mlxserve.errors import InvalidRequest
-from tests.families_harness import MODES, grammar_accepts, run
+from tests.families_harness import MODES, assert_forced_call_parses_back, grammar_accepts, run
 
 FUNCS = [
     {
@@ -253,14 +253,7 @@ FORCED = [MistralV11(), Gemma4(), KimiK2(), MiniMaxM2(), LFM2()]
 
 @pytest.mark.parametrize("family", FORCED, ids=lambda f: f.name)
 def test_forced_call_grammar_parses_back(family):
-    text = CALLS[family.name]
-    assert grammar_accepts(family, FUNCS, False, text)
-    assert not grammar_accepts(family, FUNCS, False, text.replace("get_weather", "get_wether"))
-    assert run(family, text, FUNCS).calls == [("get_weather", {"city": "Oslo"})]
-    two = TWO_CALLS[family.name]
-    assert grammar_accepts(family, FUNCS, True, two)
-    assert not grammar_accepts(family, FUNCS, False, two)
-    assert [c[1]["city"] for c in run(family, two, FUNCS).calls] == ["Oslo", "Rome"]
+    assert_forced_call_parses_back(family, FUNCS, CALLS[family.name], TWO_CALLS[family.name])
 
 
 def test_old_mistral_grammar_writes_the_array():
