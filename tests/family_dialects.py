@@ -1,15 +1,83 @@
-"""Shared legs of the family end-to-end tests: a forced call on LM Studio's legacy v0 route, and
-an ``act()`` round with the LM Studio Python SDK over its websocket (the model calls a tool, the
+"""Shared legs of the family end-to-end tests: the forced get_weather call on OpenAI chat (both
+formats, streamed, and LM Studio's legacy v0 route), and an ``act()`` round with the LM Studio Python SDK over its websocket (the model calls a tool, the
 SDK runs it, the next turn renders the result through the family's template)."""
 
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 import jsonschema
 import lmstudio as lms
+import openai
+
+PARAMS = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "enum": ["Oslo", "Rome"]}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+TOOL = {"name": "get_weather", "description": "Weather in a city", "parameters": PARAMS}
+ASK = "What is the weather in Oslo?"
+
+
+def key(family: str, fmt: str) -> str:
+    return f"mlxserve-test/tiny-{family}-{fmt}"
+
+
+def forced(oai: openai.OpenAI, model: str, max_tokens: int, **extra: Any) -> Any:
+    return oai.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": ASK}],
+        tools=[{"type": "function", "function": TOOL}],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=max_tokens,
+        temperature=0,
+        **extra,
+    )
+
+
+def openai_round_trip(
+    url: str, oai: openai.OpenAI, family: str, call_tokens: int, next_tokens: int
+) -> None:
+    """The forced call parses back on MLX and GGUF alike (the same arguments at temperature 0),
+    the next turn with the tool's result renders through the family's template the same on
+    both; streamed fragments join to the same call, and LM Studio v0 writes the same."""
+    calls = {}
+    for fmt in ("mlx", "gguf"):
+        reply = forced(oai, key(family, fmt), call_tokens)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls", (fmt, choice.message.content)
+        assert not choice.message.content
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather"
+        arguments = json.loads(call.function.arguments)
+        jsonschema.validate(arguments, PARAMS)
+        calls[fmt] = arguments
+        # A fixed id: some templates render it, and the two formats must see the same prompt.
+        dumped = {**call.model_dump(), "id": "call_fixed_1"}
+        history = [
+            {"role": "user", "content": ASK},
+            {"role": "assistant", "content": None, "tool_calls": [dumped]},
+            {"role": "tool", "tool_call_id": dumped["id"], "content": "Sunny, 21 C"},
+        ]
+        after = oai.chat.completions.create(
+            model=key(family, fmt), messages=history, max_tokens=next_tokens, temperature=0
+        )
+        assert after.choices[0].finish_reason in ("stop", "length")
+        calls[fmt + "-next"] = after.choices[0].message.content
+    assert calls["mlx"] == calls["gguf"]
+    assert calls["mlx-next"] == calls["gguf-next"]
+    fragments, names = "", []
+    for chunk in forced(oai, key(family, "gguf"), call_tokens, stream=True):
+        for delta in chunk.choices[0].delta.tool_calls or () if chunk.choices else ():
+            if delta.function and delta.function.name:
+                names.append(delta.function.name)
+            fragments += (delta.function and delta.function.arguments) or ""
+    assert names == ["get_weather"] and json.loads(fragments) == calls["gguf"]
+    assert v0_forced_call(url, key(family, "gguf"), ASK, TOOL, call_tokens) == calls["gguf"]
 
 
 def v0_forced_call(url: str, model: str, ask: str, tool: dict, max_tokens: int) -> dict:

@@ -20,7 +20,15 @@ import openai
 import pytest
 
 from tests.conftest import Server
-from tests.family_dialects import act_round, v0_forced_call, v1_mcp_round
+from tests.family_dialects import (
+    ASK,
+    PARAMS,
+    TOOL,
+    act_round,
+    key,
+    openai_round_trip,
+    v1_mcp_round,
+)
 
 FAMILIES = [
     "gpt-oss",
@@ -32,20 +40,8 @@ FAMILIES = [
     "deepseek-v3.1",
     "deepseek-r1",
 ]
-PARAMS = {
-    "type": "object",
-    "properties": {"city": {"type": "string", "enum": ["Oslo", "Rome"]}},
-    "required": ["city"],
-    "additionalProperties": False,
-}
-TOOL = {"name": "get_weather", "description": "Weather in a city", "parameters": PARAMS}
-ASK = "What is the weather in Oslo?"
 # Room for a forced call however oddly a random model splits it into tokens.
 CALL_TOKENS = 100
-
-
-def key(family: str, fmt: str) -> str:
-    return f"mlxserve-test/tiny-{family}-{fmt}"
 
 
 @pytest.fixture(scope="module")
@@ -69,57 +65,9 @@ def oai(fam_server):
     return openai.OpenAI(base_url=fam_server.url + "/v1", api_key="x", max_retries=0)
 
 
-def _forced(oai, model: str, **extra):
-    return oai.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": ASK}],
-        tools=[{"type": "function", "function": TOOL}],
-        tool_choice="required",
-        parallel_tool_calls=False,
-        max_tokens=CALL_TOKENS,
-        temperature=0,
-        **extra,
-    )
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forced_call_round_trip_openai_both_formats(fam_server, oai, family):
-    calls = {}
-    for fmt in ("mlx", "gguf"):
-        reply = _forced(oai, key(family, fmt))
-        choice = reply.choices[0]
-        assert choice.finish_reason == "tool_calls", (fmt, choice.message.content)
-        assert not choice.message.content
-        (call,) = choice.message.tool_calls
-        assert call.function.name == "get_weather"
-        arguments = json.loads(call.function.arguments)
-        jsonschema.validate(arguments, PARAMS)
-        calls[fmt] = arguments
-        # The next turn: the call and its result render through the family's template.
-        history = [
-            {"role": "user", "content": ASK},
-            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-            {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"},
-        ]
-        after = oai.chat.completions.create(
-            model=key(family, fmt), messages=history, max_tokens=4, temperature=0
-        )
-        assert after.choices[0].finish_reason in ("stop", "length")
-        calls[fmt + "-next"] = after.choices[0].message.content
-    assert calls["mlx"] == calls["gguf"]
-    assert calls["mlx-next"] == calls["gguf-next"]
-    # Streamed: the argument fragments join to the same call.
-    fragments, names = "", []
-    stream = _forced(oai, key(family, "gguf"), stream=True)
-    for chunk in stream:
-        for delta in chunk.choices[0].delta.tool_calls or () if chunk.choices else ():
-            if delta.function and delta.function.name:
-                names.append(delta.function.name)
-            fragments += (delta.function and delta.function.arguments) or ""
-    assert names == ["get_weather"] and json.loads(fragments) == calls["gguf"]
-    # LM Studio v0: the same call at temperature 0.
-    v0 = v0_forced_call(fam_server.url, key(family, "gguf"), ASK, TOOL, CALL_TOKENS)
-    assert v0 == calls["gguf"]
+    openai_round_trip(fam_server.url, oai, family, CALL_TOKENS, 4)
 
 
 # The SDK parses the call, runs the tool, and the next turn renders.

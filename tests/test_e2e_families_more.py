@@ -21,7 +21,15 @@ import openai
 import pytest
 
 from tests.conftest import Server
-from tests.family_dialects import act_round, v0_forced_call, v1_mcp_round
+from tests.family_dialects import (
+    ASK,
+    PARAMS,
+    TOOL,
+    act_round,
+    key,
+    openai_round_trip,
+    v1_mcp_round,
+)
 
 # One family per call syntax, then the other families of each (template and tokens differ).
 BOTH_FORMATS = ["mistral-small-3.2", "gemma4", "llama3.1", "kimi-k2", "minimax-m2", "lfm2"]
@@ -29,19 +37,7 @@ MORE = ["devstral", "ministral-reasoning", "gemma2", "granite-4.0", "smollm3", "
 FAMILIES = BOTH_FORMATS + MORE
 # One family per kind of syntax also goes through Responses, Anthropic and LM Studio v1.
 OTHER_DIALECTS = BOTH_FORMATS
-PARAMS = {
-    "type": "object",
-    "properties": {"city": {"type": "string", "enum": ["Oslo", "Rome"]}},
-    "required": ["city"],
-    "additionalProperties": False,
-}
-TOOL = {"name": "get_weather", "description": "Weather in a city", "parameters": PARAMS}
-ASK = "What is the weather in Oslo?"
 CALL_TOKENS = 60
-
-
-def key(family: str, fmt: str) -> str:
-    return f"mlxserve-test/tiny-{family}-{fmt}"
 
 
 @pytest.fixture(scope="module")
@@ -64,55 +60,9 @@ def oai(srv):
     return openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
 
 
-def _forced(oai, model: str, **extra):
-    return oai.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": ASK}],
-        tools=[{"type": "function", "function": TOOL}],
-        tool_choice="required",
-        parallel_tool_calls=False,
-        max_tokens=CALL_TOKENS,
-        temperature=0,
-        **extra,
-    )
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forced_call_round_trip(srv, oai, family):
-    calls = {}
-    for fmt in ("mlx", "gguf"):
-        reply = _forced(oai, key(family, fmt))
-        choice = reply.choices[0]
-        assert choice.finish_reason == "tool_calls", (fmt, choice.message.content)
-        assert not choice.message.content
-        (call,) = choice.message.tool_calls
-        assert call.function.name == "get_weather"
-        arguments = json.loads(call.function.arguments)
-        jsonschema.validate(arguments, PARAMS)
-        calls[fmt] = arguments
-        # A fixed id: some templates render it, and the two formats must see the same prompt.
-        dumped = {**call.model_dump(), "id": "call_fixed_1"}
-        history = [
-            {"role": "user", "content": ASK},
-            {"role": "assistant", "content": None, "tool_calls": [dumped]},
-            {"role": "tool", "tool_call_id": dumped["id"], "content": "Sunny, 21 C"},
-        ]
-        after = oai.chat.completions.create(
-            model=key(family, fmt), messages=history, max_tokens=3, temperature=0
-        )
-        assert after.choices[0].finish_reason in ("stop", "length")
-        calls[fmt + "-next"] = after.choices[0].message.content
-    assert calls["mlx"] == calls["gguf"]
-    assert calls["mlx-next"] == calls["gguf-next"]
-    fragments, names = "", []
-    for chunk in _forced(oai, key(family, "gguf"), stream=True):
-        for delta in chunk.choices[0].delta.tool_calls or () if chunk.choices else ():
-            if delta.function and delta.function.name:
-                names.append(delta.function.name)
-            fragments += (delta.function and delta.function.arguments) or ""
-    assert names == ["get_weather"] and json.loads(fragments) == calls["gguf"]
-    # LM Studio v0: the same call at temperature 0.
-    assert v0_forced_call(srv.url, key(family, "gguf"), ASK, TOOL, CALL_TOKENS) == calls["gguf"]
+    openai_round_trip(srv.url, oai, family, CALL_TOKENS, 3)
 
 
 # The SDK parses the call, runs the tool, and the next turn renders. Kimi K2, MiniMax M2, LFM2
