@@ -22,6 +22,24 @@ from mlxserve.core.types import (
 )
 
 MODES = ("whole", "chars", "tokens")
+# The tools the family unit tests call: get_weather(city, days) and add(a, b).
+FUNCS = [
+    {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"],
+        },
+    },
+    {
+        "name": "add",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "array"}},
+        },
+    },
+]
 
 
 @dataclass

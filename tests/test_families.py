@@ -16,25 +16,13 @@ from mlxserve.core.families.lmstudio import LMStudio
 from mlxserve.core.families.mistral import Mistral
 from mlxserve.core.families.qwen3_coder import Qwen3Coder
 from mlxserve.errors import InvalidRequest
-from tests.families_harness import MODES, assert_forced_call_parses_back, grammar_accepts, run
-
-FUNCS = [
-    {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-            "required": ["city"],
-        },
-    },
-    {
-        "name": "add",
-        "parameters": {
-            "type": "object",
-            "properties": {"a": {"type": "integer"}, "b": {"type": "array"}},
-        },
-    },
-]
+from tests.families_harness import (
+    FUNCS,
+    MODES,
+    assert_forced_call_parses_back,
+    grammar_accepts,
+    run,
+)
 
 CASES = [
     # Qwen2.5 / Qwen3 / Hermes

@@ -16,25 +16,14 @@ from mlxserve.core.families.gemma import Gemma4, GemmaPlain
 from mlxserve.core.families.mistral import Mistral, MistralV11
 from mlxserve.core.families.others import LFM2, KimiK2, MiniMaxM2
 from mlxserve.errors import InvalidRequest
-from tests.families_harness import MODES, assert_forced_call_parses_back, grammar_accepts, run
+from tests.families_harness import (
+    FUNCS,
+    MODES,
+    assert_forced_call_parses_back,
+    grammar_accepts,
+    run,
+)
 
-FUNCS = [
-    {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-            "required": ["city"],
-        },
-    },
-    {
-        "name": "add",
-        "parameters": {
-            "type": "object",
-            "properties": {"a": {"type": "integer"}, "b": {"type": "array"}},
-        },
-    },
-]
 PARIS = ("get_weather", {"city": "Paris"})
 Q = '<|"|>'
 KIMI = "<|tool_call_begin|>functions.{name}:{i}<|tool_call_argument_begin|>{args}<|tool_call_end|>"
