@@ -13,7 +13,7 @@ import binascii
 import hashlib
 import io
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,31 +122,31 @@ def text_only(messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 def with_markers(messages: Iterable[dict[str, Any]], marker: str) -> list[dict[str, Any]]:
     """The messages with each image part replaced by a text part holding ``marker`` (for
     engines that find images by a marker in the rendered prompt)."""
-    out = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            content = [
-                {"type": "text", "text": marker}
-                if isinstance(p, dict) and p.get("type") == "image"
-                else p
-                for p in content
-            ]
-            message = {**message, "content": content}
-        out.append(message)
-    return out
+    return _each_image(messages, lambda part: {"type": "text", "text": marker})
 
 
 def described(messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The messages as JSON can carry them: each image part as its hash and media type."""
+    return _each_image(
+        messages,
+        lambda part: {
+            "type": "image",
+            "sha256": part["image"].sha256,
+            "media_type": part["image"].media_type,
+        },
+    )
+
+
+def _each_image(
+    messages: Iterable[dict[str, Any]], replace_part: Callable[[dict[str, Any]], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The messages with each image part replaced by ``replace_part(it)``."""
     out = []
     for message in messages:
         content = message.get("content")
         if isinstance(content, list):
             content = [
-                {"type": "image", "sha256": p["image"].sha256, "media_type": p["image"].media_type}
-                if isinstance(p, dict) and p.get("type") == "image"
-                else p
+                replace_part(p) if isinstance(p, dict) and p.get("type") == "image" else p
                 for p in content
             ]
             message = {**message, "content": content}
