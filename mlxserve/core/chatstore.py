@@ -46,13 +46,18 @@ def new_response_id() -> str:
     return f"resp_{uuid.uuid4().hex}"
 
 
+def _shown_id(given: str) -> str:
+    """An id as an error message may echo it: only ids of our own shape."""
+    return given if given.replace("_", "").isalnum() else "given"
+
+
 class ResponseNotFound(MlxServeError):
     status = 404
     kind = "invalid_request_error"
     code = "previous_response_not_found"
 
     def __init__(self, response_id: str) -> None:
-        shown = response_id if response_id.replace("_", "").isalnum() else "given"
+        shown = _shown_id(response_id)
         super().__init__(f"No stored response with id '{shown}'.", param="previous_response_id")
 
 
@@ -62,8 +67,7 @@ class ChatNotFound(MlxServeError):
     code = "chat_not_found"
 
     def __init__(self, chat_id: str) -> None:
-        shown = chat_id if chat_id.replace("_", "").isalnum() else "given"
-        super().__init__(f"No stored chat with id '{shown}'.", param="chat_id")
+        super().__init__(f"No stored chat with id '{_shown_id(chat_id)}'.", param="chat_id")
 
 
 @dataclass(frozen=True)
