@@ -58,7 +58,7 @@ FULL = Mode("full", rounds=3, out_tokens=64, concurrency=(1, 4, 8), history_toke
 def make_model(root: Path, size: str) -> dict[str, Path]:
     spec = importlib.util.spec_from_file_location("mtm", REPO / "scripts" / "make_test_models.py")
     assert spec and spec.loader
-    mtm = importlib.util.module_from_spec(spec)
+    mtm: Any = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mtm)
     mtm.HIDDEN, mtm.INTERMEDIATE, mtm.LAYERS, mtm.HEADS, mtm.KV_HEADS = SIZES[size]
     mtm.CONTEXT = 8192

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -34,7 +35,7 @@ SIZES = {"quick": (256, 704, 4, 4, 2), "full": (512, 1408, 8, 8, 2)}
 def make_model(root: Path, size: str) -> str:
     spec = importlib.util.spec_from_file_location("mtm", REPO / "scripts" / "make_test_models.py")
     assert spec and spec.loader
-    mtm = importlib.util.module_from_spec(spec)
+    mtm: Any = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mtm)
     mtm.HIDDEN, mtm.INTERMEDIATE, mtm.LAYERS, mtm.HEADS, mtm.KV_HEADS = SIZES[size]
     mtm.CONTEXT = 8192

@@ -97,11 +97,14 @@ def main() -> int:
 
     # Grammar compile time (schema -> grammar -> matcher on the real Qwen2 tokenizer).
     import llguidance.hf
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    tok = llguidance.hf.from_tokenizer(
-        AutoTokenizer.from_pretrained(str(args.models_dir / "mlxserve-test" / "tiny-qwen2-mlx"))
+    hf_tok = AutoTokenizer.from_pretrained(
+        str(args.models_dir / "mlxserve-test" / "tiny-qwen2-mlx")
     )
+    # llguidance reads the fast (tokenizers) backend; the Qwen2 test model always has one.
+    assert isinstance(hf_tok, PreTrainedTokenizerFast)
+    tok = llguidance.hf.from_tokenizer(hf_tok)
     times = []
     for i in range(40):
         schema = dict(COMPILE_SCHEMAS[i % len(COMPILE_SCHEMAS)], title=f"s{i}")  # no caching

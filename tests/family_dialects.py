@@ -5,20 +5,27 @@ SDK runs it, the next turn renders the result through the family's template)."""
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, Literal, cast
 
 import httpx
 import jsonschema
 import lmstudio as lms
 import openai
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionMessageToolCallParam
+from openai.types.shared_params import FunctionDefinition
 
-PARAMS = {
+PARAMS: dict[str, Any] = {
     "type": "object",
     "properties": {"city": {"type": "string", "enum": ["Oslo", "Rome"]}},
     "required": ["city"],
     "additionalProperties": False,
 }
-TOOL = {"name": "get_weather", "description": "Weather in a city", "parameters": PARAMS}
+TOOL: FunctionDefinition = {
+    "name": "get_weather",
+    "description": "Weather in a city",
+    "parameters": PARAMS,
+}
 ASK = "What is the weather in Oslo?"
 
 
@@ -57,8 +64,10 @@ def openai_round_trip(
         jsonschema.validate(arguments, PARAMS)
         calls[fmt] = arguments
         # A fixed id: some templates render it, and the two formats must see the same prompt.
-        dumped = {**call.model_dump(), "id": "call_fixed_1"}
-        history = [
+        dumped = cast(
+            ChatCompletionMessageToolCallParam, {**call.model_dump(), "id": "call_fixed_1"}
+        )
+        history: list[ChatCompletionMessageParam] = [
             {"role": "user", "content": ASK},
             {"role": "assistant", "content": None, "tool_calls": [dumped]},
             {"role": "tool", "tool_call_id": dumped["id"], "content": "Sunny, 21 C"},
@@ -80,7 +89,9 @@ def openai_round_trip(
     assert v0_forced_call(url, key(family, "gguf"), ASK, TOOL, call_tokens) == calls["gguf"]
 
 
-def v0_forced_call(url: str, model: str, ask: str, tool: dict, max_tokens: int) -> dict:
+def v0_forced_call(
+    url: str, model: str, ask: str, tool: Mapping[str, Any], max_tokens: int
+) -> dict:
     """A forced call on ``/api/v0/chat/completions``; returns its parsed arguments."""
     r = httpx.post(
         url + "/api/v0/chat/completions",

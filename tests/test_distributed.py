@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import time
+from typing import Any
 
 import httpx
 import openai
@@ -61,7 +62,7 @@ async def _answers(srv: Server, stream: bool) -> list[str]:
     client = _client(srv)
 
     async def one(prompt: str) -> str:
-        kwargs = {
+        kwargs: dict[str, Any] = {
             "model": MLX_KEY,
             "messages": [{"role": "user", "content": prompt}],
             "temperature": 0,

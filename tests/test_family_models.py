@@ -62,7 +62,7 @@ TOOLS = [
     }
 ]
 CALL_ID = "call12345"  # Mistral's templates insist on nine characters
-HISTORY = [
+HISTORY: list[dict[str, Any]] = [
     {"role": "system", "content": "Answer briefly."},
     {"role": "user", "content": "Weather in Paris?"},
     {

@@ -48,7 +48,8 @@ def test_data_urls_and_refusals():
 
 def test_file_urls_only_from_allowed_roots(tmp_path: Path):
     allowed, other = tmp_path / "allowed", tmp_path / "other"
-    allowed.mkdir(), other.mkdir()
+    allowed.mkdir()
+    other.mkdir()
     png = _encode(Image.new("RGB", (4, 4)))
     (allowed / "a.png").write_bytes(png)
     (other / "b.png").write_bytes(png)

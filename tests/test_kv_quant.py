@@ -35,7 +35,7 @@ def paths():
 
 def engine(paths, fmt, **kw):
     options = LoadOptions(context_length=2048, kv_cache_f32=True, **kw)
-    return open_engine(fmt, paths[fmt], options)  # type: ignore[arg-type]
+    return open_engine(fmt, paths[fmt], options)
 
 
 def prompts(e):

@@ -114,14 +114,15 @@ def ephemeral(url: str, **extra) -> dict:
 
 
 def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
-    out, name = [], None
+    out: list[tuple[str, dict]] = []
+    name = None
     for line in response.iter_lines():
         if line.startswith("event: "):
             name = line[7:]
         elif line.startswith("data: "):
             data = json.loads(line[6:])
             assert data["type"] == name
-            out.append((name, data))
+            out.append((data["type"], data))
     return out
 
 

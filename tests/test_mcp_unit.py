@@ -224,13 +224,13 @@ def test_toolset_names_and_schemas():
     b = ServerSpec("b", (("type", "ephemeral_mcp"), ("server_label", "b")))
     schema = {"type": "object", "properties": {"q": {"type": "string"}}}
     toolset = Toolset()
-    toolset.add(a, None, [McpTool(a, "search", "Search", schema)])  # type: ignore[arg-type]
+    toolset.add(a, None, [McpTool(a, "search", "Search", schema)])
     (function,) = toolset.functions()
     assert function["parameters"]["additionalProperties"] is False
     assert schema.get("additionalProperties") is None
     assert toolset.provider("search") == {"type": "ephemeral_mcp", "server_label": "a"}
     with pytest.raises(InvalidRequest, match="both offer"):
-        toolset.add(b, None, [McpTool(b, "search", None, schema)])  # type: ignore[arg-type]
+        toolset.add(b, None, [McpTool(b, "search", None, schema)])
 
 
 class FakeConnection:
@@ -246,9 +246,9 @@ def loop_with(tool_schema):
     spec = ServerSpec("s", (("type", "plugin"), ("plugin_id", "mcp/s")))
     conn = FakeConnection()
     toolset = Toolset()
-    toolset.add(spec, conn, [McpTool(spec, "pick", None, tool_schema)])  # type: ignore[arg-type]
+    toolset.add(spec, conn, [McpTool(spec, "pick", None, tool_schema)])
     request = CoreRequest(model="m", sampling=SamplingParams(temperature=0.0), messages=())
-    return ToolLoop(None, with_tools(request, toolset), None, toolset, 4), conn  # type: ignore[arg-type]
+    return ToolLoop(None, with_tools(request, toolset), None, toolset, 4), conn
 
 
 def test_loop_runs_calls_and_reports_invalid_ones():

@@ -203,14 +203,14 @@ def test_connect_timeout_does_not_wait_a_second_timeout():
         finally:
             hung.append(True)
 
-    conn._run = silent  # type: ignore[method-assign]
+    conn._run = silent
 
     async def graceful_close() -> None:
         # close() waits up to another connect timeout for a graceful end: a silent server
         # must be cancelled at once instead.
         raise AssertionError("close() called after a connect timeout")
 
-    conn.close = graceful_close  # type: ignore[method-assign]
+    conn.close = graceful_close
 
     async def run() -> None:
         with pytest.raises(McpConnectionError, match="no answer"):
@@ -242,9 +242,9 @@ def test_close_does_not_swallow_the_callers_cancellation():
 def _loop_with(schema, conn):
     spec = ServerSpec("s", (("type", "plugin"), ("plugin_id", "mcp/s")))
     toolset = Toolset()
-    toolset.add(spec, conn, [McpTool(spec, "pick", None, schema)])  # type: ignore[arg-type]
+    toolset.add(spec, conn, [McpTool(spec, "pick", None, schema)])
     request = CoreRequest(model="m", sampling=SamplingParams(temperature=0.0), messages=())
-    return ToolLoop(None, with_tools(request, toolset), None, toolset, 4)  # type: ignore[arg-type]
+    return ToolLoop(None, with_tools(request, toolset), None, toolset, 4)
 
 
 class _Conn:
@@ -337,13 +337,13 @@ def test_openai_stream_cancels_its_generation_when_the_client_leaves_at_once(tmp
     from mlxserve.settings import Settings
 
     gen = FakeGeneration()
-    gen.instance = types.SimpleNamespace(id="m")  # type: ignore[attr-defined]
+    gen.instance = types.SimpleNamespace(id="m")
 
     async def events(ping):
         await asyncio.sleep(30)  # a long prompt: nothing to send yet
         yield None
 
-    gen.events = events  # type: ignore[attr-defined]
+    gen.events = events
 
     async def start(manager, core):
         return gen

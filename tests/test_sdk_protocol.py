@@ -403,13 +403,13 @@ def test_calls_and_channels_per_token_are_capped_across_connections(tmp_path, mo
             assert refused["type"] == "channelError" and refused["channelId"] == 1
             assert "for this API token" in refused["error"]["title"]
             # Finished calls give their share back.
-            client.portal.call(release.set)  # type: ignore[union-attr]
+            client.portal.call(release.set)
             answered = sorted(opened[0][1].receive_json()["callId"] for _ in range(2))
             assert answered == [0, 1] and opened[1][1].receive_json()["callId"] == 0
             assert other[1].receive_json() == {"type": "rpcResult", "callId": 7}
             release.clear()
             opened[0][1].send_json({**call, "callId": 9})
-            client.portal.call(release.set)  # type: ignore[union-attr]
+            client.portal.call(release.set)
             assert opened[0][1].receive_json() == {"type": "rpcResult", "callId": 9}
         finally:
             for ws, _ in [*opened, other, *channels]:

@@ -39,7 +39,7 @@ def _app_routes() -> list[tuple[str, str, dict | None]]:
     must be refused without a token (or from a foreign host) before any handler runs."""
     from starlette.routing import Route
 
-    out = []
+    out: list[tuple[str, str, dict | None]] = []
     for route in create_app().routes:
         if not isinstance(route, Route) or route.path in OPEN_PATHS:
             continue
@@ -241,7 +241,7 @@ def test_cors_preflight_needs_no_token(tmp_path):
 def auth_client(tmp_path):
     with make_client(tmp_path, require_auth=True) as c:
         _, token = TokenStore(tmp_path / "home" / "tokens.json").create("test")
-        c.token = token  # type: ignore[attr-defined]
+        c.token = token
         yield c
 
 

@@ -36,8 +36,8 @@ def guarded(models_root, tmp_path_factory, monkeypatch_module):
     srv = Server(models_root, home, "--require-auth", "--max-body-bytes", str(LIMIT))
     created = token_cli(home, "create", "--name", "e2e")
     assert created.returncode == 0, created.stderr
-    srv.token = created.stdout.strip()  # type: ignore[attr-defined]
-    srv.home = home  # type: ignore[attr-defined]
+    srv.token = created.stdout.strip()
+    srv.home = home
     yield srv
     srv.stop()
 

@@ -103,8 +103,8 @@ def hostile(models_root, tmp_path_factory):
         (broken / name / "m.gguf").write_bytes(content)
 
     srv = Server(root, tmp_path_factory.mktemp("home-hostile"), "--no-auto-evict")
-    srv.marker = marker  # type: ignore[attr-defined]
-    srv.root = root  # type: ignore[attr-defined]
+    srv.marker = marker
+    srv.root = root
     yield srv
     srv.stop()
     shutil.rmtree(root, ignore_errors=True)

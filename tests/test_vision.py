@@ -17,6 +17,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionContentPartParam
 
 from tests.conftest import GGUF_KEY, MLX_KEY, MODELS_CACHE, PUBLISHER, Server
 
@@ -343,7 +344,7 @@ def test_concurrent_image_and_text_requests_equal_solo(oai, model):
         ]
 
         async def one(url: str | None, question: str) -> str:
-            content: list[dict] = [{"type": "text", "text": question}]
+            content: list[ChatCompletionContentPartParam] = [{"type": "text", "text": question}]
             if url:
                 content.insert(0, {"type": "image_url", "image_url": {"url": url}})
             r = await client.chat.completions.create(
