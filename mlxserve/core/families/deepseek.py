@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from mlxserve.core.families.base import Family, Lit, ReasoningOptions, check_setting
 from mlxserve.core.families.calls import BlockSyntax, Call, UnreadableCall, arguments_object
-from mlxserve.core.families.xmlargs import arguments_rules, is_string, text_value
+from mlxserve.core.families.xmlargs import function_rules, is_string
 from mlxserve.core.grammar import strict_json
 
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
@@ -187,20 +187,16 @@ class DeepSeekV32(DeepSeek):
         return BlockSyntax(f"<{DSML}function_calls>", f"</{DSML}function_calls>", _dsml_calls)
 
     def call_grammar(self, functions: list[dict[str, Any]], parallel: bool, lit: Lit) -> str:
-        rule, text, close = text_value("TEXT", f"</{DSML}parameter>\n", lit)
-        rules = [rule]
-        names = []
-        for i, function in enumerate(functions):
+        def one(function: dict[str, Any], key: str, value: str) -> str:
             props = (function.get("parameters") or {}).get("properties") or {}
+            flag = "true" if is_string(props.get(json.loads(key)) or {}) else "false"
+            return f'"<{DSML}parameter name=\\"" {key} "\\" string=\\"{flag}\\">" {value}'
 
-            def one(key: str, value: str, props: dict[str, Any] = props) -> str:
-                flag = "true" if is_string(props.get(json.loads(key)) or {}) else "false"
-                return f'"<{DSML}parameter name=\\"" {key} "\\" string=\\"{flag}\\">" {value}'
-
-            seq, arg_rules = arguments_rules(function, f"a{i}", one, text, close)
+        def call(function: dict[str, Any], seq: str) -> str:
             opener = json.dumps(f'<{DSML}invoke name="{function["name"]}">\n')
-            rules += [f'f{i}: {opener} {seq} "</{DSML}invoke>\\n"', *arg_rules]
-            names.append(f"f{i}")
+            return f'{opener} {seq} "</{DSML}invoke>\\n"'
+
+        rules, names = function_rules(functions, f"</{DSML}parameter>\n", lit, one, call)
         invokes = "invoke+" if parallel else "invoke"
         return (
             "\n".join(

@@ -14,7 +14,7 @@ from typing import Any
 
 from mlxserve.core.families.base import Family, Lit
 from mlxserve.core.families.calls import BlockSyntax, Call, UnreadableCall
-from mlxserve.core.families.xmlargs import arguments_rules, text_value
+from mlxserve.core.families.xmlargs import function_rules
 
 
 class GLM(Family):
@@ -56,20 +56,16 @@ class GLM(Family):
 
     def call_grammar(self, functions: list[dict[str, Any]], parallel: bool, lit: Lit) -> str:
         sep = json.dumps(self.sep)
-        rule, text, close = text_value("TEXT", "</arg_value>", lit)
-        rules = [rule]
         key_open, key_close, value_open = lit("<arg_key>"), lit("</arg_key>"), lit("<arg_value>")
-        names = []
-        for i, function in enumerate(functions):
-            seq, arg_rules = arguments_rules(
-                function,
-                f"a{i}",
-                lambda key, value: f"{sep} {key_open} {key} {key_close} {sep} {value_open} {value}",
-                text,
-                close,
-            )
-            rules += [f"f{i}: {json.dumps(function['name'])} {seq} {sep}", *arg_rules]
-            names.append(f"f{i}")
+        rules, names = function_rules(
+            functions,
+            "</arg_value>",
+            lit,
+            lambda function, key, value: (
+                f"{sep} {key_open} {key} {key_close} {sep} {value_open} {value}"
+            ),
+            lambda function, seq: f"{json.dumps(function['name'])} {seq} {sep}",
+        )
         block = f"{lit('<tool_call>')} ({' | '.join(names)}) {lit('</tool_call>')}"
         body = 'block ("\\n" block)*' if parallel else "block"
         return "\n".join([f"start: {body}", f"block: {block}", *rules]) + "\n"

@@ -20,7 +20,7 @@ from typing import Any
 
 from mlxserve.core.families.base import Family, Lit
 from mlxserve.core.families.calls import BlockSyntax, Call, UnreadableCall, arguments_object
-from mlxserve.core.families.xmlargs import arguments_rules, text_value
+from mlxserve.core.families.xmlargs import function_rules
 from mlxserve.core.grammar import strict_json
 
 
@@ -126,19 +126,17 @@ class MiniMaxM2(Family):
     def call_grammar(self, functions: list[dict[str, Any]], parallel: bool, lit: Lit) -> str:
         # The template opens a thinking block the model cannot skip: a forced reply closes it
         # at once ("</think>" is a marker, so it never reaches content).
-        rule, text, close = text_value("TEXT", "</parameter>\n", lit)
-        rules, names = [rule], []
-        for i, function in enumerate(functions):
-            seq, arg_rules = arguments_rules(
-                function,
-                f"a{i}",
-                lambda key, value: f'"<parameter name=\\"" {key} "\\">" {value}',
-                text,
-                close,
-            )
+        def call(function: dict[str, Any], seq: str) -> str:
             opener = json.dumps(f'<invoke name="{function["name"]}">\n')
-            rules += [f'f{i}: {opener} {seq} "</invoke>\\n"', *arg_rules]
-            names.append(f"f{i}")
+            return f'{opener} {seq} "</invoke>\\n"'
+
+        rules, names = function_rules(
+            functions,
+            "</parameter>\n",
+            lit,
+            lambda function, key, value: f'"<parameter name=\\"" {key} "\\">" {value}',
+            call,
+        )
         invokes = f"({' | '.join(names)})" + ("+" if parallel else "")
         start = f'start: {lit("</think>")} {lit(MINIMAX_OPEN)} "\\n" {invokes} {lit(MINIMAX_CLOSE)}'
         return "\n".join([start, *rules]) + "\n"

@@ -15,7 +15,7 @@ from typing import Any
 
 from mlxserve.core.families.base import Family, Lit
 from mlxserve.core.families.calls import BlockSyntax, Call, UnreadableCall
-from mlxserve.core.families.xmlargs import arguments_rules, text_value
+from mlxserve.core.families.xmlargs import function_rules
 
 
 class Qwen3Coder(Family):
@@ -42,20 +42,17 @@ class Qwen3Coder(Family):
         return BlockSyntax("<tool_call>", "</tool_call>", parse)
 
     def call_grammar(self, functions: list[dict[str, Any]], parallel: bool, lit: Lit) -> str:
-        rule, text, close = text_value("TEXT", "\n</parameter>\n", lit)
-        rules = [rule]
-        names = []
-        for i, function in enumerate(functions):
-            seq, arg_rules = arguments_rules(
-                function,
-                f"a{i}",
-                lambda key, value: f'"<parameter=" {key} ">\\n" {value}',
-                text,
-                close,
-            )
+        def call(function: dict[str, Any], seq: str) -> str:
             opener = json.dumps(f"<function={function['name']}>\n")
-            rules += [f'f{i}: {opener} {seq} "</function>"', *arg_rules]
-            names.append(f"f{i}")
+            return f'{opener} {seq} "</function>"'
+
+        rules, names = function_rules(
+            functions,
+            "\n</parameter>\n",
+            lit,
+            lambda function, key, value: f'"<parameter=" {key} ">\\n" {value}',
+            call,
+        )
         block = f'{lit("<tool_call>")} "\\n" ({" | ".join(names)}) "\\n" {lit("</tool_call>")}'
         body = 'block ("\\n" block)*' if parallel else "block"
         return "\n".join([f"start: {body}", f"block: {block}", *rules]) + "\n"

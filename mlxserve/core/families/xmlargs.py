@@ -84,3 +84,26 @@ def arguments_rules(
         rules.append(f"{rule}: {one_argument(json.dumps(key), value)}")
         parts.append(rule if key in required else f"{rule}?")
     return (" ".join(parts) if parts else '""'), rules
+
+
+def function_rules(
+    functions: list[dict[str, Any]],
+    close: str,
+    lit: Lit,
+    one_argument: Callable[[dict[str, Any], str, str], str],
+    call: Callable[[dict[str, Any], str], str],
+) -> tuple[list[str], list[str]]:
+    """(rules, rule names) for one rule per function, ``f<i>: call(function, arguments)``, and
+    the raw-text terminal its string values share (they end with ``close``).
+    ``one_argument(function, key_literal, value_expr)`` renders one argument of ``function``."""
+    rule, text, value_close = text_value("TEXT", close, lit)
+    rules, names = [rule], []
+    for i, function in enumerate(functions):
+
+        def one(key: str, value: str, function: dict[str, Any] = function) -> str:
+            return one_argument(function, key, value)
+
+        seq, arg_rules = arguments_rules(function, f"a{i}", one, text, value_close)
+        rules += [f"f{i}: {call(function, seq)}", *arg_rules]
+        names.append(f"f{i}")
+    return rules, names
