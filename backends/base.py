@@ -136,6 +136,9 @@ class LoadOptions:
     prefill_chunk: int = 512
     # Memory the prompt cache (KV of finished requests, for prefix reuse) may keep.
     prompt_cache_bytes: int = 1 << 30
+    # Shortest run of matching tokens past the first difference that the prompt cache moves
+    # to its new position instead of computing it again; 0: exact prefix reuse only.
+    cache_reuse: int = 0
     # KV-cache quantization. MLX: bits per element (mlx.quantize; 2, 3, 4, 6 or 8). GGUF:
     # llama.cpp cache types for K and V by name ("f16", "q8_0", "q4_0", ...).
     kv_cache_bits: int | None = None

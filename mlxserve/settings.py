@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     # Memory each loaded model may keep for the prompt cache (KV of earlier requests reused
     # by a request that shares their prefix); least recently used entries go first.
     prompt_cache_bytes: int = Field(default=1 << 30, ge=0)
+    # Reuse of cached KV past the first difference from a cached prompt (a changed line near
+    # the top, a reordered tool list, an edited tool result): runs of at least this many tokens
+    # that match the cached prompt are moved to their new positions instead of being computed
+    # again (llama-server's ``--cache-reuse``). Approximate: the moved KV attended to the old
+    # text before it. 0 keeps to exact prefix reuse only.
+    cache_reuse: int = Field(default=256, ge=0)
     # Interval between SSE keep-alive comments while a stream produces nothing; 0 turns them off.
     sse_ping_seconds: float = Field(default=15.0, ge=0.0)
     # Retention of stored chats (chats.sqlite3): chats not continued for this many days are

@@ -141,6 +141,7 @@ TUNING_FLAGS = (
     "max_batch_size",
     "prefill_chunk",
     "prompt_cache_bytes",
+    "cache_reuse",
     "sse_ping_seconds",
     "default_temperature",
     "mcp_connect_timeout",

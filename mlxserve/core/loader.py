@@ -54,6 +54,7 @@ class ModelLoader:
             draft_model=request.draft_model,
             prefill_chunk=self.settings.prefill_chunk,
             prompt_cache_bytes=self.settings.prompt_cache_bytes,
+            cache_reuse=self.settings.cache_reuse,
         )
 
     async def estimate(self, info: ModelInfo, options: LoadOptions) -> memory.Estimate:
