@@ -251,6 +251,9 @@ class Finished:
     generated: int
     # Set when a draft model proposed tokens.
     draft: DraftStats | None = None
+    # Prompt tokens this request computed (not read from the prompt cache) that the engine
+    # keeps in its prompt cache when the request ends: Anthropic's cache_creation_input_tokens.
+    cache_written: int = 0
 
 
 class EngineError(Exception):
@@ -337,6 +340,8 @@ class Job:
         self.generated = 0
         self.done = False
         self.draft: DraftStats | None = None
+        # Set at admission by an engine that will keep this prompt in its prompt cache.
+        self.cache_written = 0
 
     @property
     def cancelled(self) -> bool:
@@ -362,7 +367,7 @@ class Job:
             self.done = True
             # Released first: whoever sees the end of the stream sees the engine free too.
             self._release()
-            self.stream.put(Finished(reason, self.generated, self.draft))
+            self.stream.put(Finished(reason, self.generated, self.draft, self.cache_written))
 
     def fail(self, exc: BaseException) -> None:
         if not self.done:

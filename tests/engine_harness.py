@@ -33,6 +33,7 @@ class Result:
     tokens: list[int] = field(default_factory=list)
     reason: str = ""
     cached: int = 0
+    written: int = 0
 
 
 async def generate(
@@ -51,5 +52,6 @@ async def generate(
             result.cached = max(result.cached, item.cached)
         elif isinstance(item, Finished):
             result.reason = item.reason
+            result.written = item.cache_written
             return result
     raise AssertionError("the stream ended without Finished")

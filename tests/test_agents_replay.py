@@ -102,8 +102,9 @@ def test_claude_code_transcript(claude, model):
     (call,) = [b for b in second.content if b.type == "tool_use"]
     assert call.name == "Bash" and isinstance(call.input["command"], str)
     assert second.usage.cache_read_input_tokens > 0
-    assert second.usage.input_tokens + second.usage.cache_read_input_tokens > (
-        first.usage.input_tokens
+    u1, u2 = first.usage, second.usage
+    assert u2.input_tokens + u2.cache_read_input_tokens + u2.cache_creation_input_tokens > (
+        u1.input_tokens + u1.cache_read_input_tokens + u1.cache_creation_input_tokens
     )
 
     messages += [

@@ -40,7 +40,10 @@ def test_message_streamed_and_not(server, client, model):
     (block,) = m.content
     assert block.type == "text" and block.text
     # The session's server may already hold this prompt from another test's request.
-    prompt_tokens = m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0)
+    u = m.usage
+    prompt_tokens = (
+        u.input_tokens + (u.cache_read_input_tokens or 0) + (u.cache_creation_input_tokens or 0)
+    )
     assert m.usage.output_tokens == 12 and prompt_tokens > 5
 
     with client.messages.stream(model=model, max_tokens=12, messages=HELLO, **FIXED) as stream:
@@ -71,7 +74,8 @@ def test_message_streamed_and_not(server, client, model):
     assert final.content[0].text == block.text and final.stop_reason == "max_tokens"
     # The same prompt again: Anthropic counts the part read from the prompt cache apart.
     usage = final.usage
-    assert usage.input_tokens + usage.cache_read_input_tokens == prompt_tokens
+    read, written = usage.cache_read_input_tokens, usage.cache_creation_input_tokens
+    assert usage.input_tokens + read + written == prompt_tokens
     assert usage.cache_read_input_tokens > 0 and usage.output_tokens == 12
 
     # The raw stream has the ping after the first block opens, as Anthropic sends it.
@@ -163,7 +167,10 @@ def test_count_tokens_matches_usage(client, model):
     )
     count = client.messages.count_tokens(**kw)
     m = client.messages.create(max_tokens=1, **kw, **FIXED)
-    assert count.input_tokens == m.usage.input_tokens + m.usage.cache_read_input_tokens
+    u = m.usage
+    assert count.input_tokens == (
+        u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens
+    )
     plain = client.messages.count_tokens(model=model, messages=kw["messages"])
     assert plain.input_tokens < count.input_tokens
 

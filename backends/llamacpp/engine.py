@@ -368,6 +368,8 @@ class LlamaCppEngine(Engine):
             state.draft = self._drafts[request.draft]
             job.draft = DraftStats()
         self._running.append(state)
+        if len(prompt) * self._token_bytes <= self.options.prompt_cache_bytes:
+            job.cache_written = len(prompt) - cached
         job.progress(shared, len(prompt), cached)
 
     def _evaluate_images(self, chunks: Chunks, seq: int, n_cells: int) -> int:

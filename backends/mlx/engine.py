@@ -420,6 +420,8 @@ class MLXEngine(Engine):
             stop_sequences=[StopSequences(stops or None)],
         )
         self._batched[uid] = (job, cached)
+        if self._prompt_cache.budget > 0:
+            job.cache_written = len(prompt) - cached
         job.progress(cached, len(prompt), cached)
 
     def busy(self) -> bool:

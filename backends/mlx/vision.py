@@ -167,6 +167,8 @@ class MLXVisionEngine(MLXEngine):
         if cached:
             ids, pixels, mask = ids[:, cached:], None, None
             job.progress(cached, len(inputs.key), cached)
+        if self._prompt_cache.budget > 0 and self._fresh_cache() is None:
+            job.cache_written = len(inputs.key) - cached
         steps = generate_step(
             ids,
             self._vlm,

@@ -154,12 +154,22 @@ class Generation:
     def cancel(self) -> None:
         self._stream.cancel()
 
-    def _done(self, reason: str, generated: int, draft: DraftStats | None = None) -> Done:
+    def _done(
+        self,
+        reason: str,
+        generated: int,
+        draft: DraftStats | None = None,
+        cache_written: int = 0,
+    ) -> Done:
         finish = "stop" if reason == "stop" else "length"
         if finish == "stop" and self._output.called_tools:
             finish = "tool_calls"
         usage = Usage(
-            self.prompt_tokens, generated, self._output.reasoning_tokens, self.cached_tokens
+            self.prompt_tokens,
+            generated,
+            self._output.reasoning_tokens,
+            self.cached_tokens,
+            cache_written,
         )
         stop = self._output.stop_sequence if finish == "stop" else None
         return Done(finish, usage, stop, self.draft_model, draft)  # type: ignore[arg-type]
@@ -221,7 +231,9 @@ class Generation:
                             )
                         for event in self._output.finish():
                             yield event
-                        yield self._done(item.reason, item.generated, item.draft)
+                        yield self._done(
+                            item.reason, item.generated, item.draft, item.cache_written
+                        )
                         return
         except EngineError as exc:
             raise EngineFailure(f"Generation failed: {exc}") from exc

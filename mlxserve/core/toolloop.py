@@ -141,6 +141,7 @@ class ToolLoop:
                 usage.completion_tokens + done.usage.completion_tokens,
                 usage.reasoning_tokens + done.usage.reasoning_tokens,
                 usage.cached_tokens + done.usage.cached_tokens,
+                usage.cache_written + done.usage.cache_written,
             )
             ours = [c for c in calls if c.name in self.toolset.tools]
             if done.finish_reason != "tool_calls" or not ours:

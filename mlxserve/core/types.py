@@ -67,6 +67,9 @@ class Usage:
     reasoning_tokens: int = 0
     # Prompt tokens served from the engine's prompt cache.
     cached_tokens: int = 0
+    # Prompt tokens computed for this request and kept in the engine's prompt cache after it
+    # (0 with the prompt cache off, or when the request was stopped before its end).
+    cache_written: int = 0
 
     @property
     def total_tokens(self) -> int:

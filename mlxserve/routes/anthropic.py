@@ -88,11 +88,14 @@ class MessageRenderer:
         self._pinged = False
 
     def _input_usage(self) -> dict[str, int]:
-        """Anthropic counts prompt tokens read from the cache apart from ``input_tokens``."""
-        cached = self.done.usage.cached_tokens if self.done else 0
+        """Anthropic splits the prompt in three that add up to it: read from the prompt cache,
+        computed and written to it (kept for a later request), and the rest."""
+        usage = self.done.usage if self.done else None
+        cached = usage.cached_tokens if usage else 0
+        written = usage.cache_written if usage else 0
         return {
-            "input_tokens": self.prompt_tokens - cached,
-            "cache_creation_input_tokens": 0,
+            "input_tokens": self.prompt_tokens - cached - written,
+            "cache_creation_input_tokens": written,
             "cache_read_input_tokens": cached,
         }
 

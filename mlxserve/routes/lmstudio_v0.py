@@ -112,6 +112,9 @@ class _Timed:
                 "time_to_first_token": round(first - self.started, 3),
                 "generation_time": round(generation_time, 3),
                 "stop_reason": stop_reason,
+                # Of usage.prompt_tokens, those served from the prompt cache, named the way
+                # the stats' draft counts are.
+                "cached_prompt_tokens_count": self.done.usage.cached_tokens,
                 **_draft_stats(self.done),
             },
             "model_info": {

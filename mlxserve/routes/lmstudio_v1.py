@@ -290,6 +290,8 @@ class _Turn:
             "input_tokens": usage.prompt_tokens if usage else self.prompt_tokens,
             "total_output_tokens": output_tokens,
             "reasoning_output_tokens": usage.reasoning_tokens if usage else 0,
+            # Of input_tokens, those served from the prompt cache.
+            "cached_input_tokens": usage.cached_tokens if usage else 0,
             "tokens_per_second": round(output_tokens / generating, 3) if generating > 0 else 0.0,
             "time_to_first_token_seconds": round(max(ttft, 0.0), 3),
         }
