@@ -16,6 +16,8 @@ SCHEMA = {
     "type": "object",
     "properties": {"command": {"type": "string", "maxLength": 12}},
     "required": ["command"],
+    # Closed, so that a random model's forced call ends at its one key.
+    "additionalProperties": False,
 }
 BETAS = "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27"
 # The recorded max_tokens (32000) would run a random model to the end of its context; a

@@ -105,6 +105,31 @@ def test_blocks_become_template_messages():
     ]
 
 
+BILLING = "x-anthropic-billing-header: cc_version=2.1.37.3a3; cc_entrypoint=cli; cch=eb6c6;"
+
+
+def test_claude_code_billing_header_is_dropped():
+    """Its nonce changes on every request: left in, it would miss the prompt cache each turn."""
+
+    def system(value):
+        return request(system=value).to_core(0.0).messages[0]["content"]
+
+    agent = {"type": "text", "text": "You are Claude Code."}
+    assert system([{"type": "text", "text": BILLING}, agent]) == "You are Claude Code."
+    assert system([{"type": "text", "text": BILLING + "\nYou are here."}]) == "You are here."
+    assert system(BILLING + "\nYou are here.") == "You are here."
+    assert request(system=BILLING).to_core(0.0).messages[0]["role"] == "user"
+    count = CountTokensRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "system": BILLING}
+    )
+    assert count.template_messages()[0]["role"] == "user"
+    # Only the header line at the very start of the first block is Claude Code's.
+    kept = [agent, {"type": "text", "text": BILLING}]
+    assert system(kept) == "You are Claude Code.\n" + BILLING
+    assert system("Quote: " + BILLING) == "Quote: " + BILLING
+    assert system([{"type": "text", "text": " " + BILLING}]) == " " + BILLING
+
+
 def test_core_request_fields():
     core = request(
         tools=[

@@ -86,6 +86,31 @@ def test_message_streamed_and_not(server, client, model):
     assert names[-2:] == ["message_delta", "message_stop"]
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_claude_code_billing_header_keeps_the_prompt_cache(client, model):
+    """Claude Code sends a new ``cch`` nonce in its first system block on every request."""
+
+    def turn(nonce):
+        header = (
+            f"x-anthropic-billing-header: cc_version=2.1.37.3a3; cc_entrypoint=cli; cch={nonce};"
+        )
+        system = [
+            {"type": "text", "text": header},
+            {"type": "text", "text": f"Billing test for {model}. You are a coding agent."},
+        ]
+        return client.messages.create(
+            model=model, max_tokens=8, system=system, messages=HELLO, **FIXED
+        )
+
+    cold = turn("eb6c6")
+    warm = turn("0a1f3")
+    prompt = warm.usage.input_tokens + warm.usage.cache_read_input_tokens
+    assert warm.usage.cache_read_input_tokens >= prompt - 1
+    assert prompt == cold.usage.input_tokens + cold.usage.cache_read_input_tokens
+    assert cold.usage.cache_read_input_tokens < 8  # no earlier request had this system prompt
+    assert warm.content[0].text == cold.content[0].text
+
+
 def test_same_message_on_both_formats(client):
     out = [client.messages.create(model=m, max_tokens=10, messages=HELLO, **FIXED) for m in MODELS]
     assert out[0].content[0].text == out[1].content[0].text

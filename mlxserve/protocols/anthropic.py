@@ -8,12 +8,16 @@ middle of ``messages``, adaptive thinking (a wish, ignored by a model that does 
 ``tool_reference`` names them), and thinking blocks whose ``signature`` is one of our seals
 (the reasoning is restored from it). Server tools (``web_search_...``) are dropped from what the
 model sees, with a log line. Content blocks we cannot honour (documents) are refused
-with a 400 naming them.
+with a 400 naming them. Claude Code's billing header (``x-anthropic-billing-header: ...;
+cch=<nonce>;``, sent as the first system block with a new nonce on every request) is billing
+metadata for Anthropic's servers: it is dropped before the prompt is rendered, so that it
+neither reaches the model nor defeats the prompt cache.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
@@ -49,6 +53,15 @@ def _tag(tags: dict[str, str]) -> Any:
         return tags.get(kind, "Other") if isinstance(kind, str) else "Other"
 
     return Discriminator(pick)
+
+
+_BILLING_LINE = re.compile(r"x-anthropic-billing-header:[^\n]*(?:\n|$)")
+
+
+def _without_billing_header(text: str) -> str:
+    """``text`` without Claude Code's billing header line at its start."""
+    line = _BILLING_LINE.match(text)
+    return text[line.end() :] if line else text
 
 
 def _str_or_list(value: Any) -> str:
@@ -379,8 +392,12 @@ class CountTokensRequest(_Lenient):
         if self.system is None:
             return None
         if isinstance(self.system, str):
-            return self.system
-        return "\n".join(b.text for b in self.system)
+            return _without_billing_header(self.system)
+        texts = [b.text for b in self.system]
+        first = _without_billing_header(texts[0]) if texts else ""
+        if texts and first != texts[0]:
+            texts = [first, *texts[1:]] if first else texts[1:]
+        return "\n".join(texts)
 
     def template_messages(self, seal: ReasoningSeal | None = None) -> list[dict[str, Any]]:
         out = [m for message in self.messages for m in message.to_template(seal)]
