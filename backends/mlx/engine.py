@@ -211,7 +211,11 @@ class MLXEngine(Engine):
         options = self.options
         # BatchGenerator merges per-request caches into batch caches; a model whose cache
         # cannot merge runs every request on the single path.
-        self._batchable = all(hasattr(c, "merge") for c in make_prompt_cache(model))
+        layers = make_prompt_cache(model)
+        self._batchable = all(hasattr(c, "merge") for c in layers)
+        # A cache that cannot be cut back to a shorter prefix (recurrent state, sliding
+        # window) is kept as checkpoints: at the end of each prompt as well as of each reply.
+        self._checkpoints = not all(type(c) is KVCache for c in layers)
         self._kv_group = self._kv_quantization(model)
         self._batch = self._new_batch()
         self._prompt_cache = PromptCache(options.prompt_cache_bytes)
@@ -468,6 +472,8 @@ class MLXEngine(Engine):
             if entry is not None:
                 job, cached = entry
                 job.progress(pr.progress[0] + cached, pr.progress[1] + cached, cached)
+        if self._checkpoints and self._prompt_cache.budget > 0:
+            self._checkpoint_prompts(prompt_responses)
         wanted = [
             (r.logprobs, r.token, job.request.logprobs)
             for r in responses
@@ -490,6 +496,23 @@ class MLXEngine(Engine):
             if r.finish_reason is None:
                 cache, tokens = self._batch.remove([r.uid], return_prompt_caches=True)[r.uid]
             if cache is not None and tokens is not None:
+                self._prompt_cache.store(tokens, cache)
+
+    def _checkpoint_prompts(self, prompt_responses: list[Any]) -> None:
+        """Keep the caches of requests whose prompt, all but its last token, was just
+        processed: the next turn of a chat usually extends the prompt exactly, while the reply
+        may come back re-rendered. ``BatchGenerator`` processes the last prompt token as a
+        segment of its own, so between two steps the prompt batch holds exactly that state;
+        the snapshot is a copy, taken before the batch moves on."""
+        ended = [
+            pr.uid
+            for pr in prompt_responses
+            if pr.end_of_segment and not pr.end_of_prompt and pr.uid in self._batched
+        ]
+        if not ended:
+            return
+        for uid, (cache, tokens) in self._batch.extract_cache(ended).items():
+            if len(tokens) == len(self._batched[uid][0].request.prompt) - 1:
                 self._prompt_cache.store(tokens, cache)
 
     def _unload(self) -> None:

@@ -1,4 +1,9 @@
-"""The MLX prompt cache: KV caches of finished requests, reused by requests sharing a prefix."""
+"""The MLX prompt cache: caches of finished requests, reused by requests sharing a prefix.
+
+Plain and quantized KV caches can be cut back to any prefix, so one entry serves every prompt
+that shares some of its tokens. Recurrent states (``ArraysCache``: Gated DeltaNet, Mamba) and
+sliding windows (``RotatingKVCache``) cannot be rolled back: an entry holding one is a
+checkpoint, usable only at exactly its length, by a prompt that extends its tokens."""
 
 from __future__ import annotations
 
@@ -8,10 +13,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
 
 from backends.base import common_prefix
 from backends.mlx.kvquant import QuantizedCache
+from backends.mlx.lm_adapter import rotating_copy
 
 __all__ = ["PromptCache", "common_prefix"]
 
@@ -53,52 +59,125 @@ def _compact(cache: Any) -> Any:
     return cache
 
 
+def _trimmable(cache: Sequence[Any]) -> bool:
+    return all(type(c) in (KVCache, QuantizedCache) for c in cache)
+
+
+def _checkpointable(c: Any, n: int) -> bool:
+    """Whether layer cache ``c`` can be kept as (part of) a checkpoint of ``n`` tokens."""
+    if type(c) is ArraysCache:
+        return not c.empty()
+    return type(c) in (KVCache, RotatingKVCache) and c.keys is not None and c.offset == n
+
+
+def _snapshot(c: Any) -> Any:
+    """A checkpoint layer with evaluated arrays of its own (the batch's buffers are not kept
+    alive by it, and nothing the batch does later reaches it)."""
+    if type(c) is KVCache:
+        return _compact(c)
+    if type(c) is RotatingKVCache:
+        rotating = rotating_copy(c)
+        mx.eval(rotating.keys, rotating.values)
+        return rotating
+    states: list[mx.array | None] = [None if a is None else mx.contiguous(a) for a in c.cache]
+    mx.eval(*[a for a in states if a is not None])
+    snap = ArraysCache(len(states))
+    snap.state = (states, None, None)
+    return snap
+
+
+def _snapshot_bytes(c: Any) -> int:
+    if type(c) is KVCache:
+        return _held_bytes(c)
+    if type(c) is RotatingKVCache:
+        return sum(a.nbytes // a.shape[2] * c.size() for a in (c.keys, c.values))
+    return int(c.nbytes)
+
+
+def _handout(c: Any) -> Any:
+    """A checkpoint layer for a request: new cache and array objects over the stored arrays,
+    so updates made through it (even in place) never reach the entry."""
+    if type(c) is KVCache:
+        return _prefix_view(c, c.offset)
+    if type(c) is RotatingKVCache:
+        rotating = copy.copy(c)
+        rotating.keys, rotating.values = c.keys[...], c.values[...]
+        return rotating
+    states: list[mx.array | None] = [None if a is None else a[...] for a in c.cache]
+    arrays = ArraysCache(len(states))
+    arrays.state = (states, None, None)
+    return arrays
+
+
 class PromptCache:
-    """Per-layer KV caches keyed by the tokens they hold, least recently used evicted first
-    once their size passes ``budget`` bytes. A hit hands out views, never deep copies."""
+    """Per-layer caches keyed by the tokens they hold, least recently used evicted first
+    once their size passes ``budget`` bytes. A hit hands out views, never deep copies.
+
+    An entry of plain or quantized KV caches serves any prompt sharing a prefix with it; a
+    checkpoint (an entry with a recurrent or sliding-window layer) serves only a prompt it is
+    a prefix of, at exactly its length."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self._entries: OrderedDict[tuple[int, ...], list[KVCache]] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, ...], list[Any]] = OrderedDict()
         self.nbytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def fetch(self, prompt: Sequence[int]) -> tuple[list[KVCache] | None, int]:
+    def fetch(self, prompt: Sequence[int]) -> tuple[list[Any] | None, int]:
         """A cache holding the longest stored prefix of ``prompt`` and its length. The last
         prompt token is never served from the cache: sampling needs its logits."""
         best: tuple[int, ...] | None = None
         best_n = 0
-        for key in self._entries:
-            n = common_prefix(key, prompt, len(prompt) - 1)
+        for key, cache in self._entries.items():
+            if _trimmable(cache):
+                n = common_prefix(key, prompt, len(prompt) - 1)
+            elif len(key) < len(prompt) and common_prefix(key, prompt, len(key)) == len(key):
+                n = len(key)
+            else:
+                continue
             if n > best_n:
                 best, best_n = key, n
         if best is None:
             return None, 0
         self._entries.move_to_end(best)
-        return [_prefix_view(c, best_n) for c in self._entries[best]], best_n
+        entry = self._entries[best]
+        if not _trimmable(entry):
+            return [_handout(c) for c in entry], best_n
+        return [_prefix_view(c, best_n) for c in entry], best_n
 
     def store(self, tokens: Sequence[int], cache: list[Any]) -> None:
-        """Keep ``cache`` (plain or quantized KV caches only) for the tokens it holds."""
+        """Keep ``cache`` for the tokens it holds: plain or quantized KV caches (the leading
+        ``offset`` tokens of ``tokens``), or a checkpoint of exactly ``tokens``."""
         if self.budget <= 0 or not cache:
             return
-        if not all(type(c) in (KVCache, QuantizedCache) and c.keys is not None for c in cache):
-            return
-        n = cache[0].offset
-        if len(tokens) < n:
-            return
+        trimmable = _trimmable(cache)
+        if trimmable:
+            if any(c.keys is None for c in cache):
+                return
+            n = cache[0].offset
+            if len(tokens) < n:
+                return
+            held = sum(_held_bytes(c) for c in cache)
+        else:
+            n = len(tokens)
+            if not n or not all(_checkpointable(c, n) for c in cache):
+                return
+            held = sum(_snapshot_bytes(c) for c in cache)
         # Checked before compacting: that copies and evaluates every layer.
-        if sum(_held_bytes(c) for c in cache) > self.budget:
+        if held > self.budget:
             return
         key = tuple(tokens[:n])
-        cache = [_compact(c) for c in cache]
+        cache = [_compact(c) for c in cache] if trimmable else [_snapshot(c) for c in cache]
         size = sum(c.nbytes for c in cache)
         if size > self.budget:
             return
-        # An entry this one extends is covered by it: a hit on either finds this one.
+        # An entry this one extends is covered by it (a hit on either finds this one), unless
+        # this one cannot be cut back to it.
         for old in [k for k in self._entries if len(k) <= n and key[: len(k)] == k]:
-            self._drop(old)
+            if trimmable or old == key:
+                self._drop(old)
         self._entries[key] = cache
         self.nbytes += size
         while self.nbytes > self.budget:

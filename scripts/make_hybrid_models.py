@@ -1,0 +1,196 @@
+#!/usr/bin/env python
+"""Generate tiny seeded-random MLX models whose caches cannot be trimmed, for tests.
+
+Two real mlx-lm architectures, shrunk, with the tiny Qwen2's vocabulary, tokenizer and ChatML
+template (scripts/make_test_models.py):
+
+- ``tiny-qwen35-hybrid``: ``qwen3_5`` (Qwen3.5's text model), Gated DeltaNet linear-attention
+  layers (a recurrent state: mlx-lm ``ArraysCache``) alternating with full-attention layers;
+- ``tiny-gemma3-sliding``: ``gemma3_text``, 32-token sliding-window layers (mlx-lm
+  ``RotatingKVCache``) alternating with global layers.
+
+Neither cache can be rolled back to an earlier position once its window has moved or its state
+has absorbed a token. Layout (LM Studio): ``<out>/<publisher>/<name>-mlx/``. Output is
+deterministic and idempotent: an existing, stamped output is kept. MLX only: see the README's
+prompt cache section for GGUF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any, cast
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_SOURCE_SHA256 = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+STAMP_FILE = ".mlxserve-test-model.json"
+CONTEXT = 4096
+SLIDING_WINDOW = 32
+
+# Config shapes of the real checkpoints (Qwen3.5's text config, Gemma 3's), scaled down.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "tiny-qwen35-hybrid": {
+        "architectures": ["Qwen3_5ForCausalLM"],
+        "model_type": "qwen3_5",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "full_attention_interval": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "linear_conv_kernel_dim": 4,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 1_000_000.0,
+            "partial_rotary_factor": 0.5,
+        },
+        "max_position_embeddings": CONTEXT,
+        "tie_word_embeddings": True,
+    },
+    "tiny-gemma3-sliding": {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": SLIDING_WINDOW,
+        "sliding_window_pattern": 2,
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": CONTEXT,
+        "tie_word_embeddings": True,
+    },
+}
+# As in make_test_models.py: a scale at which attention and MLP outputs matter next to the
+# embeddings, so that outputs depend on the whole context.
+EMBED_STD, LINEAR_STD, CONV_STD = 0.02, 0.15, 0.3
+# Gemma's norms scale by (1 + weight).
+NEUTRAL_NORM = {"qwen3_5": 1.0, "gemma3_text": 0.0}
+
+
+def _tiny_qwen2() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "make_test_models", REPO_ROOT / "scripts" / "make_test_models.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_weights(config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
+    """Weights under mlx-lm's own parameter names, drawn in sorted-name order."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    params = cast(
+        list[tuple[str, Any]], tree_flatten(model_class(args_class.from_dict(config)).parameters())
+    )
+    shapes = {name: tuple(p.shape) for name, p in params}
+    rng = np.random.default_rng(seed)
+    neutral = NEUTRAL_NORM[config["model_type"]]
+    out: dict[str, np.ndarray] = {}
+    for name in sorted(shapes):
+        shape = shapes[name]
+        leaf = name.rsplit(".", 1)[0]
+        if name.endswith("A_log"):
+            out[name] = np.log(rng.uniform(1, 16, shape)).astype(np.float32)
+        elif name.endswith("dt_bias"):
+            out[name] = np.ones(shape, np.float32)
+        elif leaf.endswith("norm") or leaf.endswith("layernorm"):
+            out[name] = np.full(shape, neutral, np.float32)
+        else:
+            std = EMBED_STD if "embed_tokens" in name else LINEAR_STD
+            std = CONV_STD if "conv1d" in name else std
+            out[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+    return out
+
+
+def _stamp(name: str, seed: int, folder: Path) -> dict[str, Any]:
+    files = sorted(p for p in folder.iterdir() if p.name != STAMP_FILE)
+    return {
+        "generator": "mlxserve make_hybrid_models",
+        "source_sha256": _SOURCE_SHA256,
+        "name": name,
+        "seed": seed,
+        "files": {p.name: p.stat().st_size for p in files},
+    }
+
+
+def _is_complete(folder: Path, name: str, seed: int) -> bool:
+    try:
+        stamp = json.loads((folder / STAMP_FILE).read_text(encoding="utf-8"))
+        return bool(stamp == _stamp(name, seed, folder) and stamp["files"])
+    except (OSError, ValueError):
+        return False
+
+
+def generate(out_root: Path, name: str, publisher: str = "mlxserve-test", seed: int = 0) -> Path:
+    """Write ``<out_root>/<publisher>/<name>-mlx`` (a key of ARCHITECTURES); return it."""
+    from safetensors.numpy import save_file
+
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(ARCHITECTURES)}")
+    base = Path(out_root) / publisher
+    target = base / f"{name}-mlx"
+    if _is_complete(target, name, seed):
+        return target
+    qwen2 = _tiny_qwen2()
+    vocab = qwen2.read_vocab(qwen2.find_vocab())
+    config = {**ARCHITECTURES[name], "vocab_size": len(vocab.tokens)}
+    eot, im_end = vocab.id_of("<|endoftext|>"), vocab.id_of("<|im_end|>")
+    config.update(bos_token_id=eot, eos_token_id=im_end, torch_dtype="float32")
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-mlx-", dir=base))
+    try:
+        # The tiny Qwen2's tokenizer files, then this architecture's config and weights.
+        qwen2.write_mlx(tmp, {}, vocab, qwen2.build_tokenizer_json(vocab))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        save_file(make_weights(config, seed), str(tmp / "model.safetensors"), {"format": "mlx"})
+        (tmp / STAMP_FILE).write_text(json.dumps(_stamp(name, seed, tmp)), encoding="utf-8")
+        qwen2._publish(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote mlx model {target}")
+    return target
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--out", type=Path, required=True, help="models root (LM Studio layout)")
+    parser.add_argument("--publisher", default="mlxserve-test")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("names", nargs="*", default=list(ARCHITECTURES), help="models to write")
+    args = parser.parse_args(argv)
+    try:
+        for name in args.names:
+            generate(args.out, name, args.publisher, args.seed)
+    except ValueError as exc:
+        parser.exit(1, f"error: {exc}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
