@@ -25,12 +25,12 @@ from backends.base import (
     Job,
     TokenLogprobs,
     VisionPrompt,
-    common_prefix,
 )
 from backends.constraint import GrammarCache
 from backends.llamacpp import adapter
 from backends.llamacpp.adapter import LlamaSampler
 from backends.llamacpp.draft import DraftModel
+from backends.llamacpp.reuse import Run, attach, best_source, prepare_hold
 from backends.llamacpp.vision import DEFAULT_MAX_PIXELS, Chunks, Projector, find_projector
 from backends.logprobs import penalize, token_logprobs
 
@@ -65,6 +65,10 @@ class _Seq:
     pos_shift: int = 0
     # Decoding through speculative rounds with this draft model (see _spec_round).
     draft: DraftModel | None = None
+    # Prompt-cache runs moved to their new positions, waiting in sequence ``hold`` until
+    # decoding reaches them (see backends.llamacpp.reuse).
+    hold: int | None = None
+    runs: deque[Run] = field(default_factory=deque)
 
     @property
     def reserve(self) -> int:
@@ -232,6 +236,8 @@ class LlamaCppEngine(Engine):
         with adapter.quiet():
             self._ctx = adapter.new_context(llm, params)
         self._mem = llama_cpp.llama_get_memory(self._ctx.ctx)
+        # Changed-middle reuse moves KV cells; recurrent memory cannot (exact prefixes only).
+        self._reuse = self.options.cache_reuse if llama_cpp.llama_memory_can_shift(self._mem) else 0
         self._batch = llama_cpp.llama_batch_init(self._step_tokens, 0, 1)
         model = adapter.model_pointer(llm)
         n_head = max(1, llama_cpp.llama_model_n_head(model))
@@ -273,6 +279,7 @@ class LlamaCppEngine(Engine):
             log.exception("generation failed on %s", self.path.name)
             for s in self._running:
                 s.job.fail(exc)
+                self._release_hold(s)
                 self._drop(s.seq)
             self._running.clear()
 
@@ -285,6 +292,7 @@ class LlamaCppEngine(Engine):
         for s in running:
             s.job.fail(exc)
         for s in running:
+            self._release_hold(s)
             self._drop(s.seq)
 
     def _drop(self, seq: int) -> None:
@@ -307,23 +315,24 @@ class LlamaCppEngine(Engine):
     def _start_seq(self, job: Job) -> None:
         request = job.request
         prompt = list(request.prompt)
-        source, shared = None, 0
-        for seq, tokens in self._kept.items():
-            n = common_prefix(tokens, prompt, len(prompt) - 1)
-            if n > shared:
-                source, shared = seq, n
+        # The kept sequence that serves most of the prompt: its exact shared prefix, then the
+        # runs past it that can be moved (none for image prompts or after an image).
+        min_run = self._reuse if request.vision is None else 0
+        movable = {k: t for k, t in self._kept.items() if not self._kept_shift.get(k)}
+        busy = [r.tokens for r in self._running]
+        source, shared, runs = best_source(self._kept, movable, busy, prompt, min_run)
         # Image cells are marked by their image's hash (negative ids): a prompt with images
         # reuses a kept sequence only when the shared prefix holds all of its images.
         media_end = max((i + 1 for i, t in enumerate(prompt) if t < 0), default=0)
         if shared < media_end:
-            source, shared = None, 0
+            source, shared, runs = None, 0, []
         first_media = next((i for i, t in enumerate(prompt) if t < 0), len(prompt))
         need = len(prompt) + request.max_tokens + sum(s.reserve for s in self._running)
         self._evict_until(lambda: need + self._kept_cells() <= self._cells, keep=source)
         if not self._free:
             self._evict_until(lambda: bool(self._free), keep=source)
         if need + self._kept_cells() > self._cells or not self._free:
-            source, shared = None, 0
+            source, shared, runs = None, 0, []
             self._evict_until(lambda: need + self._kept_cells() <= self._cells and self._free)
         seq = self._free.pop()
         try:
@@ -363,14 +372,21 @@ class LlamaCppEngine(Engine):
             raise
         cached = 0 if request.vision is not None and source is None else shared
         state = _Seq(job, seq, prompt, cached, sampler, prompt[:shared], pos_shift=pos_shift)
+        if source is not None and runs:
+            # The kept sequence gives up its place in the cache and holds the moved runs.
+            del self._kept[source]
+            self._kept_shift.pop(source, None)
+            prepare_hold(self._mem, source, shared, runs)
+            state.hold, state.runs = source, deque(runs)
+            state.cached += sum(r.n for r in runs)
         # Image prompts decode without their draft: its context holds no images.
         if request.draft is not None and request.vision is None:
             state.draft = self._drafts[request.draft]
             job.draft = DraftStats()
         self._running.append(state)
         if len(prompt) * self._token_bytes <= self.options.prompt_cache_bytes:
-            job.cache_written = len(prompt) - cached
-        job.progress(shared, len(prompt), cached)
+            job.cache_written = len(prompt) - state.cached
+        job.progress(shared, len(prompt), state.cached)
 
     def _evaluate_images(self, chunks: Chunks, seq: int, n_cells: int) -> int:
         """Decode a prompt with images into ``seq`` but for its last (text) token, which the
@@ -380,8 +396,27 @@ class LlamaCppEngine(Engine):
         llama_cpp.llama_memory_seq_rm(self._mem, seq, n_past - 1, -1)
         return n_cells - n_past
 
+    def _attach_runs(self, s: _Seq) -> None:
+        """Give ``s`` the moved runs that start where its decoding has reached."""
+        assert s.hold is not None
+        while s.runs and s.runs[0].new == len(s.tokens):
+            run = s.runs.popleft()
+            attach(self._mem, s.hold, s.seq, run)
+            s.tokens.extend(s.prompt[run.new : run.new + run.n])
+        if not s.runs:
+            self._release_hold(s)
+        s.job.progress(len(s.tokens), len(s.prompt), s.cached)
+
+    def _release_hold(self, s: _Seq) -> None:
+        if s.hold is not None:
+            llama_cpp.llama_memory_seq_rm(self._mem, s.hold, -1, -1)
+            self._free.append(s.hold)
+            s.hold = None
+            s.runs.clear()
+
     def _finish_seq(self, s: _Seq) -> None:
         self._running.remove(s)
+        self._release_hold(s)
         if s.draft is not None:
             s.draft.drop(s.seq)
         tokens = s.tokens
@@ -438,10 +473,13 @@ class LlamaCppEngine(Engine):
         for s in self._running:
             if room <= 0:
                 break
+            if s.hold is not None:
+                self._attach_runs(s)
             done = len(s.tokens)
             if done >= len(s.prompt):
                 continue
-            chunk = s.prompt[done : done + room]
+            end = s.runs[0].new if s.runs else len(s.prompt)
+            chunk = s.prompt[done : min(done + room, end)]
             room -= len(chunk)
             for j, token in enumerate(chunk):
                 add(s, token, done + j == len(s.prompt) - 1)

@@ -1,0 +1,176 @@
+"""Changed-middle prompt-cache reuse on GGUF (``cache_reuse``): runs shared past the first
+difference are moved in the KV cache instead of computed, the kept sequences stay consistent,
+and ``cache_reuse=0`` stays exact."""
+
+from __future__ import annotations
+
+import asyncio
+
+import llama_cpp
+import openai
+
+from backends.base import Engine
+from backends.llamacpp.reuse import Run, align
+from tests.conftest import GGUF_KEY
+from tests.engine_harness import generate, load
+
+
+def test_align_finds_monotonic_runs_past_a_change():
+    old = list(range(100))
+    # A changed line: tokens 10..13 replaced by three others.
+    new = old[:10] + [900, 901, 902] + old[14:]
+    assert align(old, new, 10, 10, 8, len(new) - 1) == [Run(14, 13, 85)]
+    # Inserted text, then a deleted stretch.
+    new = old[:10] + [900] * 5 + old[10:40] + old[60:]
+    assert align(old, new, 10, 10, 8, len(new) - 1) == [Run(10, 15, 30), Run(60, 45, 39)]
+    # Blocks reordered: the one found first in the old order is kept, the other recomputed.
+    a, b, c = old[:30], old[30:60], old[60:]
+    assert align(old, b + a + c, 0, 0, 8, 99) == [Run(30, 0, 30), Run(60, 60, 39)]
+    # Runs shorter than the minimum, and runs before the floor, are not reused.
+    assert align(old, old[:10] + [7] + old[11:16] + [7], 10, 10, 8, 17) == []
+    assert align(old, [900] + old[1:], 1, 50, 8, 99) == [Run(50, 50, 49)]
+
+
+def _system(engine: Engine, header: str, tools: int = 24, topic: str = "file") -> list[int]:
+    lines = "".join(f"Tool {i}: reads {topic} {i} and reports its size.\n" for i in range(tools))
+    text = f"<|im_start|>system\nYou are a coding agent.\n{header}\n{lines}<|im_end|>\n"
+    return engine.tokenize(text)
+
+
+def _turn(engine: Engine, text: str) -> list[int]:
+    return engine.tokenize(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def _assert_cache_consistent(engine) -> None:
+    """Every sequence id is free or kept (none leaked as a hold), and each kept sequence
+    holds exactly its tokens' positions, contiguous from 0."""
+
+    def read():
+        mem = engine._mem
+        kept = [
+            (
+                len(tokens),
+                llama_cpp.llama_memory_seq_pos_min(mem, seq),
+                llama_cpp.llama_memory_seq_pos_max(mem, seq),
+            )
+            for seq, tokens in engine._kept.items()
+        ]
+        return kept, len(engine._free) + len(engine._kept)
+
+    kept, ids = engine.call(read).result()
+    assert ids == engine._n_seq
+    assert kept
+    for n, lo, hi in kept:
+        assert (lo, hi) == (0, n - 1)
+
+
+def test_cache_reuse_zero_is_exact_prefix_reuse(models_root):
+    warm = load(models_root, "gguf", cache_reuse=0)
+    cold = load(models_root, "gguf", prompt_cache_bytes=0)
+    try:
+        one = _system(warm, "Date: Monday") + _turn(warm, "Hi")
+        two = _system(warm, "Date: Tuesday") + _turn(warm, "Hi")
+        first_diff = next(i for i, (a, b) in enumerate(zip(one, two, strict=False)) if a != b)
+
+        async def run():
+            await generate(warm, one, 6)
+            return await generate(warm, two, 12), await generate(cold, two, 12)
+
+        second, reference = asyncio.run(run())
+        assert 0 < second.cached <= first_diff
+        assert second.tokens == reference.tokens
+    finally:
+        warm.close()
+        cold.close()
+
+
+def test_changed_header_reuses_the_rest_and_keeps_the_cache_consistent(models_root):
+    engine = load(models_root, "gguf", cache_reuse=32)
+    try:
+
+        async def run():
+            history: list[int] = []
+            results = []
+            for turn in range(6):
+                # The header changes every turn; the conversation grows.
+                prompt = _system(engine, f"Date: day {turn} of {'x' * turn}") + history
+                prompt += _turn(engine, f"Question {turn}?")
+                result = await generate(engine, prompt, 6)
+                results.append((prompt, result))
+                history = prompt[len(_system(engine, f"Date: day {turn} of {'x' * turn}")) :]
+                history += result.tokens
+                _assert_cache_consistent(engine)
+            return results
+
+        results = asyncio.run(run())
+        assert results[0][1].cached == 0
+        for prompt, result in results[1:]:
+            # Only the header line, the last reply token and the new turn are computed.
+            new_turn = len(_turn(engine, "Question 5?"))
+            assert len(prompt) - new_turn - 12 <= result.cached < len(prompt)
+            assert len(result.tokens) == 6
+    finally:
+        engine.close()
+
+
+def test_concurrent_requests_with_moved_runs(models_root):
+    engine = load(models_root, "gguf", cache_reuse=16)
+    solo = load(models_root, "gguf", prompt_cache_bytes=0)
+    try:
+
+        async def run():
+            # Three conversations with nothing to move between them (a request takes over the
+            # kept sequence whose runs it moves).
+            topics = ["file", "table", "image"]
+            for topic in topics:
+                await generate(engine, _system(engine, "Agent", 10, topic) + _turn(engine, "Hi"), 4)
+            # Three changed-header requests and one unrelated one, all at once.
+            prompts = [
+                _system(engine, "Agent (changed)", 10, topic) + _turn(engine, "Hi")
+                for topic in topics
+            ]
+            fresh = engine.tokenize("Nothing in common with the others, " * 6)
+            results = await asyncio.gather(
+                *(generate(engine, p, 8) for p in prompts), generate(engine, fresh, 8)
+            )
+            return prompts, results, await generate(solo, fresh, 8)
+
+        prompts, results, reference = asyncio.run(run())
+        for prompt, result in zip(prompts, results, strict=False):
+            assert len(prompt) - 20 <= result.cached < len(prompt)
+            assert len(result.tokens) == 8
+        assert results[-1].tokens == reference.tokens
+        _assert_cache_consistent(engine)
+    finally:
+        engine.close()
+        solo.close()
+
+
+def test_changed_system_line_is_served_from_cache_over_http(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    tools = "".join(f"Tool {i}: reads file {i} and reports its size.\n" for i in range(80))
+
+    def ask(header: str):
+        system = f"You are a coding agent.\n<env>{header}</env>\n{tools}"
+        return client.chat.completions.create(
+            model=GGUF_KEY,
+            messages=[
+                {"role": "system", "content": system},
+                {"role": "user", "content": "List the tools."},
+            ],
+            max_tokens=8,
+            temperature=0,
+        )
+
+    first = ask("cwd: /tmp/a date: 2026-12-06")
+    second = ask("cwd: /home/someone/project date: 2026-12-07")
+    assert first.usage is not None and second.usage is not None
+    details = second.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens is not None
+    prompt = second.usage.prompt_tokens
+    # Everything but the changed header line and the last prompt token comes from the cache.
+    assert prompt - 30 <= details.cached_tokens < prompt
+    reply = second.choices[0]
+    assert isinstance(reply.message.content, str) and reply.message.content
+    assert reply.finish_reason in ("stop", "length")
+    assert second.usage.completion_tokens > 0
