@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,22 @@ from backends.base import (
     SamplingParams,
     Token,
 )
-from tests.conftest import PUBLISHER
+from tests.conftest import MODELS_CACHE, PUBLISHER, REPO
+
+# Models KV-cache quantization can run on: one attention head of 64 (mx.quantize needs
+# groups of 32 or 64; the shared tiny model's heads are 16 wide).
+ONEHEAD_ROOT = MODELS_CACHE.parent / "test-models-kvq"
+ONEHEAD_NAME = "tiny-qwen2-onehead"
+
+
+def onehead_models() -> dict[str, Path]:
+    """The tiny Qwen2 with one head of 64, as MLX and GGUF (made once, then cached)."""
+    spec = importlib.util.spec_from_file_location("mtm_kvq", REPO / "scripts/make_test_models.py")
+    assert spec and spec.loader
+    mtm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mtm)  # its own copy: the size below stays out of the shared one
+    mtm.HIDDEN, mtm.INTERMEDIATE, mtm.LAYERS, mtm.HEADS, mtm.KV_HEADS = 64, 128, 2, 1, 1
+    return mtm.generate(ONEHEAD_ROOT, publisher=PUBLISHER, name=ONEHEAD_NAME, seed=0)
 
 
 def weights(models_root: Path, fmt: str) -> Path:

@@ -4,7 +4,6 @@ triples; GGUF: llama.cpp cache types), with the prompt cache and the load surfac
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import math
 
 import httpx
@@ -12,25 +11,17 @@ import pytest
 
 from backends import open_engine
 from backends.base import Finished, GenerationRequest, LoadOptions, SamplingParams, Token
-from tests.conftest import MODELS_CACHE, PUBLISHER, REPO, Server
-from tests.engine_harness import generate
+from tests.conftest import PUBLISHER, Server
+from tests.engine_harness import ONEHEAD_NAME, ONEHEAD_ROOT, generate, onehead_models
 
 pytestmark = pytest.mark.filterwarnings("ignore:llama_token_get_attr:DeprecationWarning")
 
-# The test model with one attention head of 64 (mx.quantize needs groups of 32 or 64).
-NAME = "tiny-qwen2-onehead"
-ROOT = MODELS_CACHE.parent / "test-models-kvq"
 WORDS = ["apple", "river", "stone", "cloud", "music", "green", "paper", "light"]
 
 
 @pytest.fixture(scope="module")
 def paths():
-    spec = importlib.util.spec_from_file_location("mtm_kvq", REPO / "scripts/make_test_models.py")
-    assert spec and spec.loader
-    mtm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mtm)  # its own copy: the size below stays out of the shared one
-    mtm.HIDDEN, mtm.INTERMEDIATE, mtm.LAYERS, mtm.HEADS, mtm.KV_HEADS = 64, 128, 2, 1, 1
-    return mtm.generate(ROOT, publisher=PUBLISHER, name=NAME, seed=0)
+    return onehead_models()
 
 
 def engine(paths, fmt, **kw):
@@ -125,13 +116,13 @@ def test_mlx_bits_bound_the_error_and_the_bytes_per_token(paths):
 
 @pytest.fixture(scope="module")
 def kvq_server(paths, tmp_path_factory):
-    srv = Server(ROOT, tmp_path_factory.mktemp("kvq-home"), "--no-auto-evict")
+    srv = Server(ONEHEAD_ROOT, tmp_path_factory.mktemp("kvq-home"), "--no-auto-evict")
     yield srv
     srv.stop()
 
 
 def test_load_endpoint_reports_and_accounts_for_the_quantized_cache(kvq_server):
-    mlx, gguf = f"{PUBLISHER}/{NAME}-mlx", f"{PUBLISHER}/{NAME}-gguf"
+    mlx, gguf = f"{PUBLISHER}/{ONEHEAD_NAME}-mlx", f"{PUBLISHER}/{ONEHEAD_NAME}-gguf"
     with httpx.Client(base_url=kvq_server.url, timeout=120) as http:
         loads = [
             {"model": mlx, "identifier": "plain"},

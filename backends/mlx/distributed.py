@@ -436,7 +436,7 @@ class DistributedMLXEngine(_ShardedMLXEngine):
             raise DistributedFailure(self.group.failed)
         uid = self._insert(op, request.constraint)
         self._ops.append(op)
-        self._batched[uid] = (job, 0)
+        self._batched[uid] = (job, 0, 0)
 
     def close(self) -> None:
         # After a failure the owner thread may be stuck for good in a collective.
@@ -446,7 +446,7 @@ class DistributedMLXEngine(_ShardedMLXEngine):
         # From the watchdog thread while the owner thread is stuck in a collective, or from
         # the owner thread itself; Job.fail ends each stream once.
         error = DistributedFailure(reason)
-        for job, _ in list(self._batched.values()):
+        for job, *_ in list(self._batched.values()):
             job.fail(error)
 
     def _unload(self) -> None:

@@ -40,6 +40,7 @@ from backends.mlx import release_thread_memory
 from backends.mlx.kvquant import BITS, group_size_for, quantized_caches
 from backends.mlx.lm_adapter import hf_tokenizer
 from backends.mlx.prompt_cache import PromptCache
+from backends.mlx.splice import Splice, key_shifts
 
 log = logging.getLogger("mlxserve.backends")
 
@@ -132,9 +133,11 @@ class MLXEngine(Engine):
 
     def _setup(self) -> None:
         super()._setup()
-        # Requests in the batch by BatchGenerator uid, and how many of their prompt tokens
-        # came from the prompt cache.
-        self._batched: dict[int, tuple[Job, int]] = {}
+        # Requests in the batch by BatchGenerator uid, with the prompt positions their cache
+        # held when inserted and how many prompt tokens were not computed.
+        self._batched: dict[int, tuple[Job, int, int]] = {}
+        # Requests whose cache is being spliced from a changed-middle prompt-cache hit.
+        self._splices: list[tuple[Job, Splice]] = []
         # Draft models by folder, loaded into this engine for speculative decoding.
         self._drafts: dict[Path, Any] = {}
 
@@ -219,6 +222,7 @@ class MLXEngine(Engine):
         self._kv_group = self._kv_quantization(model)
         self._batch = self._new_batch()
         self._prompt_cache = PromptCache(options.prompt_cache_bytes)
+        self._key_shifts = key_shifts(model)
         self._tokenizer = tokenizer
         hf = hf_tokenizer(tokenizer)
         backend = hf.backend_tokenizer
@@ -410,36 +414,52 @@ class MLXEngine(Engine):
             super()._admit(job)
             return
         prompt = list(request.prompt)
+        reuse = None
+        if self._key_shifts is not None:
+            reuse = self._prompt_cache.plan(prompt, self.options.cache_reuse)
+        if reuse is not None:
+            self._splices.append((job, Splice(prompt, reuse, self._key_shifts or [])))
+            job.progress(reuse.prefix, len(prompt), reuse.reused)
+            return
         cache, cached = self._prompt_cache.fetch(prompt)
         if cache is None:
             cache = self._fresh_cache()
+        self._join_batch(job, cache, cached, cached)
+
+    def _join_batch(self, job: Job, cache: list[Any] | None, start: int, cached: int) -> None:
+        """Put a request in the batch with ``cache`` holding its first ``start`` prompt
+        positions (``cached`` of them not computed for it)."""
+        request = job.request
+        prompt = list(request.prompt)
         stops = [[t] for t in sorted(request.stop_token_ids)]
         (uid,) = self._batch.insert(
-            [prompt[cached:]],
+            [prompt[start:]],
             max_tokens=[request.max_tokens],
             caches=[cache] if cache is not None else None,
-            all_tokens=[prompt[:cached]],
+            all_tokens=[prompt[:start]],
             samplers=[self._sampler(request.sampling)],
             logits_processors=[self._processors(request)],
             stop_sequences=[StopSequences(stops or None)],
         )
-        self._batched[uid] = (job, cached)
+        self._batched[uid] = (job, start, cached)
         if self._prompt_cache.budget > 0:
             job.cache_written = len(prompt) - cached
-        job.progress(cached, len(prompt), cached)
+        job.progress(start, len(prompt), cached)
 
     def busy(self) -> bool:
-        return bool(self._solo) or bool(self._batched)
+        return bool(self._solo) or bool(self._batched) or bool(self._splices)
 
     def step(self) -> None:
         if self._solo:
             self._step_solo()
+        if self._splices:
+            self._step_splice()
         if self._batched:
             try:
                 self._step_batch()
             except Exception as exc:
                 log.exception("batched generation failed on %s", self.path.name)
-                for job, _ in self._batched.values():
+                for job, *_ in self._batched.values():
                     job.fail(exc)
                 self._batched.clear()
                 self._batch.close()
@@ -448,30 +468,56 @@ class MLXEngine(Engine):
     def abort(self, exc: BaseException) -> None:
         super().abort(exc)
         batched, self._batched = self._batched, {}
-        for job, _ in batched.values():
+        splices, self._splices = self._splices, []
+        jobs = [job for job, *_ in batched.values()] + [job for job, _ in splices]
+        for job in jobs:
             job.fail(exc)
         try:
             self._batch.close()
         finally:
             self._batch = self._new_batch()
 
+    def _step_splice(self) -> None:
+        """One chunk of the oldest splice's gap tokens; a complete splice joins the batch."""
+        job, splice = self._splices[0]
+        if job.cancelled:
+            self._splices.pop(0)
+            job.finish("cancelled")
+            return
+        decoding = any(job.generated for job, *_ in self._batched.values())
+        chunk = self.options.prefill_chunk
+        try:
+            done = splice.advance(
+                self._model, chunk if decoding else max(chunk, IDLE_PREFILL_CHUNK)
+            )
+            if done:
+                self._splices.pop(0)
+                self._join_batch(job, splice.cache, splice.filled, splice.reuse.reused)
+            else:
+                job.progress(splice.filled, len(job.request.prompt), splice.reuse.reused)
+        except Exception as exc:
+            log.exception("reusing the prompt cache failed on %s", self.path.name)
+            if self._splices and self._splices[0][0] is job:
+                self._splices.pop(0)
+            job.fail(exc)
+
     def _step_batch(self) -> None:
-        gone = [uid for uid, (job, _) in self._batched.items() if job.cancelled]
+        gone = [uid for uid, (job, *_) in self._batched.items() if job.cancelled]
         if gone:
             self._batch.remove(gone)
             for uid in gone:
                 self._batched.pop(uid)[0].finish("cancelled")
             if not self._batched:
                 return
-        decoding = any(job.generated for job, _ in self._batched.values())
+        decoding = any(job.generated for job, *_ in self._batched.values())
         chunk = self.options.prefill_chunk
         self._batch.prefill_step_size = chunk if decoding else max(chunk, IDLE_PREFILL_CHUNK)
         prompt_responses, responses = self._batch.next()
         for pr in prompt_responses:
             entry = self._batched.get(pr.uid)
             if entry is not None:
-                job, cached = entry
-                job.progress(pr.progress[0] + cached, pr.progress[1] + cached, cached)
+                job, start, cached = entry
+                job.progress(pr.progress[0] + start, pr.progress[1] + start, cached)
         if self._checkpoints and self._prompt_cache.budget > 0:
             self._checkpoint_prompts(prompt_responses)
         wanted = [

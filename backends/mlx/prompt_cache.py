@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -19,7 +20,12 @@ from backends.base import common_prefix
 from backends.mlx.kvquant import QuantizedCache
 from backends.mlx.lm_adapter import rotating_copy
 
-__all__ = ["PromptCache", "common_prefix"]
+__all__ = ["PromptCache", "Reuse", "Run", "align", "common_prefix"]
+
+# Tokens hashed to find where a run may start (runs shorter than this are never reused), and
+# how many such starts are extended per prompt position (repetitive text has many).
+_ANCHOR = 32
+_CANDIDATES = 8
 
 
 def _each(x: Any, fn: Callable[[mx.array], mx.array]) -> Any:
@@ -109,6 +115,75 @@ def _handout(c: Any) -> Any:
     return arrays
 
 
+@dataclass(frozen=True)
+class Run:
+    """``length`` tokens held at position ``src`` of a stored entry, reused at ``dst`` of the
+    new prompt (moved by ``dst - src`` positions)."""
+
+    src: int
+    dst: int
+    length: int
+
+
+@dataclass
+class Reuse:
+    """How a new prompt reuses one stored entry: its first ``prefix`` positions as they are,
+    then ``runs`` moved to their new positions; the tokens between them are computed."""
+
+    entry: list[Any]
+    prefix: int
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def end(self) -> int:
+        """Prompt positions the spliced cache holds: the tail after it is left to compute."""
+        last = self.runs[-1] if self.runs else None
+        return last.dst + last.length if last else self.prefix
+
+    @property
+    def reused(self) -> int:
+        """Prompt tokens not computed."""
+        return self.prefix + sum(r.length for r in self.runs)
+
+    def views(self) -> list[Any]:
+        """Per-layer caches holding the shared prefix, to build the rest on."""
+        return [_prefix_view(c, self.prefix) for c in self.entry]
+
+
+def _extend(old: Sequence[int], j: int, new: Sequence[int], i: int, limit: int) -> int:
+    n = 0
+    while i + n < limit and j + n < len(old) and old[j + n] == new[i + n]:
+        n += 1
+    return n
+
+
+def align(
+    old: Sequence[int], new: Sequence[int], start: int, min_run: int, limit: int
+) -> list[Run]:
+    """Runs of at least ``min_run`` tokens of ``new[start:limit]`` that ``old`` holds, found
+    left to right, each the longest match at its place (a run may come from anywhere in
+    ``old``: moved lines and reordered blocks are found too)."""
+    anchor = max(1, min(min_run, _ANCHOR))
+    starts: dict[tuple[int, ...], list[int]] = {}
+    for j in range(len(old) - anchor + 1):
+        starts.setdefault(tuple(old[j : j + anchor]), []).append(j)
+    runs: list[Run] = []
+    i = start
+    while i + min_run <= limit:
+        follow = runs[-1].src + runs[-1].length if runs else -1
+        found = starts.get(tuple(new[i : i + anchor]), [])
+        # The continuation of the previous run first: text that kept its order stays one run.
+        candidates = ([follow] if follow in found else []) + found[:_CANDIDATES]
+        best = max(candidates, key=lambda j: _extend(old, j, new, i, limit), default=-1)
+        n = _extend(old, best, new, i, limit) if best >= 0 else 0
+        if n >= min_run:
+            runs.append(Run(best, i, n))
+            i += n
+        else:
+            i += 1
+    return runs
+
+
 class PromptCache:
     """Per-layer caches keyed by the tokens they hold, least recently used evicted first
     once their size passes ``budget`` bytes. A hit hands out views, never deep copies.
@@ -146,6 +221,31 @@ class PromptCache:
         if not _trimmable(entry):
             return [_handout(c) for c in entry], best_n
         return [_prefix_view(c, best_n) for c in entry], best_n
+
+    def plan(self, prompt: Sequence[int], min_run: int) -> Reuse | None:
+        """The best reuse of a stored plain or quantized entry by ``prompt`` past its shared
+        prefix: runs of at least ``min_run`` matching tokens moved to their new positions.
+        None when no such run exists (the exact prefix of :meth:`fetch` is all there is).
+        The entries tried are the one sharing the longest prefix and the most recent."""
+        limit = len(prompt) - 1
+        if min_run <= 0 or not self._entries:
+            return None
+        ranked = sorted(self._entries, key=lambda k: common_prefix(k, prompt, limit))
+        best: tuple[tuple[int, ...], Reuse] | None = None
+        for key in dict.fromkeys([ranked[-1], next(reversed(self._entries))]):
+            entry = self._entries[key]
+            if not _trimmable(entry):
+                continue
+            prefix = common_prefix(key, prompt, limit)
+            if limit - prefix < min_run:
+                continue  # a continued conversation: its prefix is all there is
+            reuse = Reuse(entry, prefix, align(key, prompt, prefix, min_run, limit))
+            if reuse.runs and (best is None or reuse.reused > best[1].reused):
+                best = key, reuse
+        if best is None:
+            return None
+        self._entries.move_to_end(best[0])
+        return best[1]
 
     def store(self, tokens: Sequence[int], cache: list[Any]) -> None:
         """Keep ``cache`` for the tokens it holds: plain or quantized KV caches (the leading
