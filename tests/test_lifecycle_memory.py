@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from backends.base import LoadOptions
-from mlxserve.core import memory
-from mlxserve.core.registry import Registry
-from tests.conftest import EMBED_GGUF_KEY, GGUF_KEY, MLX_KEY
+from mlxserve.core import footprint, memory
+from mlxserve.core.instance import LoadRequest
+from mlxserve.core.loader import ModelLoader
+from mlxserve.core.registry import ModelInfo, Registry
+from mlxserve.settings import Settings
+from tests.conftest import (
+    EMBED_GGUF_KEY,
+    GGUF_KEY,
+    MLX_KEY,
+    THINK_GGUF_KEY,
+    THINK_MLX_KEY,
+)
 
 # tiny-qwen2: 2 layers, 2 KV heads of 16 dimensions; keys and values.
 KV_VALUES_PER_TOKEN = 2 * 2 * 16 * 2
@@ -28,12 +40,118 @@ def test_estimate_is_weights_plus_kv_cache(registry, key):
     assert est.kv_cache == KV_VALUES_PER_TOKEN * 4 * 1000
     assert memory.estimate(info, 1000).kv_cache == KV_VALUES_PER_TOKEN * 2 * 1000
     assert est.total == est.weights + est.kv_cache
-    # A GGUF context reserves one window per parallel sequence; MLX grows its caches.
-    windows = LoadOptions(context_length=1000).kv_windows(info.format)
-    assert windows == (4 if info.format == "gguf" else 1)
-    assert memory.estimate(info, 1000, windows=windows).kv_cache == windows * 2000 * (
-        KV_VALUES_PER_TOKEN
+    assert memory.estimate(info, 1000, windows=3).kv_cache == 3 * 2000 * KV_VALUES_PER_TOKEN
+
+
+@pytest.mark.parametrize("key", [MLX_KEY, GGUF_KEY])
+def test_a_load_counts_every_parallel_window_and_the_prompt_cache(registry, key):
+    info = registry.get(key)
+    settings = Settings(max_batch_size=6, prompt_cache_bytes=50_000_000)
+    loader = ModelLoader(settings)
+    options = loader.options(info, LoadRequest(context_length=1000))
+    need = asyncio.run(loader.estimate(info, options))
+    # Both formats reach one window per sequence decoded at once: llama.cpp reserves them
+    # all at load (at most 4 by default), MLX's batch grows to as many.
+    windows = 4 if info.format == "gguf" else 6
+    assert need.windows == windows
+    assert need.kv_cache == windows * 1000 * KV_VALUES_PER_TOKEN * 4  # f32 weights: f32 KV
+    # MLX keeps finished requests' KV beside the batch; llama.cpp in the windows' cells.
+    assert need.prompt_cache == (50_000_000 if info.format == "mlx" else 0)
+    assert need.total == need.weights + need.kv_cache + need.prompt_cache
+    parallel = loader.options(info, LoadRequest(context_length=1000, parallel=2))
+    assert (
+        asyncio.run(loader.estimate(info, parallel)).kv_cache == 2 * 1000 * KV_VALUES_PER_TOKEN * 4
     )
+
+
+@pytest.mark.parametrize("fmt", ["mlx", "gguf"])
+def test_a_draft_counts_its_weights_and_kv(registry, fmt):
+    main = registry.get(MLX_KEY if fmt == "mlx" else GGUF_KEY)
+    draft = registry.get(THINK_MLX_KEY if fmt == "mlx" else THINK_GGUF_KEY)
+    loader = ModelLoader(Settings(max_batch_size=2))
+    options = loader.options(main, LoadRequest(context_length=1000, draft_model=draft.key))
+    plain = asyncio.run(loader.estimate(main, options))
+    need = asyncio.run(loader.estimate(main, options, draft))
+    # GGUF: the draft's context mirrors the main one (a window per sequence, 16-bit KV).
+    # MLX: one drafted request at a time, beside the batch: a window of the draft's KV and
+    # one of the main model's (both f32 here).
+    kv = 2 * 1000 * KV_VALUES_PER_TOKEN * (2 if fmt == "gguf" else 4)
+    assert need.draft == draft.size_bytes + kv
+    assert need.total == plain.total + need.draft
+
+
+def _projector(folder: Path, **meta: object) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(folder / "mmproj-x-f32.gguf"), "clip")
+    for name, value in meta.items():
+        writer.add_uint32(name, value)  # type: ignore[arg-type]
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+
+
+def _vision_info(folder: Path, fmt: str) -> ModelInfo:
+    weights = folder / "m.gguf" if fmt == "gguf" else folder
+    return ModelInfo(
+        key=f"pub/{folder.name}",
+        publisher="pub",
+        name=folder.name,
+        format=fmt,  # type: ignore[arg-type]
+        path=folder,
+        weights=weights,
+        architecture="qwen2vl",
+        quantization="F32",
+        bits_per_weight=32.0,
+        size_bytes=1000,
+        params_string="",
+        max_context_length=4096,
+        trained_for_tool_use=False,
+        vision=True,
+    )
+
+
+def test_a_gguf_projector_counts_its_warm_up_buffer(tmp_path):
+    # The test model's projector: llama.cpp logs "compute buffer size = 29.64 MiB" for it
+    # (a 1288x1288 warm-up image, flash attention on); the model comes to 29.3 MiB.
+    meta = {
+        "clip.vision.patch_size": 14,
+        "clip.vision.embedding_length": 32,
+        "clip.vision.feed_forward_length": 128,
+        "clip.vision.image_max_pixels": 200704,
+    }
+    _projector(tmp_path, **meta)
+    info = _vision_info(tmp_path, "gguf")
+    warm = footprint.vision_bytes(info)
+    assert warm == 1288 * 1288 * 3 * 4 + (46 * 46 * 4) * (6 * 32 + 128) * 4
+    assert 0.95 < warm / (29.64 * 2**20) < 1.05
+    assert memory.estimate(info, 512).vision == warm
+    # No projector: no encoder to count.
+    (tmp_path / "mmproj-x-f32.gguf").unlink()
+    assert footprint.vision_bytes(info) == 0
+
+
+def test_an_mlx_vision_tower_counts_its_largest_image(tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "vision_config": {
+                    "embed_dim": 32,
+                    "mlp_ratio": 4,
+                    "patch_size": 14,
+                    "temporal_patch_size": 2,
+                }
+            }
+        )
+    )
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"max_pixels": 200704}))
+    info = _vision_info(tmp_path, "mlx")
+    patches = 200704 // (14 * 14)
+    expected = 200704 * 6 * 4 + patches * (6 * 32 + 128) * 4
+    assert footprint.vision_bytes(info) == expected
+    assert memory.estimate(info, 512).vision == expected
+    # A text model's estimate has no vision part.
+    assert footprint.vision_bytes(replace(info, vision=False)) == 0
 
 
 def test_embedding_models_have_no_kv_cache(registry):
@@ -54,6 +172,19 @@ def test_free_memory_budget_adds_what_evictions_free(monkeypatch):
     assert memory.budget(None, in_use=0, freed=0) is None
 
 
+def test_free_memory_budget_keeps_room_for_what_loaded_models_may_grow_into(monkeypatch):
+    gb = memory.GB
+    monkeypatch.setattr(memory, "available_memory", lambda: 10 * gb)
+    # Loaded models whose estimates come to 6 GB hold 2 GB now: 4 GB more may still come
+    # (KV windows filling, prompt caches, drafts), so a new load may take 6 GB, not 10.
+    assert memory.budget(None, in_use=6 * gb, freed=0, resident=2 * gb) == 6 * gb
+    # Fully grown: everything they may hold is held already.
+    assert memory.budget(None, in_use=6 * gb, freed=0, resident=6 * gb) == 10 * gb
+    # Unloading a 3 GB model that holds 1 GB of the 2 GB gives back what it holds, and the
+    # models that stay hold the rest: 10 + 1 - (3 - 1).
+    assert memory.budget(None, in_use=6 * gb, freed=3 * gb, resident=2 * gb) == 9 * gb
+
+
 def test_refusal_names_the_estimate_in_lmstudio_words():
     need = memory.Estimate(weights=20_000_000_000, kv_cache=2_920_000_000, context_length=8192)
     with pytest.raises(memory.LoadRefused) as refused:
@@ -66,6 +197,30 @@ def test_refusal_names_the_estimate_in_lmstudio_words():
     assert refused.value.status == 400 and refused.value.param == "model"
     memory.check_fits("pub/big", need, 23 * memory.GB)
     memory.check_fits("pub/big", need, None)
+
+
+def test_refusal_names_every_part_that_would_not_fit():
+    need = memory.Estimate(
+        weights=4_000_000_000,
+        kv_cache=2_000_000_000,
+        context_length=4096,
+        windows=8,
+        prompt_cache=1_073_741_824,
+        draft=52_000_000,
+        vision=30_700_000,
+    )
+    assert need.total == 7_156_441_824
+    with pytest.raises(memory.LoadRefused) as refused:
+        memory.check_fits("pub/vl", need, 5 * memory.GB)
+    message = refused.value.message
+    assert (
+        "requires approximately 7.16 GB (4.00 GB of weights, 2.00 GB of KV cache (8 windows "
+        "of 4096 tokens), 1.07 GB of prompt cache, 52.0 MB of draft model, 30.7 MB of vision "
+        "encoder), but only about 5.00 GB is available" in message
+    )
+    # A part that is zero is not named.
+    plain = memory.Estimate(weights=45_000_000, kv_cache=8_400_000, context_length=4096, windows=4)
+    assert plain.describe() == "45.0 MB of weights, 8.4 MB of KV cache (4 windows of 4096 tokens)"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/meminfo")

@@ -430,8 +430,12 @@ async def draft_for(manager: ModelManager, instance: Instance, request: CoreRequ
     info = await check_draft(manager.registry, instance.info, name)
     main = instance.info
     engine = instance.engine
-    try:
+
+    async def load() -> None:
         await asyncio.wrap_future(engine.call(lambda: engine.prepare_draft(info.weights)))
+
+    try:
+        await manager.add_draft(instance, info, load)
     except DraftUnsupported as exc:
         raise InvalidRequest(f"Model '{main.key}': {exc}.", param="draft_model") from exc
     except ValueError as exc:

@@ -11,6 +11,7 @@ from typing import Any
 from backends.base import Engine
 from backends.embedding import EmbeddingEngine
 from mlxserve.core.families import LoadedFamily, load_family
+from mlxserve.core.memory import Estimate
 from mlxserve.core.metrics import ModelMeter
 from mlxserve.core.registry import ModelInfo
 from mlxserve.core.templates import ChatTemplate
@@ -47,7 +48,11 @@ class Residency:
     ttl: float | None = None
     # What it was loaded with, as LM Studio reports it (``load_config``).
     load_config: dict[str, Any] = field(default_factory=dict)
+    # What the guardrail counts for it, in all and part by part (a draft loaded on first use
+    # adds to both), and the draft models counted in them.
     memory_bytes: int = 0
+    memory: Estimate | None = None
+    drafts: set[str] = field(default_factory=set)
     last_used: float = 0.0
     # Seen busy by the reaper since it last counted idle time.
     busy_seen: bool = False
@@ -103,3 +108,14 @@ Loaded = Instance | EmbeddingInstance
 def is_busy(instance: Loaded) -> bool:
     """Leased, or with requests queued or running on its engine."""
     return instance.holds > 0 or instance.engine.pending > 0
+
+
+def memory_report(instance: Loaded) -> dict[str, int]:
+    """What the guardrail counts for ``instance``, part by part (``memory`` in
+    ``/api/v1/models`` and ``/api/v1/models/loaded``); the parts add up to ``total_bytes``."""
+    need = instance.memory
+    if need is None:
+        return {"total_bytes": instance.memory_bytes}
+    report = {"total_bytes": instance.memory_bytes, "kv_windows": need.windows}
+    report |= {f"{name}_bytes": n for name, n in need.parts().items()}
+    return report

@@ -30,6 +30,9 @@ class ModelLoader:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # What the process holds with no model loaded: the guardrail's zero for what loaded
+        # models hold now (see :func:`memory.budget`).
+        self._resident_base = memory.process_resident()
 
     def options(self, info: ModelInfo, request: LoadRequest) -> LoadOptions:
         context_length = min(
@@ -57,26 +60,63 @@ class ModelLoader:
             cache_reuse=self.settings.cache_reuse,
         )
 
-    async def estimate(self, info: ModelInfo, options: LoadOptions) -> memory.Estimate:
+    async def estimate(
+        self, info: ModelInfo, options: LoadOptions, draft: ModelInfo | None = None
+    ) -> memory.Estimate:
+        """What loading ``info`` with ``options`` can come to hold, ``draft`` (its load-time
+        draft model) included."""
+
+        def work() -> memory.Estimate:
+            slots = options.slots(info.format)
+            need = memory.estimate(
+                info,
+                options.context_length,
+                kv_f32=options.kv_cache_f32,
+                windows=slots,
+                kv_bits=options.kv_element_bits(info.format),
+                # llama.cpp keeps finished sequences in the windows' cells: nothing more.
+                prompt_cache=options.prompt_cache_bytes if info.format == "mlx" else 0,
+            )
+            if draft is not None:
+                need = need.with_draft(
+                    memory.draft_bytes(draft, info, options.context_length, slots)
+                )
+            return need
+
+        return await asyncio.to_thread(work)
+
+    async def draft_cost(self, instance: Instance, draft: ModelInfo) -> int:
+        """What loading ``draft`` into ``instance`` adds to its memory."""
+        slots = int(instance.load_config.get("parallel") or 1)
         return await asyncio.to_thread(
-            memory.estimate,
-            info,
-            options.context_length,
-            kv_f32=options.kv_cache_f32,
-            windows=options.kv_windows(info.format),
-            kv_bits=options.kv_element_bits(info.format),
+            memory.draft_bytes, draft, instance.info, instance.context_length, slots
         )
 
     async def check_fits(
-        self, info: ModelInfo, need: memory.Estimate, in_use: int, freed: int
+        self,
+        info: ModelInfo,
+        need: memory.Estimate,
+        in_use: int,
+        freed: int,
+        *,
+        what: str | None = None,
+        param: str = "model",
     ) -> None:
         """Raise :class:`memory.LoadRefused` when ``need`` does not fit beside ``in_use``
-        bytes of loaded models, ``freed`` of which are about to be unloaded."""
+        bytes of loaded models (their estimates), ``freed`` of which are about to be
+        unloaded."""
         if not self.settings.load_guardrail:
             return
         limit = self.settings.guardrail_memory_gb
-        available = await asyncio.to_thread(memory.budget, limit, in_use, freed)
-        memory.check_fits(info.key, need, available)
+        available = await asyncio.to_thread(memory.budget, limit, in_use, freed, self.resident())
+        memory.check_fits(info.key, need, available, what=what, param=param)
+
+    def resident(self) -> int | None:
+        """Bytes the process holds now beyond what it held before any model was loaded."""
+        now = memory.process_resident()
+        if now is None or self._resident_base is None:
+            return None
+        return max(now - self._resident_base, 0)
 
     async def open(
         self,

@@ -396,7 +396,8 @@ class ModelManager:
         options = self.loader.options(info, request)
         if self.distributed is not None:
             self._check_distributed(info, victims)
-        need = await self.loader.estimate(info, options)
+        draft = await self.registry.find(options.draft_model) if options.draft_model else None
+        need = await self.loader.estimate(info, options, draft)
         if victims:
             victims = await self._evict_now(info, need, victims)
         else:
@@ -409,6 +410,8 @@ class ModelManager:
             "jit": jit,
             "ttl": ttl,
             "memory_bytes": need.total,
+            "memory": need,
+            "drafts": {draft.key} if draft is not None else set(),
             "last_used": self._clock(),
         }
         try:
@@ -453,6 +456,34 @@ class ModelManager:
                 f"Model '{info.key}' cannot be loaded: this distributed server serves one "
                 f"model at a time and '{held[0]}' is loaded; unload it first."
             )
+
+    async def add_draft(
+        self, instance: Instance, draft: ModelInfo, load: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run ``load`` (which loads ``draft`` into ``instance``'s engine, for speculative
+        decoding) once the guardrail says the draft fits beside every loaded model; from
+        then on its memory counts in the instance's. A draft counted already just loads."""
+        lock = self._locks.setdefault(f"{instance.id}\0draft", asyncio.Lock())
+        async with lock:
+            if draft.key in instance.drafts:
+                await load()
+                return
+            cost = await self.loader.draft_cost(instance, draft)
+            need = memory.Estimate(0, 0, instance.context_length, draft=cost)
+            await self.loader.check_fits(
+                draft,
+                need,
+                self._in_use(),
+                0,
+                what=f"Loading the draft model '{draft.key}' into '{instance.id}'",
+                param="draft_model",
+            )
+            await load()
+            instance.drafts.add(draft.key)
+            instance.memory_bytes += cost
+            if instance.memory is not None:
+                instance.memory = instance.memory.with_draft(cost)
+            log.info("draft %s loaded into %s (~%d bytes)", draft.key, instance.id, cost)
 
     # --- unloading ----------------------------------------------------------------------
 

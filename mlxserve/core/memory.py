@@ -1,22 +1,32 @@
 """The loading guardrail: how much memory a load needs, and how much the machine has free.
 
-An estimate is the weights' size on disk plus the KV cache of the context the model is
-loaded with (layers x KV heads x head size x 2 (keys, values) x bytes per element x tokens).
-Embedding models keep no KV cache. Read from the model's files, never from its weights.
+An estimate adds up what a loaded model can come to hold, part by part (read from the
+model's files by :mod:`mlxserve.core.footprint`, never from its weights):
+
+- **weights**: the files' size (a GGUF projector included);
+- **KV windows**: one context window of KV cache per sequence decoded at once (``slots``):
+  llama.cpp reserves them all when the context is made; MLX's batch grows one per running
+  request, up to as many;
+- **prompt cache**: MLX keeps finished requests' KV beside the batch, up to
+  ``prompt_cache_bytes``; llama.cpp keeps them in the windows' own cells (nothing more);
+- **draft**: a speculative-decoding draft model's weights and KV (see :func:`draft_bytes`);
+- **vision**: a vision model's encoder activations (see ``footprint.vision_bytes``).
+
+Embedding models keep no KV cache.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import re
+import resource
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
+from mlxserve.core import footprint
 from mlxserve.core.registry import ModelInfo
 from mlxserve.errors import MlxServeError
 
@@ -24,16 +34,58 @@ GB = 1_000_000_000
 
 log = logging.getLogger("mlxserve.memory")
 
+# What a drafted request costs an MLX instance besides the draft's weights: drafted requests
+# run one by one beside the batch (mlx-lm's speculative step), each holding a window of the
+# draft's KV and one of the main model's.
+MLX_DRAFT_LANES = 1
+
 
 @dataclass(frozen=True)
 class Estimate:
+    """Bytes a loaded model can come to hold, part by part."""
+
     weights: int
     kv_cache: int
     context_length: int
+    # Context windows ``kv_cache`` holds (sequences decoded at once).
+    windows: int = 1
+    prompt_cache: int = 0
+    draft: int = 0
+    vision: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache
+        return self.weights + self.kv_cache + self.prompt_cache + self.draft + self.vision
+
+    def parts(self) -> dict[str, int]:
+        """Every part by name, as ``/api/v1/models/loaded`` reports them."""
+        return {
+            "weights": self.weights,
+            "kv_cache": self.kv_cache,
+            "prompt_cache": self.prompt_cache,
+            "draft": self.draft,
+            "vision": self.vision,
+        }
+
+    def with_draft(self, draft: int) -> Estimate:
+        return replace(self, draft=self.draft + draft)
+
+    def describe(self) -> str:
+        """The non-zero parts in words: what a refusal lists."""
+        windows = "window" if self.windows == 1 else "windows"
+        words = {
+            "weights": "weights",
+            "kv_cache": f"KV cache ({self.windows} {windows} of {self.context_length} tokens)",
+            "prompt_cache": "prompt cache",
+            "draft": "draft model",
+            "vision": "vision encoder",
+        }
+        return ", ".join(f"{size(n)} of {words[name]}" for name, n in self.parts().items() if n > 0)
+
+
+def size(n: int) -> str:
+    """Bytes in GB, or MB below a tenth of a GB (a tiny model's parts are not 0.00 GB)."""
+    return f"{n / GB:.2f} GB" if n >= GB // 10 else f"{n / 1_000_000:.1f} MB"
 
 
 class LoadRefused(MlxServeError):
@@ -43,65 +95,27 @@ class LoadRefused(MlxServeError):
     kind = "invalid_request_error"
     code = "insufficient_system_resources"
 
-    def __init__(self, key: str, need: Estimate, available: int) -> None:
+    def __init__(
+        self,
+        key: str,
+        need: Estimate,
+        available: int,
+        *,
+        what: str | None = None,
+        param: str = "model",
+    ) -> None:
+        what = what or f"Loading '{key}' with a {need.context_length}-token context"
         super().__init__(
-            f"Model loading was stopped due to insufficient system resources. Loading "
-            f"'{key}' with a {need.context_length}-token context requires approximately "
-            f"{need.total / GB:.2f} GB ({need.weights / GB:.2f} GB of weights, "
-            f"{need.kv_cache / GB:.2f} GB of KV cache), but only about "
-            f"{max(available, 0) / GB:.2f} GB is available. Unload other models or load "
-            "this one with a smaller context_length. If you think this is incorrect, you can "
-            "adjust the model loading guardrail in settings (--no-guardrail, "
-            "MLXSERVE_LOAD_GUARDRAIL=false).",
-            param="model",
+            f"Model loading was stopped due to insufficient system resources. {what} "
+            f"requires approximately {need.total / GB:.2f} GB ({need.describe()}), but only "
+            f"about {max(available, 0) / GB:.2f} GB is available. Unload other models or "
+            "load this one with a smaller context_length or parallel. If you think this is "
+            "incorrect, you can adjust the model loading guardrail in settings "
+            "(--no-guardrail, MLXSERVE_LOAD_GUARDRAIL=false).",
+            param=param,
         )
         self.need = need
         self.available = available
-
-
-def _int(value: Any) -> int | None:
-    if isinstance(value, list):  # per-layer values: the largest is what the cache must hold
-        value = max((v for v in value if isinstance(v, int)), default=None)
-    return value if isinstance(value, int) and value > 0 else None
-
-
-def _mlx_geometry(folder: Path) -> tuple[int, int, int] | None:
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if isinstance(config.get("text_config"), dict):
-        config = {**config, **config["text_config"]}
-    layers = _int(config.get("num_hidden_layers"))
-    heads = _int(config.get("num_attention_heads"))
-    kv_heads = _int(config.get("num_key_value_heads")) or heads
-    head_dim = _int(config.get("head_dim"))
-    hidden = _int(config.get("hidden_size"))
-    if head_dim is None and hidden and heads:
-        head_dim = hidden // heads
-    if not (layers and kv_heads and head_dim):
-        return None
-    return layers, kv_heads, head_dim
-
-
-def _gguf_geometry(file: Path) -> tuple[int, int, int] | None:
-    from mlxserve.core.gguf_header import GGUFFormatError, read_header
-
-    try:
-        meta = read_header(file).metadata
-    except (OSError, GGUFFormatError):
-        return None
-    arch = meta.get("general.architecture")
-    layers = _int(meta.get(f"{arch}.block_count"))
-    heads = _int(meta.get(f"{arch}.attention.head_count"))
-    kv_heads = _int(meta.get(f"{arch}.attention.head_count_kv")) or heads
-    head_dim = _int(meta.get(f"{arch}.attention.key_length"))
-    hidden = _int(meta.get(f"{arch}.embedding_length"))
-    if head_dim is None and hidden and heads:
-        head_dim = hidden // heads
-    if not (layers and kv_heads and head_dim):
-        return None
-    return layers, kv_heads, head_dim
 
 
 def estimate(
@@ -111,21 +125,46 @@ def estimate(
     kv_f32: bool = False,
     windows: int = 1,
     kv_bits: float | None = None,
+    prompt_cache: int = 0,
 ) -> Estimate:
     """What loading ``info`` with ``context_length`` needs (reads a few files: not on the loop);
-    ``windows``: context windows of KV the engine reserves (one per parallel GGUF sequence);
-    ``kv_bits``: bits per cached element when the cache is quantized."""
+    ``windows``: context windows of KV (sequences decoded at once); ``kv_bits``: bits per
+    cached element when the cache is quantized; ``prompt_cache``: bytes the engine may keep
+    for prefix reuse outside those windows."""
     kv = 0
-    if info.type == "llm":
-        geometry = (
-            _mlx_geometry(info.path) if info.format == "mlx" else _gguf_geometry(info.weights)
-        )
-        if geometry is not None:
-            layers, kv_heads, head_dim = geometry
-            bits = kv_bits if kv_bits is not None else (32 if kv_f32 else 16)
-            per_token = int(layers * kv_heads * head_dim * 2 * bits / 8)
-            kv = per_token * context_length * windows
-    return Estimate(info.size_bytes, kv, context_length)
+    shape = footprint.geometry(info)
+    if shape is not None:
+        bits = kv_bits if kv_bits is not None else (32 if kv_f32 else 16)
+        kv = shape.kv_bytes_per_token(bits) * context_length * windows
+    return Estimate(
+        info.size_bytes,
+        kv,
+        context_length,
+        windows=windows,
+        prompt_cache=prompt_cache if info.type == "llm" else 0,
+        vision=footprint.vision_bytes(info),
+    )
+
+
+def draft_bytes(draft: ModelInfo, main: ModelInfo, context_length: int, slots: int) -> int:
+    """What a draft model adds to an instance of ``main``: its weights and its KV. A GGUF
+    draft context mirrors the main one (a window per parallel sequence, 16-bit KV); MLX
+    drafts :data:`MLX_DRAFT_LANES` request at a time, with a window of the draft's KV and
+    one of ``main``'s outside the batch."""
+    shape = footprint.geometry(draft)
+    kv = 0
+    if shape is not None:
+        if draft.format == "gguf":
+            kv = shape.kv_bytes_per_token(16) * context_length * slots
+        else:
+            bits = 32 if draft.quantization == "F32" else 16
+            kv = shape.kv_bytes_per_token(bits) * context_length * MLX_DRAFT_LANES
+    if draft.format == "mlx":
+        lane = footprint.geometry(main)
+        if lane is not None:
+            bits = 32 if main.quantization == "F32" else 16
+            kv += lane.kv_bytes_per_token(bits) * context_length * MLX_DRAFT_LANES
+    return draft.size_bytes + kv
 
 
 def _meminfo_available() -> int | None:
@@ -154,6 +193,15 @@ def _vm_stat_available() -> int | None:
     return pages * int(page.group(1))
 
 
+def process_resident() -> int | None:
+    """This process's resident memory now (Linux), else None."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * resource.getpagesize()
+
+
 def available_memory() -> int | None:
     """Bytes of memory a new load could use now, or None where the platform does not say."""
     if sys.platform.startswith("linux"):
@@ -163,23 +211,49 @@ def available_memory() -> int | None:
     return None
 
 
-def budget(limit_gb: float | None, in_use: int, freed: int) -> int | None:
-    """Bytes a new load may take. With a fixed ``limit_gb``: the limit less what the loaded
-    models take (``in_use``) once ``freed`` bytes of them are unloaded. Otherwise: the memory
-    free now plus ``freed``. None where the platform does not say what is free."""
+def budget(
+    limit_gb: float | None, in_use: int, freed: int, resident: int | None = None
+) -> int | None:
+    """Bytes a new load may take, beside loaded models whose estimates add up to ``in_use``,
+    ``freed`` of which are about to be unloaded.
+
+    With a fixed ``limit_gb``: the limit less the estimates of the models that stay.
+    Otherwise: the memory free now, plus what the unloads give back, less what the models
+    that stay may still grow into (KV windows filling up, prompt caches, drafts loaded on
+    first use). ``resident`` is what the process holds for models now (None: unknown, taken
+    as all of their estimates); the models unloaded are taken to hold their share of it
+    first. None where the platform does not say what is free."""
     if limit_gb is not None:
         return int(limit_gb * GB) - (in_use - freed)
     free_now = available_memory()
-    return None if free_now is None else free_now + freed
+    if free_now is None:
+        return None
+    if resident is None:
+        return free_now + freed
+    kept_resident = max(resident - freed, 0)
+    growth = max(in_use - freed - kept_resident, 0)
+    return free_now + min(freed, resident) - growth
 
 
-def check_fits(key: str, need: Estimate, available: int | None) -> None:
-    """Raise :class:`LoadRefused` if ``need`` exceeds ``available`` (None: unknown, allowed)."""
+def check_fits(
+    key: str,
+    need: Estimate,
+    available: int | None,
+    *,
+    what: str | None = None,
+    param: str = "model",
+) -> None:
+    """Raise :class:`LoadRefused` if ``need`` exceeds ``available`` (None: unknown, allowed);
+    ``what`` names the load in the refusal (default: the model at its context length)."""
     if available is not None and need.total > available:
         log.warning(
-            "refusing to load %s: needs ~%d bytes, %d available", key, need.total, available
+            "refusing to load %s: needs ~%d bytes (%s), %d available",
+            key,
+            need.total,
+            need.describe(),
+            available,
         )
-        raise LoadRefused(key, need, available)
+        raise LoadRefused(key, need, available, what=what, param=param)
 
 
 def give_back_freed_memory() -> None:

@@ -44,6 +44,8 @@ def model_entry(info: ModelInfo, instances: list[Loaded]) -> dict[str, Any]:
     }
     if instances:
         entry["loaded_context_length"] = instances[0].context_length
+        # Ours: what the loading guardrail counts for its loaded instances together.
+        entry["loaded_memory_bytes"] = sum(i.memory_bytes for i in instances)
     entry["capabilities"] = ["tool_use"] if info.trained_for_tool_use else []
     return entry
 

@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from mlxserve.core.chatsession import ChatSession
 from mlxserve.core.generate import Generation, check_draft
-from mlxserve.core.instance import Instance, Loaded
+from mlxserve.core.instance import Instance, Loaded, memory_report
 from mlxserve.core.mcp import Toolset
 from mlxserve.core.registry import ModelInfo
 from mlxserve.core.toolloop import LoopEvent, ToolResult
@@ -43,7 +43,13 @@ from mlxserve.state import AppState
 
 
 def _instance_entry(instance: Loaded) -> dict[str, Any]:
-    entry: dict[str, Any] = {"id": instance.id, "config": dict(instance.load_config)}
+    entry: dict[str, Any] = {
+        "id": instance.id,
+        "config": dict(instance.load_config),
+        # Ours: what the loading guardrail counts for it.
+        "memory_bytes": instance.memory_bytes,
+        "memory": memory_report(instance),
+    }
     # A model sharded across a distributed group (``serve --distributed``): its ranks.
     describe = getattr(instance.engine, "describe_distributed", None)
     if describe is not None:

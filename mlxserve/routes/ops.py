@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from mlxserve.core.instance import Loaded
+from mlxserve.core.instance import Loaded, memory_report
 from mlxserve.http.sse import EventStreamResponse, sse
 from mlxserve.state import AppState
 
@@ -28,6 +28,7 @@ def _instance(state: AppState, instance: Loaded) -> dict[str, Any]:
         "ttl_left_seconds": round(ttl_left, 1) if ttl_left is not None else None,
         "jit": instance.jit,
         "memory_bytes": instance.memory_bytes,
+        "memory": memory_report(instance),
         "size_bytes": instance.info.size_bytes,
         "pending": instance.engine.pending,
         "load_config": dict(instance.load_config),

@@ -1,0 +1,122 @@
+"""End to end: the loading guardrail counts every part a model can come to hold (KV windows,
+the MLX prompt cache, draft models) and a refusal names them in each dialect's envelope;
+what it counts is what ``/api/v1/models``, ``/api/v0/models`` and ``mlxserve ps`` report.
+
+One server with a fixed 80 MB budget: a tiny Qwen2 GGUF (45 MB of weights + 8.4 MB of KV
+in 4 windows) fits; the same model as MLX does not, with a 1 GiB prompt cache (the default)
+and 8 KV windows; nor does a second tiny model as a draft."""
+
+from __future__ import annotations
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from tests.conftest import GGUF_KEY, MLX_KEY, THINK_GGUF_KEY, Server
+
+HELLO = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def tight(models_root, tmp_path_factory):
+    home = tmp_path_factory.mktemp("guardrail")
+    budget = ("--guardrail-memory-gb", "0.08", "--prompt-cache-bytes", str(1 << 30))
+    srv = Server(models_root, home, *budget)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def http(tight):
+    with httpx.Client(base_url=tight.url, timeout=120) as client:
+        for model in client.get("/api/v1/models").json()["models"]:
+            for instance in model["loaded_instances"]:
+                client.post("/api/v1/models/unload", json={"instance_id": instance["id"]})
+        yield client
+
+
+def _loaded(http) -> list[str]:
+    return [i["id"] for i in http.get("/api/v1/models/loaded").json()["instances"]]
+
+
+def test_mlx_jit_load_refused_for_its_windows_and_prompt_cache_in_openai_and_anthropic(http, tight):
+    oai = openai.OpenAI(base_url=tight.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.chat.completions.create(model=MLX_KEY, messages=HELLO, max_tokens=2)  # type: ignore[arg-type]
+    error = refused.value.body
+    assert isinstance(error, dict)
+    assert error["code"] == "insufficient_system_resources" and error["param"] == "model"
+    message = error["message"]
+    assert f"Loading '{MLX_KEY}' with a 4096-token context requires approximately 1.14 GB" in (
+        message
+    )
+    assert "of KV cache (8 windows of 4096 tokens)" in message
+    assert "1.07 GB of prompt cache" in message
+    assert "0.08 GB is available" in message
+    claude = anthropic.Anthropic(base_url=tight.url, api_key="x", max_retries=0)
+    with pytest.raises(anthropic.BadRequestError) as refused_too:
+        claude.messages.create(model=MLX_KEY, messages=HELLO, max_tokens=2)  # type: ignore[arg-type]
+    body = refused_too.value.body
+    assert isinstance(body, dict) and body["type"] == "error"
+    assert body["error"]["type"] == "invalid_request_error"
+    assert "1.07 GB of prompt cache" in body["error"]["message"]
+    assert _loaded(http) == []
+
+
+def test_gguf_load_refused_for_its_draft_in_the_lmstudio_envelope(http):
+    r = http.post("/api/v1/models/load", json={"model": GGUF_KEY, "draft_model": THINK_GGUF_KEY})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request" and error["code"] == "insufficient_system_resources"
+    assert error["param"] == "model"
+    # 45.1 MB of weights + 8.4 MB of KV, and the draft's 45.1 MB + 4.2 MB of 16-bit KV.
+    assert "requires approximately 0.10 GB" in error["message"]
+    assert (
+        "8.4 MB of KV cache (4 windows of 4096 tokens), 49.3 MB of draft model"
+        in (error["message"])
+    )
+    assert _loaded(http) == []
+
+
+def test_a_draft_loaded_on_first_use_must_fit_beside_its_model(http, tight):
+    r = http.post("/api/v1/models/load", json={"model": GGUF_KEY})
+    assert r.status_code == 200, r.text
+    oai = openai.OpenAI(base_url=tight.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.chat.completions.create(
+            model=GGUF_KEY,
+            messages=HELLO,  # type: ignore[arg-type]
+            max_tokens=2,
+            extra_body={"draft_model": THINK_GGUF_KEY},
+        )
+    error = refused.value.body
+    assert isinstance(error, dict)
+    assert error["code"] == "insufficient_system_resources"
+    assert error["param"] == "draft_model"
+    assert f"Loading the draft model '{THINK_GGUF_KEY}' into '{GGUF_KEY}'" in error["message"]
+    assert "49.3 MB of draft model" in error["message"]
+    # The model itself goes on serving, and its memory is what it was.
+    reply = oai.chat.completions.create(model=GGUF_KEY, messages=HELLO, max_tokens=2)  # type: ignore[arg-type]
+    assert reply.usage is not None and reply.usage.completion_tokens == 2
+    (instance,) = http.get("/api/v1/models/loaded").json()["instances"]
+    assert instance["memory"]["draft_bytes"] == 0
+
+
+def test_listings_report_what_the_guardrail_counts(http):
+    r = http.post("/api/v1/models/load", json={"model": GGUF_KEY, "parallel": 2})
+    assert r.status_code == 200, r.text
+    (instance,) = http.get("/api/v1/models/loaded").json()["instances"]
+    memory = instance["memory"]
+    parts = ("weights", "kv_cache", "prompt_cache", "draft", "vision")
+    assert sum(memory[f"{p}_bytes"] for p in parts) == memory["total_bytes"]
+    assert memory["total_bytes"] == instance["memory_bytes"]
+    assert memory["kv_windows"] == instance["load_config"]["parallel"] == 2
+    # tiny Qwen2: 512 bytes of f32 keys and values per token.
+    assert memory["kv_cache_bytes"] == 2 * 4096 * 512
+    assert memory["weights_bytes"] == instance["size_bytes"]
+    models = {m["key"]: m for m in http.get("/api/v1/models").json()["models"]}
+    (entry,) = models[GGUF_KEY]["loaded_instances"]
+    assert entry["memory"] == memory and entry["memory_bytes"] == memory["total_bytes"]
+    v0 = http.get(f"/api/v0/models/{GGUF_KEY}").json()
+    assert v0["loaded_memory_bytes"] == memory["total_bytes"]
