@@ -128,7 +128,9 @@ def test_load_gguf_honours_llamacpp_options_and_unload(http):
         "parallel": 4,
     }
     listed = {m["key"]: m for m in http.get("/api/v1/models").json()["models"]}[GGUF_KEY]
-    assert {"id": "lms-test-gguf", "config": body["load_config"]} in listed["loaded_instances"]
+    (entry,) = [i for i in listed["loaded_instances"] if i["id"] == "lms-test-gguf"]
+    assert entry["config"] == body["load_config"]
+    assert entry["memory_bytes"] == entry["memory"]["total_bytes"] > 0
     # An instance id is what inference requests may name.
     reply = chat(http, model="lms-test-gguf", input="Hi", store=False)
     assert reply["model_instance_id"] == "lms-test-gguf"

@@ -138,9 +138,10 @@ def test_load_endpoint_reports_and_accounts_for_the_quantized_cache(kvq_server):
         assert configs["gq"]["flash_attention"] is True
         assert configs["gq"]["cache_type_k"] == "q8_0"
         loaded = {i["id"]: i for i in http.get("/api/v1/models/loaded").json()["instances"]}
-        size = loaded["plain"]["size_bytes"]
-        kv_plain = loaded["plain"]["memory_bytes"] - size
-        kv_q4 = loaded["q4"]["memory_bytes"] - size
+        kv_plain = loaded["plain"]["memory"]["kv_cache_bytes"]
+        kv_q4 = loaded["q4"]["memory"]["kv_cache_bytes"]
+        # The quantized cache is all that differs between the two estimates.
+        assert loaded["plain"]["memory_bytes"] - kv_plain == loaded["q4"]["memory_bytes"] - kv_q4
         assert kv_q4 / kv_plain == pytest.approx((4 + 1) / 32, rel=0.01)
         r = http.post(
             "/v1/chat/completions",
