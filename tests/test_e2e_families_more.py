@@ -133,6 +133,53 @@ def test_forced_call_responses_anthropic_v1(srv, oai, mcp_url, family):
     v1_mcp_round(srv.url, model, mcp_url)
 
 
+@pytest.mark.parametrize("family", ["kimi-k2", "minimax-m2"])
+def test_parallel_section_cut_off_keeps_its_complete_calls(srv, oai, family):
+    """With parallel calls a random model calls until max_tokens: the section is cut off, and
+    the calls it completed before the cut are calls on every route, not text."""
+    budget = 48
+    calls = {}
+    for fmt in ("mlx", "gguf"):
+        reply = oai.chat.completions.create(
+            model=key(family, fmt),
+            messages=[{"role": "user", "content": ASK}],
+            tools=[{"type": "function", "function": TOOL}],
+            tool_choice="required",
+            max_tokens=budget,
+            temperature=0,
+        )
+        choice = reply.choices[0]
+        assert choice.finish_reason == "length"
+        assert choice.message.tool_calls, choice.message.content
+        calls[fmt] = [json.loads(c.function.arguments) for c in choice.message.tool_calls]
+        for arguments in calls[fmt]:
+            jsonschema.validate(arguments, PARAMS)
+    assert calls["mlx"] == calls["gguf"]
+    model = key(family, "gguf")
+    response = oai.responses.create(
+        model=model,
+        input=ASK,
+        tools=[{"type": "function", "strict": True, **TOOL}],
+        tool_choice="required",
+        max_output_tokens=budget,
+        temperature=0,
+    )
+    assert response.status == "incomplete"
+    items = [o for o in response.output if o.type == "function_call"]
+    assert [json.loads(i.arguments) for i in items] == calls["gguf"]
+    claude = anthropic.Anthropic(base_url=srv.url, api_key="x", max_retries=0)
+    message = claude.messages.create(
+        model=model,
+        max_tokens=budget,
+        tools=[{"name": TOOL["name"], "description": TOOL["description"], "input_schema": PARAMS}],
+        tool_choice={"type": "any"},
+        messages=[{"role": "user", "content": ASK}],
+        extra_body={"temperature": 0},
+    )
+    assert message.stop_reason == "max_tokens"
+    assert [b.input for b in message.content if b.type == "tool_use"] == calls["gguf"]
+
+
 def test_reasoning_options_and_switches(srv, oai):
     listed = httpx.get(srv.url + "/api/v1/models", timeout=30).json()["models"]
     caps = {m["key"]: m.get("capabilities", {}).get("reasoning") for m in listed}

@@ -155,6 +155,37 @@ CASES = [
         1,
         "",
     ),
+    # a parallel section cut off by max_tokens: the calls completed in it are calls
+    (
+        KimiK2(),
+        "Sure.<|tool_calls_section_begin|>"
+        + KIMI.format(name="get_weather", i=0, args='{"city": "Paris"}')
+        + KIMI.format(name="add", i=1, args='{"a": 2}')
+        + '<|tool_call_begin|>functions.add:2<|tool_call_argument_begin|>{"a"',
+        'Sure.functions.add:2{"a"',
+        [PARIS, ("add", {"a": 2})],
+        1,
+        "",
+    ),
+    (
+        KimiK2(),
+        "<|tool_calls_section_begin|>"
+        + KIMI.format(name="get_weather", i=0, args='{"city": "Paris"}'),
+        "",
+        [PARIS],
+        0,
+        "",
+    ),
+    (
+        KimiK2(),
+        "<|tool_calls_section_begin|>"
+        + KIMI.format(name="rm_rf", i=0, args="{}")
+        + "<|tool_call_begin|>functions.add:1",
+        "functions.rm_rf:0{}functions.add:1",
+        [],
+        1,
+        "",
+    ),
     # MiniMax M2 (its template opens <think>: see the prompt in test_parsers)
     (
         MiniMaxM2(),
@@ -173,6 +204,25 @@ CASES = [
         '\n<invoke name="get_weather">\n<parameter name=',
         [],
         1,
+        "",
+    ),
+    (
+        MiniMaxM2(),
+        '</think><minimax:tool_call>\n<invoke name="get_weather">\n'
+        '<parameter name="city">Paris</parameter>\n</invoke>\n<invoke name="add">\n'
+        '<parameter name="a">2</parameter>\n</invoke>\n<invoke name="add">\n<parameter',
+        '\n<invoke name="add">\n<parameter',
+        [PARIS, ("add", {"a": 2})],
+        1,
+        "",
+    ),
+    (
+        MiniMaxM2(),
+        '</think><minimax:tool_call>\n<invoke name="get_weather">\n'
+        '<parameter name="city">Paris</parameter>\n</invoke>\n',
+        "",
+        [PARIS],
+        0,
         "",
     ),
     # LFM2

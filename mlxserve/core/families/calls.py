@@ -48,6 +48,9 @@ class BlockSyntax:
     json_args_key: str | None = None
     # Llama 3 answers a call as bare JSON, without its python_tag, at the start of a reply.
     bare_json: bool = False
+    # Where one block holds several calls (Kimi K2's section, MiniMax M2's): the marker that
+    # ends each call, so that a block cut off by max_tokens still gives the calls it completed.
+    call_end: str | None = None
 
 
 def new_call_id() -> str:
@@ -251,6 +254,12 @@ class BlockCallParser:
             raw += self.syntax.close
         unknown_name = None
         if not complete and self.syntax.close:
+            rest = self._calls_before_cut(out, body)
+            if len(rest) < len(body):
+                self._seen_text = True
+                if not rest.strip():
+                    return
+                raw = rest
             reason = "the call was cut off before its end marker"
         else:
             try:
@@ -262,11 +271,7 @@ class BlockCallParser:
                     reason = f"the model called '{unknown[0]}', which is not among the tools"
                     unknown_name = unknown[0]
                 else:
-                    for name, args in calls:
-                        out.append(ToolCallStart(self.calls, new_call_id(), name))
-                        out.append(ToolCallDelta(self.calls, json.dumps(args, ensure_ascii=False)))
-                        out.append(ToolCallEnd(self.calls))
-                        self.calls += 1
+                    self._emit(out, calls)
                     return
             except ValueError as exc:
                 reason = str(exc) or "the call cannot be read"
@@ -275,3 +280,26 @@ class BlockCallParser:
             out.append(TextDelta(raw))
             return
         out.append(InvalidToolCall(self._strip(raw), reason=reason, unknown_name=unknown_name))
+
+    def _calls_before_cut(self, out: list[ToolEvent], body: str) -> str:
+        """Gives the calls that were complete in a block of several calls cut off before its
+        end marker, and returns the rest of the block (all of it when none was complete)."""
+        call_end = self.syntax.call_end
+        at = body.rfind(call_end) if call_end else -1
+        if call_end is None or at < 0:
+            return body
+        try:
+            calls = self.syntax.parse(body[: at + len(call_end)])
+        except ValueError:
+            return body
+        if not calls or any(name not in self.known for name, _ in calls):
+            return body
+        self._emit(out, calls)
+        return body[at + len(call_end) :]
+
+    def _emit(self, out: list[ToolEvent], calls: list[Call]) -> None:
+        for name, args in calls:
+            out.append(ToolCallStart(self.calls, new_call_id(), name))
+            out.append(ToolCallDelta(self.calls, json.dumps(args, ensure_ascii=False)))
+            out.append(ToolCallEnd(self.calls))
+            self.calls += 1

@@ -35,6 +35,7 @@ def _mlx_lm_syntax(
     parser: str,
     tools: list[dict[str, Any]] | None,
     errors: tuple[type[Exception], ...] = (ValueError,),
+    call_end: str | None = None,
 ) -> BlockSyntax:
     """Blocks read by ``mlx_lm.tool_parsers.<parser>`` (given ``tools`` unless None), imported
     at the first call read."""
@@ -47,7 +48,7 @@ def _mlx_lm_syntax(
         except errors as exc:
             raise UnreadableCall(f"the call cannot be read ({exc})") from exc
 
-    return BlockSyntax(begin, end, parse)
+    return BlockSyntax(begin, end, parse, call_end=call_end)
 
 
 def _json_args(function: dict[str, Any]) -> str:
@@ -85,7 +86,7 @@ class KimiK2(Family):
 
     def call_syntax(self, functions: list[dict[str, Any]]) -> BlockSyntax:
         tools = [{"type": "function", "function": f} for f in functions]
-        return _mlx_lm_syntax(SECTION_BEGIN, SECTION_END, "kimi_k2", tools)
+        return _mlx_lm_syntax(SECTION_BEGIN, SECTION_END, "kimi_k2", tools, call_end=KIMI_END)
 
     def call_grammar(self, functions: list[dict[str, Any]], parallel: bool, lit: Lit) -> str:
         calls = [
@@ -121,7 +122,9 @@ class MiniMaxM2(Family):
 
     def call_syntax(self, functions: list[dict[str, Any]]) -> BlockSyntax:
         tools = [{"type": "function", "function": f} for f in functions]
-        return _mlx_lm_syntax(MINIMAX_OPEN, MINIMAX_CLOSE, "minimax_m2", tools)
+        return _mlx_lm_syntax(
+            MINIMAX_OPEN, MINIMAX_CLOSE, "minimax_m2", tools, call_end="</invoke>"
+        )
 
     def call_grammar(self, functions: list[dict[str, Any]], parallel: bool, lit: Lit) -> str:
         # The template opens a thinking block the model cannot skip: a forced reply closes it
