@@ -102,11 +102,15 @@ def test_claude_code_billing_header_keeps_the_prompt_cache(client, model):
             model=model, max_tokens=8, system=system, messages=HELLO, **FIXED
         )
 
+    def prompt(usage):
+        return (
+            usage.input_tokens + usage.cache_creation_input_tokens + usage.cache_read_input_tokens
+        )
+
     cold = turn("eb6c6")
     warm = turn("0a1f3")
-    prompt = warm.usage.input_tokens + warm.usage.cache_read_input_tokens
-    assert warm.usage.cache_read_input_tokens >= prompt - 1
-    assert prompt == cold.usage.input_tokens + cold.usage.cache_read_input_tokens
+    assert warm.usage.cache_read_input_tokens >= prompt(warm.usage) - 1
+    assert prompt(warm.usage) == prompt(cold.usage)
     assert cold.usage.cache_read_input_tokens < 8  # no earlier request had this system prompt
     assert warm.content[0].text == cold.content[0].text
 
