@@ -10,9 +10,9 @@ template (scripts/make_test_models.py):
   ``RotatingKVCache``) alternating with global layers.
 
 Neither cache can be rolled back to an earlier position once its window has moved or its state
-has absorbed a token. Layout (LM Studio): ``<out>/<publisher>/<name>-mlx/``. Output is
-deterministic and idempotent: an existing, stamped output is kept. MLX only: see the README's
-prompt cache section for GGUF.
+has absorbed a token. Layout (LM Studio): ``<out>/<publisher>/<name>-mlx/``, and for the
+Qwen3.5 one also ``<name>-gguf/<name>-f32.gguf`` (llama.cpp's ``qwen35``). Output is
+deterministic and idempotent: an existing, stamped output is kept.
 """
 
 from __future__ import annotations
@@ -128,53 +128,169 @@ def make_weights(config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
     return out
 
 
-def _stamp(name: str, seed: int, folder: Path) -> dict[str, Any]:
+def _gguf_tensors(config: dict[str, Any], weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The qwen3_5 weights under llama.cpp's qwen35 tensor names (conv1d squeezed, ``A_log``
+    as ``-exp(A_log)``)."""
+    parts = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "post_attention_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
+        "linear_attn.in_proj_qkv": "attn_qkv",
+        "linear_attn.in_proj_z": "attn_gate",
+        "linear_attn.in_proj_b": "ssm_beta",
+        "linear_attn.in_proj_a": "ssm_alpha",
+        "linear_attn.conv1d": "ssm_conv1d",
+        "linear_attn.norm": "ssm_norm",
+        "linear_attn.out_proj": "ssm_out",
+    }
+    out: dict[str, np.ndarray] = {}
+    for name, array in weights.items():
+        if name == "language_model.model.embed_tokens.weight":
+            out["token_embd.weight"] = array
+            continue
+        if name == "language_model.model.norm.weight":
+            out["output_norm.weight"] = array
+            continue
+        layer, rest = name.removeprefix("language_model.model.layers.").split(".", 1)
+        if rest == "linear_attn.A_log":
+            out[f"blk.{layer}.ssm_a"] = -np.exp(array)
+        elif rest == "linear_attn.dt_bias":
+            out[f"blk.{layer}.ssm_dt.bias"] = array
+        else:
+            module, kind = rest.rsplit(".", 1)
+            out[f"blk.{layer}.{parts[module]}.{kind}"] = (
+                array[..., 0] if module == "linear_attn.conv1d" else array
+            )
+    return out
+
+
+def write_gguf(path: Path, config: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
+    """``tiny-qwen35-hybrid`` for llama.cpp (arch ``qwen35``): the MLX folder's weights by
+    name, vocabulary and template. llama.cpp's greedy output on it differs from mlx-lm's (some
+    layout its converter applies is not reproduced here): the tests compare GGUF runs with
+    each other only."""
+    import gguf
+
+    qwen2 = _tiny_qwen2()
+    vocab = qwen2.read_vocab(qwen2.find_vocab())
+    arch = "qwen35"
+    rope = config["rope_parameters"]
+    rotary = int(config["head_dim"] * rope["partial_rotary_factor"])
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    writer.add_name(path.stem)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_context_length(CONTEXT)
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    writer.add_rope_freq_base(rope["rope_theta"])
+    writer.add_rope_dimension_count(rotary)
+    # Text positions are equal on every M-RoPE axis: the sections only need to add up.
+    writer.add_rope_dimension_sections([rotary // 4, rotary // 8, rotary // 8, 0])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_ssm_conv_kernel(config["linear_conv_kernel_dim"])
+    writer.add_ssm_state_size(config["linear_key_head_dim"])
+    writer.add_ssm_group_count(config["linear_num_key_heads"])
+    writer.add_ssm_time_step_rank(config["linear_num_value_heads"])
+    writer.add_ssm_inner_size(config["linear_num_value_heads"] * config["linear_value_head_dim"])
+    writer.add_full_attention_interval(config["full_attention_interval"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.token_types)
+    writer.add_token_merges(vocab.merges)
+    writer.add_bos_token_id(vocab.id_of("<|endoftext|>"))
+    writer.add_eos_token_id(vocab.id_of("<|im_end|>"))
+    writer.add_pad_token_id(vocab.id_of("<|endoftext|>"))
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(qwen2.CHAT_TEMPLATE)
+    for name, array in _gguf_tensors(config, weights).items():
+        writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# The architectures written as GGUF too (llama.cpp's default full-size sliding-window cache
+# can be cut back, so only recurrent ones need checkpoints there).
+GGUF_ARCHITECTURES = {"tiny-qwen35-hybrid"}
+
+
+def _stamp(fmt: str, name: str, seed: int, folder: Path) -> dict[str, Any]:
     files = sorted(p for p in folder.iterdir() if p.name != STAMP_FILE)
     return {
         "generator": "mlxserve make_hybrid_models",
         "source_sha256": _SOURCE_SHA256,
+        "format": fmt,
         "name": name,
         "seed": seed,
         "files": {p.name: p.stat().st_size for p in files},
     }
 
 
-def _is_complete(folder: Path, name: str, seed: int) -> bool:
+def _is_complete(folder: Path, fmt: str, name: str, seed: int) -> bool:
     try:
         stamp = json.loads((folder / STAMP_FILE).read_text(encoding="utf-8"))
-        return bool(stamp == _stamp(name, seed, folder) and stamp["files"])
+        return bool(stamp == _stamp(fmt, name, seed, folder) and stamp["files"])
     except (OSError, ValueError):
         return False
 
 
-def generate(out_root: Path, name: str, publisher: str = "mlxserve-test", seed: int = 0) -> Path:
-    """Write ``<out_root>/<publisher>/<name>-mlx`` (a key of ARCHITECTURES); return it."""
+def generate(
+    out_root: Path, name: str, publisher: str = "mlxserve-test", seed: int = 0
+) -> dict[str, Path]:
+    """Write ``<out_root>/<publisher>/<name>-mlx`` (``name`` a key of ARCHITECTURES) and, for
+    GGUF_ARCHITECTURES, ``<name>-gguf/<name>-f32.gguf``; return {"mlx": folder, "gguf": file}."""
     from safetensors.numpy import save_file
 
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(ARCHITECTURES)}")
     base = Path(out_root) / publisher
-    target = base / f"{name}-mlx"
-    if _is_complete(target, name, seed):
-        return target
+    folders = {"mlx": base / f"{name}-mlx"}
+    if name in GGUF_ARCHITECTURES:
+        folders["gguf"] = base / f"{name}-gguf"
+    result = {f: d / f"{name}-f32.gguf" if f == "gguf" else d for f, d in folders.items()}
+    todo = [f for f, d in folders.items() if not _is_complete(d, f, name, seed)]
+    if not todo:
+        return result
     qwen2 = _tiny_qwen2()
     vocab = qwen2.read_vocab(qwen2.find_vocab())
     config = {**ARCHITECTURES[name], "vocab_size": len(vocab.tokens)}
     eot, im_end = vocab.id_of("<|endoftext|>"), vocab.id_of("<|im_end|>")
     config.update(bos_token_id=eot, eos_token_id=im_end, torch_dtype="float32")
+    weights = make_weights(config, seed)
     base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-mlx-", dir=base))
-    try:
-        # The tiny Qwen2's tokenizer files, then this architecture's config and weights.
-        qwen2.write_mlx(tmp, {}, vocab, qwen2.build_tokenizer_json(vocab))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        save_file(make_weights(config, seed), str(tmp / "model.safetensors"), {"format": "mlx"})
-        (tmp / STAMP_FILE).write_text(json.dumps(_stamp(name, seed, tmp)), encoding="utf-8")
-        qwen2._publish(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote mlx model {target}")
-    return target
+    for fmt in todo:
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-{fmt}-", dir=base))
+        try:
+            if fmt == "gguf":
+                write_gguf(tmp / result[fmt].name, config, weights)
+            else:
+                # The tiny Qwen2's tokenizer files, then this architecture's config and weights.
+                qwen2.write_mlx(tmp, {}, vocab, qwen2.build_tokenizer_json(vocab))
+                config_json = json.dumps(config, indent=2) + "\n"
+                (tmp / "config.json").write_text(config_json, encoding="utf-8")
+                save_file(weights, str(tmp / "model.safetensors"), {"format": "mlx"})
+            stamp = _stamp(fmt, name, seed, tmp)
+            (tmp / STAMP_FILE).write_text(json.dumps(stamp), encoding="utf-8")
+            qwen2._publish(tmp, folders[fmt])
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(f"wrote {fmt} model {result[fmt]}")
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

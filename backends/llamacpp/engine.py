@@ -7,6 +7,7 @@ import logging
 import os
 import random
 from collections import OrderedDict, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,12 @@ class LlamaCppEngine(Engine):
         self._reuse = self.options.cache_reuse if llama_cpp.llama_memory_can_shift(self._mem) else 0
         self._batch = llama_cpp.llama_batch_init(self._step_tokens, 0, 1)
         model = adapter.model_pointer(llm)
+        # A recurrent state (Mamba, Gated DeltaNet) cannot be cut back, and llama.cpp copies a
+        # sequence's whole state whatever range is asked: a kept sequence of such a model is
+        # reused only whole, so checkpoints are kept at the end of each prompt too.
+        self._whole_only = bool(
+            llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
+        )
         n_head = max(1, llama_cpp.llama_model_n_head(model))
         kv_width = llama_cpp.llama_model_n_embd(model) * llama_cpp.llama_model_n_head_kv(model)
         bits = options.kv_element_bits("gguf")
@@ -320,7 +327,10 @@ class LlamaCppEngine(Engine):
         min_run = self._reuse if request.vision is None else 0
         movable = {k: t for k, t in self._kept.items() if not self._kept_shift.get(k)}
         busy = [r.tokens for r in self._running]
-        source, shared, runs = best_source(self._kept, movable, busy, prompt, min_run)
+        kept: Mapping[int, list[int]] = self._kept
+        if self._whole_only:
+            kept = {k: t for k, t in kept.items() if len(t) < len(prompt) and prompt[: len(t)] == t}
+        source, shared, runs = best_source(kept, movable, busy, prompt, min_run)
         # Image cells are marked by their image's hash (negative ids): a prompt with images
         # reuses a kept sequence only when the shared prefix holds all of its images.
         media_end = max((i + 1 for i, t in enumerate(prompt) if t < 0), default=0)
@@ -379,8 +389,9 @@ class LlamaCppEngine(Engine):
             prepare_hold(self._mem, source, shared, runs)
             state.hold, state.runs = source, deque(runs)
             state.cached += sum(r.n for r in runs)
-        # Image prompts decode without their draft: its context holds no images.
-        if request.draft is not None and request.vision is None:
+        # Image prompts decode without their draft: its context holds no images. Nor do
+        # recurrent models: rejected proposals cannot be removed from their state.
+        if request.draft is not None and request.vision is None and not self._whole_only:
             state.draft = self._drafts[request.draft]
             job.draft = DraftStats()
         self._running.append(state)
@@ -424,13 +435,30 @@ class LlamaCppEngine(Engine):
         if not tokens or size > self.options.prompt_cache_bytes:
             self._drop(s.seq)
             return
+        # A kept sequence this one extends is covered by it, unless it cannot be cut back.
         for seq, kept in list(self._kept.items()):
-            if len(kept) <= len(tokens) and tokens[: len(kept)] == kept:
+            if len(kept) <= len(tokens) and tokens[: len(kept)] == kept and not self._whole_only:
                 self._drop(seq)
-        self._kept[s.seq] = tokens
-        self._kept_shift[s.seq] = s.pos_shift
+        self._keep(s.seq, tokens, s.pos_shift)
+
+    def _keep(self, seq: int, tokens: list[int], pos_shift: int) -> None:
+        self._kept[seq] = tokens
+        self._kept_shift[seq] = pos_shift
         budget = self.options.prompt_cache_bytes // self._token_bytes
-        self._evict_until(lambda: self._kept_cells() <= budget, keep=s.seq)
+        self._evict_until(lambda: self._kept_cells() <= budget, keep=seq)
+
+    def _checkpoint_prompt(self, s: _Seq) -> None:
+        """Keep a copy of ``s`` as it is after its whole prompt, before its first sampled
+        token: the next turn of a chat usually extends the prompt exactly, while the reply may
+        come back re-rendered. The copy shares the KV cells; llama.cpp copies the recurrent
+        state to a cell of its own when ``s`` next writes to it."""
+        if not self._free or len(s.tokens) * self._token_bytes > self.options.prompt_cache_bytes:
+            return
+        if any(t == s.tokens for t in self._kept.values()):
+            return
+        seq = self._free.pop()
+        llama_cpp.llama_memory_seq_cp(self._mem, s.seq, seq, -1, -1)
+        self._keep(seq, list(s.tokens), s.pos_shift)
 
     def _step(self) -> None:
         for job in [j for j in self._waiting if j.cancelled]:
@@ -488,6 +516,8 @@ class LlamaCppEngine(Engine):
         if batch.n_tokens:
             self._decode()
         for s, i in outputs:
+            if self._whole_only and not s.job.generated and s.hold is None:
+                self._checkpoint_prompt(s)
             token, lp = self._sample(s, i)
             if self._accept(s.job, token, lp):
                 self._finish_seq(s)
