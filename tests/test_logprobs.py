@@ -12,6 +12,8 @@ import pytest
 
 from backends.base import Finished, GenerationRequest, SamplingParams, Token
 from mlxserve.core.grammar import json_schema_grammar
+from mlxserve.core.types import Candidate, TokenLogprob
+from mlxserve.routes.openai import CompletionLogprobs
 from tests.conftest import GGUF_KEY, MLX_KEY
 from tests.engine_harness import load
 
@@ -268,6 +270,34 @@ def test_grammar_mask_is_in_the_reported_distribution(engine):
     token = asyncio.run(first())
     assert token.logprobs.top and token.logprobs.top[0][0] == token.id
     assert all(engine.token_bytes(i).startswith(b"{") for i, _ in token.logprobs.top)
+
+
+def test_v0_completions_text_offset_counts_from_the_prompt(server, client):
+    """OpenAI's rule: each token's offset in prompt + completion (v0 counted from 0)."""
+    prompt = "Once upon a time"
+    body = {"model": GGUF_KEY, "prompt": prompt, "max_tokens": 8, "temperature": 0, "logprobs": 2}
+    r = httpx.post(f"{server.url}/api/v0/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert lp["text_offset"][0] == len(prompt)
+    whole = prompt + choice["text"]
+    for token, offset in zip(lp["tokens"], lp["text_offset"], strict=True):
+        assert token.startswith("bytes:") or whole[offset : offset + len(token)] == token
+    assert lp["text_offset"] == client.completions.create(**body).choices[0].logprobs.text_offset
+
+
+def test_text_offset_of_a_character_split_over_tokens():
+    def entry(raw: bytes) -> TokenLogprob:
+        candidate = Candidate(raw.decode("utf-8", errors="replace"), raw, -0.5)
+        return TokenLogprob(candidate, (candidate,))
+
+    rendered = CompletionLogprobs("Say: ")
+    first = rendered.render([entry(b"\xc3"), entry(b"\xa9t")])  # "é" split, then "t"
+    second = rendered.render([entry(b"\xe2\x82"), entry(b"\xac"), entry(b"!")])  # "€", "!"
+    # "Say: ét€!": each token starts where its first whole character does.
+    assert first["text_offset"] == [5, 5]
+    assert second["text_offset"] == [7, 7, 8]
 
 
 def test_v0_chat_carries_logprobs(server):

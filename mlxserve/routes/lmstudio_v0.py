@@ -163,7 +163,7 @@ async def _v0(
     request: Request,
     model: type[ChatCompletionRequest] | type[CompletionRequest],
     streamed: Callable[[Request], Awaitable[Response]],
-    render: Callable[[str, int, str, openai.Reply, Done], dict[str, Any]],
+    render: Callable[[Any, str, int, str, openai.Reply, Done], dict[str, Any]],
     prefix: str,
 ) -> Response:
     """The OpenAI shape plus v0's ``stats``, ``model_info`` and ``runtime``; streams are the
@@ -177,26 +177,32 @@ async def _v0(
     timed = await _whole(request, gen, started)
     if timed is None or timed.done is None:
         return Response(status_code=204)
-    out = render(
-        f"{prefix}-{uuid.uuid4().hex}", int(time.time()), gen.instance.id, timed.reply, timed.done
-    )
+    cid = f"{prefix}-{uuid.uuid4().hex}"
+    out = render(body, cid, int(time.time()), gen.instance.id, timed.reply, timed.done)
     return JSONResponse(out | timed.extras(gen))
+
+
+def _chat_body(
+    body: ChatCompletionRequest, cid: str, created: int, model: str, reply: openai.Reply, done: Done
+) -> dict[str, Any]:
+    return openai.chat_completion_body(cid, created, model, reply, done)
+
+
+def _text_body(
+    body: CompletionRequest, cid: str, created: int, model: str, reply: openai.Reply, done: Done
+) -> dict[str, Any]:
+    assert isinstance(body.prompt, str)
+    return openai.text_completion_body(cid, created, model, reply, done, body.prompt)
 
 
 async def chat_completions(request: Request) -> Response:
     return await _v0(
-        request,
-        ChatCompletionRequest,
-        openai.chat_completions,
-        openai.chat_completion_body,
-        "chatcmpl",
+        request, ChatCompletionRequest, openai.chat_completions, _chat_body, "chatcmpl"
     )
 
 
 async def completions(request: Request) -> Response:
-    return await _v0(
-        request, CompletionRequest, openai.completions, openai.text_completion_body, "cmpl"
-    )
+    return await _v0(request, CompletionRequest, openai.completions, _text_body, "cmpl")
 
 
 routes = [

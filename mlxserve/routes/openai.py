@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -136,17 +137,22 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
 
 
 class CompletionLogprobs:
-    """A text completion's ``logprobs`` (the legacy shape: parallel lists), chunk by chunk;
-    ``text_offset`` counts characters from the start of the prompt, as OpenAI's does."""
+    """A text completion's ``logprobs`` (the legacy shape: parallel lists), chunk by chunk.
 
-    def __init__(self, offset: int) -> None:
-        self.offset = offset
+    ``text_offset`` is where each token's text starts in prompt + completion, in characters,
+    as OpenAI's is (without ``echo`` too: the first token's offset is the prompt's length). A
+    character split over several tokens counts once it is whole, so the offset of a token
+    that ends inside one is where that character starts."""
+
+    def __init__(self, prompt: str) -> None:
+        self._offset = len(prompt)
+        self._chars = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def render(self, entries: list[TokenLogprob]) -> dict[str, Any]:
         offsets = []
         for e in entries:
-            offsets.append(self.offset)
-            self.offset += len(e.sampled.bytes.decode("utf-8", errors="ignore"))
+            offsets.append(self._offset)
+            self._offset += len(self._chars.decode(e.sampled.bytes))
         return {
             "tokens": [e.sampled.token for e in entries],
             "token_logprobs": [e.sampled.logprob for e in entries],
@@ -270,12 +276,12 @@ def chat_completion_body(
 
 
 def text_completion_body(
-    cid: str, created: int, model: str, reply: Reply, done: Done, prompt_chars: int = 0
+    cid: str, created: int, model: str, reply: Reply, done: Done, prompt: str
 ) -> dict[str, Any]:
-    """A whole (not streamed) text completion."""
+    """A whole (not streamed) text completion of ``prompt``."""
     logprobs = None
     if reply.logprobs is not None:
-        logprobs = CompletionLogprobs(prompt_chars).render(reply.logprobs)
+        logprobs = CompletionLogprobs(prompt).render(reply.logprobs)
     choice = {
         "index": 0,
         "text": "".join(reply.text),
@@ -342,7 +348,8 @@ async def completions(request: Request) -> Response:
             return {"index": 0, **part, "logprobs": None, "finish_reason": finish}
 
         envelope = _envelope("text_completion", cid, created, model, body.include_usage)
-        rendered = CompletionLogprobs(len(body.prompt)).render
+        assert isinstance(body.prompt, str)
+        rendered = CompletionLogprobs(body.prompt).render
         return EventStreamResponse(
             _stream(
                 gen,
@@ -360,7 +367,8 @@ async def completions(request: Request) -> Response:
     if result is None:
         return Response(status_code=204)
     reply, done = result
-    return JSONResponse(text_completion_body(cid, created, model, reply, done, len(body.prompt)))
+    assert isinstance(body.prompt, str)
+    return JSONResponse(text_completion_body(cid, created, model, reply, done, body.prompt))
 
 
 routes = [
