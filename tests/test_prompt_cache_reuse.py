@@ -40,6 +40,11 @@ def test_align_finds_moved_runs_and_skips_short_ones():
     assert align(A + B + C, A + C + B + [7], 40, 32, 160) == [Run(110, 40, 50), Run(40, 90, 70)]
     # Runs shorter than min_run stay to be computed.
     assert align(old, A + Y + B, 40, 80, len(A + Y + B) - 1) == []
+    # Longer runs are found from windows hashed every min_run - 32 + 1 tokens of the cached
+    # prompt, then extended back to where they start.
+    assert align(old, A + Y + B, 40, 48, len(A + Y + B) - 1) == [Run(46, 51, 69)]
+    # Repetitive text: one run, not one per repetition.
+    assert align([1, 2, 3] * 100, [9] + [1, 2, 3] * 100, 0, 64, 301) == [Run(0, 1, 300)]
 
 
 ROPES = [

@@ -11,9 +11,10 @@ import copy
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
 
 from backends.base import common_prefix
@@ -22,10 +23,11 @@ from backends.mlx.lm_adapter import rotating_copy
 
 __all__ = ["PromptCache", "Reuse", "Run", "align", "common_prefix"]
 
-# Tokens hashed to find where a run may start (runs shorter than this are never reused), and
-# how many such starts are extended per prompt position (repetitive text has many).
+# Tokens hashed to find runs (at most), and how many places in the cached prompt one window
+# is tried at (repetitive text has many).
 _ANCHOR = 32
 _CANDIDATES = 8
+_MULTIPLIERS = np.random.default_rng(0).integers(1, 1 << 63, _ANCHOR, dtype=np.uint64) | 1
 
 
 def _each(x: Any, fn: Callable[[mx.array], mx.array]) -> Any:
@@ -150,37 +152,63 @@ class Reuse:
         return [_prefix_view(c, self.prefix) for c in self.entry]
 
 
-def _extend(old: Sequence[int], j: int, new: Sequence[int], i: int, limit: int) -> int:
-    n = 0
-    while i + n < limit and j + n < len(old) and old[j + n] == new[i + n]:
-        n += 1
-    return n
+def _agree(x: np.ndarray, y: np.ndarray) -> int:
+    """How many leading elements two arrays of the same length share (compared in growing
+    pieces: most candidate matches fail in the first)."""
+    done, piece = 0, 256
+    while done < len(x):
+        same = x[done : done + piece] == y[done : done + piece]
+        if not same.all():
+            return done + int(np.argmin(same))
+        done += len(same)
+        piece *= 8
+    return done
+
+
+def _hashes(tokens: np.ndarray, width: int, stride: int = 1) -> np.ndarray:
+    """A 64-bit hash of every ``stride``-th window of ``width`` tokens (wrapping products)."""
+    windows = np.lib.stride_tricks.sliding_window_view(tokens, width)[::stride]
+    return windows.astype(np.uint64) @ _MULTIPLIERS[:width]
 
 
 def align(
     old: Sequence[int], new: Sequence[int], start: int, min_run: int, limit: int
 ) -> list[Run]:
     """Runs of at least ``min_run`` tokens of ``new[start:limit]`` that ``old`` holds, found
-    left to right, each the longest match at its place (a run may come from anywhere in
-    ``old``: moved lines and reordered blocks are found too)."""
-    anchor = max(1, min(min_run, _ANCHOR))
-    starts: dict[tuple[int, ...], list[int]] = {}
-    for j in range(len(old) - anchor + 1):
-        starts.setdefault(tuple(old[j : j + anchor]), []).append(j)
+    left to right, each the longest at its place; a run may come from anywhere in ``old``, so
+    moved lines and reordered blocks are found too.
+
+    Every ``stride``-th window of ``old`` is hashed: a run of ``min_run`` tokens holds one
+    of them whole, so probing every window of ``new`` finds it, then it is extended both
+    ways. The work is a few array passes, not a Python loop per token."""
+    width = max(1, min(min_run, _ANCHOR))
+    if min_run <= 0 or limit - start < min_run or len(old) < min_run:
+        return []
+    stride = min_run - width + 1
+    o = np.asarray(old, dtype=np.int64)
+    n = np.asarray(new[:limit], dtype=np.int64)
+    anchors: dict[int, list[int]] = {}
+    for k, h in enumerate(cast(list[int], _hashes(o, width, stride).tolist())):
+        anchors.setdefault(h, []).append(k * stride)
+    probes = _hashes(n[start:], width)
+    hits = np.flatnonzero(np.isin(probes, np.array(list(anchors), dtype=np.uint64)))
     runs: list[Run] = []
-    i = start
-    while i + min_run <= limit:
-        follow = runs[-1].src + runs[-1].length if runs else -1
-        found = starts.get(tuple(new[i : i + anchor]), [])
-        # The continuation of the previous run first: text that kept its order stays one run.
-        candidates = ([follow] if follow in found else []) + found[:_CANDIDATES]
-        best = max(candidates, key=lambda j: _extend(old, j, new, i, limit), default=-1)
-        n = _extend(old, best, new, i, limit) if best >= 0 else 0
-        if n >= min_run:
-            runs.append(Run(best, i, n))
-            i += n
-        else:
-            i += 1
+    cursor = start
+    for i in cast(list[int], (hits + start).tolist()):
+        if i < cursor:
+            continue
+        best: Run | None = None
+        for j in anchors[int(probes[i - start])][:_CANDIDATES]:
+            ahead = min(len(o) - j, limit - i)
+            forward = _agree(o[j : j + ahead], n[i : i + ahead])
+            behind = min(j, i - cursor)
+            back = _agree(o[j - behind : j][::-1], n[i - behind : i][::-1]) if behind else 0
+            length = back + forward
+            if length >= min_run and (best is None or length > best.length):
+                best = Run(j - back, i - back, length)
+        if best is not None:
+            runs.append(best)
+            cursor = best.dst + best.length
     return runs
 
 
