@@ -136,6 +136,10 @@ class LoadOptions:
     prefill_chunk: int = 512
     # Memory the prompt cache (KV of finished requests, for prefix reuse) may keep.
     prompt_cache_bytes: int = 1 << 30
+    # Where prompt-cache entries are spilled to disk (``<home>/prompt-cache``; None: never)
+    # and how many bytes all models' files there may take together.
+    prompt_cache_dir: Path | None = None
+    prompt_cache_disk_bytes: int = 0
     # Shortest run of matching tokens past the first difference that the prompt cache moves
     # to its new position instead of computing it again; 0: exact prefix reuse only.
     cache_reuse: int = 0

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     # Memory each loaded model may keep for the prompt cache (KV of earlier requests reused
     # by a request that shares their prefix); least recently used entries go first.
     prompt_cache_bytes: int = Field(default=1 << 30, ge=0)
+    # Disk under <home>/prompt-cache that prompt-cache entries of every model may take
+    # together: entries pushed out of memory, and all of them when a model unloads, are
+    # written there and reloaded by a later prompt sharing their prefix, after an unload or a
+    # restart too; least recently used files go first; 0 turns spilling off.
+    prompt_cache_disk_bytes: int = Field(default=8 << 30, ge=0)
     # Reuse of cached KV past the first difference from a cached prompt (a changed line near
     # the top, a reordered tool list, an edited tool result): runs of at least this many tokens
     # that match the cached prompt are moved to their new positions instead of being computed

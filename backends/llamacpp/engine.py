@@ -26,12 +26,14 @@ from backends.base import (
     Job,
     TokenLogprobs,
     VisionPrompt,
+    common_prefix,
 )
 from backends.constraint import GrammarCache
 from backends.llamacpp import adapter
 from backends.llamacpp.adapter import LlamaSampler
 from backends.llamacpp.draft import DraftModel
 from backends.llamacpp.reuse import Run, attach, best_source, prepare_hold
+from backends.llamacpp.spill import GGUFSpill
 from backends.llamacpp.vision import DEFAULT_MAX_PIXELS, Chunks, Projector, find_projector
 from backends.logprobs import penalize, token_logprobs
 
@@ -164,6 +166,14 @@ class LlamaCppEngine(Engine):
         if projector is not None:
             self._projector = Projector(projector, adapter.model_pointer(llm), threads_batch)
         self._open_context()
+        # Image cells are keyed by hashes that a later load cannot trust: no spilling.
+        self._spill = (
+            None
+            if self._projector is not None
+            else GGUFSpill.open(
+                self.path, options, {"k": type_k, "v": type_v, "flash": flash}, self._ctx.ctx
+            )
+        )
         vocab = adapter.vocab_pointer(llm)
         self._vocab = vocab
         self._piece_cache: dict[int, bytes] = {}
@@ -314,12 +324,47 @@ class LlamaCppEngine(Engine):
         for seq in [s for s in self._kept if s != keep]:
             if fits():
                 return
+            self._spill_kept(seq)
             self._drop(seq)
+
+    def _spill_kept(self, seq: int) -> None:
+        tokens = self._kept[seq]
+        if self._spill is not None and not self._kept_shift.get(seq) and min(tokens) >= 0:
+            self._spill.save(seq, tokens)
+
+    def _restore_spilled(self, job: Job) -> None:
+        """Bring back the longest spilled prefix of the prompt as a kept sequence when no kept
+        sequence shares as much of it: the search below then reuses it like the others."""
+        request = job.request
+        prompt = request.prompt
+        if self._spill is None or request.vision is not None:
+            return
+        kept = [common_prefix(t, prompt, len(prompt) - 1) for t in self._kept.values()]
+        key, _ = self._spill.store.longest(prompt, max(kept, default=0))
+        if key is None:
+            return
+        need = len(key) + len(prompt) + request.max_tokens
+        need += sum(s.reserve for s in self._running)
+
+        def fits() -> bool:
+            # One free sequence for the entry, one for the request.
+            return need + self._kept_cells() <= self._cells and len(self._free) >= 2
+
+        self._evict_until(fits)
+        if not fits():
+            return
+        seq = self._free.pop()
+        if not self._spill.restore(key, seq):
+            self._drop(seq)
+            return
+        self._kept[seq] = list(key)
+        self._kept_shift[seq] = 0
 
     def _kept_cells(self) -> int:
         return sum(len(t) for t in self._kept.values())
 
     def _start_seq(self, job: Job) -> None:
+        self._restore_spilled(job)
         request = job.request
         prompt = list(request.prompt)
         # The kept sequence that serves most of the prompt: its exact shared prefix, then the
@@ -612,6 +657,10 @@ class LlamaCppEngine(Engine):
             self._finish_seq(s)
 
     def _unload(self) -> None:
+        if self._spill is not None:
+            for seq in list(self._kept):
+                self._spill_kept(seq)
+            self._spill.close()
         if self._projector is not None:
             self._projector.close()
         for draft in self._drafts.values():

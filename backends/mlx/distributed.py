@@ -276,6 +276,8 @@ class _NamedGrammars(GrammarCache):
 class _ShardedMLXEngine(MLXEngine):
     """What rank 0 and the other ranks share: the shard's load and the replayable insert."""
 
+    spills = False
+
     group: DistributedGroup
 
     def _load_model(self) -> tuple[Any, Any]:

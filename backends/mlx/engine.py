@@ -40,6 +40,7 @@ from backends.mlx import release_thread_memory
 from backends.mlx.kvquant import BITS, group_size_for, quantized_caches
 from backends.mlx.lm_adapter import hf_tokenizer
 from backends.mlx.prompt_cache import PromptCache
+from backends.mlx.spill import MLXSpill
 from backends.mlx.splice import Splice, key_shifts
 
 log = logging.getLogger("mlxserve.backends")
@@ -130,6 +131,9 @@ class MLXEngine(Engine):
     """An mlx-lm model behind the backend interface."""
 
     format = "mlx"
+    # Whether prompt-cache entries are spilled to disk (a shard or an image prompt's KV is no
+    # use to a later load of the whole text model).
+    spills = True
 
     def _setup(self) -> None:
         super()._setup()
@@ -221,7 +225,11 @@ class MLXEngine(Engine):
         self._checkpoints = not all(type(c) is KVCache for c in layers)
         self._kv_group = self._kv_quantization(model)
         self._batch = self._new_batch()
-        self._prompt_cache = PromptCache(options.prompt_cache_bytes)
+        self._spill = MLXSpill.open(self.path, options, len(layers)) if self.spills else None
+        self._prompt_cache = PromptCache(
+            options.prompt_cache_bytes,
+            on_evict=self._spill.save if self._spill is not None else None,
+        )
         self._key_shifts = key_shifts(model)
         self._tokenizer = tokenizer
         hf = hf_tokenizer(tokenizer)
@@ -422,6 +430,10 @@ class MLXEngine(Engine):
             job.progress(reuse.prefix, len(prompt), reuse.reused)
             return
         cache, cached = self._prompt_cache.fetch(prompt)
+        if self._spill is not None:
+            spilled, n = self._spill.fetch(prompt, cached)
+            if spilled is not None:
+                cache, cached = spilled, n
         if cache is None:
             cache = self._fresh_cache()
         self._join_batch(job, cache, cached, cached)
@@ -563,6 +575,10 @@ class MLXEngine(Engine):
 
     def _unload(self) -> None:
         self._batch.close()
+        if self._spill is not None:
+            for tokens, cache in self._prompt_cache.entries():
+                self._spill.save(tokens, cache)
+            self._spill.close()
         self._prompt_cache.clear()
         self._drafts.clear()
         del self._batch, self._prompt_cache, self._model

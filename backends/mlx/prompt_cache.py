@@ -220,10 +220,16 @@ class PromptCache:
     checkpoint (an entry with a recurrent or sliding-window layer) serves only a prompt it is
     a prefix of, at exactly its length."""
 
-    def __init__(self, budget: int) -> None:
+    def __init__(
+        self,
+        budget: int,
+        on_evict: Callable[[tuple[int, ...], list[Any]], None] | None = None,
+    ) -> None:
         self.budget = budget
         self._entries: OrderedDict[tuple[int, ...], list[Any]] = OrderedDict()
         self.nbytes = 0
+        # Called with each entry the budget pushes out (not one a longer entry covers).
+        self.on_evict = on_evict
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -309,11 +315,21 @@ class PromptCache:
         self._entries[key] = cache
         self.nbytes += size
         while self.nbytes > self.budget:
-            self._drop(next(iter(self._entries)))
+            self._evict(next(iter(self._entries)))
+
+    def _evict(self, key: tuple[int, ...]) -> None:
+        cache = self._entries[key]
+        self._drop(key)
+        if self.on_evict is not None:
+            self.on_evict(key, cache)
 
     def _drop(self, key: tuple[int, ...]) -> None:
         cache = self._entries.pop(key)
         self.nbytes -= sum(c.nbytes for c in cache)
+
+    def entries(self) -> list[tuple[tuple[int, ...], list[Any]]]:
+        """Every stored entry and its tokens, least recently used first."""
+        return list(self._entries.items())
 
     def clear(self) -> None:
         self._entries.clear()

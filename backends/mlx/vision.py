@@ -59,6 +59,8 @@ def _mark(image: Any) -> int:
 class MLXVisionEngine(MLXEngine):
     """An mlx-vlm model behind the backend interface."""
 
+    spills = False
+
     def _load_model(self) -> tuple[Any, Any]:
         from mlx_lm import load as lm_load
         from mlx_vlm import load as vlm_load

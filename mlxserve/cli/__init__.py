@@ -141,6 +141,7 @@ TUNING_FLAGS = (
     "max_batch_size",
     "prefill_chunk",
     "prompt_cache_bytes",
+    "prompt_cache_disk_bytes",
     "cache_reuse",
     "sse_ping_seconds",
     "default_temperature",

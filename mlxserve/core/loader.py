@@ -57,6 +57,8 @@ class ModelLoader:
             draft_model=request.draft_model,
             prefill_chunk=self.settings.prefill_chunk,
             prompt_cache_bytes=self.settings.prompt_cache_bytes,
+            prompt_cache_dir=self.settings.home / "prompt-cache",
+            prompt_cache_disk_bytes=self.settings.prompt_cache_disk_bytes,
             cache_reuse=self.settings.cache_reuse,
         )
 

@@ -1,0 +1,72 @@
+"""The GGUF prompt cache's kept sequences on disk (see :mod:`backends.spill`): llama.cpp's
+per-sequence state, restored into a free sequence on a hit."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import llama_cpp
+
+from backends.base import LoadOptions
+from backends.spill import SpillStore, model_identity
+
+log = logging.getLogger("mlxserve.backends")
+
+
+class GGUFSpill:
+    """Saves kept sequences the context has no room for (and all of them at unload), and
+    restores the longest stored prefix of a prompt into a free sequence."""
+
+    def __init__(self, store: SpillStore, ctx: Any) -> None:
+        self.store = store
+        self._ctx = ctx
+
+    @classmethod
+    def open(
+        cls, path: Path, options: LoadOptions, kv: dict[str, Any], ctx: Any
+    ) -> GGUFSpill | None:
+        """The model's spill store for the context ``ctx`` (whose KV layout ``kv`` names), or
+        None when spilling is off."""
+        if options.prompt_cache_dir is None or options.prompt_cache_disk_bytes <= 0:
+            return None
+        identity = model_identity(path.stem, [path], {"format": "gguf", **kv})
+        store = SpillStore(options.prompt_cache_dir, identity, options.prompt_cache_disk_bytes)
+        return cls(store, ctx)
+
+    def save(self, seq: int, tokens: Sequence[int]) -> None:
+        """Copy sequence ``seq``'s state (its cells hold ``tokens``) and queue it for writing."""
+        if not self.store.wants(tokens):
+            return
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, seq)
+        if n == 0:
+            return
+        data = memoryview(buf).cast("B")[:n]
+
+        def write(f: IO[bytes]) -> None:
+            f.write(data)
+
+        self.store.put(tokens, {"state_bytes": n}, write)
+
+    def restore(self, key: tuple[int, ...], seq: int) -> bool:
+        """Load the entry for ``key`` into the empty sequence ``seq``; False (and the entry
+        gone) if its file is bad or llama.cpp refuses its state."""
+        got = self.store.read(key)
+        if got is None:
+            return False
+        _, payload = got
+        buf = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
+        if llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(payload), seq) == 0:
+            log.warning("llama.cpp refused a spilled sequence of %d tokens", len(key))
+            self.store.discard(key)
+            return False
+        return True
+
+    def close(self) -> None:
+        """Finish the queued writes."""
+        self.store.close()
