@@ -1,34 +1,29 @@
 """The LM Studio SDK websocket's ``llm`` messages (``predict``, ``applyPromptTemplate``):
 pydantic models with ``to_core()`` like every other dialect's. The prediction config inside is
-a KV config stack (:mod:`mlxserve.sdk.kvconfig` reads its keys); the chat history is the SDK's
-``ChatHistoryData``."""
+a KV config stack (:mod:`mlxserve.protocols.sdk_config` reads its keys); the chat history is
+the SDK's ``ChatHistoryData``."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
-
-from pydantic import BaseModel, ConfigDict, ValidationError
+from typing import Any
 
 from mlxserve.core import images
 from mlxserve.core.types import CoreRequest, SamplingParams
+from mlxserve.protocols.sdk_config import (
+    RAW_COMPLETION_LAYER,
+    KVConfigStack,
+    Prediction,
+    PredictionConfig,
+    ToolDefinition,
+    Tools,
+    _Wire,
+    parse_parameter,
+)
 from mlxserve.sdk import files
-from mlxserve.sdk.kvconfig import Prediction, parse_tools, prediction
 from mlxserve.sdk.transport import SdkError
 
-M = TypeVar("M", bound=BaseModel)
-
-
-def parse_parameter(model: type[M], value: Any) -> M:
-    """``value`` as ``model``; what does not fit is an ``rpcError`` naming the field."""
-    if not isinstance(value, dict):
-        raise SdkError("The parameter must be an object.")
-    try:
-        return model.model_validate(value)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "parameter"
-        raise SdkError(f"Invalid '{where}': {first['msg']}.") from None
+__all__ = ["ApplyPromptTemplateParameter", "PredictParameter", "parse_parameter"]
 
 
 def _text_parts(
@@ -94,17 +89,12 @@ def _raw_prompt(messages: list[dict[str, Any]]) -> str:
     return "".join(m["content"] for m in messages)
 
 
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
 class PredictParameter(_Wire):
     """``llm`` channel ``predict`` (``respond``, ``complete``, each round of ``act``)."""
 
     modelSpecifier: Any = None
     history: Any = None
-    # Left as sent: kvconfig.collapse reads the layers and names what is malformed.
-    predictionConfigStack: Any = None
+    predictionConfigStack: KVConfigStack | None = None
     fuzzyPresetIdentifier: str | None = None
 
     def prediction(self) -> Prediction:
@@ -119,7 +109,10 @@ class PredictParameter(_Wire):
                     "totalAvailablePresets": 0,
                 },
             )
-        return prediction(self.predictionConfigStack)
+        stack = self.predictionConfigStack
+        fields, layers = stack.collapse() if stack is not None else ({}, set())
+        config = parse_parameter(PredictionConfig, fields)
+        return config.to_core(raw=RAW_COMPLETION_LAYER in layers)
 
     def to_core(
         self,
@@ -170,12 +163,10 @@ class PredictParameter(_Wire):
 class ApplyPromptTemplateOpts(_Wire):
     omitBosToken: bool | None = None
     omitEosToken: bool | None = None
-    toolDefinitions: list[Any] | None = None
+    toolDefinitions: list[ToolDefinition] | None = None
 
     def tools(self) -> tuple[dict[str, Any], ...]:
-        if not self.toolDefinitions:
-            return ()
-        return parse_tools({"type": "toolArray", "tools": self.toolDefinitions})
+        return Tools(type="toolArray", tools=self.toolDefinitions or []).to_core()
 
 
 class ApplyPromptTemplateParameter(_Wire):
@@ -184,7 +175,7 @@ class ApplyPromptTemplateParameter(_Wire):
 
     specifier: Any = None
     history: Any = None
-    predictionConfigStack: Any = None
+    predictionConfigStack: KVConfigStack | None = None
     opts: ApplyPromptTemplateOpts = ApplyPromptTemplateOpts()
 
     def to_core(
