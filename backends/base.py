@@ -29,6 +29,12 @@ T = TypeVar("T")
 # How many recent tokens repetition, presence and frequency penalties look at, on both backends.
 PENALTY_WINDOW = 64
 
+# Where a model whose cache cannot be cut back keeps its prompt checkpoint: this many tokens
+# before the prompt's end, so that it holds none of the generation prompt, which the next
+# turn's history may render differently (a thinking template's "<think>" opener, harmony's
+# channel); mlx-lm's server and LM Studio's MLX engine use the same margin.
+CHECKPOINT_TAIL = 11
+
 
 def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     """How many leading tokens ``a`` and ``b`` share, at most ``limit`` (both prompt caches)."""

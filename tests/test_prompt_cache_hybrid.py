@@ -16,7 +16,7 @@ import pytest
 from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
 
 from backends import open_engine
-from backends.base import Engine, LoadOptions
+from backends.base import CHECKPOINT_TAIL, Engine, LoadOptions
 from backends.mlx.prompt_cache import PromptCache
 from tests.conftest import PUBLISHER, Server
 from tests.engine_harness import generate
@@ -154,26 +154,25 @@ def engines(request, hybrid_models):
 def test_the_second_turn_hits_a_checkpoint_and_matches_a_cold_run(engines):
     warm, cold = engines
     # Longer than the sliding window (32), so the window has moved past the start.
-    turn1 = warm.tokenize(CHAT.format("system", "You are terse. " * 12) + CHAT.format("user", "Hi"))
-    turn1 += warm.tokenize("<|im_start|>assistant\n")
+    history = CHAT.format("system", "You are terse. " * 12) + CHAT.format("user", "Hi")
+    turn1 = warm.tokenize(history + "<|im_start|>assistant\n<think>\n")
     tail = warm.tokenize("<|im_end|>\n" + CHAT.format("user", "And then?"))
 
     async def run():
         first = await generate(warm, turn1, 10)
         turn2 = turn1 + first.tokens + tail
         second = await generate(warm, turn2, 10)
-        # The reply re-rendered differently (as a template dropping thinking does): only the
-        # checkpoint at the end of the first prompt matches.
-        rewritten = turn1 + warm.tokenize("Something else.") + tail
+        # The reply re-rendered without its thinking opener, as thinking templates render
+        # earlier turns: only the checkpoint before the first generation prompt matches.
+        rewritten = warm.tokenize(history + "<|im_start|>assistant\nSomething else.") + tail
         branch = await generate(warm, rewritten, 10)
         return first, turn2, second, rewritten, branch
 
     first, turn2, second, rewritten, branch = asyncio.run(run())
     assert first.cached == 0
-    # The reply's last token is in the MLX cache but not yet in llama.cpp's; the prompt's last
-    # token is in llama.cpp's checkpoint but not in MLX's (taken before it).
+    # The reply's last token is in the MLX cache but not yet in llama.cpp's.
     assert len(turn1) + len(first.tokens) - 1 <= second.cached <= len(turn1) + len(first.tokens)
-    assert len(turn1) - 1 <= branch.cached <= len(turn1)
+    assert branch.cached == len(turn1) - CHECKPOINT_TAIL
 
     async def reference():
         return await generate(cold, turn2, 10), await generate(cold, rewritten, 10)
@@ -213,8 +212,10 @@ def test_concurrent_requests_on_checkpoints_equal_their_cold_outputs(engines):
     # The first request's prompt checkpoint (base and "<|im_start|>user\n") serves three.
     assert [r.cached > 0 for r in together] == [True, True, False, True]
     if warm.info.format == "mlx":
-        # Their own prompt checkpoints, taken before their last token.
-        assert all(r.cached == len(p) - 1 for r, p in zip(again, prompts, strict=True))
+        # Then their own prompt checkpoints (or a longer one that another left). llama.cpp
+        # has 2 sequence ids per parallel slot: eight checkpoints and replies do not all stay.
+        floors = [len(p) - CHECKPOINT_TAIL for p in prompts]
+        assert all(r.cached >= f for r, f in zip(again, floors, strict=True)), floors
 
 
 # --- on the wire --------------------------------------------------------------------------
@@ -252,7 +253,9 @@ def test_second_chat_turn_reports_cached_tokens_and_matches_a_cold_server(
     details = two.usage.prompt_tokens_details if two.usage else None
     assert details is not None and details.cached_tokens is not None
     assert one.usage is not None
-    assert one.usage.prompt_tokens - 1 <= details.cached_tokens < two.usage.prompt_tokens
+    # The reply's checkpoint, or the prompt's if the reply tokenizes differently when resent.
+    low = one.usage.prompt_tokens - CHECKPOINT_TAIL
+    assert low <= details.cached_tokens < two.usage.prompt_tokens
     assert two.choices[0].message.content == reference.choices[0].message.content
     assert reference.usage and reference.usage.prompt_tokens_details
     assert not reference.usage.prompt_tokens_details.cached_tokens

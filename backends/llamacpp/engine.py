@@ -18,6 +18,7 @@ from llama_cpp import Llama
 from llguidance.llamacpp import lltokenizer_from_vocab
 
 from backends.base import (
+    CHECKPOINT_TAIL,
     GGML_CACHE_TYPES,
     PENALTY_WINDOW,
     DraftStats,
@@ -492,11 +493,18 @@ class LlamaCppEngine(Engine):
         budget = self.options.prompt_cache_bytes // self._token_bytes
         self._evict_until(lambda: self._kept_cells() <= budget, keep=seq)
 
+    def _checkpoint_at(self, s: _Seq) -> int:
+        """Where the prompt checkpoint of a model whose memory cannot be cut back is taken (0:
+        none): the next turn's prompt extends this prompt but for its generation prompt,
+        while the reply may come back re-rendered."""
+        if not self._whole_only or s.pending is not None or s.job.generated:
+            return 0
+        return max(0, len(s.prompt) - CHECKPOINT_TAIL)
+
     def _checkpoint_prompt(self, s: _Seq) -> None:
-        """Keep a copy of ``s`` as it is after its whole prompt, before its first sampled
-        token: the next turn of a chat usually extends the prompt exactly, while the reply may
-        come back re-rendered. The copy shares the KV cells; llama.cpp copies the recurrent
-        state to a cell of its own when ``s`` next writes to it."""
+        """Keep a copy of ``s`` as it is at its prompt checkpoint. The copy shares the KV
+        cells; llama.cpp copies the recurrent state to a cell of its own when ``s`` next
+        writes to it."""
         if not self._free or len(s.tokens) * self._token_bytes > self.options.prompt_cache_bytes:
             return
         if any(t == s.tokens for t in self._kept.values()):
@@ -552,6 +560,8 @@ class LlamaCppEngine(Engine):
             if done >= len(s.prompt):
                 continue
             end = s.runs[0].new if s.runs else len(s.prompt)
+            if done < self._checkpoint_at(s):
+                end = min(end, self._checkpoint_at(s))
             chunk = s.prompt[done : min(done + room, end)]
             room -= len(chunk)
             for j, token in enumerate(chunk):
@@ -560,9 +570,10 @@ class LlamaCppEngine(Engine):
                 s.job.progress(len(s.tokens), len(s.prompt), s.cached)
         if batch.n_tokens:
             self._decode()
-        for s, i in outputs:
-            if self._whole_only and not s.job.generated and s.hold is None:
+        for s in self._running:
+            if 0 < len(s.tokens) == self._checkpoint_at(s):
                 self._checkpoint_prompt(s)
+        for s, i in outputs:
             token, lp = self._sample(s, i)
             if self._accept(s.job, token, lp):
                 self._finish_seq(s)

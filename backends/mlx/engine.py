@@ -22,6 +22,7 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
 from backends.base import (
+    CHECKPOINT_TAIL,
     PENALTY_WINDOW,
     DraftStats,
     Engine,
@@ -444,8 +445,13 @@ class MLXEngine(Engine):
         request = job.request
         prompt = list(request.prompt)
         stops = [[t] for t in sorted(request.stop_token_ids)]
-        (uid,) = self._batch.insert(
-            [prompt[start:]],
+        segments = [prompt[start:]]
+        cut = self._checkpoint_at(prompt)
+        if start < cut:
+            # BatchGenerator stops at a segment's end: the prompt checkpoint is taken there.
+            segments = [prompt[start:cut], prompt[cut:]]
+        (uid,) = self._batch.insert_segments(
+            [segments],
             max_tokens=[request.max_tokens],
             caches=[cache] if cache is not None else None,
             all_tokens=[prompt[:start]],
@@ -556,12 +562,19 @@ class MLXEngine(Engine):
             if cache is not None and tokens is not None:
                 self._prompt_cache.store(tokens, cache)
 
+    def _checkpoint_at(self, prompt: list[int]) -> int:
+        """Where the prompt checkpoint of a model whose cache cannot be cut back is taken (0:
+        none): the next turn's prompt extends this prompt but for its generation prompt,
+        while the reply may come back re-rendered."""
+        if not self._checkpoints or self._prompt_cache.budget <= 0:
+            return 0
+        return max(0, len(prompt) - CHECKPOINT_TAIL)
+
     def _checkpoint_prompts(self, prompt_responses: list[Any]) -> None:
-        """Keep the caches of requests whose prompt, all but its last token, was just
-        processed: the next turn of a chat usually extends the prompt exactly, while the reply
-        may come back re-rendered. ``BatchGenerator`` processes the last prompt token as a
-        segment of its own, so between two steps the prompt batch holds exactly that state;
-        the snapshot is a copy, taken before the batch moves on."""
+        """Keep the caches of requests whose prompt was just processed up to its checkpoint
+        (the end of its first segment, see :meth:`_join_batch`). Between two steps the
+        prompt batch holds exactly that state; the snapshot is a copy, taken before the
+        batch moves on."""
         ended = [
             pr.uid
             for pr in prompt_responses
@@ -570,7 +583,7 @@ class MLXEngine(Engine):
         if not ended:
             return
         for uid, (cache, tokens) in self._batch.extract_cache(ended).items():
-            if len(tokens) == len(self._batched[uid][0].request.prompt) - 1:
+            if len(tokens) == self._checkpoint_at(list(self._batched[uid][0].request.prompt)):
                 self._prompt_cache.store(tokens, cache)
 
     def _unload(self) -> None:
