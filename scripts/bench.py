@@ -6,37 +6,46 @@ prints a table and writes JSON. Each comparison alternates the servers' order ro
 after a warm-up, and reports medians. See docs/benchmarks.md for what each figure means.
 
     .venv/bin/python scripts/bench.py --quick          # a couple of minutes
-    .venv/bin/python scripts/bench.py                  # the full run (<= 15 minutes, 2 cores)
+    .venv/bin/python scripts/bench.py --formats mlx    # the full run, one format at a time
+    .venv/bin/python scripts/bench.py --agent-replay   # prompt cache on an agent session
+    .venv/bin/python scripts/bench.py --model KEY      # any model the server lists
+
+``--model`` runs the same figures on real weights (the models directory, LM Studio's folder,
+the Hugging Face cache), side by side with the peer servers on the same files. The agent
+replay lives in scripts/bench_replay.py, the servers and models in scripts/bench_common.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
-import os
-import platform
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
-
-REPO = Path(__file__).resolve().parents[1]
-PUBLISHER = "mlxserve-bench"
-# (hidden, intermediate, layers, heads, kv heads): large enough that the model, not Python,
-# dominates a decode step, small enough for a 2-core CPU.
-SIZES = {"quick": (256, 704, 4, 4, 2), "full": (512, 1408, 8, 8, 2)}
+from bench_common import (
+    REPO,
+    SIZES,
+    Server,
+    fmt_table,
+    gguf_threads,
+    machine,
+    our_server,
+    peak_rss,
+    peer_servers,
+    print_timings,
+    stream_once,
+    targets,
+    timed,
+    unique_prompt,
+)
 
 
 @dataclass(frozen=True)
@@ -46,170 +55,36 @@ class Mode:
     out_tokens: int
     concurrency: tuple[int, ...]
     history_tokens: int  # second-turn and admission figures
+    # The logprobs and 8-bit KV-cache figures (always in --engine-features).
+    engine_features: bool = True
 
 
 QUICK = Mode("quick", rounds=1, out_tokens=24, concurrency=(1, 4, 8), history_tokens=768)
-FULL = Mode("full", rounds=3, out_tokens=64, concurrency=(1, 4, 8), history_tokens=4096)
+FULL = Mode(
+    "full",
+    rounds=3,
+    out_tokens=64,
+    concurrency=(1, 4, 8),
+    history_tokens=4096,
+    engine_features=False,
+)
+# mlx's CPU backend decodes the full model at a few tokens/s: a step is almost all the f32
+# 152k-vocabulary output projection (≈0.7 s of a ≈0.73 s step, profiled under load), so
+# 64 tokens per stream put its full run past 30 minutes. 16 still time 15 steps per stream.
+FULL_MLX_OUT_TOKENS = 16
+
+
+def format_mode(mode: Mode, fmt: str) -> Mode:
+    """The mode a format runs in: the full run decodes fewer tokens per stream on MLX."""
+    if mode.size == "full" and fmt == "mlx":
+        return replace(mode, out_tokens=FULL_MLX_OUT_TOKENS)
+    return mode
 
 
 # ---------------------------------------------------------------- models and servers
 
 
-def make_model(root: Path, size: str) -> dict[str, Path]:
-    spec = importlib.util.spec_from_file_location("mtm", REPO / "scripts" / "make_test_models.py")
-    assert spec and spec.loader
-    mtm: Any = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mtm)
-    mtm.HIDDEN, mtm.INTERMEDIATE, mtm.LAYERS, mtm.HEADS, mtm.KV_HEADS = SIZES[size]
-    mtm.CONTEXT = 8192
-    return mtm.generate(root, publisher=PUBLISHER, name=f"bench-qwen2-{size}", seed=0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Server:
-    name: str
-    model: str  # the "model" field requests send
-    argv: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    peak_rss: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, log_dir: Path) -> None:
-        argv = [a.replace("{port}", str(self.port)) for a in self.argv]
-        log = open(log_dir / f"{self.name}.log", "wb")  # noqa: SIM115 - lives with the process
-        self.proc = subprocess.Popen(
-            argv, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited; see {log_dir / self.name}.log")
-            try:
-                httpx.get(self.url + "/v1/models", timeout=2)
-                return
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        raise RuntimeError(f"{self.name} did not start")
-
-    def rss(self) -> int:
-        if self.proc is None:
-            return 0
-        try:
-            pages = int(Path(f"/proc/{self.proc.pid}/statm").read_text().split()[1])
-        except (OSError, IndexError, ValueError):
-            return 0
-        return pages * os.sysconf("SC_PAGE_SIZE")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
-@contextmanager
-def peak_rss(server: Server) -> Iterator[Callable[[], int]]:
-    """Samples the server's resident memory while the block runs; yields the peak getter."""
-    peak = [server.rss()]
-    stop = threading.Event()
-
-    def poll() -> None:
-        while not stop.wait(0.05):
-            peak[0] = max(peak[0], server.rss())
-
-    t = threading.Thread(target=poll, daemon=True)
-    t.start()
-    try:
-        yield lambda: peak[0]
-    finally:
-        stop.set()
-        t.join()
-
-
 # ---------------------------------------------------------------- one streamed request
-
-
-@dataclass
-class Stream:
-    start: float
-    first: float | None = None
-    end: float = 0.0
-    times: list[float] = field(default_factory=list)
-    tokens: int = 0
-    cached: int = 0
-    chunks: int = 0
-
-    @property
-    def ttft(self) -> float:
-        return (self.first or self.end) - self.start
-
-    @property
-    def decode_tps(self) -> float:
-        # Only tokens streamed after the first chunk count, and a server may hold text back
-        # and send several tokens in one chunk (the first among them): the usage count would
-        # then credit the span with tokens decoded before it. Chunks after the first are the
-        # tokens known to arrive inside the span (exact when each chunk is one token).
-        if self.first is None or self.chunks < 2 or self.times[-1] <= self.first:
-            return 0.0
-        return (self.chunks - 1) / (self.times[-1] - self.first)
-
-
-async def stream_once(
-    client: httpx.AsyncClient,
-    server: Server,
-    prompt: str,
-    max_tokens: int,
-    extra: dict[str, Any] | None = None,
-) -> Stream:
-    body = {
-        "model": server.model,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        **(extra or {}),
-    }
-    s = Stream(time.perf_counter())
-    chunks = 0
-    async with client.stream("POST", server.url + "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            data = json.loads(line[6:])
-            if data.get("choices") and data["choices"][0].get("text"):
-                now = time.perf_counter()
-                s.first = s.first or now
-                s.times.append(now)
-                chunks += 1
-            usage = data.get("usage")
-            if usage:
-                s.tokens = usage.get("completion_tokens", 0)
-                details = usage.get("prompt_tokens_details") or {}
-                s.cached = details.get("cached_tokens") or 0
-    s.end = time.perf_counter()
-    s.tokens = s.tokens or chunks
-    s.chunks = chunks
-    return s
-
-
-def unique_prompt(tag: str, words: int) -> str:
-    # A distinct first word per request keeps prompt caches from serving it.
-    return f"{tag} " + " ".join(f"w{i % 97}" for i in range(words))
 
 
 async def concurrent(server: Server, n: int, out_tokens: int, tag: str) -> dict[str, Any]:
@@ -235,15 +110,6 @@ async def concurrent(server: Server, n: int, out_tokens: int, tag: str) -> dict[
 
 
 INPROC_RUNS = 3
-
-
-def gguf_threads() -> tuple[int, int]:
-    """The decode and prompt threads mlxserve's GGUF engine uses: every GGUF figure (ours, the
-    in-process baseline, llama_cpp.server) runs with the same, or the comparison measures the
-    thread count."""
-    from backends.llamacpp.engine import _threads
-
-    return _threads()
 
 
 def _rates(times: list[float], t0: float) -> tuple[float, float]:
@@ -295,6 +161,44 @@ def inproc_gguf(path: Path, prompt: str, out_tokens: int) -> tuple[float, float]
         runs.append(_rates(times, t0))
     llm.close()
     return _medians(runs)
+
+
+def inproc_peak_rss(fmt: str, path: Path, streams: int, out_tokens: int) -> int:
+    """Peak resident bytes of a fresh process that loads the model and generates
+    ``streams`` replies of ``out_tokens`` in process (mlx-lm ``batch_generate``; llama-cpp-
+    python one after the other, in one context of the server's 8192 tokens): what our
+    server's peak at as many streams is compared with."""
+    argv = [sys.executable, __file__, "--inproc-rss", fmt, str(path), str(streams), str(out_tokens)]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True)
+    return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss"])
+
+
+def _inproc_rss_child(fmt: str, path: str, streams: int, out_tokens: int) -> None:
+    import resource
+
+    prompts = [unique_prompt(f"rss{i}", 64) for i in range(streams)]
+    if fmt == "mlx":
+        from mlx_lm import batch_generate, load
+
+        model, tokenizer = load(path)[:2]
+        batch_generate(
+            model, tokenizer, [tokenizer.encode(p) for p in prompts], max_tokens=out_tokens
+        )
+    else:
+        from llama_cpp import Llama
+
+        threads, threads_batch = gguf_threads()
+        llm = Llama(
+            path, n_ctx=8192, n_threads=threads, n_threads_batch=threads_batch, verbose=False
+        )
+        for p in prompts:
+            ids = llm.tokenize(p.encode(), add_bos=False)
+            for i, _ in enumerate(llm.generate(ids, temp=0.0, reset=True)):
+                if i + 1 >= out_tokens:
+                    break
+    # ru_maxrss is in KiB on Linux, in bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}))
 
 
 # ---------------------------------------------------------------- figures
@@ -380,7 +284,10 @@ async def kv_quantization(server: Server, fmt: str, mode: Mode) -> dict[str, flo
         r = await client.post(
             "/api/v1/models/load", json={"model": plain, "identifier": ident, **options}
         )
-        r.raise_for_status()
+        if r.status_code != 200:
+            # A model whose cache cannot be quantized (e.g. a head size of 16 on MLX).
+            print(f"{fmt}: no 8-bit KV-cache figures, the load was refused: {r.text[:200]}")
+            return {}
         loaded = (await client.get("/api/v1/models/loaded")).json()["instances"]
     per_token = {}
     for i in loaded:
@@ -432,111 +339,77 @@ async def speculative(server: Server, mode: Mode) -> dict[str, float]:
     }
 
 
-def fmt_table(rows: list[tuple[str, str, str]]) -> str:
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{'figure':<{width}}  {'value':>12}  goal", "-" * (width + 30)]
-    lines += [f"{a:<{width}}  {b:>12}  {c}" for a, b, c in rows]
-    return "\n".join(lines)
-
-
-async def run(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
-    root = REPO / ".cache" / "bench-models"
-    paths = make_model(root, mode.size)
+async def run(args: argparse.Namespace, base_mode: Mode) -> dict[str, Any]:
+    root, found = targets(args, base_mode.size)
     home = Path(tempfile.mkdtemp(prefix="mlxserve-bench-"))
-    py = sys.executable
-    key = f"{PUBLISHER}/bench-qwen2-{mode.size}"
-    threads, threads_batch = gguf_threads()
-    ours = Server(
-        "mlxserve",
-        f"{key}-mlx",
-        [
-            py,
-            "-m",
-            "mlxserve",
-            "serve",
-            "--port",
-            "{port}",
-            "--models-dir",
-            str(root),
-            "--no-auto-evict",
-        ],
-        {"MLXSERVE_HOME": str(home), "MLXSERVE_DEFAULT_CONTEXT_LENGTH": "8192"},
-    )
-    peers = {
-        "mlx_lm.server": Server(
-            "mlx_lm.server",
-            str(paths["mlx"]),
-            [py, "-m", "mlx_lm.server", "--model", str(paths["mlx"]), "--port", "{port}"],
-        ),
-        "llama_cpp.server": Server(
-            "llama_cpp.server",
-            str(paths["gguf"]),
-            [
-                py,
-                "-m",
-                "llama_cpp.server",
-                "--model",
-                str(paths["gguf"]),
-                "--port",
-                "{port}",
-                "--n_ctx",
-                "8192",
-                # Its default aborts the running stream whenever another request arrives.
-                "--interrupt_requests",
-                "False",
-                "--n_threads",
-                str(threads),
-                "--n_threads_batch",
-                str(threads_batch),
-            ],
-        ),
-    }
+    ours = our_server(root, home, next(iter(found.values())).key)
+    peers = peer_servers(found)
     servers = [ours] + ([] if args.skip_peers else list(peers.values()))
-    results: dict[str, Any] = {"mode": mode.size, "machine": machine(), "figures": {}}
+    timings: dict[str, float] = {}
+    results: dict[str, Any] = {"mode": base_mode.size, "machine": machine(), "figures": {}}
     rows: list[tuple[str, str, str]] = []
     try:
         # Inside the try: a server that fails to start must not orphan the ones before it.
         for s in servers:
             s.start(home)
         for fmt in args.formats:
-            ours.model = f"{key}-{fmt}"
+            target = found[fmt]
+            ours.model = target.key
+            mode = format_mode(base_mode, fmt)
             prompt = unique_prompt("single", 64)
-            inproc = (inproc_mlx if fmt == "mlx" else inproc_gguf)(
-                paths[fmt], prompt, mode.out_tokens
-            )
-            peer = peers["mlx_lm.server" if fmt == "mlx" else "llama_cpp.server"]
+            with timed(timings, f"{fmt} in-process decode"):
+                inproc = (inproc_mlx if fmt == "mlx" else inproc_gguf)(
+                    target.path, prompt, mode.out_tokens
+                )
+            peer = peers[fmt]
             side = [ours] + ([peer] if peer in servers else [])
             by_n: dict[int, dict[str, dict[str, float]]] = {}
             for n in mode.concurrency:
-                with peak_rss(ours) as peak:
+                with timed(timings, f"{fmt} {n} streams"), peak_rss(ours) as peak:
                     by_n[n] = await alternate(side, n, mode, f"{fmt}{n}")
                 by_n[n]["mlxserve"]["peak_rss"] = peak()
-            one, eight = by_n[1]["mlxserve"], by_n[max(mode.concurrency)]["mlxserve"]
+            top = max(mode.concurrency)
+            one, eight = by_n[1]["mlxserve"], by_n[top]["mlxserve"]
+            with timed(timings, f"{fmt} in-process peak RSS"):
+                rss_inproc = inproc_peak_rss(fmt, target.path, top, mode.out_tokens)
             figs = {
                 "single_decode_vs_inproc": one["decode_tps"] / inproc[0],
                 "ttft_added_ms": (one["ttft_p50"] - inproc[1]) * 1000,
                 "aggregate_8_vs_1": eight["aggregate_tps"] / one["aggregate_tps"],
                 "fairness_8": eight["fairness"],
                 "peak_rss_8_vs_1": eight["peak_rss"] / max(one["peak_rss"], 1),
+                "peak_rss_8_vs_inproc": eight["peak_rss"] / rss_inproc,
             }
             if peer in side:
                 for n in mode.concurrency:
                     figs[f"vs_{peer.name}_{n}"] = (
                         by_n[n]["mlxserve"]["aggregate_tps"] / by_n[n][peer.name]["aggregate_tps"]
                     )
-            turn = await second_turn(ours, mode)
+            with timed(timings, f"{fmt} second turn"):
+                turn = await second_turn(ours, mode)
             figs["second_turn_ttft_vs_cold"] = turn["ratio"]
             figs["second_turn_cached_tokens"] = turn["cached_tokens"]
-            figs["admission_max_gap_ms"] = await admission_gap(ours, mode) * 1000
-            figs["logprobs_5_decode_vs_none"] = await logprobs_cost(ours, mode)
-            figs.update(await kv_quantization(ours, fmt, mode))
-            results["figures"][fmt] = {"figures": figs, "raw": by_n, "inproc_decode_tps": inproc[0]}
+            with timed(timings, f"{fmt} admission gap"):
+                figs["admission_max_gap_ms"] = await admission_gap(ours, mode) * 1000
+            if mode.engine_features:
+                with timed(timings, f"{fmt} logprobs"):
+                    figs["logprobs_5_decode_vs_none"] = await logprobs_cost(ours, mode)
+                with timed(timings, f"{fmt} 8-bit KV cache"):
+                    figs.update(await kv_quantization(ours, fmt, mode))
+            results["figures"][fmt] = {
+                "figures": figs,
+                "raw": by_n,
+                "inproc_decode_tps": inproc[0],
+                "inproc_peak_rss": rss_inproc,
+                "settings": asdict(mode),
+            }
             goals = {
                 "single_decode_vs_inproc": ">= 0.97" if fmt == "mlx" else ">= 0.95",
                 "ttft_added_ms": "<= 20",
                 "aggregate_8_vs_1": ">= 3" if fmt == "mlx" else ">= 2",
                 "fairness_8": "<= 1.25",
                 "peak_rss_8_vs_1": "reported",
+                "peak_rss_8_vs_inproc": "<= 1.2",
                 "second_turn_ttft_vs_cold": "<= 0.10",
                 "second_turn_cached_tokens": "> 0",
                 "admission_max_gap_ms": "<= 1 chunk + 1 step",
@@ -552,25 +425,22 @@ async def run(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
         for s in servers:
             s.stop()
     print(fmt_table(rows))
+    print_timings(timings)
+    results["timings"] = timings
     return results
 
 
 async def engine_features(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
     """Only the engine-feature figures (logprobs cost, 8-bit KV cache), mlxserve alone."""
-    root = REPO / ".cache" / "bench-models"
-    make_model(root, mode.size)
+    root, found = targets(args, mode.size)
     home = Path(tempfile.mkdtemp(prefix="mlxserve-bench-"))
-    key = f"{PUBLISHER}/bench-qwen2-{mode.size}"
-    argv = [sys.executable, "-m", "mlxserve", "serve", "--port", "{port}"]
-    argv += ["--models-dir", str(root), "--no-auto-evict"]
-    env = {"MLXSERVE_HOME": str(home), "MLXSERVE_DEFAULT_CONTEXT_LENGTH": "8192"}
-    ours = Server("mlxserve", f"{key}-mlx", argv, env)
+    ours = our_server(root, home, next(iter(found.values())).key)
     results: dict[str, Any] = {"mode": mode.size, "machine": machine(), "figures": {}}
     rows: list[tuple[str, str, str]] = []
     try:
         ours.start(home)
         for fmt in args.formats:
-            ours.model = f"{key}-{fmt}"
+            ours.model = found[fmt].key
             # Warm-up: the first request loads the model.
             async with httpx.AsyncClient(timeout=600) as client:
                 await stream_once(client, ours, "warm up", 4)
@@ -588,18 +458,6 @@ async def engine_features(args: argparse.Namespace, mode: Mode) -> dict[str, Any
     return results
 
 
-def machine() -> dict[str, Any]:
-    import importlib.metadata as md
-
-    versions = {p: md.version(p) for p in ("mlx", "mlx-lm", "llama-cpp-python")}
-    return {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        **versions,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="small model, one round")
@@ -611,13 +469,53 @@ def main(argv: list[str] | None = None) -> int:
         help="only the logprobs and KV-quantization figures (mlxserve alone)",
     )
     parser.add_argument(
+        "--agent-replay",
+        action="store_true",
+        help="only the agent replay: prompt-cache hits and prefill time ÷ a cold server",
+    )
+    parser.add_argument(
+        "--replay-size",
+        choices=list(SIZES),
+        default="tiny",
+        help="generated model of the agent replay (default tiny: the test models' size)",
+    )
+    parser.add_argument("--turns", type=int, default=20, help="agent replay turns")
+    parser.add_argument(
+        "--model",
+        action="append",
+        metavar="KEY",
+        help="measure this model (any the server lists) instead of the generated one; once "
+        "per format, e.g. --model mlx-community/Qwen3-4B-4bit --model qwen/qwen3-4b@Q4_K_M",
+    )
+    parser.add_argument(
+        "--models-dir", type=Path, help="with --model: the models directory to look in"
+    )
+    parser.add_argument(
+        "--concurrency", help="comma-separated stream counts (default 1,4,8); 1 must be one"
+    )
+    parser.add_argument(
         "--out", type=Path, default=REPO / ".cache" / "bench" / "results.json", help="JSON output"
     )
+    parser.add_argument("--inproc-rss", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.inproc_rss:
+        fmt, path, streams, tokens = args.inproc_rss
+        _inproc_rss_child(fmt, path, int(streams), int(tokens))
+        return 0
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     mode = QUICK if args.quick else FULL
+    if args.concurrency:
+        levels = tuple(int(n) for n in args.concurrency.split(","))
+        if 1 not in levels:
+            parser.error("--concurrency must include 1")
+        mode = replace(mode, concurrency=levels)
     started = time.perf_counter()
-    results = asyncio.run((engine_features if args.engine_features else run)(args, mode))
+    if args.agent_replay:
+        from bench_replay import agent_replay
+
+        results = asyncio.run(agent_replay(args))
+    else:
+        results = asyncio.run((engine_features if args.engine_features else run)(args, mode))
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["settings"] = asdict(mode)
     args.out.parent.mkdir(parents=True, exist_ok=True)
