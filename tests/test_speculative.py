@@ -54,6 +54,31 @@ def test_greedy_output_is_identical_with_a_draft(http, model, draft):
     assert "draft_model" not in plain["stats"]
 
 
+def _instance(http, instance_id):
+    loaded = http.get("/api/v1/models/loaded").json()["instances"]
+    return next(i for i in loaded if i["id"] == instance_id)
+
+
+@pytest.mark.parametrize(("model", "draft"), [(MLX_KEY, THINK_MLX_KEY), (GGUF_KEY, THINK_GGUF_KEY)])
+def test_a_draft_counts_in_its_instance_memory_once_loaded(http, model, draft):
+    v0(http, model=model, draft_model=draft, max_tokens=2)
+    counted = _instance(http, model)
+    memory = counted["memory"]
+    size = {m["key"]: m["size_bytes"] for m in http.get("/api/v1/models").json()["models"]}
+    # Its weights and some KV, in the parts and in the whole.
+    assert memory["draft_bytes"] > size[draft]
+    assert counted["memory_bytes"] == memory["total_bytes"]
+    parts = ("weights", "kv_cache", "prompt_cache", "draft", "vision")
+    assert sum(memory[f"{p}_bytes"] for p in parts) == memory["total_bytes"]
+    families = http.get("/metrics", params={"format": "json"}).json()["families"]
+    samples = next(f["samples"] for f in families if f["name"] == "mlxserve_model_memory_bytes")
+    gauge = next(s["value"] for s in samples if s["labels"] == {"model": model})
+    assert gauge == memory["total_bytes"]
+    # Counted once: using it again adds nothing.
+    v0(http, model=model, draft_model=draft, max_tokens=2)
+    assert _instance(http, model)["memory"] == memory
+
+
 @pytest.mark.parametrize("model", [MLX_KEY, GGUF_KEY])
 def test_completions_and_json_schema_with_a_draft_are_identical(http, model):
     body = {"model": model, "prompt": "Once upon", "max_tokens": 12, "temperature": 0}

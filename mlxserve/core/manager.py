@@ -483,6 +483,8 @@ class ModelManager:
             instance.memory_bytes += cost
             if instance.memory is not None:
                 instance.memory = instance.memory.with_draft(cost)
+            if instance.meter is not None:
+                instance.meter.memory(instance.memory_bytes)
             log.info("draft %s loaded into %s (~%d bytes)", draft.key, instance.id, cost)
 
     # --- unloading ----------------------------------------------------------------------

@@ -117,6 +117,10 @@ class ModelMeter:
         self._running_gauge.set(self._running)
         self._occupancy.set(min(self._running / self._slots, 1.0))
 
+    def memory(self, memory_bytes: int) -> None:
+        """The instance's estimate changed (a draft model was loaded into it)."""
+        self._metrics.model_memory_bytes.labels(self.model).set(memory_bytes)
+
     def first_token(self, seconds: float) -> None:
         self._ttft.observe(seconds)
 
@@ -200,8 +204,8 @@ class Metrics:
             "(the guardrail's estimate)", ["model"], registry=r,
         )  # fmt: skip
         self.model_memory_bytes = Gauge(
-            "mlxserve_model_memory_bytes", "Estimated memory of a loaded instance (weights "
-            "and KV cache)", ["model"], registry=r,
+            "mlxserve_model_memory_bytes", "Estimated memory of a loaded instance (weights, "
+            "KV windows, prompt cache, drafts, vision encoder)", ["model"], registry=r,
         )  # fmt: skip
         self.loads = Counter("mlxserve_model_loads", "Model loads", ["model"], registry=r)
         self.load_failures = Counter(
