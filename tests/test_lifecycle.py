@@ -135,8 +135,9 @@ def test_alternating_traffic_to_two_models_loads_each_once(http, life):
 
 
 def test_a_busy_model_is_evicted_at_once_when_both_do_not_fit(models_root, tmp_path):
-    # 80 MB: one tiny Qwen2 (~47 MB) fits, two do not.
-    tight = Server(models_root, tmp_path, "--guardrail-memory-gb", "0.08")
+    # 250 MB: one tiny Qwen2 GGUF (~188 MB with its KV windows and attention scores) fits,
+    # two do not.
+    tight = Server(models_root, tmp_path, "--guardrail-memory-gb", "0.25")
     try:
         with httpx.Client(base_url=tight.url, timeout=120) as http:
             chat(http, GGUF_KEY)
@@ -223,8 +224,9 @@ def strict_home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def strict(models_root, strict_home, embedding_models):
-    """JIT off, and a memory budget of 80 MB: one tiny Qwen2 (~47 MB) fits, two do not."""
-    srv = Server(models_root, strict_home, "--no-jit", "--guardrail-memory-gb", "0.08")
+    """JIT off, and a memory budget of 250 MB: one tiny Qwen2 GGUF (~188 MB) fits; a second
+    one, or the embedding model (~91 MB) beside it, does not."""
+    srv = Server(models_root, strict_home, "--no-jit", "--guardrail-memory-gb", "0.25")
     yield srv
     srv.stop()
 
@@ -256,7 +258,8 @@ def test_guardrail_refuses_a_load_that_does_not_fit(strict):
             error = r.json()["error"]
             assert error["code"] == "insufficient_system_resources" and error["param"] == "model"
             assert "insufficient system resources" in error["message"]
-            assert "requires approximately 0.0" in error["message"]
+            assert "MB of weights" in error["message"]
+            assert "0.06 GB is available" in error["message"]
             assert "guardrail" in error["message"]
         assert set(loaded(http).values()) == {GGUF_KEY}
 

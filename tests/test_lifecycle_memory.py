@@ -57,7 +57,13 @@ def test_a_load_counts_every_parallel_window_and_the_prompt_cache(registry, key)
     assert need.kv_cache == windows * 1000 * KV_VALUES_PER_TOKEN * 4  # f32 weights: f32 KV
     # MLX keeps finished requests' KV beside the batch; llama.cpp in the windows' cells.
     assert need.prompt_cache == (50_000_000 if info.format == "mlx" else 0)
-    assert need.total == need.weights + need.kv_cache + need.prompt_cache
+    # llama.cpp without flash attention holds 4 heads' f32 scores of a 512-token micro-batch
+    # against every cell; MLX runs fused attention.
+    scores = 4 * 512 * windows * 1000 * 4 if info.format == "gguf" else 0
+    assert need.compute == scores
+    assert need.total == need.weights + need.kv_cache + need.prompt_cache + scores
+    flash = loader.options(info, LoadRequest(context_length=1000, flash_attention=True))
+    assert asyncio.run(loader.estimate(info, flash)).compute == 0
     parallel = loader.options(info, LoadRequest(context_length=1000, parallel=2))
     assert (
         asyncio.run(loader.estimate(info, parallel)).kv_cache == 2 * 1000 * KV_VALUES_PER_TOKEN * 4
@@ -76,6 +82,8 @@ def test_a_draft_counts_its_weights_and_kv(registry, fmt):
     # MLX: one drafted request at a time, beside the batch: a window of the draft's KV and
     # one of the main model's (both f32 here).
     kv = 2 * 1000 * KV_VALUES_PER_TOKEN * (2 if fmt == "gguf" else 4)
+    if fmt == "gguf":  # and its context's attention scores (no flash attention)
+        kv += 4 * 512 * 2 * 1000 * 4
     assert need.draft == draft.size_bytes + kv
     assert need.total == plain.total + need.draft
 
@@ -208,15 +216,16 @@ def test_refusal_names_every_part_that_would_not_fit():
         prompt_cache=1_073_741_824,
         draft=52_000_000,
         vision=30_700_000,
+        compute=134_200_000,
     )
-    assert need.total == 7_156_441_824
+    assert need.total == 7_290_641_824
     with pytest.raises(memory.LoadRefused) as refused:
         memory.check_fits("pub/vl", need, 5 * memory.GB)
     message = refused.value.message
     assert (
-        "requires approximately 7.16 GB (4.00 GB of weights, 2.00 GB of KV cache (8 windows "
+        "requires approximately 7.29 GB (4.00 GB of weights, 2.00 GB of KV cache (8 windows "
         "of 4096 tokens), 1.07 GB of prompt cache, 52.0 MB of draft model, 30.7 MB of vision "
-        "encoder), but only about 5.00 GB is available" in message
+        "encoder, 0.13 GB of attention scores), but only about 5.00 GB is available" in message
     )
     # A part that is zero is not named.
     plain = memory.Estimate(weights=45_000_000, kv_cache=8_400_000, context_length=4096, windows=4)

@@ -2,9 +2,10 @@
 the MLX prompt cache, draft models) and a refusal names them in each dialect's envelope;
 what it counts is what ``/api/v1/models``, ``/api/v0/models`` and ``mlxserve ps`` report.
 
-One server with a fixed 80 MB budget: a tiny Qwen2 GGUF (45 MB of weights + 8.4 MB of KV
-in 4 windows) fits; the same model as MLX does not, with a 1 GiB prompt cache (the default)
-and 8 KV windows; nor does a second tiny model as a draft."""
+One server with a fixed 250 MB budget: a tiny Qwen2 GGUF (45 MB of weights, 8.4 MB of KV in
+4 windows, 134 MB of attention scores without flash attention) fits; the same model as MLX
+does not, with a 1 GiB prompt cache (the default) and 8 KV windows; nor does a second tiny
+model as a draft."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ HELLO = [{"role": "user", "content": "Hi"}]
 @pytest.fixture(scope="module")
 def tight(models_root, tmp_path_factory):
     home = tmp_path_factory.mktemp("guardrail")
-    budget = ("--guardrail-memory-gb", "0.08", "--prompt-cache-bytes", str(1 << 30))
+    budget = ("--guardrail-memory-gb", "0.25", "--prompt-cache-bytes", str(1 << 30))
     srv = Server(models_root, home, *budget)
     yield srv
     srv.stop()
@@ -53,7 +54,7 @@ def test_mlx_jit_load_refused_for_its_windows_and_prompt_cache_in_openai_and_ant
     )
     assert "of KV cache (8 windows of 4096 tokens)" in message
     assert "1.07 GB of prompt cache" in message
-    assert "0.08 GB is available" in message
+    assert "0.25 GB is available" in message
     claude = anthropic.Anthropic(base_url=tight.url, api_key="x", max_retries=0)
     with pytest.raises(anthropic.BadRequestError) as refused_too:
         claude.messages.create(model=MLX_KEY, messages=HELLO, max_tokens=2)  # type: ignore[arg-type]
@@ -70,11 +71,12 @@ def test_gguf_load_refused_for_its_draft_in_the_lmstudio_envelope(http):
     error = r.json()["error"]
     assert error["type"] == "invalid_request" and error["code"] == "insufficient_system_resources"
     assert error["param"] == "model"
-    # 45.1 MB of weights + 8.4 MB of KV, and the draft's 45.1 MB + 4.2 MB of 16-bit KV.
-    assert "requires approximately 0.10 GB" in error["message"]
+    # 45.1 MB of weights, 8.4 MB of KV, 134.2 MB of scores; the draft: 45.1 MB, 4.2 MB of
+    # 16-bit KV and its own 134.2 MB of scores.
+    assert "requires approximately 0.37 GB" in error["message"]
     assert (
-        "8.4 MB of KV cache (4 windows of 4096 tokens), 49.3 MB of draft model"
-        in (error["message"])
+        "45.1 MB of weights, 8.4 MB of KV cache (4 windows of 4096 tokens), 0.18 GB of draft "
+        "model, 0.13 GB of attention scores" in error["message"]
     )
     assert _loaded(http) == []
 
@@ -95,7 +97,7 @@ def test_a_draft_loaded_on_first_use_must_fit_beside_its_model(http, tight):
     assert error["code"] == "insufficient_system_resources"
     assert error["param"] == "draft_model"
     assert f"Loading the draft model '{THINK_GGUF_KEY}' into '{GGUF_KEY}'" in error["message"]
-    assert "49.3 MB of draft model" in error["message"]
+    assert "0.18 GB of draft model" in error["message"]
     # The model itself goes on serving, and its memory is what it was.
     reply = oai.chat.completions.create(model=GGUF_KEY, messages=HELLO, max_tokens=2)  # type: ignore[arg-type]
     assert reply.usage is not None and reply.usage.completion_tokens == 2
@@ -108,15 +110,25 @@ def test_listings_report_what_the_guardrail_counts(http):
     assert r.status_code == 200, r.text
     (instance,) = http.get("/api/v1/models/loaded").json()["instances"]
     memory = instance["memory"]
-    parts = ("weights", "kv_cache", "prompt_cache", "draft", "vision")
+    parts = ("weights", "kv_cache", "prompt_cache", "draft", "vision", "compute")
     assert sum(memory[f"{p}_bytes"] for p in parts) == memory["total_bytes"]
     assert memory["total_bytes"] == instance["memory_bytes"]
     assert memory["kv_windows"] == instance["load_config"]["parallel"] == 2
     # tiny Qwen2: 512 bytes of f32 keys and values per token.
     assert memory["kv_cache_bytes"] == 2 * 4096 * 512
+    # Without flash attention: 4 heads' scores of 512 queries against both windows' cells.
+    assert memory["compute_bytes"] == 4 * 512 * 2 * 4096 * 4
     assert memory["weights_bytes"] == instance["size_bytes"]
     models = {m["key"]: m for m in http.get("/api/v1/models").json()["models"]}
     (entry,) = models[GGUF_KEY]["loaded_instances"]
     assert entry["memory"] == memory and entry["memory_bytes"] == memory["total_bytes"]
     v0 = http.get(f"/api/v0/models/{GGUF_KEY}").json()
     assert v0["loaded_memory_bytes"] == memory["total_bytes"]
+    # Flash attention keeps no scores.
+    body = {"model": GGUF_KEY, "parallel": 2, "flash_attention": True}
+    r = http.post("/api/v1/models/load", json=body)
+    assert r.status_code == 200, r.text
+    loaded = http.get("/api/v1/models/loaded").json()["instances"]
+    flash = next(i for i in loaded if i["id"] == r.json()["instance_id"])
+    assert flash["memory"]["compute_bytes"] == 0
+    assert flash["memory_bytes"] == memory["total_bytes"] - memory["compute_bytes"]

@@ -54,10 +54,16 @@ class Geometry:
     layers: int
     kv_heads: int
     head_dim: int
+    heads: int
 
     def kv_bytes_per_token(self, bits: float) -> int:
         """Keys and values of one token in every layer, at ``bits`` per element."""
         return int(self.layers * self.kv_heads * self.head_dim * 2 * bits / 8)
+
+    def scores_bytes(self, queries: int, keys: int) -> int:
+        """f32 attention scores of ``queries`` tokens against ``keys`` cells in one layer:
+        what attention without flash attention materialises (layers run one by one)."""
+        return self.heads * queries * keys * ACTIVATION_BYTES
 
 
 def _geometry(
@@ -71,7 +77,7 @@ def _geometry(
         dim = width // n_heads
     if not (n_layers and n_kv and dim):
         return None
-    return Geometry(n_layers, n_kv, dim)
+    return Geometry(n_layers, n_kv, dim, n_heads or n_kv)
 
 
 def geometry(info: ModelInfo) -> Geometry | None:

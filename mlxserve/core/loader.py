@@ -78,6 +78,7 @@ class ModelLoader:
                 kv_bits=options.kv_element_bits(info.format),
                 # llama.cpp keeps finished sequences in the windows' cells: nothing more.
                 prompt_cache=options.prompt_cache_bytes if info.format == "mlx" else 0,
+                scores=_gguf_scores(info, options, slots),
             )
             if draft is not None:
                 need = need.with_draft(
@@ -184,6 +185,18 @@ class ModelLoader:
     async def close(self, instance: Loaded) -> None:
         """Close its engine after the queued work, off the event loop."""
         await asyncio.to_thread(_close_engine, instance.engine)
+
+
+def _gguf_scores(info: ModelInfo, options: LoadOptions, slots: int) -> tuple[int, int] | None:
+    """The attention-score matrix llama.cpp materialises without flash attention (the engine
+    turns it on when asked, or for a quantized V cache): a micro-batch of queries (at most
+    512) against every cell of the windows. MLX runs fused attention on Metal."""
+    if info.format != "gguf":
+        return None
+    if options.flash_attention or options.cache_type_v not in (None, "f16", "f32", "bf16"):
+        return None
+    ubatch = min(options.eval_batch_size or options.prefill_chunk, 512)
+    return ubatch, options.context_length * slots
 
 
 def _template(info: ModelInfo, engine: Engine) -> ChatTemplate:

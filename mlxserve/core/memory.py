@@ -10,7 +10,9 @@ model's files by :mod:`mlxserve.core.footprint`, never from its weights):
 - **prompt cache**: MLX keeps finished requests' KV beside the batch, up to
   ``prompt_cache_bytes``; llama.cpp keeps them in the windows' own cells (nothing more);
 - **draft**: a speculative-decoding draft model's weights and KV (see :func:`draft_bytes`);
-- **vision**: a vision model's encoder activations (see ``footprint.vision_bytes``).
+- **vision**: a vision model's encoder activations (see ``footprint.vision_bytes``);
+- **compute**: llama.cpp without flash attention materialises each layer's attention scores
+  for a whole micro-batch against every cell in use.
 
 Embedding models keep no KV cache.
 """
@@ -52,10 +54,13 @@ class Estimate:
     prompt_cache: int = 0
     draft: int = 0
     vision: int = 0
+    # Working memory of a forward pass that grows with the context (llama.cpp's attention
+    # scores without flash attention).
+    compute: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.prompt_cache + self.draft + self.vision
+        return sum(self.parts().values())
 
     def parts(self) -> dict[str, int]:
         """Every part by name, as ``/api/v1/models/loaded`` reports them."""
@@ -65,6 +70,7 @@ class Estimate:
             "prompt_cache": self.prompt_cache,
             "draft": self.draft,
             "vision": self.vision,
+            "compute": self.compute,
         }
 
     def with_draft(self, draft: int) -> Estimate:
@@ -79,6 +85,7 @@ class Estimate:
             "prompt_cache": "prompt cache",
             "draft": "draft model",
             "vision": "vision encoder",
+            "compute": "attention scores",
         }
         return ", ".join(f"{size(n)} of {words[name]}" for name, n in self.parts().items() if n > 0)
 
@@ -126,16 +133,20 @@ def estimate(
     windows: int = 1,
     kv_bits: float | None = None,
     prompt_cache: int = 0,
+    scores: tuple[int, int] | None = None,
 ) -> Estimate:
     """What loading ``info`` with ``context_length`` needs (reads a few files: not on the loop);
     ``windows``: context windows of KV (sequences decoded at once); ``kv_bits``: bits per
     cached element when the cache is quantized; ``prompt_cache``: bytes the engine may keep
-    for prefix reuse outside those windows."""
-    kv = 0
+    for prefix reuse outside those windows; ``scores``: (queries, keys) of the largest
+    attention-score matrix a forward pass materialises (None: fused attention keeps none)."""
+    kv = compute = 0
     shape = footprint.geometry(info)
     if shape is not None:
         bits = kv_bits if kv_bits is not None else (32 if kv_f32 else 16)
         kv = shape.kv_bytes_per_token(bits) * context_length * windows
+        if scores is not None:
+            compute = shape.scores_bytes(*scores)
     return Estimate(
         info.size_bytes,
         kv,
@@ -143,19 +154,23 @@ def estimate(
         windows=windows,
         prompt_cache=prompt_cache if info.type == "llm" else 0,
         vision=footprint.vision_bytes(info),
+        compute=compute,
     )
 
 
 def draft_bytes(draft: ModelInfo, main: ModelInfo, context_length: int, slots: int) -> int:
     """What a draft model adds to an instance of ``main``: its weights and its KV. A GGUF
-    draft context mirrors the main one (a window per parallel sequence, 16-bit KV); MLX
+    draft context mirrors the main one (a window per parallel sequence, 16-bit KV, attention
+    scores without flash attention); MLX
     drafts :data:`MLX_DRAFT_LANES` request at a time, with a window of the draft's KV and
     one of ``main``'s outside the batch."""
     shape = footprint.geometry(draft)
     kv = 0
     if shape is not None:
         if draft.format == "gguf":
-            kv = shape.kv_bytes_per_token(16) * context_length * slots
+            # Its context runs without flash attention: scores of up to 512 queries too.
+            cells = context_length * slots
+            kv = shape.kv_bytes_per_token(16) * cells + shape.scores_bytes(512, cells)
         else:
             bits = 32 if draft.quantization == "F32" else 16
             kv = shape.kv_bytes_per_token(bits) * context_length * MLX_DRAFT_LANES
