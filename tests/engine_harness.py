@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from backends import open_engine
 from backends.base import (
@@ -28,7 +29,7 @@ def onehead_models() -> dict[str, Path]:
     """The tiny Qwen2 with one head of 64, as MLX and GGUF (made once, then cached)."""
     spec = importlib.util.spec_from_file_location("mtm_kvq", REPO / "scripts/make_test_models.py")
     assert spec and spec.loader
-    mtm = importlib.util.module_from_spec(spec)
+    mtm: Any = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mtm)  # its own copy: the size below stays out of the shared one
     mtm.HIDDEN, mtm.INTERMEDIATE, mtm.LAYERS, mtm.HEADS, mtm.KV_HEADS = 64, 128, 2, 1, 1
     return mtm.generate(ONEHEAD_ROOT, publisher=PUBLISHER, name=ONEHEAD_NAME, seed=0)

@@ -108,7 +108,10 @@ def cold_cache(model, prompt: list[int], quantized: bool = False) -> list:
 def layer0_keys(cache: list) -> mx.array:
     keys = cache[0].keys
     if isinstance(keys, tuple):
-        keys = mx.dequantize(*keys, group_size=cache[0].group_size, bits=cache[0].bits)
+        packed, scales, biases = keys
+        keys = mx.dequantize(
+            packed, scales, biases, group_size=cache[0].group_size, bits=cache[0].bits
+        )
     return keys[..., : cache[0].offset, :]
 
 
