@@ -99,7 +99,7 @@ def bench(
     if fmt == "mlx":
         _timed(warm, "_checkpoint_prompts", checkpoints, _takes_checkpoint)
         _timed(warm, "_step_batch", steps)
-    words = " ".join(f"rule{i}" for i in range(system_tokens // 2))
+    rules = warm.tokenize(" ".join(f"rule{i}" for i in range(system_tokens)))[:system_tokens]
     warm_ttft, cold_ttft, cached_fraction = [], [], []
     try:
         for engine in (warm, cold):  # first decodes allocate their graphs
@@ -107,8 +107,9 @@ def bench(
         checkpoints.clear()
         steps.clear()
         for r in range(rounds):
-            system = CHAT.format("system", f"round {r}. {words}")
-            turn1 = warm.tokenize(system + CHAT.format("user", "Hi") + "<|im_start|>assistant\n")
+            turn1 = warm.tokenize(f"<|im_start|>system\nround {r}. ") + rules
+            turn1 += warm.tokenize("<|im_end|>\n" + CHAT.format("user", "Hi"))
+            turn1 += warm.tokenize("<|im_start|>assistant\n")
 
             async def run(turn1: list[int] = turn1) -> None:
                 _, _, reply = await _turn(warm, turn1, 16)
