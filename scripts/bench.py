@@ -234,8 +234,17 @@ async def second_turn(server: Server, mode: Mode) -> dict[str, float]:
     return {"ratio": statistics.median(ratios), "cached_tokens": statistics.median(cached)}
 
 
-async def admission_gap(server: Server, mode: Mode) -> float:
-    """Longest gap between tokens of 3 running streams while a long prompt is admitted."""
+async def admission_gap(
+    server: Server,
+    mode: Mode,
+    arriving: int = 1,
+    extra: dict[str, Any] | None = None,
+    tag: str = "long",
+) -> float:
+    """Longest gap between tokens of 3 running streams while ``arriving`` long prompts (sent
+    together, each with ``extra`` in its body) are admitted, until the last one's first
+    token. ``tag`` starts the prompts: a tag used before would be served by the prompt
+    cache."""
     async with httpx.AsyncClient(timeout=600) as client:
         runners = [
             asyncio.create_task(
@@ -245,9 +254,16 @@ async def admission_gap(server: Server, mode: Mode) -> float:
         ]
         await asyncio.sleep(1.0)
         admitted = time.perf_counter()
-        long = await stream_once(client, server, unique_prompt("long", mode.history_tokens // 3), 4)
+        longs = await asyncio.gather(
+            *(
+                stream_once(
+                    client, server, unique_prompt(f"{tag}{i}", mode.history_tokens // 3), 4, extra
+                )
+                for i in range(arriving)
+            )
+        )
         streams = await asyncio.gather(*runners)
-    window = (admitted, long.first or long.end)
+    window = (admitted, max(s.first or s.end for s in longs))
     gaps = []
     for s in streams:
         inside = [t for t in s.times if window[0] <= t <= window[1] + 0.5]
@@ -469,6 +485,11 @@ def main(argv: list[str] | None = None) -> int:
         help="only the logprobs and KV-quantization figures (mlxserve alone)",
     )
     parser.add_argument(
+        "--admission",
+        action="store_true",
+        help="only the admission gaps: one, a seeded and four long prompts (mlxserve alone)",
+    )
+    parser.add_argument(
         "--agent-replay",
         action="store_true",
         help="only the agent replay: prompt-cache hits and prefill time ÷ a cold server",
@@ -514,6 +535,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench_replay import agent_replay
 
         results = asyncio.run(agent_replay(args))
+    elif args.admission:
+        from bench_admission import admission_only
+
+        results = asyncio.run(admission_only(args, mode))
     else:
         results = asyncio.run((engine_features if args.engine_features else run)(args, mode))
     results["seconds"] = round(time.perf_counter() - started, 1)

@@ -334,6 +334,7 @@ class _SyncedBatch(BatchGenerator):
                 "op": "tick",
                 "ops": list(self.ops),
                 "prefill": self.prefill_step_size,
+                "prefill_batch": self.prefill_batch_size,
                 "sampled": self.sampled,
             }
             self._group.send(message)
@@ -439,6 +440,7 @@ class DistributedMLXEngine(_ShardedMLXEngine):
         uid = self._insert(op, request.constraint)
         self._ops.append(op)
         self._batched[uid] = (job, 0, 0)
+        self._prefill.queued(uid, len(request.prompt))
 
     def close(self) -> None:
         # After a failure the owner thread may be stuck for good in a collective.
@@ -492,6 +494,7 @@ class WorkerMLXEngine(_ShardedMLXEngine):
                 self._batch.close()
                 self._batch = self._new_batch()
         self._batch.prefill_step_size = message["prefill"]
+        self._batch.prefill_batch_size = message["prefill_batch"]
         _, responses = self._batch.next()
         mx.synchronize(self._batch.stream)
         self._sampled = {int(r.uid): int(r.token) for r in responses}

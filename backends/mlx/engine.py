@@ -16,6 +16,7 @@ from mlx_lm.generate import (
     BatchGenerator,
     StopSequences,
     generate_step,
+    generation_stream,
     speculative_generate_step,
 )
 from mlx_lm.models.cache import KVCache, make_prompt_cache
@@ -40,24 +41,18 @@ from backends.logprobs import ranked
 from backends.mlx import release_thread_memory
 from backends.mlx.kvquant import BITS, group_size_for, quantized_caches
 from backends.mlx.lm_adapter import hf_tokenizer
+from backends.mlx.prefill import IDLE_PREFILL_CHUNK, PrefillBudget
 from backends.mlx.prompt_cache import PromptCache
 from backends.mlx.spill import MLXSpill
 from backends.mlx.splice import Splice, key_shifts
 
 log = logging.getLogger("mlxserve.backends")
 
-# Prefill chunk when no stream is decoding (small chunks slow prompt processing down).
-IDLE_PREFILL_CHUNK = 2048
-
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
 def _greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
-
-
-class _PrefillCancelled(Exception):
-    pass
 
 
 def _logprobs(rows: list[tuple[mx.array, int, int]]) -> list[TokenLogprobs]:
@@ -112,6 +107,13 @@ def _decoder_kinds(decoder: dict[str, Any] | None) -> set[str]:
     return {str(decoder.get("type"))}
 
 
+def _with_history(processor: LogitsProcessor, head: mx.array) -> LogitsProcessor:
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        return processor(mx.concatenate([head, tokens]), logits)
+
+    return process
+
+
 def _constrain(constraint: GrammarConstraint) -> LogitsProcessor:
     calls = 0
 
@@ -143,6 +145,7 @@ class MLXEngine(Engine):
         self._batched: dict[int, tuple[Job, int, int]] = {}
         # Requests whose cache is being spliced from a changed-middle prompt-cache hit.
         self._splices: list[tuple[Job, Splice]] = []
+        self._prefill = PrefillBudget(self.options.prefill_chunk, self.options.slots("mlx"))
         # Draft models by folder, loaded into this engine for speculative decoding.
         self._drafts: dict[Path, Any] = {}
 
@@ -385,32 +388,43 @@ class MLXEngine(Engine):
     def _steps(
         self, request: GenerationRequest, stream: TokenStream
     ) -> Generator[Sampled | PromptProgress, None, None]:
-        """The single path: a seeded request, whose draws must not depend on its neighbours."""
+        """The single path: a seeded request, whose draws must not depend on its neighbours
+        (and every request of a model whose cache cannot join a batch).
 
-        def on_progress(done: int, total: int) -> None:
-            if stream.cancelled:
-                raise _PrefillCancelled
-            if 0 < done < total:
-                stream.put(PromptProgress(done, total))
-
+        The prompt advances one ``prefill_chunk`` per owner-thread step, so the streams
+        beside it wait one chunk at most. The chunk does not grow when nothing else runs:
+        a seeded request's output must not depend on what ran beside it."""
+        prompt = request.prompt
+        cache = self._fresh_cache() or make_prompt_cache(self._model)
+        chunk = self.options.prefill_chunk
+        done = 0
+        while len(prompt) - done > 1:
+            n = min(chunk, len(prompt) - done - 1)
+            with mx.stream(generation_stream):
+                self._model(mx.array(prompt[done : done + n])[None], cache=cache)
+                mx.eval([c.state for c in cache])
+            mx.clear_cache()
+            done += n
+            yield PromptProgress(done, len(prompt))
+        processors = self._processors(request)
+        if processors and done:
+            # mlx-lm hands processors only the tokens it was given: put the prompt's
+            # processed part in front, so penalties see the whole history as before.
+            head = mx.array(prompt[:done])
+            processors = [_with_history(p, head) for p in processors]
         k = request.logprobs
-        try:
-            for token, logprobs in generate_step(
-                mx.array(request.prompt),
-                self._model,
-                max_tokens=-1,
-                sampler=self._sampler(request.sampling),
-                logits_processors=self._processors(request),
-                prefill_step_size=self.options.prefill_chunk,
-                prompt_progress_callback=on_progress,
-                prompt_cache=self._fresh_cache(),
-            ):
-                if k is None:
-                    yield int(token)
-                else:
-                    yield int(token), _logprobs([(logprobs, int(token), k)])[0]
-        except _PrefillCancelled:
-            return
+        for token, logprobs in generate_step(
+            mx.array(prompt[done:]),
+            self._model,
+            max_tokens=-1,
+            sampler=self._sampler(request.sampling),
+            logits_processors=processors,
+            prompt_cache=cache,
+        ):
+            if k is None:
+                yield int(token)
+            else:
+                yield int(token), _logprobs([(logprobs, int(token), k)])[0]
 
     # --- continuous batching (owner thread) ---------------------------------------------
 
@@ -460,6 +474,7 @@ class MLXEngine(Engine):
             stop_sequences=[StopSequences(stops or None)],
         )
         self._batched[uid] = (job, start, cached)
+        self._prefill.queued(uid, len(prompt) - start)
         if self._prompt_cache.budget > 0:
             job.cache_written = len(prompt) - cached
         job.progress(start, len(prompt), cached)
@@ -477,23 +492,30 @@ class MLXEngine(Engine):
                 self._step_batch()
             except Exception as exc:
                 log.exception("batched generation failed on %s", self.path.name)
-                for job, *_ in self._batched.values():
-                    job.fail(exc)
-                self._batched.clear()
-                self._batch.close()
-                self._batch = self._new_batch()
+                self._fail_batch(exc)
 
     def abort(self, exc: BaseException) -> None:
         super().abort(exc)
-        batched, self._batched = self._batched, {}
         splices, self._splices = self._splices, []
-        jobs = [job for job, *_ in batched.values()] + [job for job, _ in splices]
-        for job in jobs:
+        for job, _ in splices:
+            job.fail(exc)
+        self._fail_batch(exc)
+
+    def _fail_batch(self, exc: BaseException) -> None:
+        batched, self._batched = self._batched, {}
+        self._prefill.clear()
+        for job, *_ in batched.values():
             job.fail(exc)
         try:
             self._batch.close()
         finally:
             self._batch = self._new_batch()
+
+    def _decoding(self) -> bool:
+        """Whether any stream is decoding (prompt work then waits on it)."""
+        return any(job.generated for job, *_ in self._batched.values()) or any(
+            job.generated for job, _ in self._solo
+        )
 
     def _step_splice(self) -> None:
         """One chunk of the oldest splice's gap tokens; a complete splice joins the batch."""
@@ -502,7 +524,7 @@ class MLXEngine(Engine):
             self._splices.pop(0)
             job.finish("cancelled")
             return
-        decoding = any(job.generated for job, *_ in self._batched.values())
+        decoding = self._decoding()
         chunk = self.options.prefill_chunk
         try:
             done = splice.advance(
@@ -527,10 +549,9 @@ class MLXEngine(Engine):
                 self._batched.pop(uid)[0].finish("cancelled")
             if not self._batched:
                 return
-        decoding = any(job.generated for job, *_ in self._batched.values())
-        chunk = self.options.prefill_chunk
-        self._batch.prefill_step_size = chunk if decoding else max(chunk, IDLE_PREFILL_CHUNK)
+        self._prefill.apply(self._batch, self._decoding(), self._batched)
         prompt_responses, responses = self._batch.next()
+        self._prefill.stepped(prompt_responses)
         for pr in prompt_responses:
             entry = self._batched.get(pr.uid)
             if entry is not None:
