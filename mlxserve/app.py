@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from mlxserve import __version__, versions
 from mlxserve import openapi as api_description
+from mlxserve.core import heap
 from mlxserve.errors import MlxServeError
 from mlxserve.http.errors import error_response
 from mlxserve.http.middleware import (
@@ -125,6 +126,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 raise
         await state.registry.models()
         state.manager.start()
+        heap.settle()
         yield
         # Each part is closed even if one before it fails: a broken MCP session must not leave
         # the models loaded or the chat store open.

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from mlxserve.core import memory
+from mlxserve.core import heap, memory
 from mlxserve.core.instance import EmbeddingInstance, Instance, Loaded, LoadRequest, is_busy
 from mlxserve.core.loader import ModelLoader
 from mlxserve.core.metrics import LifecycleObserver
@@ -441,6 +441,7 @@ class ModelManager:
                 kv_cache_bytes=need.kv_cache,
                 batch_slots=options.slots(info.format),
             )
+        heap.settle()
         log.info("loaded %s in %.2fs%s", loaded.id, loaded.load_seconds, " (JIT)" if jit else "")
         return loaded
 
@@ -519,6 +520,7 @@ class ModelManager:
             await self.loader.close(instance)
         finally:
             del self._closing[id(instance)]
+        heap.after_unload()
         if self.observer is not None:
             self.observer.unloaded(instance.id, seconds=time.perf_counter() - started)
 
