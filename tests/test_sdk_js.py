@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import lmstudio as lms
 import pytest
@@ -19,7 +20,7 @@ NODE_MODULES = REPO / ".cache" / "node" / "node_modules"
 SCRIPT = REPO / "tests" / "sdk_js" / "sdk_check.cjs"
 
 
-def run_checks(port: int, **args) -> list[dict]:
+def run_checks(port: int, script: Path = SCRIPT, **args) -> list[dict]:
     node = shutil.which("node")
     if node is None:
         pytest.skip("Node.js is not installed (scripts/setup installs the SDK when it is)")
@@ -27,7 +28,7 @@ def run_checks(port: int, **args) -> list[dict]:
         pytest.skip("@lmstudio/sdk is not installed in .cache/node: run scripts/setup")
     env = {**os.environ, "NODE_PATH": str(NODE_MODULES)}
     proc = subprocess.run(
-        [node, str(SCRIPT), json.dumps({"port": port, **args})],
+        [node, str(script), json.dumps({"port": port, **args})],
         env=env,
         capture_output=True,
         text=True,

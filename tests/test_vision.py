@@ -478,6 +478,38 @@ def test_sdk_prepare_image(server, oai):
     assert result.stats.prompt_tokens_count == expected.usage.prompt_tokens
 
 
+def test_js_sdk_prepare_image(server, oai, tmp_path):
+    """The TypeScript SDK's client.files.prepareImage, sent in a chat to both vision models:
+    the reply and prompt size equal the same request over HTTP."""
+    from tests.test_sdk_js import REPO, run_checks
+
+    picture = tmp_path / "b.png"
+    picture.write_bytes(IMG_B)
+    results = run_checks(
+        server.port,
+        REPO / "tests" / "sdk_js" / "sdk_image.cjs",
+        llms=VL_MODELS,
+        image=str(picture),
+        question=QUESTION,
+        maxTokens=N,
+    )
+    assert [r["model"] for r in results] == VL_MODELS
+    for r in results:
+        content = [
+            {"type": "text", "text": QUESTION},
+            {"type": "image_url", "image_url": {"url": _data_url(IMG_B)}},
+        ]
+        expected = oai.chat.completions.create(
+            model=r["model"],
+            messages=[{"role": "user", "content": content}],
+            max_tokens=N,
+            temperature=0,
+        )
+        assert r["vision"] is True
+        assert r["content"] == expected.choices[0].message.content, r
+        assert r["promptTokens"] == expected.usage.prompt_tokens, r
+
+
 @pytest.mark.parametrize("model", VL_MODELS)
 def test_second_turn_reuses_the_cached_image_prefix(oai, reference, gguf_reference, model):
     """The second turn of a chat about an image takes the first turn's KV from the prompt
