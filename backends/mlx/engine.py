@@ -241,9 +241,11 @@ class MLXEngine(Engine):
         decoder = json.loads(backend.to_str()).get("decoder")
         kinds = _decoder_kinds(decoder)
         self._byte_level = "ByteLevel" in kinds
-        self._special_ids = set(hf.all_special_ids) | {
-            i for i, t in hf.added_tokens_decoder.items() if t.special
-        }
+        # Read once: the tokenizer builds this table anew on every access, and the event loop
+        # looks tokens up while it streams.
+        added = hf.added_tokens_decoder
+        self._special_ids = set(hf.all_special_ids) | {i for i, t in added.items() if t.special}
+        self._added_pieces = {i: t.content.encode() for i, t in added.items()}
         self._piece_cache: dict[int, bytes] = {}
         probe = hf.encode("a", add_special_tokens=True)
         adds_bos = (
@@ -321,10 +323,9 @@ class MLXEngine(Engine):
     def _piece(self, token_id: int) -> bytes:
         if token_id in self._special_ids:
             return b""
-        hf = hf_tokenizer(self._tokenizer)
-        if token_id in hf.added_tokens_decoder:
-            return hf.added_tokens_decoder[token_id].content.encode()
-        token = hf.convert_ids_to_tokens(token_id)
+        if token_id in self._added_pieces:
+            return self._added_pieces[token_id]
+        token = hf_tokenizer(self._tokenizer).convert_ids_to_tokens(token_id)
         if token is None:
             return b""
         if self._byte_level:
