@@ -234,6 +234,11 @@ async def second_turn(server: Server, mode: Mode) -> dict[str, float]:
     return {"ratio": statistics.median(ratios), "cached_tokens": statistics.median(cached)}
 
 
+def _tagged_prompt(tag: str, mode: Mode) -> str:
+    # About mode.history_tokens tokens: a word such as "long0w17" is 5 to 6 tokens.
+    return " ".join(f"{tag}w{j % 97}" for j in range(mode.history_tokens // 5))
+
+
 async def admission_gap(
     server: Server,
     mode: Mode,
@@ -243,8 +248,9 @@ async def admission_gap(
 ) -> float:
     """Longest gap between tokens of 3 running streams while ``arriving`` long prompts (sent
     together, each with ``extra`` in its body) are admitted, until the last one's first
-    token. ``tag`` starts the prompts: a tag used before would be served by the prompt
-    cache."""
+    token. Every word of a long prompt carries its ``tag`` (give each call its own): the
+    prompt cache's changed-middle reuse would serve a prompt that differs from an earlier
+    one in its first word only."""
     async with httpx.AsyncClient(timeout=600) as client:
         runners = [
             asyncio.create_task(
@@ -256,9 +262,7 @@ async def admission_gap(
         admitted = time.perf_counter()
         longs = await asyncio.gather(
             *(
-                stream_once(
-                    client, server, unique_prompt(f"{tag}{i}", mode.history_tokens // 3), 4, extra
-                )
+                stream_once(client, server, _tagged_prompt(f"{tag}{i}", mode), 4, extra)
                 for i in range(arriving)
             )
         )
