@@ -80,10 +80,13 @@ class SpillStore:
 
     ``longest`` and ``read`` run on the owner thread, ``put`` queues a write for the writer
     thread; the index is shared under a lock. ``budget`` bytes bound every model's files
-    under ``root`` together."""
+    under ``root`` together. Entries of a model whose cache cannot be cut back to a shorter
+    prefix (``trimmable`` false: a recurrent state) serve only prompts holding them whole, so
+    a longer entry does not make a shorter one useless."""
 
-    def __init__(self, root: Path, identity: str, budget: int) -> None:
+    def __init__(self, root: Path, identity: str, budget: int, *, trimmable: bool = True) -> None:
         self.root = root
+        self.trimmable = trimmable
         self.folder = root / identity
         self.budget = budget
         self._lock = threading.Lock()
@@ -107,12 +110,16 @@ class SpillStore:
         """The stored entry sharing the longest prefix with ``prompt`` (never its last token:
         sampling needs its logits) and that length, if reading it is worth it: it adds at
         least MIN_TOKENS to the ``have`` tokens already cached, and the file is not mostly
-        tokens the prompt does not share."""
+        tokens the prompt does not share. Entries that cannot be cut back serve only a prompt
+        that holds them whole."""
         best: tuple[int, ...] | None = None
         best_n = 0
+        limit = len(prompt) - 1
         with self._lock:
             for key in self._index:
-                n = common_prefix(key, prompt, len(prompt) - 1)
+                n = common_prefix(key, prompt, limit)
+                if not self.trimmable and n < len(key):
+                    continue
                 if n > best_n or (n == best_n and best is not None and len(key) < len(best)):
                     best, best_n = key, n
         if best is None or best_n - have < MIN_TOKENS or best_n * MAX_UNSHARED < len(best):
@@ -145,10 +152,14 @@ class SpillStore:
         """Delete an entry whose payload the engine could not restore."""
         self._forget(key, delete=True)
 
+    def _covers(self, longer: tuple[int, ...], key: tuple[int, ...]) -> bool:
+        if not self.trimmable:
+            return longer == key
+        return len(longer) >= len(key) and longer[: len(key)] == key
+
     def _has(self, key: tuple[int, ...]) -> bool:
-        n = len(key)
         with self._lock:
-            return any(len(k) >= n and k[:n] == key for k in self._index)
+            return any(self._covers(k, key) for k in self._index)
 
     def wants(self, tokens: Sequence[int]) -> bool:
         """Whether an entry for ``tokens`` would be written: not too short, and no stored
@@ -208,7 +219,7 @@ class SpillStore:
             raise
         with self._lock:
             # An entry this one extends is covered by it: a hit on either finds this one.
-            covered = [k for k in self._index if len(k) <= len(key) and key[: len(k)] == k]
+            covered = [k for k in self._index if self._covers(key, k)]
             self._index[key] = final
         for k in covered:
             self._forget(k, delete=True)

@@ -16,11 +16,17 @@ import mlx.core as mx
 import openai
 import pytest
 
+from backends.base import CHECKPOINT_TAIL
 from backends.spill import SUFFIX, SpillStore
 from tests.conftest import GGUF_KEY, MLX_KEY, Server
 from tests.engine_harness import generate, load
 from tests.test_kv_quant import engine as kvq_engine
 from tests.test_kv_quant import paths  # noqa: F401 - the one-head model KV quantization needs
+from tests.test_prompt_cache_hybrid import (
+    CHAT,
+    hybrid_models,  # noqa: F401 - its fixture
+)
+from tests.test_prompt_cache_hybrid import _open as open_hybrid
 
 FORMATS = ["mlx", "gguf"]
 
@@ -93,6 +99,18 @@ def test_a_damaged_file_is_a_miss_and_is_deleted(tmp_path, damage):
         store = SpillStore(tmp_path, "m", 1 << 20)
     assert store.longest(list(range(70))) == (None, 0)
     assert not path.exists()
+    store.close()
+
+
+def test_entries_that_cannot_be_cut_back_serve_only_prompts_holding_them_whole(tmp_path):
+    store = SpillStore(tmp_path, "recurrent", 1 << 20, trimmable=False)
+    put(store, list(range(40)), b"prompt checkpoint")
+    put(store, list(range(80)), b"prompt and reply")
+    # The longer entry does not replace the shorter: a recurrent state cannot be cut back.
+    assert len(store) == 2
+    assert store.longest([*range(60), 7, 7]) == ((*range(40),), 40)
+    assert store.longest([*range(80), 7])[1] == 80
+    assert store.longest([*range(30), 7]) == (None, 0)
     store.close()
 
 
@@ -263,3 +281,33 @@ def test_a_chat_resumes_from_disk_after_unload_and_restart(models_root, tmp_path
     finally:
         server.stop()
         cold.stop()
+
+
+def test_a_recurrent_gguf_model_resumes_both_checkpoints_from_disk(hybrid_models, tmp_path):  # noqa: F811
+    # A recurrent state cannot be cut back: the prompt's checkpoint and the reply's are both
+    # written, and each serves the turn that holds it whole, as cold as a cold run.
+    spill = {"prompt_cache_dir": tmp_path, "prompt_cache_disk_bytes": 1 << 30}
+    warm = open_hybrid(hybrid_models, "gguf", "tiny-qwen35-hybrid", **spill)
+    turn1 = warm.tokenize(CHAT.format("system", "You are terse. " * 12) + CHAT.format("user", "Hi"))
+    turn1 += warm.tokenize("<|im_start|>assistant\n")
+    tail = warm.tokenize("<|im_end|>\n" + CHAT.format("user", "And then?"))
+    rewritten = turn1 + warm.tokenize("Something else.") + tail
+    try:
+        first = asyncio.run(generate(warm, turn1, 10))
+    finally:
+        warm.close()
+    assert len(files(tmp_path)) == 2
+    turn2 = turn1 + first.tokens + tail
+    again = open_hybrid(hybrid_models, "gguf", "tiny-qwen35-hybrid", **spill)
+    cold = open_hybrid(hybrid_models, "gguf", "tiny-qwen35-hybrid", prompt_cache_bytes=0)
+    try:
+        second = asyncio.run(generate(again, turn2, 10))
+        branch = asyncio.run(generate(again, rewritten, 10))
+        assert second.cached >= len(turn1) + len(first.tokens) - 1
+        # The prompt's checkpoint is taken CHECKPOINT_TAIL tokens before its end.
+        assert branch.cached >= len(turn1) - CHECKPOINT_TAIL
+        assert second.tokens == asyncio.run(generate(cold, turn2, 10)).tokens
+        assert branch.tokens == asyncio.run(generate(cold, rewritten, 10)).tokens
+    finally:
+        again.close()
+        cold.close()

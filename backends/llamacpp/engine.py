@@ -172,7 +172,11 @@ class LlamaCppEngine(Engine):
             None
             if self._projector is not None
             else GGUFSpill.open(
-                self.path, options, {"k": type_k, "v": type_v, "flash": flash}, self._ctx.ctx
+                self.path,
+                options,
+                {"k": type_k, "v": type_v, "flash": flash},
+                self._ctx.ctx,
+                trimmable=not self._whole_only,
             )
         )
         vocab = adapter.vocab_pointer(llm)
@@ -340,7 +344,11 @@ class LlamaCppEngine(Engine):
         prompt = request.prompt
         if self._spill is None or request.vision is not None:
             return
-        kept = [common_prefix(t, prompt, len(prompt) - 1) for t in self._kept.values()]
+        kept = [
+            n
+            for t in self._kept.values()
+            if (n := common_prefix(t, prompt, len(prompt) - 1)) == len(t) or not self._whole_only
+        ]
         key, _ = self._spill.store.longest(prompt, max(kept, default=0))
         if key is None:
             return

@@ -27,14 +27,15 @@ class GGUFSpill:
 
     @classmethod
     def open(
-        cls, path: Path, options: LoadOptions, kv: dict[str, Any], ctx: Any
+        cls, path: Path, options: LoadOptions, kv: dict[str, Any], ctx: Any, *, trimmable: bool
     ) -> GGUFSpill | None:
-        """The model's spill store for the context ``ctx`` (whose KV layout ``kv`` names), or
-        None when spilling is off."""
+        """The model's spill store for the context ``ctx`` (whose KV layout ``kv`` names;
+        ``trimmable`` false for recurrent state), or None when spilling is off."""
         if options.prompt_cache_dir is None or options.prompt_cache_disk_bytes <= 0:
             return None
         identity = model_identity(path.stem, [path], {"format": "gguf", **kv})
-        store = SpillStore(options.prompt_cache_dir, identity, options.prompt_cache_disk_bytes)
+        budget = options.prompt_cache_disk_bytes
+        store = SpillStore(options.prompt_cache_dir, identity, budget, trimmable=trimmable)
         return cls(store, ctx)
 
     def save(self, seq: int, tokens: Sequence[int]) -> None:

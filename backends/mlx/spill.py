@@ -61,7 +61,10 @@ class MLXSpill:
             )
             for name, x in (("k", c.keys), ("v", c.values)):
                 for j, a in enumerate(_parts(x)):
-                    arrays[f"{i}.{name}.{j}"] = a
+                    arrays[f"{i}.{name}.{j}"] = mx.contiguous(a)
+        # Row-contiguous and evaluated here (no copy for what already is): the writer thread
+        # must find nothing left to compute.
+        mx.eval(*arrays.values())
 
         # Evaluated arrays are immutable values: the writer thread only reads their memory.
         def write(f: Any) -> None:
