@@ -152,6 +152,9 @@ def inproc_gguf(path: Path, prompt: str, out_tokens: int) -> tuple[float, float]
     ids = llm.tokenize(prompt.encode(), add_bos=False)
     runs = []
     for _ in range(INPROC_RUNS):
+        # Llama.generate keeps the prefix it shares with its previous call: without this, runs
+        # 2 and 3 would skip the prompt that every request to a server processes cold.
+        llm.reset()
         t0 = time.perf_counter()
         times = []
         for _ in llm.generate(ids, temp=0.0, reset=True):
@@ -275,6 +278,19 @@ async def admission_gap(
     return max(gaps, default=0.0)
 
 
+async def chunk_and_step(server: Server, mode: Mode, chunk: int = 512) -> float:
+    """The admission gap's bound: on the freshly loaded model (before anything else is in
+    its prompt cache), the time to first token of a prompt of one prefill chunk (≈ ``chunk``
+    tokens) alone plus one decode step of that stream; median of 3 runs or more."""
+    async with httpx.AsyncClient(timeout=600) as client:
+        await stream_once(client, server, "warm up", 4)
+        bounds = []
+        for r in range(max(3, mode.rounds)):
+            s = await stream_once(client, server, unique_prompt(f"chunk{r}", chunk // 3), 8)
+            bounds.append(s.ttft + (1 / s.decode_tps if s.decode_tps else 0.0))
+    return statistics.median(bounds)
+
+
 async def logprobs_cost(server: Server, mode: Mode) -> float:
     """Single-stream decode tok/s with ``logprobs: 5`` (five alternatives per token) divided
     by the same without logprobs; the two alternate, medians of several runs each."""
@@ -383,6 +399,8 @@ async def run(args: argparse.Namespace, base_mode: Mode) -> dict[str, Any]:
                 )
             peer = peers[fmt]
             side = [ours] + ([peer] if peer in servers else [])
+            with timed(timings, f"{fmt} one chunk + one step"):
+                bound = await chunk_and_step(ours, mode) * 1000
             by_n: dict[int, dict[str, dict[str, float]]] = {}
             for n in mode.concurrency:
                 with timed(timings, f"{fmt} {n} streams"), peak_rss(ours) as peak:
@@ -411,6 +429,7 @@ async def run(args: argparse.Namespace, base_mode: Mode) -> dict[str, Any]:
             figs["second_turn_cached_tokens"] = turn["cached_tokens"]
             with timed(timings, f"{fmt} admission gap"):
                 figs["admission_max_gap_ms"] = await admission_gap(ours, mode) * 1000
+            figs["admission_bound_ms"] = bound
             if mode.engine_features:
                 with timed(timings, f"{fmt} logprobs"):
                     figs["logprobs_5_decode_vs_none"] = await logprobs_cost(ours, mode)
@@ -432,7 +451,8 @@ async def run(args: argparse.Namespace, base_mode: Mode) -> dict[str, Any]:
                 "peak_rss_8_vs_inproc": "<= 1.2",
                 "second_turn_ttft_vs_cold": "<= 0.10",
                 "second_turn_cached_tokens": "> 0",
-                "admission_max_gap_ms": "<= 1 chunk + 1 step",
+                "admission_max_gap_ms": "<= admission_bound_ms",
+                "admission_bound_ms": "1 chunk + 1 step",
                 "logprobs_5_decode_vs_none": ">= 0.95",
                 "kv_bytes_per_token_plain": "reported",
                 "kv_bytes_per_token_8bit": "reported",

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import socket
 import subprocess
 import sys
@@ -248,8 +249,11 @@ async def stream_once(
 
 
 def unique_prompt(tag: str, words: int) -> str:
-    # A distinct first word per request keeps prompt caches from serving it.
-    return f"{tag} " + " ".join(f"w{i % 97}" for i in range(words))
+    # Words drawn from a generator seeded by the tag, not one fixed sequence: with
+    # changed-middle reuse (--cache-reuse) two prompts differing only in their first word
+    # would be served from the prompt cache but for that word.
+    rng = random.Random(tag)
+    return f"{tag} " + " ".join(f"w{rng.randrange(97)}" for _ in range(words))
 
 
 def gguf_threads() -> tuple[int, int]:

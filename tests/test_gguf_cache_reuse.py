@@ -5,13 +5,14 @@ and ``cache_reuse=0`` stays exact."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 
 import llama_cpp
 import openai
 
 from backends.base import Engine
 from backends.llamacpp.reuse import Run, align
-from tests.conftest import GGUF_KEY
+from tests.conftest import GGUF_KEY, REPO
 from tests.engine_harness import generate, load
 
 
@@ -174,3 +175,14 @@ def test_changed_system_line_is_served_from_cache_over_http(server):
     assert isinstance(reply.message.content, str) and reply.message.content
     assert reply.finish_reason in ("stop", "length")
     assert second.usage.completion_tokens > 0
+
+
+def test_bench_prompts_with_different_tags_share_no_reusable_run(monkeypatch):
+    # scripts/bench.py measures cold prompts with unique_prompt: with changed-middle reuse
+    # on, prompts that differ only in their first word would be served from the cache.
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    bench_common = importlib.import_module("bench_common")
+    a, b = (bench_common.unique_prompt(tag, 1365).split() for tag in ("hist0", "long"))
+    assert a[1:] != b[1:]
+    assert align(a, b, 1, 1, 32, len(b)) == []
+    assert bench_common.unique_prompt("x", 50) == bench_common.unique_prompt("x", 50)
