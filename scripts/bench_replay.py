@@ -245,9 +245,10 @@ MODEL_CONTEXT = 32768
 
 
 async def agent_replay(args: argparse.Namespace) -> dict[str, Any]:
-    """The agent replay (scripts/bench_replay.py) per format and protocol, on three servers
-    one after the other: as main configures the prompt cache, with ``--cache-reuse 0``, and
-    with the prompt cache off (the cold baseline)."""
+    """The agent replay per format and protocol, each on a fresh server (a new home, so no
+    entry of another run is found, in memory or spilled to disk) configured three ways: as
+    main configures the prompt cache, with ``--cache-reuse 0``, and with the prompt cache off
+    (the cold baseline)."""
     root, found = targets(args, args.replay_size, None if args.model else MODEL_CONTEXT)
     variants = {
         "main": (),
@@ -260,19 +261,19 @@ async def agent_replay(args: argparse.Namespace) -> dict[str, Any]:
     for fmt, target in found.items():
         runs[fmt] = {}
         for variant, flags in variants.items():
-            home = Path(tempfile.mkdtemp(prefix="mlxserve-bench-"))
-            ours = our_server(root, home, target.key, *flags, context=REPLAY_CONTEXT)
-            try:
-                ours.start(home)
-                async with httpx.AsyncClient(timeout=600) as client:
-                    await stream_once(client, ours, "warm up", 2)  # loads the model
-                for protocol in protocols:
+            for protocol in protocols:
+                home = Path(tempfile.mkdtemp(prefix="mlxserve-bench-"))
+                ours = our_server(root, home, target.key, *flags, context=REPLAY_CONTEXT)
+                try:
+                    ours.start(home)
+                    async with httpx.AsyncClient(timeout=600) as client:
+                        await stream_once(client, ours, "warm up", 2)  # loads the model
                     session = f"{protocol}-{variant.replace(' ', '')}"
                     with timed(timings, f"{fmt} {variant} {protocol}"):
                         turns = await replay(ours.url, target.key, protocol, session, args.turns)
                     runs[fmt].setdefault(protocol, {})[variant] = turns
-            finally:
-                ours.stop()
+                finally:
+                    ours.stop()
     rows: list[tuple[str, str, str]] = []
     figures: dict[str, Any] = {}
     for fmt, by_protocol in runs.items():
