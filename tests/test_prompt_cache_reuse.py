@@ -12,7 +12,7 @@ import mlx.core as mx
 import openai
 import pytest
 from mlx_lm import load as mlx_load
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.models.rope_utils import DynamicNTKScalingRoPE, initialize_rope
 
 from backends.mlx.kvquant import quantized_caches
@@ -45,6 +45,24 @@ def test_align_finds_moved_runs_and_skips_short_ones():
     assert align(old, A + Y + B, 40, 48, len(A + Y + B) - 1) == [Run(46, 51, 69)]
     # Repetitive text: one run, not one per repetition.
     assert align([1, 2, 3] * 100, [9] + [1, 2, 3] * 100, 0, 64, 301) == [Run(0, 1, 300)]
+
+
+def fake_kv(n: int) -> list[KVCache]:
+    c = KVCache()
+    c.keys = c.values = mx.zeros((1, 1, n, 4))
+    c.offset = n
+    return [c]
+
+
+def test_plan_moves_runs_only_when_they_serve_more_than_an_exact_prefix():
+    store = PromptCache(1 << 20)
+    store.store(A + B + X, fake_kv(116))  # shares A + B exactly
+    store.store(Y + B, fake_kv(81))  # most recent: shares B, moved
+    assert store.plan(A + B + C, 32) is None  # fetch's 110 exact tokens beat 70 moved
+    store.store(C + X + B, fake_kv(126))
+    reuse = store.plan(C + Y + B + [7], 32)  # 50 exact, then B moved: 120
+    assert reuse is not None and reuse.prefix == 50 and reuse.runs == [Run(56, 61, 70)]
+    assert store.plan(C + Y + B + [7], 100) is None
 
 
 ROPES = [

@@ -441,15 +441,16 @@ class MLXEngine(Engine):
         reuse = None
         if self._key_shifts is not None:
             reuse = self._prompt_cache.plan(prompt, self.options.cache_reuse)
-        if reuse is not None:
-            self._splices.append((job, Splice(prompt, reuse, self._key_shifts or [])))
-            job.progress(reuse.prefix, len(prompt), reuse.reused)
-            return
         cache, cached = self._prompt_cache.fetch(prompt)
         if self._spill is not None:
             spilled, n = self._spill.fetch(prompt, cached)
             if spilled is not None:
                 cache, cached = spilled, n
+        # An exact prefix as long as what moving runs would serve is taken instead.
+        if reuse is not None and reuse.reused > cached:
+            self._splices.append((job, Splice(prompt, reuse, self._key_shifts or [])))
+            job.progress(reuse.prefix, len(prompt), reuse.reused)
+            return
         if cache is None:
             cache = self._fresh_cache()
         self._join_batch(job, cache, cached, cached)

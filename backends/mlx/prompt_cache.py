@@ -259,12 +259,14 @@ class PromptCache:
     def plan(self, prompt: Sequence[int], min_run: int) -> Reuse | None:
         """The best reuse of a stored plain or quantized entry by ``prompt`` past its shared
         prefix: runs of at least ``min_run`` matching tokens moved to their new positions.
-        None when no such run exists (the exact prefix of :meth:`fetch` is all there is).
-        The entries tried are the one sharing the longest prefix and the most recent."""
+        None unless it serves more tokens than the longest exact prefix any entry shares
+        (:meth:`fetch` then serves that, exactly). The entries tried are the one sharing the
+        longest prefix and the most recent."""
         limit = len(prompt) - 1
         if min_run <= 0 or not self._entries:
             return None
         ranked = sorted(self._entries, key=lambda k: common_prefix(k, prompt, limit))
+        exact = common_prefix(ranked[-1], prompt, limit)
         best: tuple[tuple[int, ...], Reuse] | None = None
         for key in dict.fromkeys([ranked[-1], next(reversed(self._entries))]):
             entry = self._entries[key]
@@ -274,7 +276,7 @@ class PromptCache:
             if limit - prefix < min_run:
                 continue  # a continued conversation: its prefix is all there is
             reuse = Reuse(entry, prefix, align(key, prompt, prefix, min_run, limit))
-            if reuse.runs and (best is None or reuse.reused > best[1].reused):
+            if reuse.reused > (best[1].reused if best else exact):
                 best = key, reuse
         if best is None:
             return None
