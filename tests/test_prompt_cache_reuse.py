@@ -43,8 +43,12 @@ def test_align_finds_moved_runs_and_skips_short_ones():
     # Longer runs are found from windows hashed every min_run - 32 + 1 tokens of the cached
     # prompt, then extended back to where they start.
     assert align(old, A + Y + B, 40, 48, len(A + Y + B) - 1) == [Run(46, 51, 69)]
-    # Repetitive text: one run, not one per repetition.
+    # Repetitive text: one run, not one per repetition, at the shift that matches longest
+    # (a window of it matches at every period's shift).
     assert align([1, 2, 3] * 100, [9] + [1, 2, 3] * 100, 0, 64, 301) == [Run(0, 1, 300)]
+    r = tokens(35, 9)
+    head, other = tokens(7, 10), tokens(12, 11)
+    assert align(head + r * 10, other + r * 10 + [7], 0, 64, 362) == [Run(7, 12, 350)]
 
 
 def fake_kv(n: int) -> list[KVCache]:

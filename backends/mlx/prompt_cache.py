@@ -171,16 +171,31 @@ def _hashes(tokens: np.ndarray, width: int, stride: int = 1) -> np.ndarray:
     return windows.astype(np.uint64) @ _MULTIPLIERS[:width]
 
 
+def _free(lo: int, hi: int, taken: list[Run]) -> tuple[int, int]:
+    """The longest stretch of [lo, hi) that no run in ``taken`` covers."""
+    stretches = [(lo, hi)]
+    for t in taken:
+        end = t.dst + t.length
+        stretches = [
+            piece
+            for a, b in stretches
+            for piece in ((a, min(b, t.dst)), (max(a, end), b))
+            if piece[1] > piece[0]
+        ]
+    return max(stretches, key=lambda ab: ab[1] - ab[0], default=(lo, lo))
+
+
 def align(
     old: Sequence[int], new: Sequence[int], start: int, min_run: int, limit: int
 ) -> list[Run]:
-    """Runs of at least ``min_run`` tokens of ``new[start:limit]`` that ``old`` holds, found
-    left to right, each the longest at its place; a run may come from anywhere in ``old``, so
-    moved lines and reordered blocks are found too.
+    """Runs of at least ``min_run`` tokens of ``new[start:limit]`` that ``old`` holds, the
+    longest first; a run may come from anywhere in ``old``, so moved lines and reordered
+    blocks are found too.
 
     Every ``stride``-th window of ``old`` is hashed: a run of ``min_run`` tokens holds one
     of them whole, so probing every window of ``new`` finds it, then it is extended both
-    ways. The work is a few array passes, not a Python loop per token."""
+    ways. The work is a few array passes, not a Python loop per token. In repetitive text a
+    window matches at several shifts: each shift's run is measured, and the longest win."""
     width = max(1, min(min_run, _ANCHOR))
     if min_run <= 0 or limit - start < min_run or len(old) < min_run:
         return []
@@ -192,24 +207,25 @@ def align(
         anchors.setdefault(h, []).append(k * stride)
     probes = _hashes(n[start:], width)
     hits = np.flatnonzero(np.isin(probes, np.array(list(anchors), dtype=np.uint64)))
-    runs: list[Run] = []
-    cursor = start
+    by_shift: dict[int, list[Run]] = {}
     for i in cast(list[int], (hits + start).tolist()):
-        if i < cursor:
-            continue
-        best: Run | None = None
         for j in anchors[int(probes[i - start])][:_CANDIDATES]:
+            known = by_shift.setdefault(i - j, [])
+            if any(r.dst <= i < r.dst + r.length for r in known):
+                continue
             ahead = min(len(o) - j, limit - i)
             forward = _agree(o[j : j + ahead], n[i : i + ahead])
-            behind = min(j, i - cursor)
+            behind = min(j, i - start)
             back = _agree(o[j - behind : j][::-1], n[i - behind : i][::-1]) if behind else 0
-            length = back + forward
-            if length >= min_run and (best is None or length > best.length):
-                best = Run(j - back, i - back, length)
-        if best is not None:
-            runs.append(best)
-            cursor = best.dst + best.length
-    return runs
+            known.append(Run(j - back, i - back, back + forward))
+    chosen: list[Run] = []
+    for run in sorted((r for rs in by_shift.values() for r in rs), key=lambda r: -r.length):
+        if run.length < min_run:
+            break
+        lo, hi = _free(run.dst, run.dst + run.length, chosen)
+        if hi - lo >= min_run:
+            chosen.append(Run(run.src + lo - run.dst, lo, hi - lo))
+    return sorted(chosen, key=lambda r: r.dst)
 
 
 class PromptCache:
