@@ -334,6 +334,12 @@ def test_every_dialect(server, oai, image_host):
 
 @pytest.mark.parametrize("model", VL_MODELS)
 def test_concurrent_image_and_text_requests_equal_solo(oai, model):
+    _together_equals_solo(oai, model)
+
+
+def _together_equals_solo(oai, model: str) -> None:
+    """Two image and two text requests at once each equal their own solo output."""
+
     async def main() -> list[str]:
         client = openai.AsyncOpenAI(base_url=str(oai.base_url), api_key="unused", max_retries=0)
         jobs = [

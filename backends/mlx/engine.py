@@ -288,7 +288,8 @@ class MLXEngine(Engine):
             raise ValueError(f"KV cache quantization takes {BITS} bits, not {bits}")
         if not all(type(c) is KVCache for c in make_prompt_cache(model)):
             raise ValueError("this model's cache (sliding window or state) cannot be quantized")
-        args = model.args
+        # A vision model's mlx-lm wrapper keeps the text model's arguments on its language model.
+        args = getattr(getattr(model, "language_model", None), "args", None) or model.args
         head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
         group = group_size_for(int(head_dim))
         if group is None:

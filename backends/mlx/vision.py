@@ -157,7 +157,9 @@ class MLXVisionEngine(MLXEngine):
         cache, cached = self._prompt_cache.fetch(inputs.key)
         rope_index = getattr(lm, "get_rope_index", None)
         if cache is None or cached < inputs.media_end or (state and not callable(rope_index)):
-            cache, cached = make_prompt_cache(self._model), 0
+            # Quantized like the text batch's when the model has KV-cache bits, so the kept
+            # entry can serve a later text or image request alike.
+            cache, cached = self._fresh_cache() or make_prompt_cache(self._model), 0
         elif callable(rope_index):
             # M-RoPE positions come from the whole prompt; the model slices them at its
             # cache offset.
@@ -169,7 +171,7 @@ class MLXVisionEngine(MLXEngine):
         if cached:
             ids, pixels, mask = ids[:, cached:], None, None
             job.progress(cached, len(inputs.key), cached)
-        if self._prompt_cache.budget > 0 and self._fresh_cache() is None:
+        if self._prompt_cache.budget > 0:
             job.cache_written = len(inputs.key) - cached
         steps = generate_step(
             ids,
@@ -202,7 +204,5 @@ class MLXVisionEngine(MLXEngine):
                     yield int(token), _logprobs([(logprobs, int(token), k)])[0]
         finally:
             steps.close()
-            # With KV-cache bits the text batch holds quantized caches: a plain image cache
-            # kept here could be handed to it, so it is not kept.
-            if generated and self._fresh_cache() is None:
+            if generated:
                 self._prompt_cache.store([*inputs.key, *generated], cache)
