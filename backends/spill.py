@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from backends.base import common_prefix
+from backends.base import LoadOptions, common_prefix
 
 log = logging.getLogger("mlxserve.backends")
 
@@ -58,6 +58,28 @@ def model_identity(label: str, files: Iterable[Path], kv: dict[str, Any]) -> str
     digest = hashlib.sha256(json.dumps([parts, kv], sort_keys=True).encode()).hexdigest()
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)[:48]
     return f"{safe}-{digest[:20]}"
+
+
+def open_store(
+    options: LoadOptions,
+    label: str,
+    files: Iterable[Path],
+    kv: dict[str, Any],
+    *,
+    trimmable: bool = True,
+) -> SpillStore | None:
+    """The spill store of a model loaded with ``options`` (see :func:`model_identity`), or
+    None when spilling is off or its folder cannot be used: the model then serves without
+    it (a warning says why), never fails to load for it."""
+    if options.prompt_cache_dir is None or options.prompt_cache_disk_bytes <= 0:
+        return None
+    try:
+        identity = model_identity(label, files, kv)
+        budget = options.prompt_cache_disk_bytes
+        return SpillStore(options.prompt_cache_dir, identity, budget, trimmable=trimmable)
+    except OSError as exc:
+        log.warning("prompt cache spilling is off for %s: %s", label, exc)
+        return None
 
 
 def _token_bytes(tokens: Sequence[int]) -> bytes:

@@ -16,8 +16,8 @@ import mlx.core as mx
 import openai
 import pytest
 
-from backends.base import CHECKPOINT_TAIL
-from backends.spill import SUFFIX, SpillStore
+from backends.base import CHECKPOINT_TAIL, LoadOptions
+from backends.spill import SUFFIX, SpillStore, open_store
 from tests.conftest import GGUF_KEY, MLX_KEY, Server
 from tests.engine_harness import generate, load
 from tests.test_kv_quant import engine as kvq_engine
@@ -112,6 +112,16 @@ def test_entries_that_cannot_be_cut_back_serve_only_prompts_holding_them_whole(t
     assert store.longest([*range(80), 7])[1] == 80
     assert store.longest([*range(30), 7]) == (None, 0)
     store.close()
+
+
+def test_a_home_whose_spill_folder_cannot_be_made_serves_without_spilling(tmp_path, caplog):
+    blocked = tmp_path / "prompt-cache"
+    blocked.write_text("a file where the folder would be")
+    options = LoadOptions(context_length=64, prompt_cache_dir=blocked, prompt_cache_disk_bytes=1)
+    assert open_store(options, "model", [], {}) is None
+    assert "spilling is off for model" in caplog.text
+    off = LoadOptions(context_length=64, prompt_cache_dir=tmp_path, prompt_cache_disk_bytes=0)
+    assert open_store(off, "model", [], {}) is None
 
 
 def test_leftover_temporary_files_are_removed(tmp_path):

@@ -12,7 +12,7 @@ from typing import IO, Any
 import llama_cpp
 
 from backends.base import LoadOptions
-from backends.spill import SpillStore, model_identity
+from backends.spill import SpillStore, open_store
 
 log = logging.getLogger("mlxserve.backends")
 
@@ -30,13 +30,11 @@ class GGUFSpill:
         cls, path: Path, options: LoadOptions, kv: dict[str, Any], ctx: Any, *, trimmable: bool
     ) -> GGUFSpill | None:
         """The model's spill store for the context ``ctx`` (whose KV layout ``kv`` names;
-        ``trimmable`` false for recurrent state), or None when spilling is off."""
-        if options.prompt_cache_dir is None or options.prompt_cache_disk_bytes <= 0:
-            return None
-        identity = model_identity(path.stem, [path], {"format": "gguf", **kv})
-        budget = options.prompt_cache_disk_bytes
-        store = SpillStore(options.prompt_cache_dir, identity, budget, trimmable=trimmable)
-        return cls(store, ctx)
+        ``trimmable`` false for recurrent state), or None when spilling is off (see
+        :func:`open_store`)."""
+        kv = {"format": "gguf", **kv}
+        store = open_store(options, path.stem, [path], kv, trimmable=trimmable)
+        return cls(store, ctx) if store is not None else None
 
     def save(self, seq: int, tokens: Sequence[int]) -> None:
         """Copy sequence ``seq``'s state (its cells hold ``tokens``) and queue it for writing."""

@@ -14,7 +14,7 @@ from mlx_lm.models.cache import KVCache
 
 from backends.base import LoadOptions
 from backends.mlx.kvquant import QuantizedCache
-from backends.spill import SpillStore, model_identity
+from backends.spill import SpillStore, open_store
 
 log = logging.getLogger("mlxserve.backends")
 
@@ -33,14 +33,11 @@ class MLXSpill:
 
     @classmethod
     def open(cls, path: Path, options: LoadOptions, layers: int) -> MLXSpill | None:
-        """The model's spill store, or None when spilling is off."""
-        if options.prompt_cache_dir is None or options.prompt_cache_disk_bytes <= 0:
-            return None
+        """The model's spill, or None when spilling is off (see :func:`open_store`)."""
         files = [path / "config.json", *path.glob("*.safetensors")]
         kv = {"format": "mlx", "f32": options.kv_cache_f32, "bits": options.kv_cache_bits}
-        identity = model_identity(path.name, files, kv)
-        store = SpillStore(options.prompt_cache_dir, identity, options.prompt_cache_disk_bytes)
-        return cls(store, layers)
+        store = open_store(options, path.name, files, kv)
+        return cls(store, layers) if store is not None else None
 
     def save(self, tokens: Sequence[int], cache: list[Any]) -> None:
         """Queue ``cache`` (a prompt-cache entry: evaluated, compacted) for writing; only
