@@ -370,7 +370,9 @@ class DistributedMLXEngine(_ShardedMLXEngine):
 
     def _load_model(self) -> tuple[Any, Any]:
         check_shardable(self.path, self.group.size)
-        message = {"op": "load", "path": str(self.path), "options": asdict(self.options)}
+        # Sharded engines never spill (``spills``); the folder, a Path, would not go as JSON.
+        options = asdict(replace(self.options, prompt_cache_dir=None))
+        message = {"op": "load", "path": str(self.path), "options": options}
         with self.group.section(limit=max(LOAD_TIMEOUT_SECONDS, self.group.timeout)):
             self.group.send(message)
             missing = self.group.count(False)
