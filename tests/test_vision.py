@@ -328,8 +328,11 @@ def test_every_dialect(server, oai, image_host):
             }
         ],
     )
-    # input_tokens leaves out what the prompt cache served (Anthropic's cache reads).
-    assert count.input_tokens == m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0)
+    # input_tokens leaves out what the prompt cache served (Anthropic's cache reads) and what
+    # it wrote for a later request (cache creation): the three add up to the prompt.
+    u = m.usage
+    cached = (u.cache_read_input_tokens or 0) + (u.cache_creation_input_tokens or 0)
+    assert count.input_tokens == u.input_tokens + cached
 
 
 @pytest.mark.parametrize("model", VL_MODELS)
