@@ -166,17 +166,25 @@ def inproc_gguf(path: Path, prompt: str, out_tokens: int) -> tuple[float, float]
     return _medians(runs)
 
 
-def inproc_peak_rss(fmt: str, path: Path, streams: int, out_tokens: int) -> int:
+def inproc_peak_rss(fmt: str, path: Path, streams: int, out_tokens: int, context: int) -> int:
     """Peak resident bytes of a fresh process that loads the model and generates
     ``streams`` replies of ``out_tokens`` in process (mlx-lm ``batch_generate``; llama-cpp-
-    python one after the other, in one context of the server's 8192 tokens): what our
+    python one after the other, in one window of the server's ``context``): what our
     server's peak at as many streams is compared with."""
-    argv = [sys.executable, __file__, "--inproc-rss", fmt, str(path), str(streams), str(out_tokens)]
+    argv = [sys.executable, __file__, "--inproc-rss", fmt, str(path), str(streams)]
+    argv += [str(out_tokens), str(context)]
     out = subprocess.run(argv, capture_output=True, text=True, check=True)
     return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss"])
 
 
-def _inproc_rss_child(fmt: str, path: str, streams: int, out_tokens: int) -> None:
+async def loaded_context(server: Server) -> int:
+    """The context length our server loaded its current model with."""
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        loaded = (await client.get("/api/v1/models/loaded")).json()["instances"]
+    return int(next(i["context_length"] for i in loaded if i["id"] == server.model))
+
+
+def _inproc_rss_child(fmt: str, path: str, streams: int, out_tokens: int, context: int) -> None:
     import resource
 
     prompts = [unique_prompt(f"rss{i}", 64) for i in range(streams)]
@@ -192,7 +200,7 @@ def _inproc_rss_child(fmt: str, path: str, streams: int, out_tokens: int) -> Non
 
         threads, threads_batch = gguf_threads()
         llm = Llama(
-            path, n_ctx=8192, n_threads=threads, n_threads_batch=threads_batch, verbose=False
+            path, n_ctx=context, n_threads=threads, n_threads_batch=threads_batch, verbose=False
         )
         for p in prompts:
             ids = llm.tokenize(p.encode(), add_bos=False)
@@ -409,7 +417,8 @@ async def run(args: argparse.Namespace, base_mode: Mode) -> dict[str, Any]:
             top = max(mode.concurrency)
             one, eight = by_n[1]["mlxserve"], by_n[top]["mlxserve"]
             with timed(timings, f"{fmt} in-process peak RSS"):
-                rss_inproc = inproc_peak_rss(fmt, target.path, top, mode.out_tokens)
+                context = await loaded_context(ours)
+                rss_inproc = inproc_peak_rss(fmt, target.path, top, mode.out_tokens, context)
             figs = {
                 "single_decode_vs_inproc": one["decode_tps"] / inproc[0],
                 "ttft_added_ms": (one["ttft_p50"] - inproc[1]) * 1000,
@@ -541,11 +550,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=REPO / ".cache" / "bench" / "results.json", help="JSON output"
     )
-    parser.add_argument("--inproc-rss", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--inproc-rss", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.inproc_rss:
-        fmt, path, streams, tokens = args.inproc_rss
-        _inproc_rss_child(fmt, path, int(streams), int(tokens))
+        fmt, path, streams, tokens, context = args.inproc_rss
+        _inproc_rss_child(fmt, path, int(streams), int(tokens), int(context))
         return 0
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     mode = QUICK if args.quick else FULL
