@@ -48,9 +48,12 @@ def test_generation_and_load_metrics(http, key):
     anthropic = {**body, "max_tokens": 6}
     b = http.post("/v1/messages", json=anthropic).json()["usage"]
     found = samples(http)
-    # Anthropic's input_tokens leaves out the tokens read from the prompt cache.
+    # Anthropic's input_tokens leaves out the tokens read from and written to the prompt cache.
+    anthropic_prompt = (
+        b["input_tokens"] + b["cache_read_input_tokens"] + b["cache_creation_input_tokens"]
+    )
     assert value(found, "mlxserve_prompt_tokens_total", model=instance) == (
-        a["prompt_tokens"] + b["input_tokens"] + b["cache_read_input_tokens"]
+        a["prompt_tokens"] + anthropic_prompt
     )
     assert value(found, "mlxserve_generated_tokens_total", model=instance) == (
         a["completion_tokens"] + b["output_tokens"]
