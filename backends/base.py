@@ -270,6 +270,15 @@ class EngineError(Exception):
     """The engine failed while generating."""
 
 
+class LoadOptionUnsupported(ValueError):
+    """A load option this model cannot take (a client error, not a failed load): ``param``
+    names the option."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class DraftUnsupported(Exception):
     """This engine has no speculative decoding."""
 

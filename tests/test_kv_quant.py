@@ -161,3 +161,25 @@ def test_a_head_size_that_cannot_be_quantized_is_refused(models_root):
     with pytest.raises(ValueError, match="head size"):
         open_engine("mlx", folder, LoadOptions(context_length=512, kv_cache_bits=8))
     assert math.isfinite(LoadOptions(context_length=1, kv_cache_bits=8).kv_element_bits("mlx"))
+
+
+def test_a_head_size_that_cannot_be_quantized_is_a_400_naming_the_option(server):
+    # The load failing on the model's shape is the client's choice of option, not a server
+    # fault: it was a 500 (model_load_failed) before.
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        r = http.post(
+            "/api/v1/models/load",
+            json={"model": f"{PUBLISHER}/tiny-qwen2-mlx", "kv_cache_quantization": 8},
+        )
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "kv_cache_quantization" and "head size of 16" in error["message"]
+        r = http.post(
+            "/v1/chat/completions",
+            json={
+                "model": f"{PUBLISHER}/tiny-qwen2-mlx",
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 2,
+            },
+        )
+        assert r.status_code == 200

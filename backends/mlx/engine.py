@@ -30,6 +30,7 @@ from backends.base import (
     EngineInfo,
     GenerationRequest,
     Job,
+    LoadOptionUnsupported,
     PromptProgress,
     Sampled,
     SamplingParams,
@@ -285,15 +286,23 @@ class MLXEngine(Engine):
         if not bits:
             return None
         if bits not in BITS:
-            raise ValueError(f"KV cache quantization takes {BITS} bits, not {bits}")
+            raise LoadOptionUnsupported(
+                f"KV cache quantization takes {BITS} bits, not {bits}", "kv_cache_quantization"
+            )
         if not all(type(c) is KVCache for c in make_prompt_cache(model)):
-            raise ValueError("this model's cache (sliding window or state) cannot be quantized")
+            raise LoadOptionUnsupported(
+                "this model's cache (sliding window or state) cannot be quantized",
+                "kv_cache_quantization",
+            )
         # A vision model's mlx-lm wrapper keeps the text model's arguments on its language model.
         args = getattr(getattr(model, "language_model", None), "args", None) or model.args
         head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
         group = group_size_for(int(head_dim))
         if group is None:
-            raise ValueError(f"a head size of {head_dim} cannot be quantized in groups of 32")
+            raise LoadOptionUnsupported(
+                f"a head size of {head_dim} cannot be quantized in groups of 32",
+                "kv_cache_quantization",
+            )
         return group
 
     def _load_config(self) -> dict[str, Any]:

@@ -10,13 +10,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from backends import open_embedding_engine, open_engine
-from backends.base import Engine, LoadOptions
+from backends.base import Engine, LoadOptions, LoadOptionUnsupported
 from backends.embedding import EmbeddingEngine
 from mlxserve.core import memory
 from mlxserve.core.instance import EmbeddingInstance, Instance, Loaded, LoadRequest
 from mlxserve.core.registry import ModelInfo
 from mlxserve.core.templates import ChatTemplate, TemplateError
-from mlxserve.errors import ModelLoadFailed
+from mlxserve.errors import InvalidRequest, ModelLoadFailed
 from mlxserve.settings import Settings
 
 if TYPE_CHECKING:
@@ -148,6 +148,11 @@ class ModelLoader:
                     max_queue=max_queue,
                     distributed=distributed,
                 )
+        except LoadOptionUnsupported as exc:
+            await asyncio.to_thread(gc.collect)
+            raise InvalidRequest(
+                f"Model '{info.key}' cannot be loaded with these options: {exc}", param=exc.param
+            ) from exc
         except Exception as exc:
             log.exception("loading %s failed", info.key)
             # Whatever the failed load allocated is garbage now: give it back.
