@@ -44,7 +44,7 @@ def _loaded(http) -> list[str]:
 def test_mlx_jit_load_refused_for_its_windows_and_prompt_cache_in_openai_and_anthropic(http, tight):
     oai = openai.OpenAI(base_url=tight.url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.BadRequestError) as refused:
-        oai.chat.completions.create(model=MLX_KEY, messages=HELLO, max_tokens=2)  # type: ignore[arg-type]
+        oai.chat.completions.create(model=MLX_KEY, messages=HELLO, max_tokens=2)
     error = refused.value.body
     assert isinstance(error, dict)
     assert error["code"] == "insufficient_system_resources" and error["param"] == "model"
@@ -57,7 +57,7 @@ def test_mlx_jit_load_refused_for_its_windows_and_prompt_cache_in_openai_and_ant
     assert "0.25 GB is available" in message
     claude = anthropic.Anthropic(base_url=tight.url, api_key="x", max_retries=0)
     with pytest.raises(anthropic.BadRequestError) as refused_too:
-        claude.messages.create(model=MLX_KEY, messages=HELLO, max_tokens=2)  # type: ignore[arg-type]
+        claude.messages.create(model=MLX_KEY, messages=HELLO, max_tokens=2)
     body = refused_too.value.body
     assert isinstance(body, dict) and body["type"] == "error"
     assert body["error"]["type"] == "invalid_request_error"
@@ -88,7 +88,7 @@ def test_a_draft_loaded_on_first_use_must_fit_beside_its_model(http, tight):
     with pytest.raises(openai.BadRequestError) as refused:
         oai.chat.completions.create(
             model=GGUF_KEY,
-            messages=HELLO,  # type: ignore[arg-type]
+            messages=HELLO,
             max_tokens=2,
             extra_body={"draft_model": THINK_GGUF_KEY},
         )
@@ -99,7 +99,7 @@ def test_a_draft_loaded_on_first_use_must_fit_beside_its_model(http, tight):
     assert f"Loading the draft model '{THINK_GGUF_KEY}' into '{GGUF_KEY}'" in error["message"]
     assert "0.18 GB of draft model" in error["message"]
     # The model itself goes on serving, and its memory is what it was.
-    reply = oai.chat.completions.create(model=GGUF_KEY, messages=HELLO, max_tokens=2)  # type: ignore[arg-type]
+    reply = oai.chat.completions.create(model=GGUF_KEY, messages=HELLO, max_tokens=2)
     assert reply.usage is not None and reply.usage.completion_tokens == 2
     (instance,) = http.get("/api/v1/models/loaded").json()["instances"]
     assert instance["memory"]["draft_bytes"] == 0

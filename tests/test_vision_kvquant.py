@@ -5,6 +5,7 @@ and q8_0 cache types on GGUF."""
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 import httpx
 import openai
@@ -30,7 +31,7 @@ def _generate() -> None:
         "make_vision_models_kvq", REPO / "scripts/make_vision_models.py"
     )
     assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
+    module: Any = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # its own copy: the sizes below stay out of the shared one
     make_base = module._base
 
