@@ -38,6 +38,7 @@ from bench_common import (
     gguf_threads,
     machine,
     our_server,
+    ours_alone,
     peak_rss,
     peer_servers,
     print_timings,
@@ -481,30 +482,16 @@ async def run(args: argparse.Namespace, base_mode: Mode) -> dict[str, Any]:
 
 async def engine_features(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
     """Only the engine-feature figures (logprobs cost, 8-bit KV cache), mlxserve alone."""
-    root, found = targets(args, mode.size)
-    home = Path(tempfile.mkdtemp(prefix="mlxserve-bench-"))
-    ours = our_server(root, home, next(iter(found.values())).key)
-    results: dict[str, Any] = {"mode": mode.size, "machine": machine(), "figures": {}}
-    rows: list[tuple[str, str, str]] = []
-    try:
-        ours.start(home)
-        for fmt in args.formats:
-            ours.model = found[fmt].key
-            # Warm-up: the first request loads the model.
-            async with httpx.AsyncClient(timeout=600) as client:
-                await stream_once(client, ours, "warm up", 4)
-            figs = {"logprobs_5_decode_vs_none": await logprobs_cost(ours, mode)}
-            figs.update(await kv_quantization(ours, fmt, mode))
-            figs.update(await speculative(ours, mode))
-            results["figures"][fmt] = figs
-            for k, v in figs.items():
-                rows.append(
-                    (f"{fmt} {k}", f"{v:.3f}", ">= 0.95" if "logprobs" in k else "reported")
-                )
-    finally:
-        ours.stop()
-    print(fmt_table(rows))
-    return results
+
+    async def measure(ours: Server, fmt: str) -> dict[str, float]:
+        figs = {"logprobs_5_decode_vs_none": await logprobs_cost(ours, mode)}
+        figs.update(await kv_quantization(ours, fmt, mode))
+        figs.update(await speculative(ours, mode))
+        return figs
+
+    return await ours_alone(
+        args, mode.size, measure, lambda k: ">= 0.95" if "logprobs" in k else "reported"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

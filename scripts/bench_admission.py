@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
-from pathlib import Path
 from typing import Any
 
-import httpx
 from bench import Mode, admission_gap
-from bench_common import Server, fmt_table, machine, our_server, stream_once, targets
+from bench_common import Server, ours_alone
 
 GOALS = {
     "admission_max_gap_ms": "<= 1 chunk + 1 step",
@@ -46,22 +43,9 @@ async def admission(server: Server, mode: Mode) -> dict[str, float]:
 
 async def admission_only(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
     """Only the admission figures, mlxserve alone, one format after the other."""
-    root, found = targets(args, mode.size)
-    home = Path(tempfile.mkdtemp(prefix="mlxserve-bench-"))
-    ours = our_server(root, home, next(iter(found.values())).key)
-    results: dict[str, Any] = {"mode": mode.size, "machine": machine(), "figures": {}}
-    rows: list[tuple[str, str, str]] = []
-    try:
-        ours.start(home)
-        for fmt in args.formats:
-            ours.model = found[fmt].key
-            # Warm-up: the first request loads the model.
-            async with httpx.AsyncClient(timeout=600) as client:
-                await stream_once(client, ours, "warm up", 4)
-            figs = await admission(ours, mode)
-            results["figures"][fmt] = figs
-            rows += [(f"{fmt} {k}", f"{v:.3f}", GOALS.get(k, "reported")) for k, v in figs.items()]
-    finally:
-        ours.stop()
-    print(fmt_table(rows))
-    return results
+    return await ours_alone(
+        args,
+        mode.size,
+        lambda ours, _fmt: admission(ours, mode),
+        lambda k: GOALS.get(k, "reported"),
+    )

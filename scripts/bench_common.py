@@ -13,9 +13,10 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,6 +278,35 @@ def our_server(root: Path, home: Path, model: str, *flags: str, context: int = 8
     argv += ["--models-dir", str(root), "--no-auto-evict", *flags]
     env = {"MLXSERVE_HOME": str(home), "MLXSERVE_DEFAULT_CONTEXT_LENGTH": str(context)}
     return Server("mlxserve", model, argv, env)
+
+
+async def ours_alone(
+    args: argparse.Namespace,
+    size: str,
+    measure: Callable[[Server, str], Awaitable[dict[str, float]]],
+    goal: Callable[[str], str],
+) -> dict[str, Any]:
+    """Figures of mlxserve alone (no peers), one format after the other on one server:
+    ``measure`` gives a format's figures once its model is loaded, ``goal`` each one's goal."""
+    root, found = targets(args, size)
+    home = Path(tempfile.mkdtemp(prefix="mlxserve-bench-"))
+    ours = our_server(root, home, next(iter(found.values())).key)
+    results: dict[str, Any] = {"mode": size, "machine": machine(), "figures": {}}
+    rows: list[tuple[str, str, str]] = []
+    try:
+        ours.start(home)
+        for fmt in args.formats:
+            ours.model = found[fmt].key
+            # Warm-up: the first request loads the model.
+            async with httpx.AsyncClient(timeout=600) as client:
+                await stream_once(client, ours, "warm up", 4)
+            figs = await measure(ours, fmt)
+            results["figures"][fmt] = figs
+            rows += [(f"{fmt} {k}", f"{v:.3f}", goal(k)) for k, v in figs.items()]
+    finally:
+        ours.stop()
+    print(fmt_table(rows))
+    return results
 
 
 def peer_servers(found: dict[str, Target]) -> dict[str, Server]:
