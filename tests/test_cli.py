@@ -3,6 +3,7 @@ statuses, never a traceback (``mlxserve.cli``)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -113,7 +114,15 @@ def test_tuning_settings_have_flags_and_bad_values_are_one_line(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--help"])
     shown = capsys.readouterr().out
-    for name in cli.TUNING_FLAGS:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    serve = sub.choices["serve"]
+    # Derived from Settings: every numeric setting has a flag, with its variable in the help.
+    from mlxserve.settings import Settings
+
+    dests = {a.dest for a in serve._actions}
+    numeric = [n for n, f in Settings.model_fields.items() if f.annotation in (int, float)]
+    assert numeric and all(n in dests for n in numeric)
+    for name in ("max_batch_size", "prefill_chunk", "cache_reuse", "prompt_cache_disk_bytes"):
         assert f"--{name.replace('_', '-')}" in shown and f"MLXSERVE_{name.upper()}" in shown
     assert cli.main(["serve", "--max-batch-size", "0"]) == 2
     err = capsys.readouterr().err

@@ -134,36 +134,29 @@ def _lazy(module: str, name: str) -> Any:
     return run
 
 
-# Settings that are a plain number, offered on ``serve`` as ``--name-with-dashes`` with their
-# default and environment variable in the help: a new one is one line here.
-TUNING_FLAGS = (
-    "max_queue_per_model",
-    "max_batch_size",
-    "prefill_chunk",
-    "prompt_cache_bytes",
-    "prompt_cache_disk_bytes",
-    "cache_reuse",
-    "sse_ping_seconds",
-    "default_temperature",
-    "mcp_connect_timeout",
-    "mcp_call_timeout",
-    "mcp_max_rounds",
-    "chat_store_max_age_days",
-    "chat_store_max_bytes",
-)
+def tuning_flags(p: argparse.ArgumentParser) -> tuple[str, ...]:
+    """Settings that are a plain number and have no flag of their own on ``p``: each is
+    offered as ``--name-with-dashes``, so a new numeric setting is one line in Settings."""
+    from mlxserve.settings import Settings
+
+    taken = {a.dest for a in p._actions}
+    return tuple(
+        name
+        for name, field in Settings.model_fields.items()
+        if field.annotation in (int, float) and name not in taken
+    )
 
 
 def _setting_flags(p: argparse.ArgumentParser) -> None:
     from mlxserve.settings import Settings
 
     group = p.add_argument_group("tuning (each also MLXSERVE_<NAME>)")
-    for name in TUNING_FLAGS:
+    for name in tuning_flags(p):
         field = Settings.model_fields[name]
-        kind = float if field.annotation in (float, "float") else int
         group.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
-            type=kind,
+            type=float if field.annotation is float else int,
             metavar="SECONDS"
             if name.endswith(("_seconds", "_timeout"))
             else "DAYS"
@@ -340,7 +333,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind (default 1234)")
     models_dir_option(serve)
-    _setting_flags(serve)
     serve.add_argument(
         "--context-length",
         dest="default_context_length",
@@ -521,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=cmd_serve)
     _source_options(serve)
+    # Last: every numeric setting without a flag above gets one.
+    _setting_flags(serve)
 
     ls = sub.add_parser("ls", help="list downloaded models")
     models_dir_option(ls)
