@@ -542,14 +542,7 @@ class LlamaCppEngine(Engine):
         outputs: list[tuple[_Seq, int]] = []
 
         def add(s: _Seq, token: int, logits: bool) -> None:
-            i = batch.n_tokens
-            batch.token[i] = token
-            batch.pos[i] = len(s.tokens) - s.pos_shift
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = s.seq
-            batch.logits[i] = logits
-            batch.n_tokens = i + 1
-            s.tokens.append(token)
+            i = self._put(s, token, logits)
             if logits:
                 outputs.append((s, i))
 
@@ -590,6 +583,19 @@ class LlamaCppEngine(Engine):
         # Drafted requests each take one speculative round of their own after the batch.
         for s in [s for s in self._running if s.pending is not None and s.draft is not None]:
             self._spec_round(s)
+
+    def _put(self, s: _Seq, token: int, logits: bool) -> int:
+        """Append ``token`` of sequence ``s`` to the batch at its next position; its index."""
+        batch = self._batch
+        i = batch.n_tokens
+        batch.token[i] = token
+        batch.pos[i] = len(s.tokens) - s.pos_shift
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = s.seq
+        batch.logits[i] = logits
+        batch.n_tokens = i + 1
+        s.tokens.append(token)
+        return i
 
     def _decode(self) -> None:
         rc = llama_cpp.llama_decode(self._ctx.ctx, self._batch)
@@ -636,17 +642,9 @@ class LlamaCppEngine(Engine):
         proposed = s.draft.propose(s.seq, [*s.tokens, pending], k) if k else []
         stats.total += len(proposed)
         start = len(s.tokens)
-        batch = self._batch
-        batch.n_tokens = 0
+        self._batch.n_tokens = 0
         for token in [pending, *proposed]:
-            i = batch.n_tokens
-            batch.token[i] = token
-            batch.pos[i] = len(s.tokens) - s.pos_shift
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = s.seq
-            batch.logits[i] = True
-            batch.n_tokens = i + 1
-            s.tokens.append(token)
+            self._put(s, token, True)
         self._decode()
         accepted, done = 0, False
         for i in range(len(proposed) + 1):
