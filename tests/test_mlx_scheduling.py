@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -20,7 +21,7 @@ from backends.base import (
     Token,
     TokenStream,
 )
-from tests.engine_harness import load
+from tests.engine_harness import load, weights
 
 CHUNK = 16
 
@@ -158,3 +159,51 @@ def test_long_prompts_arriving_together_share_one_chunk_per_step(engine, handed)
     # mlx-lm alone prefills the four together, a chunk each per step (4 * CHUNK).
     assert max(per_step) <= CHUNK
     assert sum(per_step) >= 3 * 4 * CHUNK
+
+
+@pytest.fixture(scope="module")
+def two_places(models_root):
+    e = load(models_root, "mlx", prompt_cache_bytes=0, parallel=2, prefill_chunk=CHUNK)
+    yield e
+    e.close()
+
+
+def most_at_once(handed) -> int:
+    """The most streams running at once: from a stream's first item to its end."""
+    running: set[TokenStream] = set()
+    most = 0
+    for stream, item in handed:
+        if isinstance(item, Finished | BaseException):
+            running.discard(stream)
+        else:
+            running.add(stream)
+            most = max(most, len(running))
+    return most
+
+
+def test_requests_beside_the_batch_wait_for_one_of_the_instance_parallel_places(
+    two_places, handed, models_root
+):
+    engine = two_places
+    # The tiny model drafts for itself: a drafted request runs beside the batch too.
+    draft = weights(models_root, "mlx")
+    engine.call(lambda: engine.prepare_draft(draft)).result()
+    requests = [
+        request(engine, long_prompt("seeded", 2), 6, temperature=0.9, seed=1),
+        request(engine, long_prompt("batched", 2), 6),
+        request(engine, long_prompt("another", 2), 6, temperature=0.9, seed=2),
+        replace(request(engine, long_prompt("drafted", 2), 6), draft=draft),
+        request(engine, long_prompt("last", 2), 6, temperature=0.9, seed=3),
+    ]
+
+    async def run():
+        streams = [engine.submit(r) for r in requests]
+        # Cancelled while it waits for a place: it ends without a token.
+        waiting = engine.submit(request(engine, "never started", 6, temperature=0.5, seed=4))
+        waiting.cancel()
+        return await asyncio.gather(*(tokens_of(s) for s in [*streams, waiting]))
+
+    results = asyncio.run(run())
+    assert [len(r) for r in results] == [6, 6, 6, 6, 6, 0]
+    # Before, seeded and drafted requests started at once beside the batch: 5 at a time.
+    assert most_at_once(handed) == 2

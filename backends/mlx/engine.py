@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections import deque
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, cast
@@ -149,6 +150,10 @@ class MLXEngine(Engine):
         self._prefill = PrefillBudget(self.options.prefill_chunk, self.options.slots("mlx"))
         # Draft models by folder, loaded into this engine for speculative decoding.
         self._drafts: dict[Path, Any] = {}
+        # Requests waiting for one of the instance's ``parallel`` places: seeded, drafted and
+        # image requests run beside the batch, so the batch alone cannot bound them.
+        self._waiting: deque[Job] = deque()
+        self._slots = self.options.slots("mlx")
 
     def prepare_draft(self, path: Path) -> None:
         if path in self._drafts:
@@ -439,6 +444,23 @@ class MLXEngine(Engine):
 
     # --- continuous batching (owner thread) ---------------------------------------------
 
+    def _running(self) -> int:
+        """Sequences holding a place: in the batch, being spliced, or beside the batch."""
+        return len(self._batched) + len(self._splices) + len(self._solo)
+
+    def _start(self, job: Job) -> None:
+        self._waiting.append(job)
+        self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        """Admit waiting requests, oldest first, while fewer than ``parallel`` run."""
+        if any(job.cancelled for job in self._waiting):
+            for job in [j for j in self._waiting if j.cancelled]:
+                self._waiting.remove(job)
+                job.finish("cancelled")
+        while self._waiting and self._running() < self._slots:
+            super()._start(self._waiting.popleft())
+
     def _admit(self, job: Job) -> None:
         request = job.request
         if self._speculates(request):
@@ -492,9 +514,10 @@ class MLXEngine(Engine):
         job.progress(start, len(prompt), cached)
 
     def busy(self) -> bool:
-        return bool(self._solo) or bool(self._batched) or bool(self._splices)
+        return bool(self._solo) or bool(self._batched) or bool(self._splices) or bool(self._waiting)
 
     def step(self) -> None:
+        self._start_waiting()
         if self._solo:
             self._step_solo()
         if self._splices:
@@ -508,6 +531,9 @@ class MLXEngine(Engine):
 
     def abort(self, exc: BaseException) -> None:
         super().abort(exc)
+        waiting, self._waiting = self._waiting, deque()
+        for job in waiting:
+            job.fail(exc)
         splices, self._splices = self._splices, []
         for job, _ in splices:
             job.fail(exc)
