@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import statistics
 import sys
 import time
@@ -23,6 +22,8 @@ from typing import Any, Literal
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench_common import load_script  # noqa: E402
 
 from backends import open_engine  # noqa: E402
 from backends.base import (  # noqa: E402
@@ -41,14 +42,6 @@ MODELS: list[tuple[Literal["mlx", "gguf"], str]] = [
     ("gguf", "tiny-qwen35-hybrid"),
 ]
 CHAT = "<|im_start|>{}\n{}<|im_end|>\n"
-
-
-def _models(root: Path) -> Any:
-    spec = importlib.util.spec_from_file_location("mh", REPO / "scripts" / "make_hybrid_models.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 async def _turn(engine: Engine, prompt: list[int], n: int) -> tuple[float, int, list[int]]:
@@ -143,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--system-tokens", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    generator = _models(args.models_dir)
+    generator = load_script("make_hybrid_models")
     for _, name in MODELS:
         generator.generate(args.models_dir, name)
     rows = [bench(args.models_dir, f, n, args.system_tokens, args.rounds) for f, n in MODELS]

@@ -35,13 +35,20 @@ def model_name(size: str, context: int | None = None) -> str:
     return f"bench-qwen2-{size}" + (f"-{context // 1024}k" if context else "")
 
 
+def load_script(name: str) -> Any:
+    """A fresh copy of ``scripts/<name>.py`` as a module (the model generators are files, not
+    a package); fresh, so a caller may set its module constants without touching others'."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_model(root: Path, size: str, context: int | None = None) -> dict[str, Path]:
     """The generated benchmark model of ``size`` (MLX folder and GGUF file, same weights);
     ``context``: the context length it declares, in a folder of its own."""
-    spec = importlib.util.spec_from_file_location("mtm", REPO / "scripts" / "make_test_models.py")
-    assert spec and spec.loader
-    mtm: Any = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mtm)
+    mtm = load_script("make_test_models")
     mtm.HIDDEN, mtm.INTERMEDIATE, mtm.LAYERS, mtm.HEADS, mtm.KV_HEADS = SIZES[size]
     extra = {"context": context} if context else {}
     return mtm.generate(root, publisher=PUBLISHER, name=model_name(size, context), seed=0, **extra)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import random
@@ -22,9 +21,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
+from bench_common import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHER = "mlxserve-bench"
@@ -33,10 +32,7 @@ SIZES = {"quick": (256, 704, 4, 4, 2), "full": (512, 1408, 8, 8, 2)}
 
 
 def make_model(root: Path, size: str) -> str:
-    spec = importlib.util.spec_from_file_location("mtm", REPO / "scripts" / "make_test_models.py")
-    assert spec and spec.loader
-    mtm: Any = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mtm)
+    mtm = load_script("make_test_models")
     mtm.HIDDEN, mtm.INTERMEDIATE, mtm.LAYERS, mtm.HEADS, mtm.KV_HEADS = SIZES[size]
     mtm.CONTEXT = 8192
     mtm.generate(root, publisher=PUBLISHER, name=f"bench-qwen2-{size}", seed=0, formats=["mlx"])

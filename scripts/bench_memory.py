@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import importlib.util
 import io
 import json
 import os
@@ -36,6 +35,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from bench_common import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHER = "mlxserve-test"
@@ -44,21 +44,15 @@ VISION = [f"{PUBLISHER}/tiny-qwen2-vl-mlx", f"{PUBLISHER}/tiny-qwen2-vl-gguf"]
 MB = 1_000_000
 
 
-def _module(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _models_dir() -> Path:
     """One folder with the tiny text and vision models (generated once, cached)."""
     root = REPO / ".cache" / "memory-bench-models"
     text_root = REPO / ".cache" / "test-models"
     vision_root = REPO / ".cache" / "vision-models"
-    _module("make_test_models").generate(text_root, publisher=PUBLISHER, name="tiny-qwen2", seed=0)
-    _module("make_vision_models").generate(vision_root, publisher=PUBLISHER)
+    load_script("make_test_models").generate(
+        text_root, publisher=PUBLISHER, name="tiny-qwen2", seed=0
+    )
+    load_script("make_vision_models").generate(vision_root, publisher=PUBLISHER)
     for source, keys in ((text_root, TEXT), (vision_root, VISION)):
         for key in keys:
             link = root / key

@@ -10,7 +10,6 @@ It starts its own server on a free loopback port over the generated test models 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import socket
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
+from bench_common import load_script
 from llguidance import LLMatcher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,11 +89,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
 
-    spec = importlib.util.spec_from_file_location("gen", REPO / "scripts" / "make_test_models.py")
-    assert spec and spec.loader
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
-    gen.generate(args.models_dir, publisher="mlxserve-test", name="tiny-qwen2", seed=0)
+    load_script("make_test_models").generate(
+        args.models_dir, publisher="mlxserve-test", name="tiny-qwen2", seed=0
+    )
 
     # Grammar compile time (schema -> grammar -> matcher on the real Qwen2 tokenizer).
     import llguidance.hf

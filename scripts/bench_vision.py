@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import importlib.util
 import io
 import json
 import os
@@ -26,6 +25,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from bench_common import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHER = "mlxserve-test"
@@ -34,14 +34,6 @@ TEXT = {"mlx": f"{PUBLISHER}/tiny-qwen2-mlx", "gguf": f"{PUBLISHER}/tiny-qwen2-g
 # 448x448 pixels: 256 image tokens on Qwen2-VL (the tiny model's largest resolution).
 IMAGE_SIZE = 448
 DECODE_TOKENS = 128
-
-
-def _module(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _image(seed: int) -> str:
@@ -140,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     root = REPO / ".cache" / "vision-models"
-    _module("make_vision_models").generate(root, publisher=PUBLISHER)
-    text_models = _module("make_test_models").generate(
+    load_script("make_vision_models").generate(root, publisher=PUBLISHER)
+    text_models = load_script("make_test_models").generate(
         REPO / ".cache" / "test-models", publisher=PUBLISHER, name="tiny-qwen2"
     )
     for fmt in ("mlx", "gguf"):
