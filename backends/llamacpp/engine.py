@@ -35,7 +35,7 @@ from backends.llamacpp.adapter import LlamaSampler
 from backends.llamacpp.draft import DraftModel
 from backends.llamacpp.reuse import Run, attach, best_source, prepare_hold
 from backends.llamacpp.spill import GGUFSpill
-from backends.llamacpp.vision import DEFAULT_MAX_PIXELS, Chunks, Projector, find_projector
+from backends.llamacpp.vision import DEFAULT_MAX_PIXELS, Chunks, Image, Projector, find_projector
 from backends.logprobs import penalize, token_logprobs
 
 log = logging.getLogger("mlxserve.backends")
@@ -73,6 +73,8 @@ class _Seq:
     # decoding reaches them (see backends.llamacpp.reuse).
     hold: int | None = None
     runs: deque[Run] = field(default_factory=deque)
+    # The prompt's images not yet in the cache, evaluated one piece per step (see _image_piece).
+    media: Chunks | None = None
 
     @property
     def reserve(self) -> int:
@@ -385,11 +387,13 @@ class LlamaCppEngine(Engine):
         if self._whole_only:
             kept = {k: t for k, t in kept.items() if len(t) < len(prompt) and prompt[: len(t)] == t}
         source, shared, runs = best_source(kept, movable, busy, prompt, min_run)
-        # Image cells are marked by their image's hash (negative ids): a prompt with images
-        # reuses a kept sequence only when the shared prefix holds all of its images.
-        media_end = max((i + 1 for i, t in enumerate(prompt) if t < 0), default=0)
-        if shared < media_end:
-            source, shared, runs = None, 0, []
+        # Image cells are marked by their image's hash (negative ids): a prefix shared with a
+        # kept sequence holds the same images, and is reused up to an image boundary.
+        media: Chunks | None = request.vision
+        if media is not None:
+            shared = media.boundary(shared)
+            if not shared:
+                source = None
         first_media = next((i for i, t in enumerate(prompt) if t < 0), len(prompt))
         need = len(prompt) + request.max_tokens + sum(s.reserve for s in self._running)
         self._evict_until(lambda: need + self._kept_cells() <= self._cells, keep=source)
@@ -400,12 +404,16 @@ class LlamaCppEngine(Engine):
             self._evict_until(lambda: need + self._kept_cells() <= self._cells and self._free)
         seq = self._free.pop()
         try:
+            pos_shift = 0
+            if source is not None and shared > first_media:
+                pos_shift = self._kept_shift.get(source, 0)
+                if media is not None:
+                    pos_shift = media.shift_at(shared)
             if source is not None:
                 self._kept.move_to_end(source)
                 # Unified KV: the copy shares the source's cells, nothing is duplicated. The
                 # range is in positions: after an image they lag the cells by its shift.
-                shift = self._kept_shift.get(source, 0) if shared > first_media else 0
-                llama_cpp.llama_memory_seq_cp(self._mem, source, seq, 0, shared - shift)
+                llama_cpp.llama_memory_seq_cp(self._mem, source, seq, 0, shared - pos_shift)
             p = request.sampling
             seed = p.seed % (1 << 32) if p.seed is not None else random.getrandbits(31)
             self._llm.set_seed(seed)
@@ -421,21 +429,16 @@ class LlamaCppEngine(Engine):
                 frequency_penalty=p.frequency_penalty,
                 presence_penalty=p.presence_penalty,
             )
-            pos_shift = 0
-            if source is not None and shared > first_media:
-                pos_shift = self._kept_shift.get(source, 0)
-            if request.vision is not None:
-                if source is None:
-                    pos_shift = self._evaluate_images(request.vision, seq, len(prompt))
-                    shared = len(prompt) - 1
-                else:
-                    request.vision.free()
         except BaseException:
             # The sequence id goes back, its cells cleared, so that no slot leaks.
             self._drop(seq)
             raise
-        cached = 0 if request.vision is not None and source is None else shared
-        state = _Seq(job, seq, prompt, cached, sampler, prompt[:shared], pos_shift=pos_shift)
+        state = _Seq(job, seq, prompt, shared, sampler, prompt[:shared], pos_shift=pos_shift)
+        if media is not None:
+            if any(i.start >= shared for i in media.images):
+                state.media = media
+            else:
+                media.free()
         if source is not None and runs:
             # The kept sequence gives up its place in the cache and holds the moved runs.
             del self._kept[source]
@@ -453,13 +456,31 @@ class LlamaCppEngine(Engine):
             job.cache_written = len(prompt) - state.cached
         job.progress(shared, len(prompt), state.cached)
 
-    def _evaluate_images(self, chunks: Chunks, seq: int, n_cells: int) -> int:
-        """Decode a prompt with images into ``seq`` but for its last (text) token, which the
-        next step decodes again with the batch to sample from; returns the position shift."""
-        assert self._projector is not None
-        n_past = self._projector.evaluate(self._ctx.ctx, chunks, seq, self._n_batch)
-        llama_cpp.llama_memory_seq_rm(self._mem, seq, n_past - 1, -1)
-        return n_cells - n_past
+    def _next_image(self, s: _Seq) -> Image | None:
+        """The first of ``s``'s images not decoded yet (its media freed once all are)."""
+        media = s.media
+        if media is None:
+            return None
+        image = next((i for i in media.images if i.start + i.n > len(s.tokens)), None)
+        if image is None:
+            media.free()
+            s.media = None
+            return None
+        return image
+
+    def _image_piece(self, s: _Seq, image: Image, room: int) -> None:
+        """One bounded piece of ``s``'s image: its encoding, or the next at most ``room`` of
+        its embeddings decoded at their positions (M-RoPE: 2-D ones)."""
+        assert self._projector is not None and s.media is not None
+        if image.embd is None:
+            self._projector.encode(s.media, image)
+            return
+        pos_0 = image.start - s.pos_shift
+        n = self._projector.decode(self._ctx.ctx, s.media, image, s.seq, pos_0, room)
+        s.tokens.extend(s.prompt[len(s.tokens) : len(s.tokens) + n])
+        if image.done == image.n:
+            s.pos_shift += image.shift
+        s.job.progress(len(s.tokens), len(s.prompt), s.cached)
 
     def _attach_runs(self, s: _Seq) -> None:
         """Give ``s`` the moved runs that start where its decoding has reached."""
@@ -481,6 +502,8 @@ class LlamaCppEngine(Engine):
 
     def _finish_seq(self, s: _Seq) -> None:
         self._running.remove(s)
+        if s.media is not None:
+            s.media.free()
         self._release_hold(s)
         if s.draft is not None:
             s.draft.drop(s.seq)
@@ -552,6 +575,8 @@ class LlamaCppEngine(Engine):
             add(s, s.pending, True)
             s.pending = None
         room = self._n_batch if decoding else self._step_tokens - self._parallel
+        # Image pieces run after the batch's decode (their cells follow its text cells).
+        images: list[tuple[_Seq, Image, int]] = []
         for s in self._running:
             if room <= 0:
                 break
@@ -561,6 +586,14 @@ class LlamaCppEngine(Engine):
             if done >= len(s.prompt):
                 continue
             end = s.runs[0].new if s.runs else len(s.prompt)
+            image = self._next_image(s)
+            if image is not None and image.start + image.done == done:
+                images.append((s, image, room))
+                # Encoding an image is one piece that cannot be split: it takes the step's room.
+                room -= min(room, image.n - image.done) if image.embd is not None else room
+                continue
+            if image is not None:
+                end = min(end, image.start)
             if done < self._checkpoint_at(s):
                 end = min(end, self._checkpoint_at(s))
             chunk = s.prompt[done : min(done + room, end)]
@@ -580,6 +613,9 @@ class LlamaCppEngine(Engine):
                 self._finish_seq(s)
             else:
                 s.pending = token
+        # After sampling: decoding an image's embeddings replaces the batch's logits.
+        for s, image, limit in images:
+            self._image_piece(s, image, limit)
         # Drafted requests each take one speculative round of their own after the batch.
         for s in [s for s in self._running if s.pending is not None and s.draft is not None]:
             self._spec_round(s)

@@ -8,6 +8,7 @@ import ctypes
 import hashlib
 import logging
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,26 @@ def find_projector(model_file: Path) -> Path | None:
     return found[0] if found else None
 
 
+@dataclass
+class Image:
+    """One image of a prompt: its mtmd chunk, the cells it takes in the prompt
+    (``start``..``start + n``), the positions it advances (fewer than ``n`` on M-RoPE
+    models), and while it is being evaluated its encoded embeddings and how many of them
+    are decoded."""
+
+    index: int
+    start: int
+    n: int
+    n_pos: int
+    embd: np.ndarray | None = None
+    done: int = 0
+
+    @property
+    def shift(self) -> int:
+        """Cells minus positions this image adds."""
+        return self.n - self.n_pos
+
+
 class Chunks:
     """A tokenized prompt with images (mtmd input chunks), freed once."""
 
@@ -37,10 +58,24 @@ class Chunks:
         from llama_cpp import mtmd_cpp
 
         self.handle = handle
+        self.images: list[Image] = []
         self._free = weakref.finalize(self, mtmd_cpp.mtmd_input_chunks_free, handle)
 
     def free(self) -> None:
         self._free()
+        for image in self.images:
+            image.embd = None
+
+    def shift_at(self, cell: int) -> int:
+        """Cells minus positions of the images that end at or before ``cell``."""
+        return sum(i.shift for i in self.images if i.start + i.n <= cell)
+
+    def boundary(self, cell: int) -> int:
+        """``cell``, or the start of the image it falls inside: a reused prefix ends there."""
+        for i in self.images:
+            if i.start < cell < i.start + i.n:
+                return i.start
+        return cell
 
 
 class Projector:
@@ -66,6 +101,7 @@ class Projector:
             mtmd_cpp.mtmd_free(ctx)
             raise RuntimeError(f"the projector {path.name} has no vision encoder")
         self.ctx = ctx
+        self._model = model
         self.marker = mtmd_cpp.mtmd_default_marker().decode()
 
     def close(self) -> None:
@@ -116,20 +152,74 @@ class Projector:
                 ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
                 tokens += [int(ptr[j]) for j in range(count.value)]
             else:
+                n_pos = mtmd.mtmd_input_chunk_get_n_pos(chunk)
+                chunks.images.append(Image(i, len(tokens), n, n_pos))
                 tokens += [next(marks, -1)] * n
                 n_image += n
+        if chunks.images and chunks.images[-1].start + chunks.images[-1].n == len(tokens):
+            chunks.free()
+            raise ValueError("a prompt cannot end with an image")
         return VisionPrompt(tuple(tokens), chunks, n_image)
 
-    def evaluate(self, lctx: Any, chunks: Chunks, seq: int, n_batch: int) -> int:
-        """Decode the whole prompt into sequence ``seq`` from position 0; returns the next
-        position (M-RoPE models give an image fewer positions than embeddings)."""
-        new_n_past = llama_cpp.llama_pos(0)
-        try:
-            rc = self._mtmd.mtmd_helper_eval_chunks(
-                self.ctx, lctx, chunks.handle, 0, seq, n_batch, False, ctypes.byref(new_n_past)
-            )
-        finally:
-            chunks.free()
+    def encode(self, chunks: Chunks, image: Image) -> None:
+        """Run the vision encoder on ``image``; its embeddings are kept with it (mtmd's
+        output buffer is overwritten by the next image, maybe another request's)."""
+        mtmd = self._mtmd
+        chunk = mtmd.mtmd_input_chunks_get(chunks.handle, image.index)
+        rc = mtmd.mtmd_encode_chunk(self.ctx, chunk)
         if rc != 0:
-            raise RuntimeError(f"evaluating the image prompt failed ({rc})")
-        return int(new_n_past.value)
+            raise RuntimeError(f"encoding an image failed ({rc})")
+        width = llama_cpp.llama_model_n_embd_inp(self._model)
+        out = mtmd.mtmd_get_output_embd(self.ctx)
+        image.embd = np.ctypeslib.as_array(out, shape=(image.n, width)).copy()
+
+    def decode(
+        self, lctx: Any, chunks: Chunks, image: Image, seq: int, pos_0: int, limit: int
+    ) -> int:
+        """Decode the next at most ``limit`` embeddings of the encoded ``image`` (whose first
+        position is ``pos_0``) into sequence ``seq``; returns how many. An image the model
+        attends to non-causally is decoded whole, as mtmd's own helper does."""
+        mtmd = self._mtmd
+        assert image.embd is not None
+        chunk = mtmd.mtmd_input_chunks_get(chunks.handle, image.index)
+        non_causal = bool(mtmd.mtmd_decode_use_non_causal(self.ctx, chunk))
+        n = image.n - image.done if non_causal else min(limit, image.n - image.done)
+        tokens = mtmd.mtmd_input_chunk_get_tokens_image(chunk)
+        mrope = bool(mtmd.mtmd_decode_use_mrope(self.ctx))
+        pos = (llama_cpp.llama_pos * 4)()
+        width = image.embd.shape[1]
+        if non_causal:
+            llama_cpp.llama_set_causal_attn(lctx, False)
+        try:
+            at = image.done
+            while at < image.done + n:
+                batch = llama_cpp.llama_batch_ext_init(lctx)
+                try:
+                    room = llama_cpp.llama_n_batch(lctx)
+                    for i in range(at, min(at + room, image.done + n)):
+                        row = image.embd[i]
+                        data = row.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+                        idx = llama_cpp.llama_batch_ext_add_embd(
+                            batch, seq, llama_cpp.llama_embd(data, 1, width)
+                        )
+                        if idx < 0:
+                            raise RuntimeError(f"cannot add an image embedding ({idx})")
+                        if mrope:
+                            p = mtmd.mtmd_image_tokens_get_decoder_pos(tokens, pos_0, i)
+                            pos[0], pos[1], pos[2], pos[3] = p.t, p.y, p.x, p.z
+                        else:
+                            pos[0] = pos_0 + i
+                        llama_cpp.llama_batch_ext_set_pos(batch, idx, pos)
+                        at = i + 1
+                    rc = llama_cpp.llama_process(lctx, llama_cpp.LLAMA_PROCESS_TYPE_DECODE, batch)
+                finally:
+                    llama_cpp.llama_batch_ext_free(batch)
+                if rc != 0:
+                    raise RuntimeError(f"decoding an image failed ({rc})")
+        finally:
+            if non_causal:
+                llama_cpp.llama_set_causal_attn(lctx, True)
+        image.done += n
+        if image.done == image.n:
+            image.embd = None
+        return n

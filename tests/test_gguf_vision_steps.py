@@ -1,0 +1,128 @@
+"""GGUF image prompts evaluated a bounded piece per engine step, beside running streams, on
+the tiny Qwen2-VL + projector (scripts/make_vision_models.py), driven at the engine level."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from backends import open_engine
+from backends.base import (
+    Engine,
+    Finished,
+    GenerationRequest,
+    LoadOptions,
+    PromptProgress,
+    SamplingParams,
+    Token,
+)
+from tests.conftest import MODELS_CACHE, PUBLISHER, REPO
+
+PIL = pytest.importorskip("PIL.Image")
+
+VISION_ROOT = MODELS_CACHE.parent / "vision-models"
+# Image embeddings decoded per step while other streams decode.
+BATCH = 32
+
+
+@pytest.fixture(scope="module")
+def model_file() -> Path:
+    spec = importlib.util.spec_from_file_location(
+        "make_vision_models", REPO / "scripts/make_vision_models.py"
+    )
+    assert spec and spec.loader
+    module: Any = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.generate(VISION_ROOT, publisher=PUBLISHER)
+    return next((VISION_ROOT / PUBLISHER / "tiny-qwen2-vl-gguf").glob("tiny-*.gguf"))
+
+
+def _open(model_file: Path, **options: Any) -> Engine:
+    kw = {"context_length": 1024, "kv_cache_f32": True, "eval_batch_size": BATCH, **options}
+    return open_engine("gguf", model_file, LoadOptions(**kw))
+
+
+def _picture(seed: int, size: int = 224) -> Any:
+    pixels = (np.random.default_rng(seed).random((size, size, 3)) * 255).astype("uint8")
+    return PIL.fromarray(pixels)
+
+
+def _image_request(engine: Engine, seed: int, question: str, max_tokens: int = 6) -> Any:
+    marker = engine.info.image_marker
+    text = (
+        f"<|im_start|>user\n<|vision_start|>{marker}<|vision_end|>{question}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    prepared = engine.prepare_vision(text, [_picture(seed)])
+    return GenerationRequest(
+        prepared.tokens,
+        SamplingParams(temperature=0.0),
+        max_tokens,
+        engine.info.eos_token_ids,
+        vision=prepared.payload,
+    )
+
+
+def _text_request(engine: Engine, text: str, max_tokens: int) -> GenerationRequest:
+    return GenerationRequest(
+        tuple(engine.tokenize(text)),
+        SamplingParams(temperature=0.0),
+        max_tokens,
+        frozenset(),  # no end of stream: it decodes all of max_tokens
+    )
+
+
+async def _collect(stream: Any, events: list[tuple[str, Any]], name: str) -> list[int]:
+    tokens: list[int] = []
+    async for item in stream:
+        if isinstance(item, Token):
+            tokens.append(item.id)
+            events.append((name, item.id))
+        elif isinstance(item, PromptProgress):
+            events.append((f"{name}-progress", item.processed))
+        elif isinstance(item, Finished):
+            return tokens
+    raise AssertionError("no Finished")
+
+
+def test_an_image_prompt_takes_one_bounded_piece_per_step(model_file):
+    """A 224x224 image is 64 embeddings: with 32 decoded per step beside a running stream,
+    that stream keeps producing tokens while the image prompt is evaluated (its text, the
+    encoding, then two slices), and both replies equal their solo runs. No prompt cache:
+    the solo run's would serve the image."""
+    engine = _open(model_file, prompt_cache_bytes=0)
+    try:
+
+        async def main() -> None:
+            events: list[tuple[str, Any]] = []
+            text = _text_request(engine, "Once upon a time", 40)
+            solo_text = await _collect(engine.submit(text), [], "solo")
+            solo_image = await _collect(
+                engine.submit(_image_request(engine, 1, "What is this?")), [], "solo"
+            )
+            running = asyncio.ensure_future(_collect(engine.submit(text), events, "text"))
+            while sum(1 for e in events if e[0] == "text") < 3:
+                await asyncio.sleep(0.005)
+            image = await _collect(
+                engine.submit(_image_request(engine, 1, "What is this?")), events, "image"
+            )
+            together = await running
+            assert image == solo_image and together == solo_text
+            start = next(i for i, e in enumerate(events) if e[0] == "image-progress")
+            first = next(i for i, e in enumerate(events) if e[0] == "image")
+            between = [e for e in events[start:first] if e[0] == "text"]
+            # The text before the image, its encoding, two 32-embedding slices, the text
+            # after it: a step each, and the running stream got a token in every one of them.
+            assert len(between) >= 4, events[start : first + 1]
+            # Progress is reported per piece: at the image's start, and after each slice.
+            processed = [e[1] for e in events[start:first] if e[0] == "image-progress"]
+            assert len(set(processed)) >= 3, processed
+
+        asyncio.run(main())
+    finally:
+        engine.close()
