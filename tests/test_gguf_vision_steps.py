@@ -126,3 +126,63 @@ def test_an_image_prompt_takes_one_bounded_piece_per_step(model_file):
         asyncio.run(main())
     finally:
         engine.close()
+
+
+async def _run(engine: Engine, request: GenerationRequest) -> tuple[list[int], int]:
+    """The reply's tokens and how many prompt tokens came from the prompt cache."""
+    tokens: list[int] = []
+    cached = 0
+    async for item in engine.submit(request):
+        if isinstance(item, Token):
+            tokens.append(item.id)
+        elif isinstance(item, PromptProgress):
+            cached = max(cached, item.cached)
+        elif isinstance(item, Finished):
+            return tokens, cached
+    raise AssertionError("no Finished")
+
+
+def _two_turns(engine: Engine, second_image: bool) -> GenerationRequest:
+    marker = engine.info.image_marker
+    text = (
+        f"<|im_start|>user\n<|vision_start|>{marker}<|vision_end|>What is this?<|im_end|>\n"
+        "<|im_start|>assistant\nA picture.<|im_end|>\n<|im_start|>user\n"
+    )
+    pictures = [_picture(1)]
+    if second_image:
+        text += f"<|vision_start|>{marker}<|vision_end|>"
+        pictures.append(_picture(2, 112))
+    text += "And this one?<|im_end|>\n<|im_start|>assistant\n"
+    prepared = engine.prepare_vision(text, pictures)
+    return GenerationRequest(
+        prepared.tokens,
+        SamplingParams(temperature=0.0),
+        6,
+        engine.info.eos_token_ids,
+        vision=prepared.payload,
+    )
+
+
+def test_a_later_image_reuses_the_cached_first_one(model_file):
+    """A second turn that adds an image takes the first image's cells from the prompt cache
+    and evaluates only the rest (the new image at positions after the first one's M-RoPE
+    span); its reply equals an engine's without a prompt cache."""
+    warm = _open(model_file)
+    cold = _open(model_file, prompt_cache_bytes=0)
+    try:
+
+        async def main() -> None:
+            first = _image_request(warm, 1, "What is this?")
+            await _run(warm, first)
+            for second_image in (True, False):
+                request = _two_turns(warm, second_image)
+                got, cached = await _run(warm, request)
+                want, none = await _run(cold, _two_turns(cold, second_image))
+                assert none == 0 and got == want
+                # The first turn's prompt (its image included) is served from the cache.
+                assert cached >= len(first.prompt) - 1, (cached, len(first.prompt))
+
+        asyncio.run(main())
+    finally:
+        warm.close()
+        cold.close()
