@@ -235,7 +235,11 @@ class MLXEngine(Engine):
         self._checkpoints = not all(type(c) is KVCache for c in layers)
         self._kv_group = self._kv_quantization(model)
         self._batch = self._new_batch()
-        self._spill = MLXSpill.open(self.path, options, len(layers)) if self.spills else None
+        self._spill = (
+            MLXSpill.open(self.path, options, len(layers), trimmable=not self._checkpoints)
+            if self.spills
+            else None
+        )
         self._prompt_cache = PromptCache(
             options.prompt_cache_bytes,
             on_evict=self._spill.save if self._spill is not None else None,
