@@ -203,7 +203,8 @@ def main() -> int:
     models = args.models_dir or _models_dir()
     rows = [measure(models, key, args) for key in args.model or [*TEXT, *VISION]]
     head = (
-        "model", "est weights", "est KV", "est cache", "est vision", "est scores", "est total",
+        "model", "est weights", "est KV", "est cache", "est vision", "est scores",
+        "est runtime", "est total",
         "RSS loaded", "+windows", "+cache", "+image", "est/RSS",
     )  # fmt: skip
     print(f"context {args.context}, parallel {args.parallel}, MB = 10^6 bytes")
@@ -220,6 +221,7 @@ def main() -> int:
                     _mb(est["prompt_cache_bytes"]),
                     _mb(est["vision_bytes"]),
                     _mb(est["compute_bytes"]),
+                    _mb(est.get("runtime_bytes")),
                     _mb(est["total_bytes"]),
                     _mb(row["loaded"]),
                     _mb(row["windows_filled"]),

@@ -135,8 +135,8 @@ def test_alternating_traffic_to_two_models_loads_each_once(http, life):
 
 
 def test_a_busy_model_is_evicted_at_once_when_both_do_not_fit(models_root, tmp_path):
-    # 250 MB: one tiny Qwen2 GGUF (~188 MB with its KV windows and attention scores) fits,
-    # two do not.
+    # 250 MB: one tiny Qwen2 GGUF (~239 MB with its KV windows, attention scores, tokenizer
+    # and runtime) fits, two do not.
     tight = Server(models_root, tmp_path, "--guardrail-memory-gb", "0.25")
     try:
         with httpx.Client(base_url=tight.url, timeout=120) as http:
@@ -224,7 +224,7 @@ def strict_home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def strict(models_root, strict_home, embedding_models):
-    """JIT off, and a memory budget of 250 MB: one tiny Qwen2 GGUF (~188 MB) fits; a second
+    """JIT off, and a memory budget of 250 MB: one tiny Qwen2 GGUF (~239 MB) fits; a second
     one, or the embedding model (~91 MB) beside it, does not."""
     srv = Server(models_root, strict_home, "--no-jit", "--guardrail-memory-gb", "0.25")
     yield srv
@@ -259,7 +259,7 @@ def test_guardrail_refuses_a_load_that_does_not_fit(strict):
             assert error["code"] == "insufficient_system_resources" and error["param"] == "model"
             assert "insufficient system resources" in error["message"]
             assert "MB of weights" in error["message"]
-            assert "0.06 GB is available" in error["message"]
+            assert "0.01 GB is available" in error["message"]
             assert "guardrail" in error["message"]
         assert set(loaded(http).values()) == {GGUF_KEY}
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from mlxserve.core import footprint, memory
-from mlxserve.core.instance import LoadRequest
+from mlxserve.core.instance import Instance, LoadRequest
 from mlxserve.core.loader import ModelLoader
+from mlxserve.core.manager import ModelManager
 from mlxserve.core.registry import ModelInfo, Registry
 from mlxserve.settings import Settings
 from tests.conftest import (
@@ -39,7 +40,7 @@ def test_estimate_is_weights_plus_kv_cache(registry, key):
     assert est.weights == info.size_bytes
     assert est.kv_cache == KV_VALUES_PER_TOKEN * 4 * 1000
     assert memory.estimate(info, 1000).kv_cache == KV_VALUES_PER_TOKEN * 2 * 1000
-    assert est.total == est.weights + est.kv_cache
+    assert est.total == est.weights + est.kv_cache + est.runtime
     assert memory.estimate(info, 1000, windows=3).kv_cache == 3 * 2000 * KV_VALUES_PER_TOKEN
 
 
@@ -61,7 +62,10 @@ def test_a_load_counts_every_parallel_window_and_the_prompt_cache(registry, key)
     # against every cell; MLX runs fused attention.
     scores = 4 * 512 * windows * 1000 * 4 if info.format == "gguf" else 0
     assert need.compute == scores
-    assert need.total == need.weights + need.kv_cache + need.prompt_cache + scores
+    # Tokenizers and the engine's own buffers, measured per format.
+    assert need.runtime == memory.RUNTIME_BYTES[info.format] > 0
+    total = need.weights + need.kv_cache + need.prompt_cache + scores + need.runtime
+    assert need.total == total
     flash = loader.options(info, LoadRequest(context_length=1000, flash_attention=True))
     assert asyncio.run(loader.estimate(info, flash)).compute == 0
     parallel = loader.options(info, LoadRequest(context_length=1000, parallel=2))
@@ -79,8 +83,8 @@ def test_a_draft_counts_its_weights_and_kv(registry, fmt):
     plain = asyncio.run(loader.estimate(main, options))
     need = asyncio.run(loader.estimate(main, options, draft))
     # GGUF: the draft's context mirrors the main one (a window per sequence, 16-bit KV).
-    # MLX: one drafted request at a time, beside the batch: a window of the draft's KV and
-    # one of the main model's (both f32 here).
+    # MLX: up to a drafted request per parallel place, each with a window of the draft's KV
+    # (f32 here); their main-model KV is in the instance's windows.
     kv = 2 * 1000 * KV_VALUES_PER_TOKEN * (2 if fmt == "gguf" else 4)
     if fmt == "gguf":  # and its context's attention scores (no flash attention)
         kv += 4 * 512 * 2 * 1000 * 4
@@ -237,3 +241,48 @@ def test_available_memory_is_read_on_linux():
     free = memory.available_memory()
     assert free is not None and free > 0
     memory.give_back_freed_memory()
+
+
+def test_the_prompt_cache_gives_way_to_what_is_free_and_nothing_else_does():
+    need = memory.Estimate(
+        weights=4_000_000_000, kv_cache=1_000_000_000, context_length=4096, prompt_cache=1 << 30
+    )
+    assert memory.fit("pub/m", need, 8 * memory.GB) is need
+    # Only part of the prompt cache fits: the load goes ahead with that part.
+    cut = memory.fit("pub/m", need, 5_500_000_000)
+    assert cut.prompt_cache == 500_000_000 and cut.total == 5_500_000_000
+    assert replace(cut, prompt_cache=need.prompt_cache) == need
+    # Not even the rest fits: refused, naming what must fit (the prompt cache would give way).
+    with pytest.raises(memory.LoadRefused) as refused:
+        memory.fit("pub/m", need, 4_900_000_000)
+    assert "requires approximately 5.00 GB" in refused.value.message
+    assert "prompt cache" not in refused.value.message
+    # Without shrinking (a busy model's eviction is weighed on the whole estimate).
+    with pytest.raises(memory.LoadRefused):
+        memory.fit("pub/m", need, 5_500_000_000, shrink=False)
+
+
+def test_an_mlx_load_gets_the_prompt_cache_that_fits_beside_it(registry, tmp_path):
+    info = registry.get(MLX_KEY)
+    settings = Settings(
+        home=tmp_path, guardrail_memory_gb=0.25, prompt_cache_bytes=1 << 30, max_batch_size=8
+    )
+    manager = ModelManager(settings, registry)
+
+    async def run() -> None:
+        instance = await manager.load_any(info)
+        try:
+            assert isinstance(instance, Instance) and instance.memory is not None
+            need = instance.memory
+            rest = need.weights + need.kv_cache + need.runtime
+            assert 0 < need.prompt_cache == 250_000_000 - rest < 1 << 30
+            assert instance.memory_bytes == 250_000_000
+            # The engine keeps no more than what was counted.
+            engine = instance.engine
+            assert engine.options.prompt_cache_bytes == need.prompt_cache
+            budget = engine.call(lambda: engine._prompt_cache.budget).result()  # type: ignore[attr-defined]
+            assert budget == need.prompt_cache
+        finally:
+            await manager.close()
+
+    asyncio.run(run())

@@ -1,11 +1,12 @@
 """End to end: the loading guardrail counts every part a model can come to hold (KV windows,
-the MLX prompt cache, draft models) and a refusal names them in each dialect's envelope;
-what it counts is what ``/api/v1/models``, ``/api/v0/models`` and ``mlxserve ps`` report.
+the MLX prompt cache, draft models, tokenizer and runtime) and a refusal names them in each
+dialect's envelope; what it counts is what ``/api/v1/models``, ``/api/v0/models`` and
+``mlxserve ps`` report.
 
 One server with a fixed 250 MB budget: a tiny Qwen2 GGUF (45 MB of weights, 8.4 MB of KV in
-4 windows, 134 MB of attention scores without flash attention) fits; the same model as MLX
-does not, with a 1 GiB prompt cache (the default) and 8 KV windows; nor does a second tiny
-model as a draft."""
+4 windows, 134 MB of attention scores without flash attention, 51 MB of tokenizer and
+runtime) fits; the same model as MLX fits alone with its prompt cache cut from 1 GiB to what
+is left, and not beside the GGUF; nor does a second tiny model as a draft."""
 
 from __future__ import annotations
 
@@ -41,28 +42,39 @@ def _loaded(http) -> list[str]:
     return [i["id"] for i in http.get("/api/v1/models/loaded").json()["instances"]]
 
 
-def test_mlx_jit_load_refused_for_its_windows_and_prompt_cache_in_openai_and_anthropic(http, tight):
+def test_mlx_jit_load_gets_the_prompt_cache_left_or_is_refused_in_openai_and_anthropic(http, tight):
     oai = openai.OpenAI(base_url=tight.url + "/v1", api_key="x", max_retries=0)
+    # Alone: weights, 8 KV windows and the runtime fit, and the prompt cache takes the rest
+    # of the budget instead of its whole 1 GiB (which would refuse the load).
+    reply = oai.chat.completions.create(model=MLX_KEY, messages=HELLO, max_tokens=2)
+    assert reply.usage is not None and reply.usage.completion_tokens == 2
+    (instance,) = http.get("/api/v1/models/loaded").json()["instances"]
+    memory = instance["memory"]
+    rest = memory["weights_bytes"] + memory["kv_cache_bytes"] + memory["runtime_bytes"]
+    assert memory["prompt_cache_bytes"] == 250_000_000 - rest > 0
+    assert memory["total_bytes"] == 250_000_000
+    http.post("/api/v1/models/unload", json={"instance_id": instance["id"]})
+    # Beside a loaded GGUF even the rest does not fit: refused, naming what must fit.
+    assert http.post("/api/v1/models/load", json={"model": GGUF_KEY}).status_code == 200
     with pytest.raises(openai.BadRequestError) as refused:
         oai.chat.completions.create(model=MLX_KEY, messages=HELLO, max_tokens=2)
     error = refused.value.body
     assert isinstance(error, dict)
     assert error["code"] == "insufficient_system_resources" and error["param"] == "model"
     message = error["message"]
-    assert f"Loading '{MLX_KEY}' with a 4096-token context requires approximately 1.14 GB" in (
-        message
+    assert (
+        f"Loading '{MLX_KEY}' with a 4096-token context requires approximately 0.11 GB (50.7 "
+        "MB of weights, 16.8 MB of KV cache (8 windows of 4096 tokens), 44.0 MB of tokenizer "
+        "and runtime), but only about 0.01 GB is available" in message
     )
-    assert "of KV cache (8 windows of 4096 tokens)" in message
-    assert "1.07 GB of prompt cache" in message
-    assert "0.25 GB is available" in message
     claude = anthropic.Anthropic(base_url=tight.url, api_key="x", max_retries=0)
     with pytest.raises(anthropic.BadRequestError) as refused_too:
         claude.messages.create(model=MLX_KEY, messages=HELLO, max_tokens=2)
     body = refused_too.value.body
     assert isinstance(body, dict) and body["type"] == "error"
     assert body["error"]["type"] == "invalid_request_error"
-    assert "1.07 GB of prompt cache" in body["error"]["message"]
-    assert _loaded(http) == []
+    assert "44.0 MB of tokenizer and runtime" in body["error"]["message"]
+    assert len(_loaded(http)) == 1
 
 
 def test_gguf_load_refused_for_its_draft_in_the_lmstudio_envelope(http):
@@ -73,10 +85,10 @@ def test_gguf_load_refused_for_its_draft_in_the_lmstudio_envelope(http):
     assert error["param"] == "model"
     # 45.1 MB of weights, 8.4 MB of KV, 134.2 MB of scores; the draft: 45.1 MB, 4.2 MB of
     # 16-bit KV and its own 134.2 MB of scores.
-    assert "requires approximately 0.37 GB" in error["message"]
+    assert "requires approximately 0.42 GB" in error["message"]
     assert (
         "45.1 MB of weights, 8.4 MB of KV cache (4 windows of 4096 tokens), 0.18 GB of draft "
-        "model, 0.13 GB of attention scores" in error["message"]
+        "model, 0.13 GB of attention scores, 51.0 MB of tokenizer and runtime" in error["message"]
     )
     assert _loaded(http) == []
 
@@ -110,7 +122,7 @@ def test_listings_report_what_the_guardrail_counts(http):
     assert r.status_code == 200, r.text
     (instance,) = http.get("/api/v1/models/loaded").json()["instances"]
     memory = instance["memory"]
-    parts = ("weights", "kv_cache", "prompt_cache", "draft", "vision", "compute")
+    parts = ("weights", "kv_cache", "prompt_cache", "draft", "vision", "compute", "runtime")
     assert sum(memory[f"{p}_bytes"] for p in parts) == memory["total_bytes"]
     assert memory["total_bytes"] == instance["memory_bytes"]
     assert memory["kv_windows"] == instance["load_config"]["parallel"] == 2
@@ -124,11 +136,11 @@ def test_listings_report_what_the_guardrail_counts(http):
     assert entry["memory"] == memory and entry["memory_bytes"] == memory["total_bytes"]
     v0 = http.get(f"/api/v0/models/{GGUF_KEY}").json()
     assert v0["loaded_memory_bytes"] == memory["total_bytes"]
-    # Flash attention keeps no scores.
+    # Flash attention keeps no scores (loaded alone: both do not fit the budget together).
+    http.post("/api/v1/models/unload", json={"instance_id": instance["id"]})
     body = {"model": GGUF_KEY, "parallel": 2, "flash_attention": True}
     r = http.post("/api/v1/models/load", json=body)
     assert r.status_code == 200, r.text
-    loaded = http.get("/api/v1/models/loaded").json()["instances"]
-    flash = next(i for i in loaded if i["id"] == r.json()["instance_id"])
+    (flash,) = http.get("/api/v1/models/loaded").json()["instances"]
     assert flash["memory"]["compute_bytes"] == 0
     assert flash["memory_bytes"] == memory["total_bytes"] - memory["compute_bytes"]

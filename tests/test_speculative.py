@@ -68,7 +68,7 @@ def test_a_draft_counts_in_its_instance_memory_once_loaded(http, model, draft):
     # Its weights and some KV, in the parts and in the whole.
     assert memory["draft_bytes"] > size[draft]
     assert counted["memory_bytes"] == memory["total_bytes"]
-    parts = ("weights", "kv_cache", "prompt_cache", "draft", "vision", "compute")
+    parts = ("weights", "kv_cache", "prompt_cache", "draft", "vision", "compute", "runtime")
     assert sum(memory[f"{p}_bytes"] for p in parts) == memory["total_bytes"]
     families = http.get("/metrics", params={"format": "json"}).json()["families"]
     samples = next(f["samples"] for f in families if f["name"] == "mlxserve_model_memory_bytes")

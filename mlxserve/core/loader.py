@@ -104,15 +104,17 @@ class ModelLoader:
         *,
         what: str | None = None,
         param: str = "model",
-    ) -> None:
-        """Raise :class:`memory.LoadRefused` when ``need`` does not fit beside ``in_use``
-        bytes of loaded models (their estimates), ``freed`` of which are about to be
-        unloaded."""
+        shrink: bool = False,
+    ) -> memory.Estimate:
+        """``need`` if it fits beside ``in_use`` bytes of loaded models (their estimates),
+        ``freed`` of which are about to be unloaded; with ``shrink``, its prompt cache cut to
+        what is left when only that does not fit (see :func:`memory.fit`). Raises
+        :class:`memory.LoadRefused` otherwise."""
         if not self.settings.load_guardrail:
-            return
+            return need
         limit = self.settings.guardrail_memory_gb
         available = await asyncio.to_thread(memory.budget, limit, in_use, freed, self.resident())
-        memory.check_fits(info.key, need, available, what=what, param=param)
+        return memory.fit(info.key, need, available, what=what, param=param, shrink=shrink)
 
     def resident(self) -> int | None:
         """Bytes the process holds now beyond what it held before any model was loaded."""

@@ -23,6 +23,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -364,9 +365,10 @@ class ModelManager:
 
     async def _evict_now(
         self, info: ModelInfo, need: memory.Estimate, victims: list[Loaded]
-    ) -> list[Loaded]:
+    ) -> tuple[list[Loaded], memory.Estimate]:
         """Which of ``victims`` go before the load: the idle ones, and the busy ones too only
-        when the load does not fit beside them (or a distributed group serves one model)."""
+        when the load does not fit whole beside them (or a distributed group serves one
+        model); and what the load may take (see :meth:`ModelLoader.check_fits`)."""
         idle = [v for v in victims if not is_busy(v)]
         busy = [v for v in victims if is_busy(v)]
         in_use = self._in_use()
@@ -380,9 +382,9 @@ class ModelManager:
                     victim.evict_when_idle = True
                     log.info("deferring the eviction of %s until it is idle", victim.id)
                 self.reaper.wake()
-                return idle
-        await self.loader.check_fits(info, need, in_use, sum(v.memory_bytes for v in victims))
-        return victims
+                return idle, need
+        freed = sum(v.memory_bytes for v in victims)
+        return victims, await self.loader.check_fits(info, need, in_use, freed, shrink=True)
 
     async def _open(
         self,
@@ -399,10 +401,13 @@ class ModelManager:
         draft = await self.registry.find(options.draft_model) if options.draft_model else None
         need = await self.loader.estimate(info, options, draft)
         if victims:
-            victims = await self._evict_now(info, need, victims)
+            victims, need = await self._evict_now(info, need, victims)
         else:
-            in_use = self._in_use()
-            await self.loader.check_fits(info, need, in_use, 0)
+            need = await self.loader.check_fits(info, need, self._in_use(), 0, shrink=True)
+        cut = need.prompt_cache < options.prompt_cache_bytes
+        if cut and info.format == "mlx" and info.type == "llm":
+            # What is free holds only part of the prompt cache: the engine keeps that much.
+            options = replace(options, prompt_cache_bytes=need.prompt_cache)
         for victim in victims:
             await self._retire(victim, "auto-evicted for a just-in-time load")
         instance_id = request.identifier or self.next_instance_id(info.key)

@@ -12,9 +12,16 @@ model's files by :mod:`mlxserve.core.footprint`, never from its weights):
 - **draft**: a speculative-decoding draft model's weights and KV (see :func:`draft_bytes`);
 - **vision**: a vision model's encoder activations (see ``footprint.vision_bytes``);
 - **compute**: llama.cpp without flash attention materialises each layer's attention scores
-  for a whole micro-batch against every cell in use.
+  for a whole micro-batch against every cell in use;
+- **runtime**: what a loaded text model holds besides all of that, measured
+  (:data:`RUNTIME_BYTES`): its tokenizer (Hugging Face's and llguidance's), their caches,
+  the engine's own buffers.
 
 Embedding models keep no KV cache.
+
+The prompt cache is the one part that gives way: it only holds what later requests may
+reuse, so a load that fits without all of it gets a prompt cache cut to what is left
+(:func:`fit`) instead of a refusal.
 """
 
 from __future__ import annotations
@@ -36,10 +43,12 @@ GB = 1_000_000_000
 
 log = logging.getLogger("mlxserve.memory")
 
-# What a drafted request costs an MLX instance besides the draft's weights: drafted requests
-# run one by one beside the batch (mlx-lm's speculative step), each holding a window of the
-# draft's KV and one of the main model's.
-MLX_DRAFT_LANES = 1
+
+# What a loaded text model holds beyond its counted parts, by format: a load's RSS growth less
+# its weights, as ``scripts/bench_memory.py`` measures it (tiny Qwen2, whose tokenizer has
+# 151,936 tokens: MLX +43.8 MB, GGUF +51.0 MB; an earlier run +37.2 / +38.4 MB). Tokenizers
+# dominate it, so a model with a smaller vocabulary holds somewhat less.
+RUNTIME_BYTES = {"mlx": 44_000_000, "gguf": 51_000_000}
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,8 @@ class Estimate:
     # Working memory of a forward pass that grows with the context (llama.cpp's attention
     # scores without flash attention).
     compute: int = 0
+    # Tokenizers and the engine's own buffers (see RUNTIME_BYTES).
+    runtime: int = 0
 
     @property
     def total(self) -> int:
@@ -71,6 +82,7 @@ class Estimate:
             "draft": self.draft,
             "vision": self.vision,
             "compute": self.compute,
+            "runtime": self.runtime,
         }
 
     def with_draft(self, draft: int) -> Estimate:
@@ -86,6 +98,7 @@ class Estimate:
             "draft": "draft model",
             "vision": "vision encoder",
             "compute": "attention scores",
+            "runtime": "tokenizer and runtime",
         }
         return ", ".join(f"{size(n)} of {words[name]}" for name, n in self.parts().items() if n > 0)
 
@@ -155,15 +168,16 @@ def estimate(
         prompt_cache=prompt_cache if info.type == "llm" else 0,
         vision=footprint.vision_bytes(info),
         compute=compute,
+        runtime=RUNTIME_BYTES.get(info.format, 0) if info.type == "llm" else 0,
     )
 
 
 def draft_bytes(draft: ModelInfo, main: ModelInfo, context_length: int, slots: int) -> int:
     """What a draft model adds to an instance of ``main``: its weights and its KV. A GGUF
     draft context mirrors the main one (a window per parallel sequence, 16-bit KV, attention
-    scores without flash attention); MLX
-    drafts :data:`MLX_DRAFT_LANES` request at a time, with a window of the draft's KV and
-    one of ``main``'s outside the batch."""
+    scores without flash attention). MLX drafted requests run beside the batch, each in one
+    of the instance's ``slots`` places (whose KV of ``main`` the windows count already), each
+    with a window of the draft's KV."""
     shape = footprint.geometry(draft)
     kv = 0
     if shape is not None:
@@ -173,12 +187,7 @@ def draft_bytes(draft: ModelInfo, main: ModelInfo, context_length: int, slots: i
             kv = shape.kv_bytes_per_token(16) * cells + shape.scores_bytes(512, cells)
         else:
             bits = 32 if draft.quantization == "F32" else 16
-            kv = shape.kv_bytes_per_token(bits) * context_length * MLX_DRAFT_LANES
-    if draft.format == "mlx":
-        lane = footprint.geometry(main)
-        if lane is not None:
-            bits = 32 if main.quantization == "F32" else 16
-            kv += lane.kv_bytes_per_token(bits) * context_length * MLX_DRAFT_LANES
+            kv = shape.kv_bytes_per_token(bits) * context_length * slots
     return draft.size_bytes + kv
 
 
@@ -248,6 +257,36 @@ def budget(
     kept_resident = max(resident - freed, 0)
     growth = max(in_use - freed - kept_resident, 0)
     return free_now + min(freed, resident) - growth
+
+
+def fit(
+    key: str,
+    need: Estimate,
+    available: int | None,
+    *,
+    what: str | None = None,
+    param: str = "model",
+    shrink: bool = True,
+) -> Estimate:
+    """``need``, or with ``shrink`` its prompt cache cut to what ``available`` leaves of it
+    when the rest fits (the prompt cache only holds what may be reused; refusing a load it
+    could serve without all of it would be worse); :class:`LoadRefused`, naming the parts
+    that must fit, when even the rest does not."""
+    if available is None or need.total <= available:
+        return need
+    rest = replace(need, prompt_cache=0)
+    if shrink and need.prompt_cache and rest.total <= available:
+        cut = replace(need, prompt_cache=available - rest.total)
+        log.warning(
+            "%s: prompt cache cut from %s to %s to fit in the %s available",
+            key,
+            size(need.prompt_cache),
+            size(cut.prompt_cache),
+            size(available),
+        )
+        return cut
+    check_fits(key, rest if shrink else need, available, what=what, param=param)
+    return need
 
 
 def check_fits(
