@@ -411,6 +411,8 @@ class Engine(ABC):
         self.path = path
         self.options = options
         self.generated_tokens = 0
+        # Of them, tokens sampled in a forward pass shared by a batch of requests.
+        self.batched_tokens = 0
         self._setup()
         self._owner = OwnerThread(f"engine:{path.name}", max_queue, pump=self)
         try:

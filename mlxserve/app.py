@@ -73,6 +73,7 @@ async def health(request: Request) -> Response:
                     "format": i.info.format,
                     "pending": i.engine.pending,
                     "generated_tokens": i.engine.generated_tokens,
+                    "batched_tokens": i.engine.batched_tokens,
                 }
                 for i in state.manager.loaded()
             ]

@@ -1,9 +1,10 @@
 """Vision benchmark: time to first token with one image, the second turn's with the image in
-the prompt cache, and a vision model's text-only decode speed against the same weights'
-text model, through a real mlxserve server on the tiny Qwen2-VL of make_vision_models.py
+the prompt cache, a vision model's text-only decode speed against the same weights' text
+model, and the aggregate decode rate of 2 image + 2 text streams at once against 4 text
+streams, through a real mlxserve server on the tiny Qwen2-VL of make_vision_models.py
 (MLX and GGUF + projector). Prints a table and writes JSON; figures in docs/benchmarks.md.
 
-    .venv/bin/python scripts/bench_vision.py [--rounds 5] [--json out.json]
+    .venv/bin/python scripts/bench_vision.py [--rounds 5] [--formats mlx gguf] [--json out.json]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,16 @@ def _chat(content: list[dict[str, Any]] | str, model: str, **extra: Any) -> dict
     }
 
 
+def _aggregate(chat: str, bodies: list[dict[str, Any]]) -> float:
+    """Tokens per second of ``bodies`` streamed at once, from the first request to the end
+    of the last (the image prompts' prefill included)."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        done = list(pool.map(lambda b: _stream(chat, b), bodies))
+    seconds = time.perf_counter() - start
+    return sum(n + 1 for _, _, n in done) / seconds
+
+
 def bench(url: str, fmt: str, rounds: int) -> dict[str, float]:
     chat = url + "/v1/chat/completions"
     vl, text = VL[fmt], TEXT[fmt]
@@ -89,7 +101,7 @@ def bench(url: str, fmt: str, rounds: int) -> dict[str, float]:
     for model in (vl, text):  # load both, warm up
         _stream(chat, _chat([{"type": "image_url", "image_url": {"url": _image(0)}}, question], vl))
         _stream(chat, _chat("Hello", model))
-    cold, warm, ratio_rows = [], [], []
+    cold, warm, ratio_rows, mixed, texts = [], [], [], [], []
     for r in range(rounds):
         image = {"type": "image_url", "image_url": {"url": _image(1000 + r)}}
         ttft, _, _ = _stream(chat, _chat([image, question], vl, max_tokens=4))
@@ -115,6 +127,19 @@ def bench(url: str, fmt: str, rounds: int) -> dict[str, float]:
             _, seconds, n = _stream(chat, body)
             rates.append(n / seconds)
         ratio_rows.append(rates)
+        story = "Tell me a long story."
+        long = {"max_tokens": DECODE_TOKENS, "ignore_eos": True}
+        pictures = [
+            {"type": "image_url", "image_url": {"url": _image(2000 + 2 * r + i)}} for i in (0, 1)
+        ]
+        mixed.append(
+            _aggregate(
+                chat,
+                [_chat([p, question], vl, **long) for p in pictures]
+                + [_chat(f"{story} ({i})", vl, **long) for i in (0, 1)],
+            )
+        )
+        texts.append(_aggregate(chat, [_chat(f"{story} ({i})", vl, **long) for i in range(4)]))
     vl_rate = statistics.median(r[0] for r in ratio_rows)
     text_rate = statistics.median(r[1] for r in ratio_rows)
     return {
@@ -123,12 +148,15 @@ def bench(url: str, fmt: str, rounds: int) -> dict[str, float]:
         "vision_text_decode_tok_s": vl_rate,
         "text_model_decode_tok_s": text_rate,
         "decode_ratio": vl_rate / text_rate,
+        "aggregate_2_image_2_text_tok_s": statistics.median(mixed),
+        "aggregate_4_text_tok_s": statistics.median(texts),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--formats", nargs="+", choices=["mlx", "gguf"], default=["mlx", "gguf"])
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     root = REPO / ".cache" / "vision-models"
@@ -173,20 +201,21 @@ def main(argv: list[str] | None = None) -> int:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise RuntimeError("the server did not start")
                 time.sleep(0.3)
-            results = {fmt: bench(url, fmt, args.rounds) for fmt in ("mlx", "gguf")}
+            results = {fmt: bench(url, fmt, args.rounds) for fmt in args.formats}
         finally:
             server.terminate()
             server.wait(timeout=30)
     print(
         f"{'':6} {'TTFT 1 image':>13} {'TTFT turn 2':>12} {'VL text tok/s':>14} "
-        f"{'text tok/s':>11} {'ratio':>6}"
+        f"{'text tok/s':>11} {'ratio':>6} {'2img+2text tok/s':>17} {'4text tok/s':>12}"
     )
     for fmt, r in results.items():
         print(
             f"{fmt:6} {r['ttft_one_image_s'] * 1000:>11.0f}ms "
             f"{r['ttft_second_turn_s'] * 1000:>10.0f}ms "
             f"{r['vision_text_decode_tok_s']:>14.1f} {r['text_model_decode_tok_s']:>11.1f} "
-            f"{r['decode_ratio']:>6.2f}"
+            f"{r['decode_ratio']:>6.2f} {r['aggregate_2_image_2_text_tok_s']:>17.1f} "
+            f"{r['aggregate_4_text_tok_s']:>12.1f}"
         )
     report = {
         "machine": platform.platform(),

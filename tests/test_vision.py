@@ -335,9 +335,19 @@ def test_every_dialect(server, oai, image_host):
     assert count.input_tokens == u.input_tokens + cached
 
 
+def _batched_tokens(server, model: str) -> int:
+    loaded = httpx.get(server.url + "/health", timeout=10).json()["loaded"]
+    return next((m["batched_tokens"] for m in loaded if m["id"] == model), 0)
+
+
 @pytest.mark.parametrize("model", VL_MODELS)
-def test_concurrent_image_and_text_requests_equal_solo(oai, model):
+def test_concurrent_image_and_text_requests_equal_solo(server, oai, model):
+    before = _batched_tokens(server, model)
     _together_equals_solo(oai, model)
+    if model == VL_KEY:
+        # Every token of the four run together and then one by one, images included, came
+        # out of the batch's forward pass (image requests decoded beside it do not count).
+        assert _batched_tokens(server, model) - before == 8 * N
 
 
 def _together_equals_solo(oai, model: str) -> None:
@@ -569,7 +579,12 @@ def test_responses_previous_response_id_keeps_the_image(oai):
 
 
 # Last: it stops the module's server.
-def test_stateful_chat_keeps_its_image_across_a_restart(server, vision_models, home, image_host):
+def test_stateful_chat_keeps_its_image_across_a_restart(
+    server, oai, reference, vision_models, home, image_host
+):
+    # The MLX prompt cache, keyed by the image, goes to disk at the restart (below).
+    question = "Where was it taken?"
+    first_turn = _ask(oai, _data_url(IMG_WIDE), question)
     first = httpx.post(
         server.url + "/api/v1/chat",
         json={
@@ -607,10 +622,29 @@ def test_stateful_chat_keeps_its_image_across_a_restart(server, vision_models, h
     assert image["media_type"] == "image/png" and len(image["sha256"]) == 64
     server.stop()
     again = _serve(vision_models, home, image_host)
+    later = (
+        {"role": "assistant", "content": first_turn.choices[0].message.content},
+        {"role": "user", "content": "And its colours?"},
+    )
+    image = {"type": "image_url", "image_url": {"url": _data_url(IMG_WIDE)}}
     try:
         after = httpx.post(again.url + "/api/v1/chat", json=follow, timeout=60).json()
+        second_turn = openai.OpenAI(
+            base_url=again.url + "/v1", api_key="unused", max_retries=0
+        ).chat.completions.create(
+            model=VL_KEY,
+            messages=[
+                {"role": "user", "content": [image, {"type": "text", "text": question}]},
+                *later,
+            ],
+            max_tokens=N,
+            temperature=0,
+        )
     finally:
         again.stop()
+    details = second_turn.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens >= first_turn.usage.prompt_tokens
+    assert second_turn.choices[0].message.content == reference(IMG_WIDE, question, later)
     assert after["output"] == before["output"]
     assert after["stats"]["input_tokens"] == before["stats"]["input_tokens"]
     assert list((home / "images").iterdir())

@@ -609,6 +609,7 @@ class LlamaCppEngine(Engine):
                 self._checkpoint_prompt(s)
         for s, i in outputs:
             token, lp = self._sample(s, i)
+            self.batched_tokens += 1
             if self._accept(s.job, token, lp):
                 self._finish_seq(s)
             else:

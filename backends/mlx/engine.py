@@ -614,6 +614,7 @@ class MLXEngine(Engine):
                 continue
             job = entry[0]
             lp = next(computed) if job.request.logprobs is not None else None
+            self.batched_tokens += 1
             done = self._accept(job, r.token, lp)
             if r.finish_reason is None and not done:
                 continue
@@ -623,7 +624,12 @@ class MLXEngine(Engine):
             if r.finish_reason is None:
                 cache, tokens = self._batch.remove([r.uid], return_prompt_caches=True)[r.uid]
             if cache is not None and tokens is not None:
-                self._prompt_cache.store(tokens, cache)
+                self._prompt_cache.store(self._cache_key(job, tokens), cache)
+
+    def _cache_key(self, job: Job, tokens: list[int]) -> list[int]:
+        """The prompt-cache key of a batched request's cache holding ``tokens`` (a vision
+        engine puts its images' marks in place of their placeholder tokens)."""
+        return tokens
 
     def _checkpoint_at(self, prompt: list[int]) -> int:
         """Where the prompt checkpoint of a model whose cache cannot be cut back is taken (0:
@@ -646,8 +652,9 @@ class MLXEngine(Engine):
         if not ended:
             return
         for uid, (cache, tokens) in self._batch.extract_cache(ended).items():
-            if len(tokens) == self._checkpoint_at(list(self._batched[uid][0].request.prompt)):
-                self._prompt_cache.store(tokens, cache)
+            job = self._batched[uid][0]
+            if len(tokens) == self._checkpoint_at(list(job.request.prompt)):
+                self._prompt_cache.store(self._cache_key(job, tokens), cache)
 
     def _unload(self) -> None:
         self._batch.close()

@@ -1,12 +1,16 @@
-"""MLX vision models: mlx-vlm encodes images, mlx-lm keeps serving text.
+"""MLX vision models: mlx-vlm encodes images, mlx-lm's continuous batch decodes every request.
 
 A model whose ``config.json`` has a ``vision_config`` is loaded twice over the same weights:
 mlx-vlm's model (vision tower + language model) and mlx-lm's text-only view of it, whose
 parameters are the very arrays of mlx-vlm's language model (no second copy). Text-only
 requests take mlx-lm's continuous batch exactly as on a text model. A request with images
-runs mlx-vlm's ``generate_step`` beside the batch, one token per engine step: M-RoPE models
-(Qwen2-VL and kin) place tokens after an image at positions that differ from their cache
-offset, which mlx-lm's batch cannot express.
+is prefilled through mlx-vlm up to the end of its last image, one chunk per engine step
+(:class:`~backends.mlx.vision_prefill.VisionPrefill`), then joins the same batch with that
+cache: the batch processes the rest of its prompt and decodes it beside the text requests.
+M-RoPE models (Qwen2-VL and kin) place the text after an image at positions that differ
+from its cache index by a fixed delta; the request's cache carries that delta into the
+batch's per-sequence RoPE offsets (:mod:`backends.mlx.rope_shift`). Seeded image requests
+(whose draws must not depend on their neighbours) run mlx-vlm's own ``generate_step``.
 """
 
 from __future__ import annotations
@@ -21,10 +25,14 @@ from typing import Any, cast
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.cache import make_prompt_cache
 
 from backends.base import EngineInfo, Job, PromptProgress, Sampled, VisionPrompt
 from backends.mlx import vlm_adapter
 from backends.mlx.engine import MLXEngine, _logprobs
+from backends.mlx.prefill import IDLE_PREFILL_CHUNK
+from backends.mlx.rope_shift import shift
+from backends.mlx.vision_prefill import VisionPrefill, rope_delta
 
 log = logging.getLogger("mlxserve.backends")
 
@@ -59,7 +67,10 @@ def _mark(image: Any) -> int:
 class MLXVisionEngine(MLXEngine):
     """An mlx-vlm model behind the backend interface."""
 
-    spills = False
+    def _setup(self) -> None:
+        super()._setup()
+        # Image requests whose prompt mlx-vlm is filling in, oldest first.
+        self._prefills: list[tuple[Job, VisionPrefill, int]] = []
 
     def _load_model(self) -> tuple[Any, Any]:
         from mlx_lm import load as lm_load
@@ -137,13 +148,103 @@ class MLXVisionEngine(MLXEngine):
         return VisionPrompt(tokens, payload, n_image)
 
     def _admit(self, job: Job) -> None:
-        if job.request.vision is not None:
-            self._solo.append((job, self._image_steps(job)))
-        else:
+        request = job.request
+        inputs = request.vision
+        if inputs is None:
             super()._admit(job)
+            return
+        assert isinstance(inputs, _Inputs)
+        if request.sampling.seed is not None or not self._batchable:
+            self._solo.append((job, self._image_steps(job)))
+            return
+        # The prompt cache is keyed by the images' pixels: a later turn of a chat about them
+        # finds its first turn here (or on disk), and its images are not encoded again.
+        cache, cached = self._prompt_cache.fetch(inputs.key)
+        if self._spill is not None:
+            spilled, n = self._spill.fetch(inputs.key, cached)
+            if spilled is not None:
+                cache, cached = spilled, n
+        if cache is None:
+            cache, cached = self._fresh_cache() or make_prompt_cache(self._model), 0
+        delta = self._text_delta(inputs) if cached >= inputs.media_end else None
+        if delta is not None:
+            self._join_batch(job, cache, cached, cached, delta)
+            return
+        arrays = (inputs.input_ids, inputs.pixel_values, inputs.mask, inputs.extra)
+        prefill = VisionPrefill(self._vlm, arrays, cache, cached, inputs.media_end)
+        self._prefills.append((job, prefill, cached))
+        if self._prompt_cache.budget > 0:
+            job.cache_written = len(inputs.key) - cached
+        job.progress(cached, len(inputs.key), cached)
+
+    def _text_delta(self, inputs: _Inputs) -> int | None:
+        """The RoPE shift of the text after the prompt's images, without encoding them
+        (None: this model cannot tell it so)."""
+        lm = self._vlm.language_model
+        if not vlm_adapter.step_state(lm):
+            return 0  # no M-RoPE: positions are cache indices
+        rope_index = getattr(lm, "get_rope_index", None)
+        if not callable(rope_index):
+            return None
+        extra = inputs.extra
+        _, deltas = rope_index(
+            inputs.input_ids, extra.get("image_grid_thw"), extra.get("video_grid_thw"), inputs.mask
+        )
+        return rope_delta(deltas)
+
+    def _join_batch(
+        self, job: Job, cache: list[Any] | None, start: int, cached: int, delta: int = 0
+    ) -> None:
+        # Every request's cache carries its shift (0 for text): the batch cache is merged by
+        # the first one's kind.
+        if cache is None:
+            cache = self._fresh_cache() or make_prompt_cache(self._model)
+        super()._join_batch(job, shift(cache, delta), start, cached)
+
+    def _cache_key(self, job: Job, tokens: list[int]) -> list[int]:
+        inputs = job.request.vision
+        if not isinstance(inputs, _Inputs):
+            return tokens
+        return [*inputs.key, *tokens[len(inputs.key) :]]
+
+    def busy(self) -> bool:
+        return bool(self._prefills) or super().busy()
+
+    def step(self) -> None:
+        if self._prefills:
+            self._step_prefill()
+        super().step()
+
+    def abort(self, exc: BaseException) -> None:
+        prefills, self._prefills = self._prefills, []
+        for job, *_ in prefills:
+            job.fail(exc)
+        super().abort(exc)
+
+    def _step_prefill(self) -> None:
+        """One chunk of the oldest image prompt; a filled one joins the batch."""
+        job, prefill, cached = self._prefills[0]
+        if job.cancelled:
+            self._prefills.pop(0)
+            job.finish("cancelled")
+            return
+        chunk = self.options.prefill_chunk
+        try:
+            done = prefill.advance(chunk if self._decoding() else max(chunk, IDLE_PREFILL_CHUNK))
+            if done:
+                self._prefills.pop(0)
+                self._join_batch(job, prefill.cache, prefill.filled, cached, prefill.delta)
+            else:
+                job.progress(prefill.filled, len(job.request.prompt), cached)
+        except Exception as exc:
+            log.exception("processing an image prompt failed on %s", self.path.name)
+            if self._prefills and self._prefills[0][0] is job:
+                self._prefills.pop(0)
+            job.fail(exc)
 
     def _image_steps(self, job: Job) -> Generator[Sampled | PromptProgress, None, None]:
-        from mlx_lm.models.cache import make_prompt_cache
+        """The single path of an image request: mlx-vlm's own ``generate_step``, for seeded
+        requests (and models whose cache cannot join a batch)."""
         from mlx_vlm.generate import generate_step
 
         request, stream = job.request, job.stream
