@@ -207,6 +207,9 @@ class MLXVisionEngine(MLXEngine):
             return tokens
         return [*inputs.key, *tokens[len(inputs.key) :]]
 
+    def _running(self) -> int:
+        return super()._running() + len(self._prefills)
+
     def busy(self) -> bool:
         return bool(self._prefills) or super().busy()
 
