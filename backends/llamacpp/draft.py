@@ -3,7 +3,10 @@ that proposes greedy continuations, one llama.cpp sequence per drafted request."
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -11,6 +14,25 @@ from llama_cpp import Llama
 
 from backends.base import common_prefix
 from backends.llamacpp import adapter
+
+# Batches of at most this many tokens are decode-sized (a speculative round): evaluated on the
+# decode threads. Longer ones (a draft's first prompt) are prompt processing.
+SMALL_BATCH = 32
+
+
+@contextmanager
+def decode_threads(ctx: Any) -> Iterator[None]:
+    """Within it, ``ctx`` evaluates every batch on its decode threads. llama.cpp takes its
+    prompt-processing thread count (every core) for any batch of more than one token, so a
+    speculative round of a few tokens woke every core, and with one core busy elsewhere its
+    spin-waiting threads stalled each other: drafted decoding ran 5-40x slower than with
+    the decode threads (measured on 2 loaded cores, see docs/benchmarks.md)."""
+    threads, threads_batch = llama_cpp.llama_n_threads(ctx), llama_cpp.llama_n_threads_batch(ctx)
+    llama_cpp.llama_set_n_threads(ctx, threads, threads)
+    try:
+        yield
+    finally:
+        llama_cpp.llama_set_n_threads(ctx, threads, threads_batch)
 
 
 def _vocabulary(llm: Llama) -> list[bytes]:
@@ -66,7 +88,11 @@ class DraftModel:
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = seq
                 batch.logits[i] = at + i == len(tokens) - 1
-            rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
+            if len(chunk) <= SMALL_BATCH:
+                with decode_threads(self._ctx.ctx):
+                    rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
+            else:
+                rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
             if rc != 0:
                 raise RuntimeError(f"llama_decode returned {rc} on the draft model")
 

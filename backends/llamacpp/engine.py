@@ -32,7 +32,7 @@ from backends.base import (
 from backends.constraint import GrammarCache
 from backends.llamacpp import adapter
 from backends.llamacpp.adapter import LlamaSampler
-from backends.llamacpp.draft import DraftModel
+from backends.llamacpp.draft import DraftModel, decode_threads
 from backends.llamacpp.reuse import Run, attach, best_source, prepare_hold
 from backends.llamacpp.spill import GGUFSpill
 from backends.llamacpp.vision import DEFAULT_MAX_PIXELS, Chunks, Image, Projector, find_projector
@@ -682,7 +682,8 @@ class LlamaCppEngine(Engine):
         self._batch.n_tokens = 0
         for token in [pending, *proposed]:
             self._put(s, token, True)
-        self._decode()
+        with decode_threads(self._ctx.ctx):
+            self._decode()
         accepted, done = 0, False
         for i in range(len(proposed) + 1):
             token, lp = self._sample(s, i)
