@@ -5,11 +5,19 @@ streams, through a real mlxserve server on the tiny Qwen2-VL of make_vision_mode
 (MLX and GGUF + projector). Prints a table and writes JSON; figures in docs/benchmarks.md.
 
     .venv/bin/python scripts/bench_vision.py [--rounds 5] [--formats mlx gguf] [--json out.json]
+
+``--stall`` measures instead how long running streams wait while an image request is
+admitted: the longest gap between tokens of three running text streams from the image
+request's arrival to its first token (a long text part and two 448x448 images), against
+their median gap (one decode step).
+
+    .venv/bin/python scripts/bench_vision.py --stall --formats gguf [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import io
 import json
@@ -27,7 +35,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-from bench_common import load_script
+from bench_common import load_script, unique_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHER = "mlxserve-test"
@@ -153,11 +161,80 @@ def bench(url: str, fmt: str, rounds: int) -> dict[str, float]:
     }
 
 
+async def _token_times(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], times: list[float] | None = None
+) -> tuple[float, list[float]]:
+    """(when the request was sent, when each content token arrived: appended to ``times``
+    as they come), perf_counter seconds."""
+    sent = time.perf_counter()
+    times = [] if times is None else times
+    async with client.stream("POST", url, json={**body, "stream": True}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            delta = json.loads(line[6:])["choices"]
+            if delta and delta[0]["delta"].get("content"):
+                times.append(time.perf_counter())
+    return sent, times
+
+
+async def _stall_round(url: str, fmt: str, r: int) -> tuple[float, float, float]:
+    """(longest gap of 3 running streams while an image request is admitted, their median
+    gap, the image request's time to first token). Fresh words and images every round: the
+    prompt cache must not serve them."""
+    chat = url + "/v1/chat/completions"
+    vl = VL[fmt]
+    streams: list[list[float]] = [[], [], []]
+    async with httpx.AsyncClient(timeout=600) as client:
+        runners = [
+            asyncio.create_task(
+                _token_times(
+                    client,
+                    chat,
+                    _chat(unique_prompt(f"run{r}x{i}", 16), vl, max_tokens=400, ignore_eos=True),
+                    times,
+                )
+            )
+            for i, times in enumerate(streams)
+        ]
+        while min(len(t) for t in streams) < 8:
+            await asyncio.sleep(0.05)
+        pictures = [
+            {"type": "image_url", "image_url": {"url": _image(5000 + 2 * r + i)}} for i in (0, 1)
+        ]
+        text = {"type": "text", "text": unique_prompt(f"long{r}", 600)}
+        sent, first = await _token_times(client, chat, _chat([*pictures, text], vl, max_tokens=2))
+        await asyncio.gather(*runners)
+    end = first[0] if first else sent
+    gaps, steady = [], []
+    for times in streams:
+        pairs = list(zip(times, times[1:], strict=False))
+        gaps += [b - a for a, b in pairs if b >= sent and a <= end]
+        steady += [b - a for a, b in pairs if b < sent]
+    return max(gaps, default=0.0), statistics.median(steady), end - sent
+
+
+def stall(url: str, fmt: str, rounds: int) -> dict[str, float]:
+    """Medians over ``rounds`` of :func:`_stall_round`'s figures, after a warm-up."""
+    _stream(url + "/v1/chat/completions", _chat("Hello", VL[fmt]))  # load it
+    asyncio.run(_stall_round(url, fmt, -1))
+    got = [asyncio.run(_stall_round(url, fmt, r)) for r in range(rounds)]
+    return {
+        "stall_max_gap_ms": statistics.median(g[0] for g in got) * 1000,
+        "stall_step_ms": statistics.median(g[1] for g in got) * 1000,
+        "stall_image_ttft_ms": statistics.median(g[2] for g in got) * 1000,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--formats", nargs="+", choices=["mlx", "gguf"], default=["mlx", "gguf"])
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--stall", action="store_true", help="the stall of running streams an image causes"
+    )
     args = parser.parse_args(argv)
     root = REPO / ".cache" / "vision-models"
     load_script("make_vision_models").generate(root, publisher=PUBLISHER)
@@ -201,10 +278,19 @@ def main(argv: list[str] | None = None) -> int:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise RuntimeError("the server did not start")
                 time.sleep(0.3)
-            results = {fmt: bench(url, fmt, args.rounds) for fmt in args.formats}
+            measure = stall if args.stall else bench
+            results = {fmt: measure(url, fmt, args.rounds) for fmt in args.formats}
         finally:
             server.terminate()
             server.wait(timeout=30)
+    if args.stall:
+        print(f"{'':6} {'longest gap':>12} {'one step':>9} {'image TTFT':>11}")
+        for fmt, r in results.items():
+            print(
+                f"{fmt:6} {r['stall_max_gap_ms']:>10.0f}ms {r['stall_step_ms']:>7.0f}ms "
+                f"{r['stall_image_ttft_ms']:>9.0f}ms"
+            )
+        return _report(args, results)
     print(
         f"{'':6} {'TTFT 1 image':>13} {'TTFT turn 2':>12} {'VL text tok/s':>14} "
         f"{'text tok/s':>11} {'ratio':>6} {'2img+2text tok/s':>17} {'4text tok/s':>12}"
@@ -217,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['decode_ratio']:>6.2f} {r['aggregate_2_image_2_text_tok_s']:>17.1f} "
             f"{r['aggregate_4_text_tok_s']:>12.1f}"
         )
+    return _report(args, results)
+
+
+def _report(args: argparse.Namespace, results: dict[str, dict[str, float]]) -> int:
     report = {
         "machine": platform.platform(),
         "cpus": os.cpu_count(),

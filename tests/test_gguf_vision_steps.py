@@ -186,3 +186,45 @@ def test_a_later_image_reuses_the_cached_first_one(model_file):
     finally:
         warm.close()
         cold.close()
+
+
+def test_image_prefixes_spill_to_disk_and_serve_after_an_unload(model_file, tmp_path):
+    """At unload the kept image sequences are written to the prompt-cache folder, keyed by
+    their cells (an image's hold its pixels' hash); a new load of the model reads the entry
+    back for the second turn, whose reply equals an engine's without any cache. Another
+    image at the same place does not hit it."""
+    spill = {"prompt_cache_dir": tmp_path, "prompt_cache_disk_bytes": 1 << 30}
+
+    async def first_turn() -> int:
+        engine = _open(model_file, **spill)
+        try:
+            request = _image_request(engine, 1, "What is this?")
+            await _run(engine, request)
+            return len(request.prompt)
+        finally:
+            engine.close()
+
+    async def second_turn(**options: Any) -> tuple[list[int], int]:
+        engine = _open(model_file, **options)
+        try:
+            return await _run(engine, _two_turns(engine, second_image=False))
+        finally:
+            engine.close()
+
+    async def main() -> None:
+        n = await first_turn()
+        assert list(tmp_path.glob("*/*.kv")), "nothing spilled"
+        got, cached = await second_turn(**spill)
+        want, none = await second_turn(prompt_cache_bytes=0)
+        assert none == 0 and got == want
+        assert cached >= n - 1, (cached, n)
+
+        # A different image: the entry's marks differ from the first image cell on.
+        engine = _open(model_file, **spill)
+        try:
+            _, cached = await _run(engine, _image_request(engine, 2, "What is this?"))
+        finally:
+            engine.close()
+        assert cached == 0
+
+    asyncio.run(main())

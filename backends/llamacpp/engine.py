@@ -169,17 +169,15 @@ class LlamaCppEngine(Engine):
         if projector is not None:
             self._projector = Projector(projector, adapter.model_pointer(llm), threads_batch)
         self._open_context()
-        # Image cells are keyed by hashes that a later load cannot trust: no spilling.
-        self._spill = (
-            None
-            if self._projector is not None
-            else GGUFSpill.open(
-                self.path,
-                options,
-                {"k": type_k, "v": type_v, "flash": flash},
-                self._ctx.ctx,
-                trimmable=not self._whole_only,
-            )
+        # Image cells are keyed by their image's pixel hash (see Projector.tokenize), which
+        # holds across loads of the same projector: its file is part of the identity.
+        self._spill = GGUFSpill.open(
+            self.path,
+            options,
+            {"k": type_k, "v": type_v, "flash": flash},
+            self._ctx.ctx,
+            trimmable=not self._whole_only,
+            projector=projector,
         )
         vocab = adapter.vocab_pointer(llm)
         self._vocab = vocab
@@ -336,15 +334,15 @@ class LlamaCppEngine(Engine):
 
     def _spill_kept(self, seq: int) -> None:
         tokens = self._kept[seq]
-        if self._spill is not None and not self._kept_shift.get(seq) and min(tokens) >= 0:
-            self._spill.save(seq, tokens)
+        if self._spill is not None:
+            self._spill.save(seq, tokens, self._kept_shift.get(seq, 0))
 
     def _restore_spilled(self, job: Job) -> None:
         """Bring back the longest spilled prefix of the prompt as a kept sequence when no kept
         sequence shares as much of it: the search below then reuses it like the others."""
         request = job.request
         prompt = request.prompt
-        if self._spill is None or request.vision is not None:
+        if self._spill is None:
             return
         kept = [
             n
@@ -365,11 +363,12 @@ class LlamaCppEngine(Engine):
         if not fits():
             return
         seq = self._free.pop()
-        if not self._spill.restore(key, seq):
+        pos_shift = self._spill.restore(key, seq)
+        if pos_shift is None:
             self._drop(seq)
             return
         self._kept[seq] = list(key)
-        self._kept_shift[seq] = 0
+        self._kept_shift[seq] = pos_shift
 
     def _kept_cells(self) -> int:
         return sum(len(t) for t in self._kept.values())

@@ -1,5 +1,11 @@
 """The GGUF prompt cache's kept sequences on disk (see :mod:`backends.spill`): llama.cpp's
-per-sequence state, restored into a free sequence on a hit."""
+per-sequence state, restored into a free sequence on a hit.
+
+Vision models spill too. An entry is keyed by its cells' token ids, where an image's cells
+hold a mark of its pixels' SHA-256 (see ``Projector.tokenize``), so a prompt reuses an
+entry only with the same images at the same places; the projector file is part of the
+model's identity, and each entry records its position shift (an M-RoPE image takes fewer
+positions than cells)."""
 
 from __future__ import annotations
 
@@ -27,17 +33,26 @@ class GGUFSpill:
 
     @classmethod
     def open(
-        cls, path: Path, options: LoadOptions, kv: dict[str, Any], ctx: Any, *, trimmable: bool
+        cls,
+        path: Path,
+        options: LoadOptions,
+        kv: dict[str, Any],
+        ctx: Any,
+        *,
+        trimmable: bool,
+        projector: Path | None = None,
     ) -> GGUFSpill | None:
         """The model's spill store for the context ``ctx`` (whose KV layout ``kv`` names;
-        ``trimmable`` false for recurrent state), or None when spilling is off (see
-        :func:`open_store`)."""
+        ``trimmable`` false for recurrent state; ``projector``: a vision model's), or None
+        when spilling is off (see :func:`open_store`)."""
         kv = {"format": "gguf", **kv}
-        store = open_store(options, path.stem, [path], kv, trimmable=trimmable)
+        files = [path] if projector is None else [path, projector]
+        store = open_store(options, path.stem, files, kv, trimmable=trimmable)
         return cls(store, ctx) if store is not None else None
 
-    def save(self, seq: int, tokens: Sequence[int]) -> None:
-        """Copy sequence ``seq``'s state (its cells hold ``tokens``) and queue it for writing."""
+    def save(self, seq: int, tokens: Sequence[int], pos_shift: int = 0) -> None:
+        """Copy sequence ``seq``'s state (its cells hold ``tokens``, ``pos_shift`` more than
+        the positions they take) and queue it for writing."""
         if not self.store.wants(tokens):
             return
         size = llama_cpp.llama_state_seq_get_size(self._ctx, seq)
@@ -50,21 +65,21 @@ class GGUFSpill:
         def write(f: IO[bytes]) -> None:
             f.write(data)
 
-        self.store.put(tokens, {"state_bytes": n}, write)
+        self.store.put(tokens, {"state_bytes": n, "pos_shift": pos_shift}, write)
 
-    def restore(self, key: tuple[int, ...], seq: int) -> bool:
-        """Load the entry for ``key`` into the empty sequence ``seq``; False (and the entry
-        gone) if its file is bad or llama.cpp refuses its state."""
+    def restore(self, key: tuple[int, ...], seq: int) -> int | None:
+        """Load the entry for ``key`` into the empty sequence ``seq``; its position shift, or
+        None (and the entry gone) if its file is bad or llama.cpp refuses its state."""
         got = self.store.read(key)
         if got is None:
-            return False
-        _, payload = got
+            return None
+        meta, payload = got
         buf = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
         if llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(payload), seq) == 0:
             log.warning("llama.cpp refused a spilled sequence of %d tokens", len(key))
             self.store.discard(key)
-            return False
-        return True
+            return None
+        return int(meta.get("pos_shift", 0))
 
     def close(self) -> None:
         """Finish the queued writes."""
