@@ -73,12 +73,18 @@ FULL = Mode(
 # 152k-vocabulary output projection (≈0.7 s of a ≈0.73 s step, profiled under load), so
 # 64 tokens per stream put its full run past 30 minutes. 16 still time 15 steps per stream.
 FULL_MLX_OUT_TOKENS = 16
+# Its prefill is ≈180 ms a token there: the second-turn figure's three cold 4k histories and
+# the admission prompt took ≈330 s + 140 s of the 17.8-minute run. 2048 tokens is still four
+# 512-token prefill chunks (the admission gap is one chunk per step) and a cold prefill 250×
+# a warm one's single new chunk.
+FULL_MLX_HISTORY_TOKENS = 2048
 
 
 def format_mode(mode: Mode, fmt: str) -> Mode:
-    """The mode a format runs in: the full run decodes fewer tokens per stream on MLX."""
+    """The mode a format runs in: the full run decodes fewer tokens per stream and sends
+    shorter histories on MLX."""
     if mode.size == "full" and fmt == "mlx":
-        return replace(mode, out_tokens=FULL_MLX_OUT_TOKENS)
+        return replace(mode, out_tokens=FULL_MLX_OUT_TOKENS, history_tokens=FULL_MLX_HISTORY_TOKENS)
     return mode
 
 
@@ -222,8 +228,9 @@ def median_of(rounds: list[dict[str, Any]], key: str) -> float:
 
 async def alternate(
     servers: list[Server], n: int, mode: Mode, tag: str
-) -> dict[str, dict[str, float]]:
-    """Warm-up, then ``mode.rounds`` rounds alternating the servers' order; medians."""
+) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
+    """Warm-up, then ``mode.rounds`` rounds alternating the servers' order: each server's
+    medians, and its aggregate tokens/s round by round."""
     results: dict[str, list[dict[str, Any]]] = {s.name: [] for s in servers}
     for s in servers:
         await concurrent(s, n, 4, f"warm{tag}")
@@ -231,7 +238,18 @@ async def alternate(
         order = servers if r % 2 == 0 else list(reversed(servers))
         for s in order:
             results[s.name].append(await concurrent(s, n, mode.out_tokens, f"{tag}r{r}"))
-    return {name: {k: median_of(rs, k) for k in rs[0]} for name, rs in results.items() if rs}
+    medians = {name: {k: median_of(rs, k) for k in rs[0]} for name, rs in results.items() if rs}
+    per_round = {name: [r["aggregate_tps"] for r in rs] for name, rs in results.items()}
+    return medians, per_round
+
+
+def spread(ours: list[float], theirs: list[float]) -> str:
+    """Round-by-round ratios of two servers' aggregates (each round ran both, one after the
+    other), lowest and highest: how far one round's figure may stray from the median."""
+    ratios = [a / b for a, b in zip(ours, theirs, strict=True) if b > 0]
+    if len(ratios) < 2:
+        return ""
+    return f" (rounds {min(ratios):.3f}-{max(ratios):.3f})"
 
 
 async def second_turn(server: Server, mode: Mode) -> dict[str, float]:
@@ -411,9 +429,10 @@ async def run(args: argparse.Namespace, base_mode: Mode) -> dict[str, Any]:
             with timed(timings, f"{fmt} one chunk + one step"):
                 bound = await chunk_and_step(ours, mode) * 1000
             by_n: dict[int, dict[str, dict[str, float]]] = {}
+            rounds: dict[int, dict[str, list[float]]] = {}
             for n in mode.concurrency:
                 with timed(timings, f"{fmt} {n} streams"), peak_rss(ours) as peak:
-                    by_n[n] = await alternate(side, n, mode, f"{fmt}{n}")
+                    by_n[n], rounds[n] = await alternate(side, n, mode, f"{fmt}{n}")
                 by_n[n]["mlxserve"]["peak_rss"] = peak()
             top = max(mode.concurrency)
             one, eight = by_n[1]["mlxserve"], by_n[top]["mlxserve"]
@@ -428,11 +447,14 @@ async def run(args: argparse.Namespace, base_mode: Mode) -> dict[str, Any]:
                 "peak_rss_8_vs_1": eight["peak_rss"] / max(one["peak_rss"], 1),
                 "peak_rss_8_vs_inproc": eight["peak_rss"] / rss_inproc,
             }
+            spreads: dict[str, str] = {}
             if peer in side:
                 for n in mode.concurrency:
-                    figs[f"vs_{peer.name}_{n}"] = (
+                    name = f"vs_{peer.name}_{n}"
+                    figs[name] = (
                         by_n[n]["mlxserve"]["aggregate_tps"] / by_n[n][peer.name]["aggregate_tps"]
                     )
+                    spreads[name] = spread(rounds[n]["mlxserve"], rounds[n][peer.name])
             with timed(timings, f"{fmt} second turn"):
                 turn = await second_turn(ours, mode)
             figs["second_turn_ttft_vs_cold"] = turn["ratio"]
@@ -448,6 +470,7 @@ async def run(args: argparse.Namespace, base_mode: Mode) -> dict[str, Any]:
             results["figures"][fmt] = {
                 "figures": figs,
                 "raw": by_n,
+                "aggregate_tps_by_round": rounds,
                 "inproc_decode_tps": inproc[0],
                 "inproc_peak_rss": rss_inproc,
                 "settings": asdict(mode),
@@ -470,7 +493,7 @@ async def run(args: argparse.Namespace, base_mode: Mode) -> dict[str, Any]:
             }
             for k, v in figs.items():
                 goal = goals.get(k, ">= 1.0" if k.startswith("vs_mlx") else ">= 2 (at 4)")
-                rows.append((f"{fmt} {k}", f"{v:.3f}", goal))
+                rows.append((f"{fmt} {k}", f"{v:.3f}", goal + spreads.get(k, "")))
     finally:
         for s in servers:
             s.stop()
@@ -535,6 +558,11 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrency", help="comma-separated stream counts (default 1,4,8); 1 must be one"
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        help="rounds per comparison (default: 3 in the full run, 1 with --quick)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=REPO / ".cache" / "bench" / "results.json", help="JSON output"
     )
     parser.add_argument("--inproc-rss", nargs=5, help=argparse.SUPPRESS)
@@ -550,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         if 1 not in levels:
             parser.error("--concurrency must include 1")
         mode = replace(mode, concurrency=levels)
+    if args.rounds:
+        mode = replace(mode, rounds=args.rounds)
     started = time.perf_counter()
     if args.agent_replay:
         from bench_replay import agent_replay
