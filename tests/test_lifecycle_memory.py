@@ -58,16 +58,16 @@ def test_a_load_counts_every_parallel_window_and_the_prompt_cache(registry, key)
     assert need.kv_cache == windows * 1000 * KV_VALUES_PER_TOKEN * 4  # f32 weights: f32 KV
     # MLX keeps finished requests' KV beside the batch; llama.cpp in the windows' cells.
     assert need.prompt_cache == (50_000_000 if info.format == "mlx" else 0)
-    # llama.cpp without flash attention holds 4 heads' f32 scores of a 512-token micro-batch
-    # against every cell; MLX runs fused attention.
+    # MLX runs fused attention, llama.cpp flash attention by default: no scores kept.
+    assert need.compute == 0
+    # Loaded without it, llama.cpp holds 4 heads' f32 scores of a 512-token micro-batch
+    # against every cell.
+    plain = loader.options(info, LoadRequest(context_length=1000, flash_attention=False))
     scores = 4 * 512 * windows * 1000 * 4 if info.format == "gguf" else 0
-    assert need.compute == scores
+    assert asyncio.run(loader.estimate(info, plain)).compute == scores
     # Tokenizers and the engine's own buffers, measured per format.
     assert need.runtime == memory.RUNTIME_BYTES[info.format] > 0
-    total = need.weights + need.kv_cache + need.prompt_cache + scores + need.runtime
-    assert need.total == total
-    flash = loader.options(info, LoadRequest(context_length=1000, flash_attention=True))
-    assert asyncio.run(loader.estimate(info, flash)).compute == 0
+    assert need.total == need.weights + need.kv_cache + need.prompt_cache + need.runtime
     parallel = loader.options(info, LoadRequest(context_length=1000, parallel=2))
     assert (
         asyncio.run(loader.estimate(info, parallel)).kv_cache == 2 * 1000 * KV_VALUES_PER_TOKEN * 4
@@ -86,10 +86,14 @@ def test_a_draft_counts_its_weights_and_kv(registry, fmt):
     # MLX: up to a drafted request per parallel place, each with a window of the draft's KV
     # (f32 here); their main-model KV is in the instance's windows.
     kv = 2 * 1000 * KV_VALUES_PER_TOKEN * (2 if fmt == "gguf" else 4)
-    if fmt == "gguf":  # and its context's attention scores (no flash attention)
-        kv += 4 * 512 * 2 * 1000 * 4
     assert need.draft == draft.size_bytes + kv
     assert need.total == plain.total + need.draft
+    if fmt == "gguf":  # without flash attention, its context's attention scores too
+        off = loader.options(main, LoadRequest(context_length=1000, flash_attention=False))
+        scores = 4 * 512 * 2 * 1000 * 4
+        assert (
+            asyncio.run(loader.estimate(main, off, draft)).draft == draft.size_bytes + kv + scores
+        )
 
 
 def _projector(folder: Path, **meta: object) -> None:

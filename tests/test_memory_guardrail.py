@@ -3,8 +3,8 @@ the MLX prompt cache, draft models, tokenizer and runtime) and a refusal names t
 dialect's envelope; what it counts is what ``/api/v1/models``, ``/api/v0/models`` and
 ``mlxserve ps`` report.
 
-One server with a fixed 250 MB budget: a tiny Qwen2 GGUF (45 MB of weights, 8.4 MB of KV in
-4 windows, 134 MB of attention scores without flash attention, 51 MB of tokenizer and
+One server with a fixed 250 MB budget: a tiny Qwen2 GGUF loaded without flash attention (45 MB
+of weights, 8.4 MB of KV in 4 windows, 134 MB of attention scores, 51 MB of tokenizer and
 runtime) fits; the same model as MLX fits alone with its prompt cache cut from 1 GiB to what
 is left, and not beside the GGUF; nor does a second tiny model as a draft."""
 
@@ -54,8 +54,10 @@ def test_mlx_jit_load_gets_the_prompt_cache_left_or_is_refused_in_openai_and_ant
     assert memory["prompt_cache_bytes"] == 250_000_000 - rest > 0
     assert memory["total_bytes"] == 250_000_000
     http.post("/api/v1/models/unload", json={"instance_id": instance["id"]})
-    # Beside a loaded GGUF even the rest does not fit: refused, naming what must fit.
-    assert http.post("/api/v1/models/load", json={"model": GGUF_KEY}).status_code == 200
+    # Beside a loaded GGUF (without flash attention: its scores count) even the rest does not
+    # fit: refused, naming what must fit.
+    body = {"model": GGUF_KEY, "flash_attention": False}
+    assert http.post("/api/v1/models/load", json=body).status_code == 200
     with pytest.raises(openai.BadRequestError) as refused:
         oai.chat.completions.create(model=MLX_KEY, messages=HELLO, max_tokens=2)
     error = refused.value.body
@@ -78,7 +80,8 @@ def test_mlx_jit_load_gets_the_prompt_cache_left_or_is_refused_in_openai_and_ant
 
 
 def test_gguf_load_refused_for_its_draft_in_the_lmstudio_envelope(http):
-    r = http.post("/api/v1/models/load", json={"model": GGUF_KEY, "draft_model": THINK_GGUF_KEY})
+    body = {"model": GGUF_KEY, "draft_model": THINK_GGUF_KEY, "flash_attention": False}
+    r = http.post("/api/v1/models/load", json=body)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_request" and error["code"] == "insufficient_system_resources"
@@ -94,7 +97,7 @@ def test_gguf_load_refused_for_its_draft_in_the_lmstudio_envelope(http):
 
 
 def test_a_draft_loaded_on_first_use_must_fit_beside_its_model(http, tight):
-    r = http.post("/api/v1/models/load", json={"model": GGUF_KEY})
+    r = http.post("/api/v1/models/load", json={"model": GGUF_KEY, "flash_attention": False})
     assert r.status_code == 200, r.text
     oai = openai.OpenAI(base_url=tight.url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.BadRequestError) as refused:
@@ -128,19 +131,21 @@ def test_listings_report_what_the_guardrail_counts(http):
     assert memory["kv_windows"] == instance["load_config"]["parallel"] == 2
     # tiny Qwen2: 512 bytes of f32 keys and values per token.
     assert memory["kv_cache_bytes"] == 2 * 4096 * 512
-    # Without flash attention: 4 heads' scores of 512 queries against both windows' cells.
-    assert memory["compute_bytes"] == 4 * 512 * 2 * 4096 * 4
+    # Flash attention (the default) keeps no scores.
+    assert memory["compute_bytes"] == 0
     assert memory["weights_bytes"] == instance["size_bytes"]
     models = {m["key"]: m for m in http.get("/api/v1/models").json()["models"]}
     (entry,) = models[GGUF_KEY]["loaded_instances"]
     assert entry["memory"] == memory and entry["memory_bytes"] == memory["total_bytes"]
     v0 = http.get(f"/api/v0/models/{GGUF_KEY}").json()
     assert v0["loaded_memory_bytes"] == memory["total_bytes"]
-    # Flash attention keeps no scores (loaded alone: both do not fit the budget together).
+    # Without flash attention: 4 heads' scores of 512 queries against both windows' cells
+    # (loaded alone: both do not fit the budget together).
     http.post("/api/v1/models/unload", json={"instance_id": instance["id"]})
-    body = {"model": GGUF_KEY, "parallel": 2, "flash_attention": True}
+    body = {"model": GGUF_KEY, "parallel": 2, "flash_attention": False}
     r = http.post("/api/v1/models/load", json=body)
     assert r.status_code == 200, r.text
-    (flash,) = http.get("/api/v1/models/loaded").json()["instances"]
-    assert flash["memory"]["compute_bytes"] == 0
-    assert flash["memory_bytes"] == memory["total_bytes"] - memory["compute_bytes"]
+    (plain,) = http.get("/api/v1/models/loaded").json()["instances"]
+    assert plain["load_config"]["flash_attention"] is False
+    assert plain["memory"]["compute_bytes"] == 4 * 512 * 2 * 4096 * 4
+    assert plain["memory_bytes"] == memory["total_bytes"] + plain["memory"]["compute_bytes"]

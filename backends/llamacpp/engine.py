@@ -126,9 +126,11 @@ class LlamaCppEngine(Engine):
         type_v = _cache_type(options.cache_type_v, kv_type)
         self._n_batch = options.eval_batch_size or options.prefill_chunk
         threads, threads_batch = _threads()
-        # llama.cpp keeps a quantized V cache only with flash attention.
+        # Flash attention unless asked not to (llama-server's `-fa auto` turns it on on CPU and
+        # Metal): without it every chunk computes scores against every used cell, the prompt
+        # cache's kept sequences included. llama.cpp keeps a quantized V cache only with it.
         quantized_v = type_v not in (llama_cpp.GGML_TYPE_F32, llama_cpp.GGML_TYPE_F16)
-        flash = bool(options.flash_attention) or quantized_v
+        flash = options.flash_attention is not False or quantized_v
         offload = options.offload_kv_cache_to_gpu is not False
         moe = _moe_key(self.path) if options.num_experts else None
         overrides: dict[str, bool | int | float | str] | None = None
@@ -559,24 +561,21 @@ class LlamaCppEngine(Engine):
                 job.fail(exc)
         if not self._running:
             return
-        batch = self._batch
-        batch.n_tokens = 0
-        outputs: list[tuple[_Seq, int]] = []
-
-        def add(s: _Seq, token: int, logits: bool) -> None:
-            i = self._put(s, token, logits)
-            if logits:
-                outputs.append((s, i))
-
+        # The running streams' tokens and each prompt's chunk go to llama.cpp in decodes of
+        # their own: its attention kernels change numerics with the number of tokens in a
+        # micro-batch (the CPU flash-attention kernel tiles from 64 queries), so a token is
+        # computed as it would be alone only if its neighbours in the micro-batch are too.
         decoding = [s for s in self._running if s.pending is not None and s.draft is None]
+        self._batch.n_tokens = 0
         for s in decoding:
             assert s.pending is not None
-            add(s, s.pending, True)
+            self._put(s, s.pending, True)
             s.pending = None
+        if decoding:
+            self._decode()
+            self._take_samples([(s, i) for i, s in enumerate(decoding)])
         room = self._n_batch if decoding else self._step_tokens - self._parallel
-        # Image pieces run after the batch's decode (their cells follow its text cells).
-        images: list[tuple[_Seq, Image, int]] = []
-        for s in self._running:
+        for s in list(self._running):
             if room <= 0:
                 break
             if s.hold is not None:
@@ -587,25 +586,35 @@ class LlamaCppEngine(Engine):
             end = s.runs[0].new if s.runs else len(s.prompt)
             image = self._next_image(s)
             if image is not None and image.start + image.done == done:
-                images.append((s, image, room))
                 # Encoding an image is one piece that cannot be split: it takes the step's room.
-                room -= min(room, image.n - image.done) if image.embd is not None else room
+                take = min(room, image.n - image.done) if image.embd is not None else room
+                self._image_piece(s, image, room)
+                room -= take
                 continue
             if image is not None:
                 end = min(end, image.start)
             if done < self._checkpoint_at(s):
                 end = min(end, self._checkpoint_at(s))
             chunk = s.prompt[done : min(done + room, end)]
+            if not chunk:
+                continue
             room -= len(chunk)
+            self._batch.n_tokens = 0
             for j, token in enumerate(chunk):
-                add(s, token, done + j == len(s.prompt) - 1)
-            if len(s.tokens) < len(s.prompt):
-                s.job.progress(len(s.tokens), len(s.prompt), s.cached)
-        if batch.n_tokens:
+                self._put(s, token, done + j == len(s.prompt) - 1)
             self._decode()
-        for s in self._running:
             if 0 < len(s.tokens) == self._checkpoint_at(s):
                 self._checkpoint_prompt(s)
+            if len(s.tokens) < len(s.prompt):
+                s.job.progress(len(s.tokens), len(s.prompt), s.cached)
+            else:
+                self._take_samples([(s, len(chunk) - 1)])
+        # Drafted requests each take one speculative round of their own after the batch.
+        for s in [s for s in self._running if s.pending is not None and s.draft is not None]:
+            self._spec_round(s)
+
+    def _take_samples(self, outputs: list[tuple[_Seq, int]]) -> None:
+        """Sample each sequence's next token from its row of the last decode."""
         for s, i in outputs:
             token, lp = self._sample(s, i)
             self.batched_tokens += 1
@@ -613,12 +622,6 @@ class LlamaCppEngine(Engine):
                 self._finish_seq(s)
             else:
                 s.pending = token
-        # After sampling: decoding an image's embeddings replaces the batch's logits.
-        for s, image, limit in images:
-            self._image_piece(s, image, limit)
-        # Drafted requests each take one speculative round of their own after the batch.
-        for s in [s for s in self._running if s.pending is not None and s.draft is not None]:
-            self._spec_round(s)
 
     def _put(self, s: _Seq, token: int, logits: bool) -> int:
         """Append ``token`` of sequence ``s`` to the batch at its next position; its index."""

@@ -81,8 +81,9 @@ class ModelLoader:
                 scores=_gguf_scores(info, options, slots),
             )
             if draft is not None:
+                flash = _gguf_flash(options)
                 need = need.with_draft(
-                    memory.draft_bytes(draft, info, options.context_length, slots)
+                    memory.draft_bytes(draft, info, options.context_length, slots, flash=flash)
                 )
             return need
 
@@ -91,8 +92,9 @@ class ModelLoader:
     async def draft_cost(self, instance: Instance, draft: ModelInfo) -> int:
         """What loading ``draft`` into ``instance`` adds to its memory."""
         slots = int(instance.load_config.get("parallel") or 1)
+        flash = instance.load_config.get("flash_attention") is not False
         return await asyncio.to_thread(
-            memory.draft_bytes, draft, instance.info, instance.context_length, slots
+            memory.draft_bytes, draft, instance.info, instance.context_length, slots, flash=flash
         )
 
     async def check_fits(
@@ -194,13 +196,22 @@ class ModelLoader:
         await asyncio.to_thread(_close_engine, instance.engine)
 
 
+def _gguf_flash(options: LoadOptions) -> bool:
+    """Whether the GGUF engine runs flash attention: unless asked not to, and always for a
+    quantized V cache (llama.cpp needs it there)."""
+    return options.flash_attention is not False or options.cache_type_v not in (
+        None,
+        "f16",
+        "f32",
+        "bf16",
+    )
+
+
 def _gguf_scores(info: ModelInfo, options: LoadOptions, slots: int) -> tuple[int, int] | None:
-    """The attention-score matrix llama.cpp materialises without flash attention (the engine
-    turns it on when asked, or for a quantized V cache): a micro-batch of queries (at most
-    512) against every cell of the windows. MLX runs fused attention on Metal."""
-    if info.format != "gguf":
-        return None
-    if options.flash_attention or options.cache_type_v not in (None, "f16", "f32", "bf16"):
+    """The attention-score matrix llama.cpp materialises without flash attention (a load
+    with ``flash_attention: false``): a micro-batch of queries (at most 512) against every
+    cell of the windows. MLX runs fused attention on Metal."""
+    if info.format != "gguf" or _gguf_flash(options):
         return None
     ubatch = min(options.eval_batch_size or options.prefill_chunk, 512)
     return ubatch, options.context_length * slots

@@ -11,8 +11,9 @@ model's files by :mod:`mlxserve.core.footprint`, never from its weights):
   ``prompt_cache_bytes``; llama.cpp keeps them in the windows' own cells (nothing more);
 - **draft**: a speculative-decoding draft model's weights and KV (see :func:`draft_bytes`);
 - **vision**: a vision model's encoder activations (see ``footprint.vision_bytes``);
-- **compute**: llama.cpp without flash attention materialises each layer's attention scores
-  for a whole micro-batch against every cell in use;
+- **compute**: llama.cpp without flash attention (a GGUF load with ``flash_attention: false``)
+  materialises each layer's attention scores for a whole micro-batch against every cell in
+  use; with it (the default) they are computed a block at a time;
 - **runtime**: what a loaded text model holds besides all of that, measured
   (:data:`RUNTIME_BYTES`): its tokenizer (Hugging Face's and llguidance's), their caches,
   the engine's own buffers.
@@ -172,19 +173,22 @@ def estimate(
     )
 
 
-def draft_bytes(draft: ModelInfo, main: ModelInfo, context_length: int, slots: int) -> int:
+def draft_bytes(
+    draft: ModelInfo, main: ModelInfo, context_length: int, slots: int, *, flash: bool = True
+) -> int:
     """What a draft model adds to an instance of ``main``: its weights and its KV. A GGUF
-    draft context mirrors the main one (a window per parallel sequence, 16-bit KV, attention
-    scores without flash attention). MLX drafted requests run beside the batch, each in one
-    of the instance's ``slots`` places (whose KV of ``main`` the windows count already), each
-    with a window of the draft's KV."""
+    draft context mirrors the main one (a window per parallel sequence, 16-bit KV, and
+    attention scores when ``main`` runs without flash attention). MLX drafted requests run
+    beside the batch, each in one of the instance's ``slots`` places (whose KV of ``main``
+    the windows count already), each with a window of the draft's KV."""
     shape = footprint.geometry(draft)
     kv = 0
     if shape is not None:
         if draft.format == "gguf":
-            # Its context runs without flash attention: scores of up to 512 queries too.
             cells = context_length * slots
-            kv = shape.kv_bytes_per_token(16) * cells + shape.scores_bytes(512, cells)
+            kv = shape.kv_bytes_per_token(16) * cells
+            if not flash:  # scores of up to 512 queries against every cell
+                kv += shape.scores_bytes(512, cells)
         else:
             bits = 32 if draft.quantization == "F32" else 16
             kv = shape.kv_bytes_per_token(bits) * context_length * slots
