@@ -28,8 +28,10 @@ def prompts(engine, n):
 
 @pytest.fixture(scope="module", params=FORMATS)
 def engine(request, models_root):
-    # No prompt cache: every request here is processed cold, alone or in a batch.
-    e = load(models_root, request.param, prompt_cache_bytes=0, max_batch_size=8)
+    # No prompt cache: every request here is processed cold, alone or in a batch. GGUF
+    # without flash attention, where batched = solo is exact (tests/test_gguf_attention.py).
+    options = {"flash_attention": False} if request.param == "gguf" else {}
+    e = load(models_root, request.param, prompt_cache_bytes=0, max_batch_size=8, **options)
     yield e
     e.close()
 

@@ -1,0 +1,67 @@
+"""GGUF attention with flash attention on (the default): a prompt admitted beside running
+streams leaves their numbers as they are alone, because each stream's token and each
+prompt's chunk reach llama.cpp in decodes of their own (its CPU flash-attention kernel
+computes a micro-batch of 64 queries or more another way, ≈1e-3 apart)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from backends.base import Engine, Finished, GenerationRequest, SamplingParams, Token
+from tests.engine_harness import load
+
+pytestmark = pytest.mark.filterwarnings("ignore:llama_token_get_attr:DeprecationWarning")
+
+
+async def _stream(
+    engine: Engine, prompt: list[int], n: int, started: asyncio.Event | None = None
+) -> list[tuple[int, float]]:
+    request = GenerationRequest(
+        tuple(prompt), SamplingParams(temperature=0.0), n, engine.info.eos_token_ids, logprobs=0
+    )
+    out: list[tuple[int, float]] = []
+    async for item in engine.submit(request):
+        if isinstance(item, Token):
+            assert item.logprobs is not None
+            out.append((item.id, item.logprobs.logprob))
+            if started is not None and len(out) == 3:
+                started.set()
+        elif isinstance(item, Finished):
+            return out
+    raise AssertionError("the stream ended without Finished")
+
+
+def test_a_long_prompt_admitted_beside_a_stream_leaves_both_as_alone(models_root):
+    short_n, long_n = 24, 8
+
+    async def alone(engine, short, long):
+        return [await _stream(engine, short, short_n), await _stream(engine, long, long_n)]
+
+    async def together(engine, short, long):
+        started = asyncio.Event()
+        first = asyncio.ensure_future(_stream(engine, short, short_n, started))
+        await started.wait()
+        second = await _stream(engine, long, long_n)
+        return [await first, second]
+
+    results = []
+    # Each run on a fresh engine whose prompt cache keeps finished sequences: no cell is
+    # freed under a running stream (a refilled hole reorders its cells, and the kernel
+    # sums a sequence's values in f16 in cell order).
+    for run in (alone, together):
+        engine = load(models_root, "gguf")
+        try:
+            assert engine.info.load_config["flash_attention"] is True
+            short = engine.tokenize("apple tell me")
+            # Over 64 tokens: a micro-batch the kernel tiles.
+            long = engine.tokenize("river " + "tell me more " * 40)
+            assert len(long) > 64
+            results.append(asyncio.run(run(engine, short, long)))
+        finally:
+            engine.close()
+    for solo, batched in zip(*results, strict=True):
+        assert [t for t, _ in batched] == [t for t, _ in solo]
+        # Matrix products of 1 and 2 rows differ in the last bits (≈3e-7), nothing more.
+        assert max(abs(a - b) for (_, a), (_, b) in zip(solo, batched, strict=True)) < 1e-5
