@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from backends import open_engine
 from backends.base import (
     Engine,
@@ -72,3 +74,31 @@ async def generate(
             result.written = item.cache_written
             return result
     raise AssertionError("the stream ended without Finished")
+
+
+# A draft that agrees with the tiny Qwen2 on part of a continuation: the same weights with
+# noise of this scale added to its last layer's MLP (it then picks another greedy token now
+# and then, so verification both accepts and rejects). In the name: a new scale, a new model.
+NEAR_NOISE = 0.02
+NEAR_NAME = "tiny-qwen2-near2"
+
+
+def near_models(root: Path = MODELS_CACHE) -> dict[str, Path]:
+    """The tiny Qwen2 with its last layer perturbed, as MLX and GGUF (made once, cached)."""
+    spec = importlib.util.spec_from_file_location("mtm_near", REPO / "scripts/make_test_models.py")
+    assert spec and spec.loader
+    mtm: Any = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mtm)  # its own copy: the weights below stay out of the shared one
+    plain = mtm.make_weights
+
+    def perturbed(seed: int, n_vocab: int) -> dict[str, np.ndarray]:
+        w = plain(seed, n_vocab)
+        rng = np.random.default_rng(seed + 1)
+        last = f"model.layers.{mtm.LAYERS - 1}.mlp."
+        for name in (f"{last}up_proj.weight", f"{last}down_proj.weight"):
+            noise = rng.standard_normal(w[name].shape, dtype=np.float32)
+            w[name] = w[name] + noise * np.float32(NEAR_NOISE)
+        return w
+
+    mtm.make_weights = perturbed
+    return mtm.generate(root, publisher=PUBLISHER, name=NEAR_NAME, seed=0)

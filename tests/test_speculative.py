@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.conftest import GGUF_KEY, MLX_KEY, PUBLISHER, THINK_GGUF_KEY, THINK_MLX_KEY
+from tests.engine_harness import NEAR_NAME, near_models
 
 HELLO = [{"role": "user", "content": "Hello, who are you?"}]
 
@@ -52,6 +53,32 @@ def test_greedy_output_is_identical_with_a_draft(http, model, draft):
     # The same weights draft for themselves: every proposal is accepted.
     assert stats["accepted_draft_tokens_count"] > 0 and stats["rejected_draft_tokens_count"] == 0
     assert "draft_model" not in plain["stats"]
+
+
+@pytest.fixture(scope="module")
+def near(models_root):
+    """Keys of a different model sharing the vocabulary: the tiny Qwen2, last layer perturbed."""
+    near_models(models_root)
+    return {fmt: f"{PUBLISHER}/{NEAR_NAME}-{fmt}" for fmt in ("mlx", "gguf")}
+
+
+@pytest.mark.parametrize(("model", "fmt"), [(MLX_KEY, "mlx"), (GGUF_KEY, "gguf")])
+def test_a_different_draft_is_partly_accepted_and_output_is_unchanged(http, near, model, fmt):
+    """A draft that agrees with the model on only part of the continuation: verification
+    accepts some proposals and rejects others, and the greedy output is the undrafted one."""
+    draft = near[fmt]
+    plain = v0(http, model=model, max_tokens=40)
+    drafted = v0(http, model=model, max_tokens=40, draft_model=draft, num_draft_tokens=4)
+    assert drafted["choices"][0]["message"] == plain["choices"][0]["message"]
+    stats = check_stats(drafted["stats"], draft)
+    assert stats["accepted_draft_tokens_count"] > 0 and stats["rejected_draft_tokens_count"] > 0
+    body = {"model": model, "input": "Tell me a story.", "temperature": 0}
+    body |= {"max_output_tokens": 40, "store": False}
+    plain = http.post("/api/v1/chat", json=body).json()
+    drafted = http.post("/api/v1/chat", json={**body, "draft_model": draft}).json()
+    assert drafted["output"] == plain["output"]
+    stats = check_stats(drafted["stats"], draft)
+    assert stats["accepted_draft_tokens_count"] > 0 and stats["rejected_draft_tokens_count"] > 0
 
 
 def _instance(http, instance_id):
