@@ -22,13 +22,12 @@ import argparse
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import sys
-import tempfile
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -203,26 +202,16 @@ def _stamp(fmt: str, src: Path, folder: Path) -> dict[str, Any]:
     }
 
 
-def _is_complete(folder: Path, fmt: str, src: Path) -> bool:
-    try:
-        stamp = json.loads((folder / STAMP_FILE).read_text(encoding="utf-8"))
-        return bool(stamp == _stamp(fmt, src, folder) and stamp["files"])
-    except (OSError, ValueError):
-        return False
-
-
-def _publish(tmp: Path, target: Path) -> None:
-    """Replace target by the finished tmp folder; target never looks complete while partial."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in tmp.rglob("*"):  # mkdtemp creates owner-only modes
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-    tmp.chmod(0o777 & ~umask)
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))
-        os.rename(target, old / target.name)
-        shutil.rmtree(old)
-    os.rename(tmp, target)
+def _base() -> ModuleType:
+    """make_test_models.py (its model publishing), loaded by path: scripts/ is not a package."""
+    spec = importlib.util.spec_from_file_location(
+        "_mlxserve_make_test_models", Path(__file__).with_name("make_test_models.py")
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def generate(
@@ -240,30 +229,24 @@ def generate(
     base = Path(out_root) / publisher
     folders = {fmt: base / f"{name}-{fmt}" for fmt in FORMATS if fmt in formats}
     result = {fmt: (d / f"{name}-f32.gguf" if fmt == "gguf" else d) for fmt, d in folders.items()}
-    todo = [fmt for fmt, d in folders.items() if not _is_complete(d, fmt, src)]
+    shared = _base()
+
+    def stamp_of(fmt: str) -> Callable[[Path], dict[str, Any]]:
+        return partial(_stamp, fmt, src)
+
+    def write(fmt: str, tmp: Path) -> None:
+        if fmt == "mlx":
+            write_mlx(tmp, src)
+        else:
+            write_gguf(tmp / f"{name}-f32.gguf", src, name)
+
+    todo = [f for f, d in folders.items() if not shared.is_stamped(d, stamp_of(f), STAMP_FILE)]
     if not todo:
         return result
     base.mkdir(parents=True, exist_ok=True)
-    cutoff = time.time() - 600  # temp folders of killed runs
-    for stale in base.glob(f".*-{name}-*"):
-        if stale.name.startswith((".tmp-", ".old-")) and stale.stat().st_mtime < cutoff:
-            shutil.rmtree(stale, ignore_errors=True)
+    shared._remove_stale_temps(base, name)
     for fmt in todo:
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-{fmt}-", dir=base))
-        try:
-            if fmt == "mlx":
-                write_mlx(tmp, src)
-            else:
-                write_gguf(tmp / f"{name}-f32.gguf", src, name)
-            (tmp / STAMP_FILE).write_text(json.dumps(_stamp(fmt, src, tmp), indent=2) + "\n")
-            try:
-                _publish(tmp, folders[fmt])
-            except OSError:
-                if not _is_complete(folders[fmt], fmt, src):
-                    raise
-                continue  # a concurrent run published the same model first
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shared.build(folders[fmt], partial(write, fmt), stamp_of(fmt), STAMP_FILE)
         print(f"wrote {fmt} model {result[fmt]}")
     return result
 

@@ -21,10 +21,9 @@ import argparse
 import hashlib
 import importlib.util
 import json
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any, cast
@@ -206,22 +205,10 @@ def write_gguf(path: Path, config: dict[str, Any], weights: dict[str, np.ndarray
     writer.add_ssm_time_step_rank(config["linear_num_value_heads"])
     writer.add_ssm_inner_size(config["linear_num_value_heads"] * config["linear_value_head_dim"])
     writer.add_full_attention_interval(config["full_attention_interval"])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_types(vocab.token_types)
-    writer.add_token_merges(vocab.merges)
-    writer.add_bos_token_id(vocab.id_of("<|endoftext|>"))
-    writer.add_eos_token_id(vocab.id_of("<|im_end|>"))
-    writer.add_pad_token_id(vocab.id_of("<|endoftext|>"))
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(qwen2.CHAT_TEMPLATE)
+    qwen2.add_tokenizer(writer, vocab, qwen2.CHAT_TEMPLATE)
     for name, array in _gguf_tensors(config, weights).items():
         writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    qwen2.finish_gguf(writer)
 
 
 # The architectures written as GGUF too (llama.cpp's default full-size sliding-window cache
@@ -241,14 +228,6 @@ def _stamp(fmt: str, name: str, seed: int, folder: Path) -> dict[str, Any]:
     }
 
 
-def _is_complete(folder: Path, fmt: str, name: str, seed: int) -> bool:
-    try:
-        stamp = json.loads((folder / STAMP_FILE).read_text(encoding="utf-8"))
-        return bool(stamp == _stamp(fmt, name, seed, folder) and stamp["files"])
-    except (OSError, ValueError):
-        return False
-
-
 def generate(
     out_root: Path, name: str, publisher: str = "mlxserve-test", seed: int = 0
 ) -> dict[str, Path]:
@@ -263,32 +242,31 @@ def generate(
     if name in GGUF_ARCHITECTURES:
         folders["gguf"] = base / f"{name}-gguf"
     result = {f: d / f"{name}-f32.gguf" if f == "gguf" else d for f, d in folders.items()}
-    todo = [f for f, d in folders.items() if not _is_complete(d, f, name, seed)]
+    qwen2 = _tiny_qwen2()
+    todo = [
+        f for f, d in folders.items() if not qwen2.is_stamped(d, partial(_stamp, f, name, seed))
+    ]
     if not todo:
         return result
-    qwen2 = _tiny_qwen2()
     vocab = qwen2.read_vocab(qwen2.find_vocab())
     config = {**ARCHITECTURES[name], "vocab_size": len(vocab.tokens)}
     eot, im_end = vocab.id_of("<|endoftext|>"), vocab.id_of("<|im_end|>")
     config.update(bos_token_id=eot, eos_token_id=im_end, torch_dtype="float32")
     weights = make_weights(config, seed)
     base.mkdir(parents=True, exist_ok=True)
+
+    def write(fmt: str, tmp: Path) -> None:
+        if fmt == "gguf":
+            write_gguf(tmp / result[fmt].name, config, weights)
+        else:
+            # The tiny Qwen2's tokenizer files, then this architecture's config and weights.
+            qwen2.write_mlx(tmp, {}, vocab, qwen2.build_tokenizer_json(vocab))
+            config_json = json.dumps(config, indent=2) + "\n"
+            (tmp / "config.json").write_text(config_json, encoding="utf-8")
+            save_file(weights, str(tmp / "model.safetensors"), {"format": "mlx"})
+
     for fmt in todo:
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-{fmt}-", dir=base))
-        try:
-            if fmt == "gguf":
-                write_gguf(tmp / result[fmt].name, config, weights)
-            else:
-                # The tiny Qwen2's tokenizer files, then this architecture's config and weights.
-                qwen2.write_mlx(tmp, {}, vocab, qwen2.build_tokenizer_json(vocab))
-                config_json = json.dumps(config, indent=2) + "\n"
-                (tmp / "config.json").write_text(config_json, encoding="utf-8")
-                save_file(weights, str(tmp / "model.safetensors"), {"format": "mlx"})
-            stamp = _stamp(fmt, name, seed, tmp)
-            (tmp / STAMP_FILE).write_text(json.dumps(stamp), encoding="utf-8")
-            qwen2._publish(tmp, folders[fmt])
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        qwen2.build(folders[fmt], partial(write, fmt), partial(_stamp, fmt, name, seed))
         print(f"wrote {fmt} model {result[fmt]}")
     return result
 

@@ -27,7 +27,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -455,6 +455,15 @@ def write_gguf(
     writer.add_head_count_kv(KV_HEADS)
     writer.add_rope_freq_base(ROPE_THETA)
     writer.add_layer_norm_rms_eps(RMS_EPS)
+    add_tokenizer(writer, vocab, template, family)
+    for hf_name, array in weights.items():  # tied embeddings: no output.weight
+        writer.add_tensor(gguf_name(hf_name), array)
+    finish_gguf(writer)
+
+
+def add_tokenizer(writer: Any, vocab: Vocab, template: str, family: Any = None) -> None:
+    """The Qwen2 vocabulary, its special tokens (or ``family``'s) and the chat ``template``
+    into a GGUF writer's header: every generated chat model's tokenizer."""
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("qwen2")
     writer.add_token_list(vocab.tokens)
@@ -470,8 +479,10 @@ def write_gguf(
         writer.add_pad_token_id(vocab.id_of("<|endoftext|>"))
         writer.add_add_bos_token(False)
     writer.add_chat_template(template)
-    for hf_name, array in weights.items():  # tied embeddings: no output.weight
-        writer.add_tensor(gguf_name(hf_name), array)
+
+
+def finish_gguf(writer: Any) -> None:
+    """Write a GGUF writer's header, metadata and tensors, and close its file."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -505,20 +516,45 @@ def _stamp(fmt: str, name: str, seed: int, folder: Path, variant: dict[str, Any]
     }
 
 
-def _is_complete(folder: Path, fmt: str, name: str, seed: int, variant: dict[str, Any]) -> bool:
+def is_stamped(
+    folder: Path, stamp: Callable[[Path], dict[str, Any]], stamp_file: str = STAMP_FILE
+) -> bool:
+    """Whether ``folder`` holds a finished model stamped ``stamp(folder)``: the same generator
+    and inputs, and the same files at the same sizes."""
     try:
-        stamp = json.loads((folder / STAMP_FILE).read_text(encoding="utf-8"))
-        return bool(stamp == _stamp(fmt, name, seed, folder, variant) and stamp["files"])
+        found = json.loads((folder / stamp_file).read_text(encoding="utf-8"))
+        return bool(found == stamp(folder) and found["files"])
     except (OSError, ValueError):
         return False
+
+
+def build(
+    target: Path,
+    write: Callable[[Path], None],
+    stamp: Callable[[Path], dict[str, Any]],
+    stamp_file: str = STAMP_FILE,
+) -> None:
+    """``write(folder)`` a model into a temporary folder beside ``target``, stamp it, and
+    publish it as ``target``; a concurrent run that published the same model first wins."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        write(tmp)
+        _write_json(tmp / stamp_file, stamp(tmp))
+        try:
+            _publish(tmp, target)
+        except OSError:
+            if not is_stamped(target, stamp, stamp_file):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a publish
 
 
 def _publish(tmp: Path, target: Path) -> None:
     """Replace target by the finished tmp folder; target never looks complete while partial."""
     umask = os.umask(0)
     os.umask(umask)
-    for path in tmp.iterdir():  # mkdtemp and safetensors create owner-only modes
-        path.chmod(0o666 & ~umask)
+    for path in tmp.rglob("*"):  # mkdtemp and safetensors create owner-only modes
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
     tmp.chmod(0o777 & ~umask)
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))
@@ -571,7 +607,11 @@ def generate(
     folders = {fmt: base / f"{name}-{fmt}" for fmt in FORMATS if fmt in formats}
     result = {fmt: (d / f"{name}-f32.gguf" if fmt == "gguf" else d) for fmt, d in folders.items()}
     variant = {"context": context, "ends_turns": ends_turns}
-    todo = [fmt for fmt, d in folders.items() if not _is_complete(d, fmt, name, seed, variant)]
+
+    def stamp_of(fmt: str) -> Callable[[Path], dict[str, Any]]:
+        return functools.partial(_stamp, fmt, name, seed, variant=variant)
+
+    todo = [fmt for fmt, d in folders.items() if not is_stamped(d, stamp_of(fmt))]
     if not todo:
         return result
 
@@ -589,37 +629,28 @@ def generate(
         end_turns_early(weights, voc.id_of("<|im_end|>"))
     base.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(base, name)
+
+    def write(fmt: str, tmp: Path) -> None:
+        if fmt == "mlx" and fam is not None:
+            _families().write_family_mlx(
+                tmp,
+                fam,
+                weights,
+                voc,
+                build_tokenizer_json(voc),
+                chat_template,
+                model_config(len(voc.tokens), None, None, context),
+                EOG_TEXTS,
+            )
+        elif fmt == "mlx":
+            write_mlx(tmp, weights, voc, build_tokenizer_json(voc), chat_template, context)
+        else:
+            write_gguf(tmp / f"{name}-f32.gguf", weights, voc, name, chat_template, fam, context)
+        if description:
+            _write_json(tmp / DEMO_MARKER, {"description": description})
+
     for fmt in todo:
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-{fmt}-", dir=base))
-        try:
-            if fmt == "mlx" and fam is not None:
-                _families().write_family_mlx(
-                    tmp,
-                    fam,
-                    weights,
-                    voc,
-                    build_tokenizer_json(voc),
-                    chat_template,
-                    model_config(len(voc.tokens), None, None, context),
-                    EOG_TEXTS,
-                )
-            elif fmt == "mlx":
-                write_mlx(tmp, weights, voc, build_tokenizer_json(voc), chat_template, context)
-            else:
-                write_gguf(
-                    tmp / f"{name}-f32.gguf", weights, voc, name, chat_template, fam, context
-                )
-            if description:
-                _write_json(tmp / DEMO_MARKER, {"description": description})
-            _write_json(tmp / STAMP_FILE, _stamp(fmt, name, seed, tmp, variant))
-            try:
-                _publish(tmp, folders[fmt])
-            except OSError:
-                if not _is_complete(folders[fmt], fmt, name, seed, variant):
-                    raise
-                continue  # a concurrent run published the same model first
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # gone already after a publish
+        build(folders[fmt], functools.partial(write, fmt), stamp_of(fmt))
         print(f"wrote {fmt} model {result[fmt]}")
     return result
 

@@ -19,10 +19,9 @@ import argparse
 import hashlib
 import importlib.util
 import json
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -210,19 +209,10 @@ def write_gguf(
     writer.add_rope_freq_base(base.ROPE_THETA)
     writer.add_layer_norm_rms_eps(base.RMS_EPS)
     writer.add_rope_dimension_sections([*MROPE_SECTION, 0])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(voc.tokens)
-    writer.add_token_types(voc.token_types)
-    writer.add_token_merges(voc.merges)
-    writer.add_bos_token_id(voc.id_of("<|endoftext|>"))
-    writer.add_eos_token_id(voc.id_of("<|im_end|>"))
-    writer.add_pad_token_id(voc.id_of("<|endoftext|>"))
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(VISION_TEMPLATE)
+    base.add_tokenizer(writer, voc, VISION_TEMPLATE)
     for hf_name, array in weights.items():
         writer.add_tensor(base.gguf_name(hf_name), array)
-    _finish(writer)
+    base.finish_gguf(writer)
 
     proj = gguf.GGUFWriter(str(folder / f"mmproj-{name}-f32.gguf"), arch="clip")
     proj.add_type(gguf.GGUFType.MMPROJ)
@@ -245,14 +235,7 @@ def write_gguf(
     for hf_name, array in vision_weights(seed).items():
         for gguf_name, part in _mmproj_tensors(hf_name, array):
             proj.add_tensor(gguf_name, np.ascontiguousarray(part))
-    _finish(proj)
-
-
-def _finish(writer: Any) -> None:
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    base.finish_gguf(proj)
 
 
 def _mmproj_tensors(hf_name: str, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
@@ -305,31 +288,18 @@ def generate(
 ) -> dict[str, Path]:
     """Write the models (those not there already); return {"mlx": folder, "gguf": folder}."""
     base = _base()
+    stamp = partial(_stamp, name=name, seed=seed)
     out = {}
     for fmt in ("mlx", "gguf"):
         folder = Path(out_root) / publisher / f"{name}-{fmt}"
         out[fmt] = folder
-        stamp_file = folder / base.STAMP_FILE
-        try:
-            if json.loads(stamp_file.read_text(encoding="utf-8")) == _stamp(folder, name, seed):
-                continue
-        except (OSError, ValueError):
-            pass
+        if base.is_stamped(folder, stamp):
+            continue
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-{fmt}-", dir=folder.parent))
-        try:
-            if fmt == "mlx":
-                write_mlx(base, tmp, seed, vocab)
-            else:
-                write_gguf(base, tmp, name, seed, vocab)
-            base._write_json(tmp / base.STAMP_FILE, _stamp(tmp, name, seed))
-            try:
-                base._publish(tmp, folder)
-            except OSError:
-                if not stamp_file.is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if fmt == "mlx":
+            base.build(folder, lambda tmp: write_mlx(base, tmp, seed, vocab), stamp)
+        else:
+            base.build(folder, lambda tmp: write_gguf(base, tmp, name, seed, vocab), stamp)
     return out
 
 
