@@ -47,6 +47,7 @@ from bench_common import (
     timed,
     unique_prompt,
 )
+from bench_speculative import make_pairs, speculative
 
 
 @dataclass(frozen=True)
@@ -375,33 +376,6 @@ async def kv_quantization(server: Server, fmt: str, mode: Mode) -> dict[str, flo
     }
 
 
-async def speculative(server: Server, mode: Mode) -> dict[str, float]:
-    """The model drafting for itself (acceptance 100%): one stream's decode tok/s with
-    the draft ÷ without; and a non-drafted stream's decode tok/s beside a drafted one ÷
-    alone (the cost a drafted request puts on the batch). Alternating, medians."""
-    n = 2 * mode.out_tokens
-    draft = {"draft_model": server.model, "num_draft_tokens": 4}
-    rates: dict[str, list[float]] = {"plain": [], "draft": [], "alone": [], "beside": []}
-    async with httpx.AsyncClient(timeout=600) as client:
-        for r in range(max(3, 2 * mode.rounds)):
-            for drafted in (r % 2 == 0, r % 2 == 1):
-                prompt = unique_prompt(f"sd{r}{int(drafted)}", 64)
-                s = await stream_once(client, server, prompt, n, draft if drafted else None)
-                rates["draft" if drafted else "plain"].append(s.decode_tps)
-            alone = await stream_once(client, server, unique_prompt(f"sa{r}", 64), n)
-            rates["alone"].append(alone.decode_tps)
-            _, beside = await asyncio.gather(
-                stream_once(client, server, unique_prompt(f"sx{r}", 64), 2 * n, draft),
-                stream_once(client, server, unique_prompt(f"sb{r}", 64), n),
-            )
-            rates["beside"].append(beside.decode_tps)
-    med = {k: statistics.median(v) for k, v in rates.items()}
-    return {
-        "draft_self_decode_vs_none": med["draft"] / med["plain"],
-        "plain_stream_beside_drafted_vs_alone": med["beside"] / med["alone"],
-    }
-
-
 async def run(args: argparse.Namespace, base_mode: Mode) -> dict[str, Any]:
     root, found = targets(args, base_mode.size)
     home = Path(tempfile.mkdtemp(prefix="mlxserve-bench-"))
@@ -503,18 +477,27 @@ async def run(args: argparse.Namespace, base_mode: Mode) -> dict[str, Any]:
     return results
 
 
+def _feature_goal(figure: str) -> str:
+    if "logprobs" in figure:
+        return ">= 0.95"
+    return "> 1" if figure == "draft_high_acceptance_decode_vs_none" else "reported"
+
+
 async def engine_features(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
     """Only the engine-feature figures (logprobs cost, 8-bit KV cache), mlxserve alone."""
 
     async def measure(ours: Server, fmt: str) -> dict[str, float]:
         figs = {"logprobs_5_decode_vs_none": await logprobs_cost(ours, mode)}
         figs.update(await kv_quantization(ours, fmt, mode))
-        figs.update(await speculative(ours, mode))
+        figs.update(
+            await speculative(ours, fmt, mode.out_tokens, mode.rounds, pairs=not args.model)
+        )
         return figs
 
-    return await ours_alone(
-        args, mode.size, measure, lambda k: ">= 0.95" if "logprobs" in k else "reported"
-    )
+    if not args.model:
+        make_pairs(REPO / ".cache" / "bench-models")
+
+    return await ours_alone(args, mode.size, measure, _feature_goal)
 
 
 def main(argv: list[str] | None = None) -> int:
