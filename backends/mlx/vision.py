@@ -246,37 +246,50 @@ class MLXVisionEngine(MLXEngine):
             job.fail(exc)
 
     def _image_steps(self, job: Job) -> Generator[Sampled | PromptProgress, None, None]:
-        """The single path of an image request: mlx-vlm's own ``generate_step``, for seeded
-        requests (and models whose cache cannot join a batch)."""
+        """The single path of an image request: the prompt prefilled one ``prefill_chunk``
+        per step (the chunk does not grow when nothing else runs: the output must not depend
+        on what ran beside it), then mlx-vlm's own ``generate_step``; for seeded requests (and
+        models whose cache cannot join a batch)."""
         from mlx_vlm.generate import generate_step
 
-        request, stream = job.request, job.stream
+        request = job.request
         inputs = request.vision
         assert isinstance(inputs, _Inputs)
         lm = self._vlm.language_model
         state = vlm_adapter.step_state(lm)
         ids, pixels, mask, extra = inputs.input_ids, inputs.pixel_values, inputs.mask, inputs.extra
-        # A stored prefix that holds every image of this prompt (a later turn of a chat about
-        # them): only the text after it is processed, the images are not encoded again.
+        total = len(inputs.key)
         cache, cached = self._prompt_cache.fetch(inputs.key)
-        rope_index = getattr(lm, "get_rope_index", None)
-        if cache is None or cached < inputs.media_end or (state and not callable(rope_index)):
+        if cache is None:
             # Quantized like the text batch's when the model has KV-cache bits, so the kept
             # entry can serve a later text or image request alike.
             cache, cached = self._fresh_cache() or make_prompt_cache(self._model), 0
-        elif callable(rope_index):
-            # M-RoPE positions come from the whole prompt; the model slices them at its
-            # cache offset.
-            positions, deltas = rope_index(
-                ids, extra.get("image_grid_thw"), extra.get("video_grid_thw"), mask
-            )
-            extra = {**extra, "position_ids": positions, "rope_deltas": deltas}
-            state = vlm_adapter.rope_state(state, positions, deltas)
-        if cached:
-            ids, pixels, mask = ids[:, cached:], None, None
-            job.progress(cached, len(inputs.key), cached)
         if self._prompt_cache.budget > 0:
-            job.cache_written = len(inputs.key) - cached
+            job.cache_written = total - cached
+        rope_index = getattr(lm, "get_rope_index", None)
+        done = cached
+        if cached >= inputs.media_end and (callable(rope_index) or not state):
+            # A stored prefix holds every image (a later turn of a chat about them): only
+            # the text after it is processed, the images are not encoded again.
+            if callable(rope_index):
+                # M-RoPE positions come from the whole prompt; the model slices them at its
+                # cache offset.
+                positions, deltas = rope_index(
+                    ids, extra.get("image_grid_thw"), extra.get("video_grid_thw"), mask
+                )
+                extra = {**extra, "position_ids": positions, "rope_deltas": deltas}
+            job.progress(cached, total, cached)
+        else:
+            arrays = (ids, pixels, mask, extra)
+            prefill = VisionPrefill(self._vlm, arrays, cache, cached, total - 1)
+            while not prefill.advance(self.options.prefill_chunk):
+                yield PromptProgress(prefill.filled, total, cached)
+            extra = {**extra, **prefill.metadata}
+            done = prefill.filled
+        if "position_ids" in extra and "rope_deltas" in extra:
+            state = vlm_adapter.rope_state(state, extra["position_ids"], extra["rope_deltas"])
+        if done:
+            ids, pixels, mask = ids[:, done:], None, None
         steps = generate_step(
             ids,
             self._vlm,
@@ -292,7 +305,7 @@ class MLXVisionEngine(MLXEngine):
         generated: list[int] = []
         k = request.logprobs
         try:
-            while not stream.cancelled:
+            while not job.cancelled:
                 vlm_adapter.load_state(lm, state)
                 try:
                     token, logprobs = next(steps)

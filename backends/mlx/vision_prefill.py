@@ -38,7 +38,8 @@ class VisionPrefill:
         self.delta = 0
         self._embeds: Any = None
         self._encoded = False
-        self._kwargs: dict[str, Any] = {}
+        # What the language model takes beside the embeddings (M-RoPE positions...).
+        self.metadata: dict[str, Any] = {}
 
     def advance(self, chunk: int) -> bool:
         """Encode the images (the first call) or process the next chunk of at most ``chunk``
@@ -59,7 +60,8 @@ class VisionPrefill:
                 cache=self.cache,
                 n_to_process=n,
                 logits_to_keep=1,
-                **self._kwargs,
+                **self._extra,
+                **self.metadata,
             )
             mx.eval([c.state for c in self.cache])
         mx.clear_cache()
@@ -73,7 +75,7 @@ class VisionPrefill:
         # M-RoPE models return the whole prompt's positions (the language model slices them
         # at its cache offset) and the shift of the positions after the prompt.
         meta = {k: v for k, v in out.to_dict().items() if k != "inputs_embeds" and v is not None}
-        self._kwargs = {**self._extra, **meta}
+        self.metadata = meta
         deltas = meta.get("rope_deltas")
         if deltas is not None:
             self.delta = rope_delta(deltas)
