@@ -123,6 +123,14 @@ def _serve(vision_models: Path, home: Path, image_host: str) -> Server:
 @pytest.fixture(scope="module")
 def server(vision_models, home, image_host):
     srv = _serve(vision_models, home, image_host)
+    # GGUF replies are compared with llama-cpp-python's own, which leaves flash attention
+    # off: only so are they exact once cells are reused (tests/test_gguf_attention.py).
+    r = httpx.post(
+        srv.url + "/api/v1/models/load",
+        json={"model": VL_GGUF_KEY, "flash_attention": False},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
     yield srv
     srv.stop()
 
