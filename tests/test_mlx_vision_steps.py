@@ -1,6 +1,7 @@
 """MLX image prompts processed a chunk per engine step (backends/mlx/vision_prefill.py), with
 a prefill chunk smaller than the image: the image request joins the batch beside a decoding
-text stream (and a seeded one runs alone) and both still give mlx-vlm's own greedy reply."""
+text stream (and a seeded one runs alone) and both still give mlx-vlm's own greedy reply;
+grammars and seeds apply to image requests."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from backends.base import (
     SamplingParams,
     Token,
 )
+from mlxserve.core.grammar import json_schema_grammar
 from tests.engine_harness import generate
 from tests.test_vision import IMG_A, QUESTION, VL_KEY, N, vision_models  # noqa: F401 - fixture
 
@@ -48,13 +50,14 @@ def setup(vision_models):  # noqa: F811 - test_vision's fixture
     engine.close()
 
 
-async def _image(engine, vision, **sampling) -> tuple[list[int], list[int]]:
+async def _image(engine, vision, constraint=None, **sampling) -> tuple[list[int], list[int]]:
     """The image request's tokens and the prompt positions each progress report gave."""
     request = GenerationRequest(
         vision.tokens,
-        SamplingParams(temperature=0.0, **sampling),
+        SamplingParams(**{"temperature": 0.0, **sampling}),
         N,
         frozenset(),
+        constraint,
         vision=vision.payload,
     )
     tokens, progress = [], []
@@ -96,3 +99,20 @@ def test_an_image_prompt_is_processed_a_chunk_per_step_beside_a_decoding_stream(
     # mlx-vlm alone.
     story_sampled = len(story.tokens) + (story.reason == "stop")
     assert batched == story_sampled + (len(tokens) if seed is None else 0)
+
+
+def test_image_requests_take_grammars_and_seeds(setup):
+    """A grammar applies to an image request in the batch; a seeded image request (alone, its
+    draws independent of its neighbours) repeats itself."""
+    engine, vision, _ = setup
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    constraint = engine.grammars.constraint(json_schema_grammar(schema, "response_format"))
+    tokens, _ = asyncio.run(_image(engine, vision, constraint))
+    assert _text(engine, tokens).startswith('{"n":')
+    seeded = [asyncio.run(_image(engine, vision, temperature=1.0, seed=7))[0] for _ in range(2)]
+    assert seeded[0] == seeded[1]

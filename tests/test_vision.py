@@ -358,49 +358,6 @@ def test_concurrent_image_and_text_requests_equal_solo(server, oai, model):
         assert _batched_tokens(server, model) - before == 8 * N
 
 
-def test_image_requests_take_grammars_and_seeds(oai, reference):
-    """A grammar applies to an image request in the batch; a seeded image request (run alone
-    through mlx-vlm, its draws independent of its neighbours) repeats itself, and greedy it
-    equals mlx-vlm's own reply."""
-    schema = {
-        "type": "object",
-        "properties": {"n": {"type": "integer"}},
-        "required": ["n"],
-        "additionalProperties": False,
-    }
-    image = {"type": "image_url", "image_url": {"url": _data_url(IMG_A)}}
-    messages = [{"role": "user", "content": [image, {"type": "text", "text": "Give me JSON"}]}]
-    constrained = oai.chat.completions.create(
-        model=VL_KEY,
-        messages=messages,
-        max_tokens=12,
-        temperature=0,
-        response_format={
-            "type": "json_schema",
-            "json_schema": {"name": "n", "strict": True, "schema": schema},
-        },
-    )
-    assert (constrained.choices[0].message.content or "").startswith('{"n":')
-    seeded = [
-        oai.chat.completions.create(
-            model=VL_KEY, messages=messages, max_tokens=N, temperature=1.0, seed=7
-        )
-        .choices[0]
-        .message.content
-        for _ in range(2)
-    ]
-    assert seeded[0] and seeded[0] == seeded[1]
-    content: list[ChatCompletionContentPartParam] = [image, {"type": "text", "text": QUESTION}]
-    greedy = oai.chat.completions.create(
-        model=VL_KEY,
-        messages=[{"role": "user", "content": content}],
-        max_tokens=N,
-        temperature=0,
-        seed=7,
-    )
-    assert greedy.choices[0].message.content == reference(IMG_A)
-
-
 def _together_equals_solo(oai, model: str) -> None:
     """Two image and two text requests at once each equal their own solo output."""
 
