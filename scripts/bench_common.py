@@ -143,6 +143,20 @@ class Server:
                 self.proc.kill()
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used: /proc on Linux, ``ps`` elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except FileNotFoundError:
+        pass
+    out = subprocess.run(["ps", "-o", "time=", "-p", str(pid)], capture_output=True, text=True)
+    seconds = 0.0
+    for part in out.stdout.strip().replace("-", ":").split(":"):
+        seconds = seconds * 60 + float(part)
+    return seconds
+
+
 def process_rss(pid: int) -> int:
     """Resident bytes of a process: /proc on Linux, ``ps`` where there is none (macOS)."""
     try:
