@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,18 @@ def load(models_root: Path, fmt: str, **options: int) -> Engine:
     return open_engine(fmt, weights(models_root, fmt), LoadOptions(**kw))  # type: ignore[arg-type]
 
 
+@contextmanager
+def warm_and_cold(models_root: Path, fmt: str) -> Iterator[tuple[Engine, Engine]]:
+    """The tiny Qwen2 twice: with the prompt cache, and without it (a cold run's reference)."""
+    warm = load(models_root, fmt)
+    cold = load(models_root, fmt, prompt_cache_bytes=0)
+    try:
+        yield warm, cold
+    finally:
+        warm.close()
+        cold.close()
+
+
 @dataclass
 class Result:
     tokens: list[int] = field(default_factory=list)
@@ -74,6 +88,17 @@ async def generate(
             result.written = item.cache_written
             return result
     raise AssertionError("the stream ended without Finished")
+
+
+async def second_turn(
+    warm: Engine, cold: Engine, turn1: list[int], follow: str, max_tokens: int
+) -> tuple[Result, list[int], Result, Result]:
+    """A chat's first turn on ``warm``, then its second (``turn1``, the reply, ``follow``) on
+    ``warm`` and on ``cold``: (first, the second turn's prompt, second, cold second)."""
+    first = await generate(warm, turn1, max_tokens)
+    turn2 = turn1 + first.tokens + warm.tokenize(follow)
+    second = await generate(warm, turn2, max_tokens)
+    return first, turn2, second, await generate(cold, turn2, max_tokens)
 
 
 # A draft that agrees with the tiny Qwen2 on part of a continuation: the same weights with

@@ -13,36 +13,23 @@ import httpx
 import pytest
 
 from tests.conftest import GGUF_KEY, MLX_KEY
-from tests.engine_harness import generate, load
+from tests.engine_harness import second_turn, warm_and_cold
 
 FORMATS = ["mlx", "gguf"]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_engine_reports_the_prompt_tokens_it_keeps(models_root, fmt):
-    warm = load(models_root, fmt)
-    cold = load(models_root, fmt, prompt_cache_bytes=0)
-    try:
+    with warm_and_cold(models_root, fmt) as (warm, cold):
         turn1 = warm.tokenize("<|im_start|>system\nYou keep count.<|im_end|>\n" * 6 + "Go")
-
-        async def run():
-            first = await generate(warm, turn1, 6)
-            turn2 = turn1 + first.tokens + warm.tokenize(" and once more")
-            second = await generate(warm, turn2, 6)
-            off = await generate(cold, turn2, 6)
-            return first, turn2, second, off
-
-        first, turn2, second, off = asyncio.run(run())
-        # The first request computed its whole prompt and kept it.
-        assert first.cached == 0 and first.written == len(turn1)
-        # The second computed only what the cache did not hold, and kept that.
-        assert second.cached > len(turn1) // 2
-        assert second.written == len(turn2) - second.cached
-        # With the prompt cache off nothing is kept.
-        assert off.cached == 0 and off.written == 0
-    finally:
-        warm.close()
-        cold.close()
+        first, turn2, second, off = asyncio.run(second_turn(warm, cold, turn1, " and once more", 6))
+    # The first request computed its whole prompt and kept it.
+    assert first.cached == 0 and first.written == len(turn1)
+    # The second computed only what the cache did not hold, and kept that.
+    assert second.cached > len(turn1) // 2
+    assert second.written == len(turn2) - second.cached
+    # With the prompt cache off nothing is kept.
+    assert off.cached == 0 and off.written == 0
 
 
 @pytest.mark.parametrize("model", [MLX_KEY, GGUF_KEY])

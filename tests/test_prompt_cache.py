@@ -13,7 +13,7 @@ from mlx_lm.models.cache import KVCache
 
 from backends.mlx.prompt_cache import PromptCache, common_prefix
 from tests.conftest import GGUF_KEY, MLX_KEY
-from tests.engine_harness import generate, load
+from tests.engine_harness import generate, second_turn, warm_and_cold
 
 FORMATS = ["mlx", "gguf"]
 
@@ -95,30 +95,22 @@ def test_byte_budget_evicts_least_recently_used_first():
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_second_turn_reuses_the_first_and_matches_a_cold_run(models_root, fmt):
-    warm = load(models_root, fmt)
-    cold = load(models_root, fmt, prompt_cache_bytes=0)
-    try:
+    with warm_and_cold(models_root, fmt) as (warm, cold):
         turn1 = warm.tokenize("<|im_start|>system\nYou are terse.<|im_end|>\n" * 8 + "Hi")
 
         async def run():
-            first = await generate(warm, turn1, 12)
-            turn2 = turn1 + first.tokens + warm.tokenize(" and then what happened next?")
-            second = await generate(warm, turn2, 12)
+            turns = await second_turn(warm, cold, turn1, " and then what happened next?", 12)
             # A new conversation with the same system prompt reuses that part.
             other = await generate(warm, turn1[:-1] + warm.tokenize("Bye"), 4)
-            reference = await generate(cold, turn2, 12)
-            return first, turn2, second, other, reference
+            return *turns, other
 
-        first, turn2, second, other, reference = asyncio.run(run())
-        assert first.cached == 0
-        assert second.cached >= len(turn1) + len(first.tokens) - 1
-        assert second.cached < len(turn2)
-        assert second.tokens == reference.tokens
-        assert reference.cached == 0
-        assert other.cached >= len(turn1) - 2
-    finally:
-        warm.close()
-        cold.close()
+        first, turn2, second, reference, other = asyncio.run(run())
+    assert first.cached == 0
+    assert second.cached >= len(turn1) + len(first.tokens) - 1
+    assert second.cached < len(turn2)
+    assert second.tokens == reference.tokens
+    assert reference.cached == 0
+    assert other.cached >= len(turn1) - 2
 
 
 @pytest.mark.parametrize("model", [MLX_KEY, GGUF_KEY])
