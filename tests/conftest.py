@@ -152,6 +152,37 @@ def server(models_root, tmp_path_factory):
     srv.stop()
 
 
+@pytest.fixture(scope="session")
+def family_server(models_root, tmp_path_factory):
+    """The server of the family end-to-end files (tests/test_e2e_families*.py), shared by
+    them: each file makes its family models first (the server lists models made after it
+    started), they all stay loaded (a switch between a family's MLX and GGUF twins reloads
+    nothing), and ephemeral MCP servers on loopback are allowed for the LM Studio v1 rounds."""
+    srv = Server(
+        models_root,
+        tmp_path_factory.mktemp("fam-home"),
+        "--no-auto-evict",
+        "--allow-ephemeral-mcp",
+        "--mcp-allowed-hosts",
+        "127.0.0.1",
+    )
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def auth_server(models_root, tmp_path_factory):
+    """A server with ``--require-auth``, shared by the tests of auth on (the SDKs, /metrics,
+    the web app): (the server, an API token it accepts)."""
+    from mlxserve.auth import TokenStore
+
+    home = tmp_path_factory.mktemp("auth-home")
+    _, token = TokenStore(home / "tokens.json").create("tests")
+    srv = Server(models_root, home, "--require-auth")
+    yield srv, token
+    srv.stop()
+
+
 @pytest.fixture
 def forced_tool_calls(monkeypatch):
     """``lmstudio`` 1.5 has no tool-choice option (the JS SDK 2.0 sends

@@ -6,7 +6,8 @@ SDKs. The models are tiny random-weight ones with each family's real template an
 tokens (``family_models``): a call is forced, never chosen, and answers are noise, so the
 checks are on structure, not on words.
 
-Cost: one server for every family model (MLX and GGUF), short replies; the MLX loads dominate.
+Cost: one server (``family_server``, shared with tests/test_e2e_families_more.py) holding every
+family model (MLX and GGUF), short replies; the MLX loads dominate.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import Server
 from tests.family_dialects import (
     ASK,
     PARAMS,
@@ -45,19 +45,10 @@ CALL_TOKENS = 100
 
 
 @pytest.fixture(scope="module")
-def fam_server(models_root, family_models, tmp_path_factory):
+def fam_server(family_server, family_models):
     for family in FAMILIES:
         family_models(family)
-    srv = Server(
-        models_root,
-        tmp_path_factory.mktemp("fam-home"),
-        "--no-auto-evict",
-        "--allow-ephemeral-mcp",
-        "--mcp-allowed-hosts",
-        "127.0.0.1",
-    )
-    yield srv
-    srv.stop()
+    return family_server
 
 
 @pytest.fixture(scope="module")

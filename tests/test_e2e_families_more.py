@@ -7,7 +7,8 @@ join to the same call, and LM Studio v0 writes the same; Responses, Anthropic an
 reports each family's reasoning options. Models: tiny random-weight ones with each family's real
 template and special tokens (``family_models``); a call is forced, never chosen.
 
-Cost: one server for all of these models (auto-evict keeps one loaded), replies of a few tokens.
+Cost: the server of tests/test_e2e_families.py (``family_server``: every model stays loaded),
+replies of a few tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import Server
 from tests.family_dialects import (
     ASK,
     PARAMS,
@@ -41,18 +41,10 @@ CALL_TOKENS = 60
 
 
 @pytest.fixture(scope="module")
-def srv(models_root, family_models, tmp_path_factory):
+def srv(family_server, family_models):
     for family in FAMILIES:
         family_models(family)
-    server = Server(
-        models_root,
-        tmp_path_factory.mktemp("fam2-home"),
-        "--allow-ephemeral-mcp",
-        "--mcp-allowed-hosts",
-        "127.0.0.1",
-    )
-    yield server
-    server.stop()
+    return family_server
 
 
 @pytest.fixture(scope="module")

@@ -150,11 +150,7 @@ def test_json_view_is_the_same_registry(http):
     assert "format" in r.json()["error"]["message"]
 
 
-def test_metrics_need_a_token_when_auth_is_on(models_root, tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    srv = Server(models_root, home, "--require-auth")
-    try:
-        assert httpx.get(srv.url + "/metrics").status_code == 401
-        assert httpx.get(srv.url + "/metrics?format=json").status_code == 401
-    finally:
-        srv.stop()
+def test_metrics_need_a_token_when_auth_is_on(auth_server):
+    srv, _ = auth_server
+    assert httpx.get(srv.url + "/metrics").status_code == 401
+    assert httpx.get(srv.url + "/metrics?format=json").status_code == 401

@@ -13,8 +13,7 @@ from pathlib import Path
 import lmstudio as lms
 import pytest
 
-from mlxserve.auth import TokenStore
-from tests.conftest import EMBED_GGUF_KEY, GGUF_KEY, MLX_KEY, REPO, Server
+from tests.conftest import EMBED_GGUF_KEY, GGUF_KEY, MLX_KEY, REPO
 
 NODE_MODULES = REPO / ".cache" / "node" / "node_modules"
 SCRIPT = REPO / "tests" / "sdk_js" / "sdk_check.cjs"
@@ -51,15 +50,6 @@ def test_js_sdk(server, embedding_models):
         assert f"{tag}: act with a forced tool call" in checks
     streamed = next(r for r in results if r["check"] == "tiny-qwen2-gguf: respond streamed")
     assert streamed["stats"]["predictedTokensCount"] == 6
-
-
-@pytest.fixture(scope="module")
-def auth_server(models_root, tmp_path_factory):
-    home = tmp_path_factory.mktemp("auth-home")
-    _, token = TokenStore(home / "tokens.json").create("sdk")
-    srv = Server(models_root, home, "--require-auth")
-    yield srv, token
-    srv.stop()
 
 
 def test_js_sdk_with_api_token(auth_server):

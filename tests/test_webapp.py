@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mlxserve.auth import TokenStore
 from mlxserve.core.chatstore import ChatStore
 from tests.conftest import GGUF_KEY, MLX_KEY, MODELS_CACHE, PUBLISHER, REPO, Server
 from tests.hubserver import Hub, HubServer
@@ -413,66 +412,60 @@ def test_tool_calls_and_their_results_show_as_cards(page, site):
     shot(page, "chat-tools")
 
 
-def test_auth_shows_nothing_without_a_token_and_everything_with_one(browser, models_root, tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
-    _, secret = TokenStore(home / "tokens.json").create("web")
-    srv = Server(models_root, home, "--require-auth")
-    try:
-        assert "script-src 'self'" in httpx.get(srv.url + "/").headers["content-security-policy"]
-        assert httpx.get(srv.url + "/api/v1/chats").status_code == 401
-        context = browser.new_context(viewport={"width": 1280, "height": 820})
-        page = context.new_page()
-        page.goto(srv.url + "/")
-        page.wait_for_selector("#auth:not([hidden])")
-        assert page.locator("#shell").is_hidden()
-        assert page.locator("#chats li").count() == 0
-        shot(page, "auth")
-        page.fill("#auth-token", "sk-lm-wrongwron:wrongwrongwrongwrong")
-        page.click("#auth-form button[type=submit]")
-        page.wait_for_selector("#auth-error:not([hidden])")
-        assert page.locator("#shell").is_hidden()
-        page.fill("#auth-token", secret)
-        page.click("#auth-form button[type=submit]")
-        page.wait_for_selector("#shell:not([hidden])")
-        page.wait_for_selector(
-            "#model-pick option[value='mlxserve-test/tiny-qwen2-mlx']", state="attached"
+def test_auth_shows_nothing_without_a_token_and_everything_with_one(browser, auth_server):
+    srv, secret = auth_server
+    assert "script-src 'self'" in httpx.get(srv.url + "/").headers["content-security-policy"]
+    assert httpx.get(srv.url + "/api/v1/chats").status_code == 401
+    context = browser.new_context(viewport={"width": 1280, "height": 820})
+    page = context.new_page()
+    page.goto(srv.url + "/")
+    page.wait_for_selector("#auth:not([hidden])")
+    assert page.locator("#shell").is_hidden()
+    assert page.locator("#chats li").count() == 0
+    shot(page, "auth")
+    page.fill("#auth-token", "sk-lm-wrongwron:wrongwrongwrongwrong")
+    page.click("#auth-form button[type=submit]")
+    page.wait_for_selector("#auth-error:not([hidden])")
+    assert page.locator("#shell").is_hidden()
+    page.fill("#auth-token", secret)
+    page.click("#auth-form button[type=submit]")
+    page.wait_for_selector("#shell:not([hidden])")
+    page.wait_for_selector(
+        "#model-pick option[value='mlxserve-test/tiny-qwen2-mlx']", state="attached"
+    )
+    # Kept for this tab only: the token is in sessionStorage, not localStorage.
+    assert page.evaluate("() => sessionStorage.getItem('mlxserve.token')") == secret
+    assert (
+        page.evaluate(
+            "() => Object.keys(localStorage).some(k => localStorage.getItem(k).includes('sk-lm-'))"
         )
-        # Kept for this tab only: the token is in sessionStorage, not localStorage.
-        assert page.evaluate("() => sessionStorage.getItem('mlxserve.token')") == secret
-        assert (
-            page.evaluate(
-                "() => Object.keys(localStorage).some(k => localStorage.getItem(k).includes('sk-lm-'))"
-            )
-            is False
-        )
-        page.click("a[data-tab=server]")
-        page.locator("#tokens tr[data-token]").first.wait_for()
-        page.fill(".token-form input", "made-in-browser")
-        page.click(".token-form button")
-        created = page.locator(".new-token").inner_text()
-        assert created.startswith("sk-lm-")
-        assert (
-            httpx.get(
-                srv.url + "/api/v1/models", headers={"Authorization": f"Bearer {created}"}
-            ).status_code
-            == 200
-        )
-        page.wait_for_timeout(2500)  # two metric samples for the charts
-        shot(page, "server")
-        page.on("dialog", lambda d: d.accept())
-        row = page.locator("#tokens tr", has_text="made-in-browser")
-        row.locator("button.revoke").click()
-        row.wait_for(state="detached")
-        assert (
-            httpx.get(
-                srv.url + "/api/v1/models", headers={"Authorization": f"Bearer {created}"}
-            ).status_code
-            == 401
-        )
-        context.close()
-    finally:
-        srv.stop()
+        is False
+    )
+    page.click("a[data-tab=server]")
+    page.locator("#tokens tr[data-token]").first.wait_for()
+    page.fill(".token-form input", "made-in-browser")
+    page.click(".token-form button")
+    created = page.locator(".new-token").inner_text()
+    assert created.startswith("sk-lm-")
+    assert (
+        httpx.get(
+            srv.url + "/api/v1/models", headers={"Authorization": f"Bearer {created}"}
+        ).status_code
+        == 200
+    )
+    page.wait_for_timeout(2500)  # two metric samples for the charts
+    shot(page, "server")
+    page.on("dialog", lambda d: d.accept())
+    row = page.locator("#tokens tr", has_text="made-in-browser")
+    row.locator("button.revoke").click()
+    row.wait_for(state="detached")
+    assert (
+        httpx.get(
+            srv.url + "/api/v1/models", headers={"Authorization": f"Bearer {created}"}
+        ).status_code
+        == 401
+    )
+    context.close()
 
 
 def test_phone_layout_in_dark_mode(browser, site):
