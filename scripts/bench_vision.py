@@ -220,6 +220,8 @@ def stall(url: str, fmt: str, rounds: int) -> dict[str, float]:
     _stream(url + "/v1/chat/completions", _chat("Hello", VL[fmt]))  # load it
     asyncio.run(_stall_round(url, fmt, -1))
     got = [asyncio.run(_stall_round(url, fmt, r)) for r in range(rounds)]
+    for r, g in enumerate(got):
+        print(f"{fmt} round {r}: longest gap {g[0] * 1000:.0f} ms, one step {g[1] * 1000:.0f} ms")
     return {
         "stall_max_gap_ms": statistics.median(g[0] for g in got) * 1000,
         "stall_step_ms": statistics.median(g[1] for g in got) * 1000,
