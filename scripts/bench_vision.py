@@ -182,7 +182,8 @@ async def _token_times(
 async def _stall_round(url: str, fmt: str, r: int) -> tuple[float, float, float]:
     """(longest gap of 3 running streams while an image request is admitted, their median
     gap, the image request's time to first token). Fresh words and images every round: the
-    prompt cache must not serve them."""
+    prompt cache must not serve them. The running streams are cut off half a second after
+    the image request's first token."""
     chat = url + "/v1/chat/completions"
     vl = VL[fmt]
     streams: list[list[float]] = [[], [], []]
@@ -192,7 +193,7 @@ async def _stall_round(url: str, fmt: str, r: int) -> tuple[float, float, float]
                 _token_times(
                     client,
                     chat,
-                    _chat(unique_prompt(f"run{r}x{i}", 16), vl, max_tokens=400, ignore_eos=True),
+                    _chat(unique_prompt(f"run{r}x{i}", 16), vl, max_tokens=3000, ignore_eos=True),
                     times,
                 )
             )
@@ -205,7 +206,12 @@ async def _stall_round(url: str, fmt: str, r: int) -> tuple[float, float, float]
         ]
         text = {"type": "text", "text": unique_prompt(f"long{r}", 600)}
         sent, first = await _token_times(client, chat, _chat([*pictures, text], vl, max_tokens=2))
-        await asyncio.gather(*runners)
+        await asyncio.sleep(0.5)
+        if any(r.done() for r in runners):
+            raise RuntimeError("a running stream ended before the image request's first token")
+        for runner in runners:
+            runner.cancel()
+        await asyncio.gather(*runners, return_exceptions=True)
     end = first[0] if first else sent
     gaps, steady = [], []
     for times in streams:

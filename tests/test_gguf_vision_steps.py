@@ -43,7 +43,15 @@ def model_file() -> Path:
 
 
 def _open(model_file: Path, **options: Any) -> Engine:
-    kw = {"context_length": 1024, "kv_cache_f32": True, "eval_batch_size": BATCH, **options}
+    # Flash attention off: only so are replies from reused cells exact (see
+    # tests/test_gguf_attention.py), and these tests compare them with cold runs.
+    kw = {
+        "context_length": 1024,
+        "kv_cache_f32": True,
+        "eval_batch_size": BATCH,
+        "flash_attention": False,
+        **options,
+    }
     return open_engine("gguf", model_file, LoadOptions(**kw))
 
 
