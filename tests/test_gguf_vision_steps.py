@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -60,13 +60,15 @@ def _picture(seed: int, size: int = 224) -> Any:
     return PIL.fromarray(pixels)
 
 
-def _image_request(engine: Engine, seed: int, question: str, max_tokens: int = 6) -> Any:
+def _image_request(
+    engine: Engine, seed: int, question: str, max_tokens: int = 6, size: int = 224
+) -> Any:
     marker = engine.info.image_marker
     text = (
         f"<|im_start|>user\n<|vision_start|>{marker}<|vision_end|>{question}<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
-    prepared = engine.prepare_vision(text, [_picture(seed)])
+    prepared = engine.prepare_vision(text, [_picture(seed, size)])
     return GenerationRequest(
         prepared.tokens,
         SamplingParams(temperature=0.0),
@@ -236,3 +238,51 @@ def test_image_prefixes_spill_to_disk_and_serve_after_an_unload(model_file, tmp_
         assert cached == 0
 
     asyncio.run(main())
+
+
+def test_a_request_cancelled_inside_its_image_leaves_a_cache_that_serves_correctly(model_file):
+    """Cancelled between two slices of its image (a stream decoding beside it keeps the
+    slices at 32 embeddings), a request leaves a kept sequence that ends inside the image;
+    the same prompt again reuses it only up to the image's start and replies as an engine
+    without a prompt cache."""
+    warm = _open(model_file)
+    cold = _open(model_file, prompt_cache_bytes=0)
+    try:
+
+        async def main() -> None:
+            events: list[tuple[str, Any]] = []
+            text = _text_request(warm, "Once upon a time", 400)
+            running = warm.submit(text)
+            beside = asyncio.ensure_future(_collect(running, events, "text"))
+            while not events:
+                await asyncio.sleep(0.005)
+            request = _image_request(warm, 3, "What is this?", size=448)
+            image = request.vision.images[0]
+            projector = cast(Any, warm)._projector
+            decode = projector.decode
+
+            def first_slice_then_cancel(*args: Any) -> int:
+                # On the owner thread: the next step sees the cancel before another slice.
+                projector.decode = decode
+                n = decode(*args)
+                stream.cancel()
+                return n
+
+            projector.decode = first_slice_then_cancel
+            stream = warm.submit(request)
+            async for item in stream:
+                if isinstance(item, Finished):
+                    assert item.reason == "cancelled"
+                    break
+            assert 0 < image.done < image.n
+            running.cancel()
+            await beside
+            got, cached = await _run(warm, _image_request(warm, 3, "What is this?", size=448))
+            want, _ = await _run(cold, _image_request(cold, 3, "What is this?", size=448))
+            assert got == want
+            assert 0 < cached <= image.start
+
+        asyncio.run(main())
+    finally:
+        warm.close()
+        cold.close()
