@@ -135,8 +135,8 @@ def test_alternating_traffic_to_two_models_loads_each_once(http, life):
 
 
 def test_a_busy_model_is_evicted_at_once_when_both_do_not_fit(models_root, tmp_path):
-    # 250 MB: one tiny Qwen2 GGUF (~239 MB with its KV windows, attention scores, tokenizer
-    # and runtime) fits, two do not.
+    # 250 MB: one tiny Qwen2 GGUF (~155 MB with its KV windows, attention mask, tokenizer and
+    # runtime) fits, two do not.
     tight = Server(models_root, tmp_path, "--guardrail-memory-gb", "0.25")
     try:
         with httpx.Client(base_url=tight.url, timeout=120) as http:

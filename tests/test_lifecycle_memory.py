@@ -58,8 +58,9 @@ def test_a_load_counts_every_parallel_window_and_the_prompt_cache(registry, key)
     assert need.kv_cache == windows * 1000 * KV_VALUES_PER_TOKEN * 4  # f32 weights: f32 KV
     # MLX keeps finished requests' KV beside the batch; llama.cpp in the windows' cells.
     assert need.prompt_cache == (50_000_000 if info.format == "mlx" else 0)
-    # MLX runs fused attention, llama.cpp flash attention by default: no scores kept.
-    assert need.compute == 0
+    # MLX runs fused attention, llama.cpp flash attention by default: no scores, only its
+    # attention mask (512 queries against every cell, f32 and f16).
+    assert need.compute == (512 * windows * 1000 * 6 if info.format == "gguf" else 0)
     # Loaded without it, llama.cpp holds 4 heads' f32 scores of a 512-token micro-batch
     # against every cell.
     plain = loader.options(info, LoadRequest(context_length=1000, flash_attention=False))
@@ -67,7 +68,8 @@ def test_a_load_counts_every_parallel_window_and_the_prompt_cache(registry, key)
     assert asyncio.run(loader.estimate(info, plain)).compute == scores
     # Tokenizers and the engine's own buffers, measured per format.
     assert need.runtime == memory.RUNTIME_BYTES[info.format] > 0
-    assert need.total == need.weights + need.kv_cache + need.prompt_cache + need.runtime
+    total = need.weights + need.kv_cache + need.prompt_cache + need.compute + need.runtime
+    assert need.total == total
     parallel = loader.options(info, LoadRequest(context_length=1000, parallel=2))
     assert (
         asyncio.run(loader.estimate(info, parallel)).kv_cache == 2 * 1000 * KV_VALUES_PER_TOKEN * 4
@@ -86,7 +88,8 @@ def test_a_draft_counts_its_weights_and_kv(registry, fmt):
     # MLX: up to a drafted request per parallel place, each with a window of the draft's KV
     # (f32 here); their main-model KV is in the instance's windows.
     kv = 2 * 1000 * KV_VALUES_PER_TOKEN * (2 if fmt == "gguf" else 4)
-    assert need.draft == draft.size_bytes + kv
+    mask = 512 * 2 * 1000 * 6 if fmt == "gguf" else 0  # its context's attention mask
+    assert need.draft == draft.size_bytes + kv + mask
     assert need.total == plain.total + need.draft
     if fmt == "gguf":  # without flash attention, its context's attention scores too
         off = loader.options(main, LoadRequest(context_length=1000, flash_attention=False))
@@ -233,7 +236,7 @@ def test_refusal_names_every_part_that_would_not_fit():
     assert (
         "requires approximately 7.29 GB (4.00 GB of weights, 2.00 GB of KV cache (8 windows "
         "of 4096 tokens), 1.07 GB of prompt cache, 52.0 MB of draft model, 30.7 MB of vision "
-        "encoder, 0.13 GB of attention scores), but only about 5.00 GB is available" in message
+        "encoder, 0.13 GB of attention buffers), but only about 5.00 GB is available" in message
     )
     # A part that is zero is not named.
     plain = memory.Estimate(weights=45_000_000, kv_cache=8_400_000, context_length=4096, windows=4)

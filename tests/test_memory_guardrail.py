@@ -91,7 +91,7 @@ def test_gguf_load_refused_for_its_draft_in_the_lmstudio_envelope(http):
     assert "requires approximately 0.42 GB" in error["message"]
     assert (
         "45.1 MB of weights, 8.4 MB of KV cache (4 windows of 4096 tokens), 0.18 GB of draft "
-        "model, 0.13 GB of attention scores, 51.0 MB of tokenizer and runtime" in error["message"]
+        "model, 0.13 GB of attention buffers, 51.0 MB of tokenizer and runtime" in error["message"]
     )
     assert _loaded(http) == []
 
@@ -131,8 +131,9 @@ def test_listings_report_what_the_guardrail_counts(http):
     assert memory["kv_windows"] == instance["load_config"]["parallel"] == 2
     # tiny Qwen2: 512 bytes of f32 keys and values per token.
     assert memory["kv_cache_bytes"] == 2 * 4096 * 512
-    # Flash attention (the default) keeps no scores.
-    assert memory["compute_bytes"] == 0
+    # Flash attention (the default) keeps no scores, only its mask: 512 queries against both
+    # windows' cells, f32 and f16.
+    assert memory["compute_bytes"] == 512 * 2 * 4096 * 6
     assert memory["weights_bytes"] == instance["size_bytes"]
     models = {m["key"]: m for m in http.get("/api/v1/models").json()["models"]}
     (entry,) = models[GGUF_KEY]["loaded_instances"]
@@ -148,4 +149,5 @@ def test_listings_report_what_the_guardrail_counts(http):
     (plain,) = http.get("/api/v1/models/loaded").json()["instances"]
     assert plain["load_config"]["flash_attention"] is False
     assert plain["memory"]["compute_bytes"] == 4 * 512 * 2 * 4096 * 4
-    assert plain["memory_bytes"] == memory["total_bytes"] + plain["memory"]["compute_bytes"]
+    scores = plain["memory"]["compute_bytes"]
+    assert plain["memory_bytes"] == memory["total_bytes"] - memory["compute_bytes"] + scores

@@ -79,6 +79,7 @@ class ModelLoader:
                 # llama.cpp keeps finished sequences in the windows' cells: nothing more.
                 prompt_cache=options.prompt_cache_bytes if info.format == "mlx" else 0,
                 scores=_gguf_scores(info, options, slots),
+                mask=_gguf_mask(info, options, slots),
             )
             if draft is not None:
                 flash = _gguf_flash(options)
@@ -212,6 +213,15 @@ def _gguf_scores(info: ModelInfo, options: LoadOptions, slots: int) -> tuple[int
     with ``flash_attention: false``): a micro-batch of queries (at most 512) against every
     cell of the windows. MLX runs fused attention on Metal."""
     if info.format != "gguf" or _gguf_flash(options):
+        return None
+    ubatch = min(options.eval_batch_size or options.prefill_chunk, 512)
+    return ubatch, options.context_length * slots
+
+
+def _gguf_mask(info: ModelInfo, options: LoadOptions, slots: int) -> tuple[int, int] | None:
+    """The attention mask llama.cpp builds with flash attention: a micro-batch of queries (at
+    most 512) against every cell of the windows."""
+    if info.format != "gguf" or not _gguf_flash(options):
         return None
     ubatch = min(options.eval_batch_size or options.prefill_chunk, 512)
     return ubatch, options.context_length * slots

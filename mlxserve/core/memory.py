@@ -13,7 +13,8 @@ model's files by :mod:`mlxserve.core.footprint`, never from its weights):
 - **vision**: a vision model's encoder activations (see ``footprint.vision_bytes``);
 - **compute**: llama.cpp without flash attention (a GGUF load with ``flash_attention: false``)
   materialises each layer's attention scores for a whole micro-batch against every cell in
-  use; with it (the default) they are computed a block at a time;
+  use; with it (the default) they are computed a block at a time, and what remains is the
+  micro-batch's attention mask against every cell (:data:`MASK_BYTES` per entry);
 - **runtime**: what a loaded text model holds besides all of that, measured
   (:data:`RUNTIME_BYTES`): its tokenizer (Hugging Face's and llguidance's), their caches,
   the engine's own buffers.
@@ -51,6 +52,11 @@ log = logging.getLogger("mlxserve.memory")
 # dominate it, so a model with a smaller vocabulary holds somewhat less.
 RUNTIME_BYTES = {"mlx": 44_000_000, "gguf": 51_000_000}
 
+# llama.cpp's attention mask with flash attention, per query and cell: f32, and the f16 copy
+# the kernel reads (filling the tiny Qwen2's 4 windows of 2048 grew RSS by 25.1 MB, the mask
+# of 512 queries by 8192 cells is 25.2 MB).
+MASK_BYTES = 6
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -65,7 +71,7 @@ class Estimate:
     draft: int = 0
     vision: int = 0
     # Working memory of a forward pass that grows with the context (llama.cpp's attention
-    # scores without flash attention).
+    # mask, and its attention scores without flash attention).
     compute: int = 0
     # Tokenizers and the engine's own buffers (see RUNTIME_BYTES).
     runtime: int = 0
@@ -98,7 +104,7 @@ class Estimate:
             "prompt_cache": "prompt cache",
             "draft": "draft model",
             "vision": "vision encoder",
-            "compute": "attention scores",
+            "compute": "attention buffers",
             "runtime": "tokenizer and runtime",
         }
         return ", ".join(f"{size(n)} of {words[name]}" for name, n in self.parts().items() if n > 0)
@@ -148,12 +154,14 @@ def estimate(
     kv_bits: float | None = None,
     prompt_cache: int = 0,
     scores: tuple[int, int] | None = None,
+    mask: tuple[int, int] | None = None,
 ) -> Estimate:
     """What loading ``info`` with ``context_length`` needs (reads a few files: not on the loop);
     ``windows``: context windows of KV (sequences decoded at once); ``kv_bits``: bits per
     cached element when the cache is quantized; ``prompt_cache``: bytes the engine may keep
     for prefix reuse outside those windows; ``scores``: (queries, keys) of the largest
-    attention-score matrix a forward pass materialises (None: fused attention keeps none)."""
+    attention-score matrix a forward pass materialises (None: fused attention keeps none);
+    ``mask``: (queries, keys) of llama.cpp's attention mask with flash attention."""
     kv = compute = 0
     shape = footprint.geometry(info)
     if shape is not None:
@@ -161,6 +169,8 @@ def estimate(
         kv = shape.kv_bytes_per_token(bits) * context_length * windows
         if scores is not None:
             compute = shape.scores_bytes(*scores)
+    if mask is not None:
+        compute += mask[0] * mask[1] * MASK_BYTES
     return Estimate(
         info.size_bytes,
         kv,
@@ -187,8 +197,8 @@ def draft_bytes(
         if draft.format == "gguf":
             cells = context_length * slots
             kv = shape.kv_bytes_per_token(16) * cells
-            if not flash:  # scores of up to 512 queries against every cell
-                kv += shape.scores_bytes(512, cells)
+            # Scores of up to 512 queries against every cell, or with flash attention its mask.
+            kv += shape.scores_bytes(512, cells) if not flash else 512 * cells * MASK_BYTES
         else:
             bits = 32 if draft.quantization == "F32" else 16
             kv = shape.kv_bytes_per_token(bits) * context_length * slots
