@@ -351,8 +351,8 @@ async def logprobs_cost(server: Server, mode: Mode) -> dict[str, float]:
 
 async def kv_quantization(server: Server, fmt: str, mode: Mode) -> dict[str, float]:
     """An 8-bit KV cache (MLX bits, llama.cpp q8_0) beside the plain one: KV bytes per
-    token (the guardrail's count, from /api/v1/models/loaded), and aggregate tok/s at 8
-    streams, the two instances alternating, medians."""
+    token (the guardrail's KV part per cell of its windows, from /api/v1/models/loaded),
+    and aggregate tok/s at 8 streams, the two instances alternating, medians."""
     plain = server.model
     options = (
         {"kv_cache_quantization": 8}
@@ -372,7 +372,11 @@ async def kv_quantization(server: Server, fmt: str, mode: Mode) -> dict[str, flo
     per_token = {}
     for i in loaded:
         if i["id"] in (plain, ident):
-            per_token[i["id"]] = (i["memory_bytes"] - i["size_bytes"]) / i["context_length"]
+            # The KV part alone: an instance's memory also counts its prompt cache, runtime
+            # and compute, which do not shrink with the cache's bits.
+            memory = i["memory"]
+            cells = i["context_length"] * memory["kv_windows"]
+            per_token[i["id"]] = memory["kv_cache_bytes"] / cells
     rates: dict[str, list[float]] = {plain: [], ident: []}
     try:
         for r_ in range(max(2, mode.rounds)):
