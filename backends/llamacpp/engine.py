@@ -25,6 +25,7 @@ from backends.base import (
     Engine,
     EngineInfo,
     Job,
+    LoadOptionUnsupported,
     TokenLogprobs,
     VisionPrompt,
     common_prefix,
@@ -138,21 +139,42 @@ class LlamaCppEngine(Engine):
             overrides = {moe: options.num_experts}
         # The Llama object serves the vocabulary, metadata and sampler chains; generation
         # runs in a second context, shared by parallel sequences (see _open_context).
-        llm = Llama(
-            model_path=str(self.path),
-            n_ctx=256,
-            n_batch=64,
-            n_gpu_layers=-1,
-            n_threads=threads,
-            n_threads_batch=threads_batch,
-            last_n_tokens_size=PENALTY_WINDOW,
-            verbose=False,
-            type_k=type_k,
-            type_v=type_v,
-            flash_attn=flash,
-            offload_kqv=offload,
-            kv_overrides=overrides,
-        )
+        try:
+            llm = Llama(
+                model_path=str(self.path),
+                n_ctx=256,
+                n_batch=64,
+                n_gpu_layers=-1,
+                n_threads=threads,
+                n_threads_batch=threads_batch,
+                last_n_tokens_size=PENALTY_WINDOW,
+                verbose=False,
+                type_k=type_k,
+                type_v=type_v,
+                flash_attn=flash,
+                offload_kqv=offload,
+                kv_overrides=overrides,
+            )
+        except ValueError as exc:
+            quantized = [
+                (param, name)
+                for param, name, kind in (
+                    ("cache_type_k", options.cache_type_k, type_k),
+                    ("cache_type_v", options.cache_type_v, type_v),
+                )
+                if kind not in (llama_cpp.GGML_TYPE_F32, llama_cpp.GGML_TYPE_F16)
+            ]
+            if not quantized or "context" not in str(exc):
+                raise
+            # The weights loaded; the context did not: with a quantized cache type that is
+            # the type (its blocks of 32 values must tile each attention head).
+            names = " and ".join(f"{param} {name}" for param, name in quantized)
+            raise LoadOptionUnsupported(
+                f"llama.cpp cannot keep this model's KV cache as {names}: a quantized cache "
+                "type stores blocks of 32 values, so each attention head's size must be a "
+                "multiple of 32",
+                quantized[0][0],
+            ) from exc
         load_config: dict[str, Any] = {
             "eval_batch_size": self._n_batch,
             "flash_attention": flash,
