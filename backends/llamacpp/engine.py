@@ -262,8 +262,18 @@ class LlamaCppEngine(Engine):
     def _open_context(self) -> None:
         llm, options = self._llm, self.options
         self._parallel = options.kv_windows("gguf")
-        # Half the sequence ids run requests, the rest keep finished ones for prefix reuse.
-        n_seq = min(2 * self._parallel, llama_cpp.llama_max_parallel_sequences())
+        model = adapter.model_pointer(llm)
+        # A recurrent state (Mamba, Gated DeltaNet) cannot be cut back, and llama.cpp copies a
+        # sequence's whole state whatever range is asked: a kept sequence of such a model is
+        # reused only whole, so checkpoints are kept at the end of each prompt too.
+        self._whole_only = bool(
+            llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
+        )
+        # A sequence id per parallel slot runs a request, one more keeps a finished one for
+        # prefix reuse, and with whole-only memory a third keeps its prompt checkpoint (each
+        # costs such a model one more recurrent state).
+        per_slot = 3 if self._whole_only else 2
+        n_seq = min(per_slot * self._parallel, llama_cpp.llama_max_parallel_sequences())
         self._n_seq = n_seq
         self._cells = options.context_length * self._parallel
         self._step_tokens = max(self._n_batch, IDLE_PREFILL_CHUNK) + self._parallel
@@ -279,13 +289,6 @@ class LlamaCppEngine(Engine):
         # Changed-middle reuse moves KV cells; recurrent memory cannot (exact prefixes only).
         self._reuse = self.options.cache_reuse if llama_cpp.llama_memory_can_shift(self._mem) else 0
         self._batch = llama_cpp.llama_batch_init(self._step_tokens, 0, 1)
-        model = adapter.model_pointer(llm)
-        # A recurrent state (Mamba, Gated DeltaNet) cannot be cut back, and llama.cpp copies a
-        # sequence's whole state whatever range is asked: a kept sequence of such a model is
-        # reused only whole, so checkpoints are kept at the end of each prompt too.
-        self._whole_only = bool(
-            llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
-        )
         n_head = max(1, llama_cpp.llama_model_n_head(model))
         kv_width = llama_cpp.llama_model_n_embd(model) * llama_cpp.llama_model_n_head_kv(model)
         bits = options.kv_element_bits("gguf")
@@ -559,9 +562,13 @@ class LlamaCppEngine(Engine):
         """Keep a copy of ``s`` as it is at its prompt checkpoint. The copy shares the KV
         cells; llama.cpp copies the recurrent state to a cell of its own when ``s`` next
         writes to it."""
-        if not self._free or len(s.tokens) * self._token_bytes > self.options.prompt_cache_bytes:
+        if len(s.tokens) * self._token_bytes > self.options.prompt_cache_bytes:
             return
         if any(t == s.tokens for t in self._kept.values()):
+            return
+        # A fresh checkpoint is worth more than the least recently used kept sequence.
+        self._evict_until(lambda: bool(self._free))
+        if not self._free:
             return
         seq = self._free.pop()
         llama_cpp.llama_memory_seq_cp(self._mem, s.seq, seq, -1, -1)
