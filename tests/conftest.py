@@ -134,6 +134,15 @@ class Server:
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=5).json()
 
+    def unload_all(self) -> None:
+        """Unload every loaded instance: a shared server's next user gets its memory back."""
+        loaded = httpx.get(self.url + "/api/v1/models/loaded", timeout=30).json()["instances"]
+        for instance in loaded:
+            r = httpx.post(
+                self.url + "/api/v1/models/unload", json={"instance_id": instance["id"]}, timeout=60
+            )
+            assert r.status_code == 200, r.text
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -156,8 +165,9 @@ def server(models_root, tmp_path_factory):
 def family_server(models_root, tmp_path_factory):
     """The server of the family end-to-end files (tests/test_e2e_families*.py), shared by
     them: each file makes its family models first (the server lists models made after it
-    started), they all stay loaded (a switch between a family's MLX and GGUF twins reloads
-    nothing), and ephemeral MCP servers on loopback are allowed for the LM Studio v1 rounds."""
+    started) and unloads them when it is done; meanwhile they stay loaded (a switch between
+    a family's MLX and GGUF twins reloads nothing). Ephemeral MCP servers on loopback are
+    allowed for the LM Studio v1 rounds."""
     srv = Server(
         models_root,
         tmp_path_factory.mktemp("fam-home"),

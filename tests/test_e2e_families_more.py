@@ -44,7 +44,8 @@ CALL_TOKENS = 60
 def srv(family_server, family_models):
     for family in FAMILIES:
         family_models(family)
-    return family_server
+    yield family_server
+    family_server.unload_all()
 
 
 @pytest.fixture(scope="module")
