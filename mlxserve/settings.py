@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     # again (llama-server's ``--cache-reuse``). Approximate: the moved KV attended to the old
     # text before it. 0 keeps to exact prefix reuse only.
     cache_reuse: int = Field(default=256, ge=0)
+    # GGUF models load with llama.cpp's flash attention unless a load says otherwise. Off by
+    # default: its CPU kernel sums a sequence's values in f16 in cell order, so a request's
+    # tokens at temperature 0 (and a seed's draws) then depend on which cells earlier
+    # requests left free; on, the prompt cache's kept cells stop slowing every prompt chunk.
+    flash_attention: bool = False
     # Interval between SSE keep-alive comments while a stream produces nothing; 0 turns them off.
     sse_ping_seconds: float = Field(default=15.0, ge=0.0)
     # Retention of stored chats (chats.sqlite3): chats not continued for this many days are

@@ -1,4 +1,5 @@
-"""GGUF attention with flash attention on (the default): a prompt admitted beside running
+"""GGUF attention with flash attention on (a load's ``flash_attention: true`` or the
+server's ``--flash-attention``): a prompt admitted beside running
 streams leaves their numbers as they are alone, because each stream's token and each
 prompt's chunk reach llama.cpp in decodes of their own (its CPU flash-attention kernel
 computes a micro-batch of 64 queries or more another way, ≈1e-3 apart)."""
@@ -51,7 +52,7 @@ def test_a_long_prompt_admitted_beside_a_stream_leaves_both_as_alone(models_root
     # freed under a running stream (a refilled hole reorders its cells, and the kernel
     # sums a sequence's values in f16 in cell order).
     for run in (alone, together):
-        engine = load(models_root, "gguf")
+        engine = load(models_root, "gguf", flash_attention=True)
         try:
             assert engine.info.load_config["flash_attention"] is True
             short = engine.tokenize("apple tell me")

@@ -58,14 +58,18 @@ def test_a_load_counts_every_parallel_window_and_the_prompt_cache(registry, key)
     assert need.kv_cache == windows * 1000 * KV_VALUES_PER_TOKEN * 4  # f32 weights: f32 KV
     # MLX keeps finished requests' KV beside the batch; llama.cpp in the windows' cells.
     assert need.prompt_cache == (50_000_000 if info.format == "mlx" else 0)
-    # MLX runs fused attention, llama.cpp flash attention by default: no scores, only its
-    # attention mask (512 queries against every cell, f32 and f16).
-    assert need.compute == (512 * windows * 1000 * 6 if info.format == "gguf" else 0)
-    # Loaded without it, llama.cpp holds 4 heads' f32 scores of a 512-token micro-batch
-    # against every cell.
-    plain = loader.options(info, LoadRequest(context_length=1000, flash_attention=False))
+    # MLX runs fused attention. llama.cpp without flash attention (the default) holds 4
+    # heads' f32 scores of a 512-token micro-batch against every cell.
     scores = 4 * 512 * windows * 1000 * 4 if info.format == "gguf" else 0
-    assert asyncio.run(loader.estimate(info, plain)).compute == scores
+    assert need.compute == scores
+    # With flash attention (a load's or the server's), no scores, only its attention mask
+    # (512 queries against every cell, f32 and f16).
+    mask = 512 * windows * 1000 * 6 if info.format == "gguf" else 0
+    flash = loader.options(info, LoadRequest(context_length=1000, flash_attention=True))
+    assert asyncio.run(loader.estimate(info, flash)).compute == mask
+    server_wide = ModelLoader(Settings(**{**settings.model_dump(), "flash_attention": True}))
+    options = server_wide.options(info, LoadRequest(context_length=1000))
+    assert asyncio.run(server_wide.estimate(info, options)).compute == mask
     # Tokenizers and the engine's own buffers, measured per format.
     assert need.runtime == memory.RUNTIME_BYTES[info.format] > 0
     total = need.weights + need.kv_cache + need.prompt_cache + need.compute + need.runtime
@@ -88,15 +92,13 @@ def test_a_draft_counts_its_weights_and_kv(registry, fmt):
     # MLX: up to a drafted request per parallel place, each with a window of the draft's KV
     # (f32 here); their main-model KV is in the instance's windows.
     kv = 2 * 1000 * KV_VALUES_PER_TOKEN * (2 if fmt == "gguf" else 4)
-    mask = 512 * 2 * 1000 * 6 if fmt == "gguf" else 0  # its context's attention mask
-    assert need.draft == draft.size_bytes + kv + mask
+    scores = 4 * 512 * 2 * 1000 * 4 if fmt == "gguf" else 0  # its context's attention scores
+    assert need.draft == draft.size_bytes + kv + scores
     assert need.total == plain.total + need.draft
-    if fmt == "gguf":  # without flash attention, its context's attention scores too
-        off = loader.options(main, LoadRequest(context_length=1000, flash_attention=False))
-        scores = 4 * 512 * 2 * 1000 * 4
-        assert (
-            asyncio.run(loader.estimate(main, off, draft)).draft == draft.size_bytes + kv + scores
-        )
+    if fmt == "gguf":  # with flash attention, its context's attention mask instead
+        on = loader.options(main, LoadRequest(context_length=1000, flash_attention=True))
+        mask = 512 * 2 * 1000 * 6
+        assert asyncio.run(loader.estimate(main, on, draft)).draft == draft.size_bytes + kv + mask
 
 
 def _projector(folder: Path, **meta: object) -> None:
@@ -293,3 +295,26 @@ def test_an_mlx_load_gets_the_prompt_cache_that_fits_beside_it(registry, tmp_pat
             await manager.close()
 
     asyncio.run(run())
+
+
+def test_flash_attention_is_the_server_default_for_gguf_loads(registry, monkeypatch):
+    from mlxserve import cli
+
+    parser = cli.build_parser()
+    off = cli._settings(parser.parse_known_args(["serve"])[0])
+    on = cli._settings(parser.parse_known_args(["serve", "--flash-attention"])[0])
+    assert (off.flash_attention, on.flash_attention) == (False, True)
+    monkeypatch.setenv("MLXSERVE_FLASH_ATTENTION", "1")
+    assert cli._settings(parser.parse_known_args(["serve"])[0]).flash_attention is True
+    info = registry.get(GGUF_KEY)
+    # The server's setting is the default; a load's own choice wins either way.
+    for settings, asked, expected in (
+        (off, None, False),
+        (on, None, True),
+        (on, False, False),
+        (off, True, True),
+    ):
+        options = ModelLoader(settings).options(info, LoadRequest(flash_attention=asked))
+        assert bool(options.flash_attention) is expected
+        compute = asyncio.run(ModelLoader(settings).estimate(info, options)).compute
+        assert (compute == 512 * 4 * 4096 * 6) is expected  # the mask, not the scores

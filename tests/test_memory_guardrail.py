@@ -121,7 +121,8 @@ def test_a_draft_loaded_on_first_use_must_fit_beside_its_model(http, tight):
 
 
 def test_listings_report_what_the_guardrail_counts(http):
-    r = http.post("/api/v1/models/load", json={"model": GGUF_KEY, "parallel": 2})
+    body = {"model": GGUF_KEY, "parallel": 2, "flash_attention": True}
+    r = http.post("/api/v1/models/load", json=body)
     assert r.status_code == 200, r.text
     (instance,) = http.get("/api/v1/models/loaded").json()["instances"]
     memory = instance["memory"]
@@ -131,7 +132,7 @@ def test_listings_report_what_the_guardrail_counts(http):
     assert memory["kv_windows"] == instance["load_config"]["parallel"] == 2
     # tiny Qwen2: 512 bytes of f32 keys and values per token.
     assert memory["kv_cache_bytes"] == 2 * 4096 * 512
-    # Flash attention (the default) keeps no scores, only its mask: 512 queries against both
+    # Flash attention keeps no scores, only its mask: 512 queries against both
     # windows' cells, f32 and f16.
     assert memory["compute_bytes"] == 512 * 2 * 4096 * 6
     assert memory["weights_bytes"] == instance["size_bytes"]
@@ -140,10 +141,10 @@ def test_listings_report_what_the_guardrail_counts(http):
     assert entry["memory"] == memory and entry["memory_bytes"] == memory["total_bytes"]
     v0 = http.get(f"/api/v0/models/{GGUF_KEY}").json()
     assert v0["loaded_memory_bytes"] == memory["total_bytes"]
-    # Without flash attention: 4 heads' scores of 512 queries against both windows' cells
-    # (loaded alone: both do not fit the budget together).
+    # Without flash attention (the default): 4 heads' scores of 512 queries against both
+    # windows' cells (loaded alone: both do not fit the budget together).
     http.post("/api/v1/models/unload", json={"instance_id": instance["id"]})
-    body = {"model": GGUF_KEY, "parallel": 2, "flash_attention": False}
+    body = {"model": GGUF_KEY, "parallel": 2}
     r = http.post("/api/v1/models/load", json=body)
     assert r.status_code == 200, r.text
     (plain,) = http.get("/api/v1/models/loaded").json()["instances"]

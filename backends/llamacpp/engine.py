@@ -127,11 +127,13 @@ class LlamaCppEngine(Engine):
         type_v = _cache_type(options.cache_type_v, kv_type)
         self._n_batch = options.eval_batch_size or options.prefill_chunk
         threads, threads_batch = _threads()
-        # Flash attention unless asked not to (llama-server's `-fa auto` turns it on on CPU and
-        # Metal): without it every chunk computes scores against every used cell, the prompt
-        # cache's kept sequences included. llama.cpp keeps a quantized V cache only with it.
+        # Flash attention only when asked (the load, or the server's setting): it skips other
+        # sequences' cells (without it every chunk scores every used cell, the prompt cache's
+        # kept sequences included), but its CPU kernel sums in f16 in cell order, so output
+        # would depend on where earlier requests left free cells. llama.cpp keeps a quantized
+        # V cache only with it.
         quantized_v = type_v not in (llama_cpp.GGML_TYPE_F32, llama_cpp.GGML_TYPE_F16)
-        flash = options.flash_attention is not False or quantized_v
+        flash = bool(options.flash_attention) or quantized_v
         offload = options.offload_kv_cache_to_gpu is not False
         moe = _moe_key(self.path) if options.num_experts else None
         overrides: dict[str, bool | int | float | str] | None = None

@@ -402,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep earlier just-in-time loaded models when another one is loaded",
     )
     lifecycle.add_argument(
+        "--flash-attention",
+        dest="flash_attention",
+        action="store_const",
+        const=True,
+        help="load GGUF models with flash attention unless a load says otherwise: faster "
+        "prompts beside a warm prompt cache, less memory, but replies at temperature 0 may "
+        "vary with what ran before (env MLXSERVE_FLASH_ATTENTION)",
+    )
+    lifecycle.add_argument(
         "--no-guardrail",
         dest="load_guardrail",
         action="store_const",

@@ -45,7 +45,9 @@ class ModelLoader:
             context_length=context_length,
             kv_cache_f32=info.quantization == "F32",
             eval_batch_size=request.eval_batch_size,
-            flash_attention=request.flash_attention,
+            flash_attention=request.flash_attention
+            if request.flash_attention is not None
+            else self.settings.flash_attention,
             offload_kv_cache_to_gpu=request.offload_kv_cache_to_gpu,
             num_experts=request.num_experts,
             max_batch_size=self.settings.max_batch_size,
@@ -93,7 +95,7 @@ class ModelLoader:
     async def draft_cost(self, instance: Instance, draft: ModelInfo) -> int:
         """What loading ``draft`` into ``instance`` adds to its memory."""
         slots = int(instance.load_config.get("parallel") or 1)
-        flash = instance.load_config.get("flash_attention") is not False
+        flash = instance.load_config.get("flash_attention") is True
         return await asyncio.to_thread(
             memory.draft_bytes, draft, instance.info, instance.context_length, slots, flash=flash
         )
@@ -198,9 +200,10 @@ class ModelLoader:
 
 
 def _gguf_flash(options: LoadOptions) -> bool:
-    """Whether the GGUF engine runs flash attention: unless asked not to, and always for a
-    quantized V cache (llama.cpp needs it there)."""
-    return options.flash_attention is not False or options.cache_type_v not in (
+    """Whether the GGUF engine runs flash attention: when asked to (by the load or the
+    server's ``flash_attention`` setting), and always for a quantized V cache (llama.cpp
+    needs it there)."""
+    return bool(options.flash_attention) or options.cache_type_v not in (
         None,
         "f16",
         "f32",
