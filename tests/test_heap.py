@@ -16,7 +16,7 @@ from tests.conftest import GGUF_KEY, MLX_KEY
 
 CHILD = textwrap.dedent(
     """
-    import gc, json, sys, weakref
+    import gc, json, sys, time, weakref
     from starlette.testclient import TestClient
     from mlxserve.app import create_app
     from mlxserve.settings import Settings
@@ -35,8 +35,14 @@ CHILD = textwrap.dedent(
             engines.append(weakref.ref(manager.loaded()[-1].engine))
             r = client.post("/api/v1/models/unload", json={"instance_id": r.json()["instance_id"]})
             assert r.status_code == 200, r.text
-        gc.collect()
-        out["engines_alive"] = sum(e() is not None for e in engines)
+        # An unloaded engine goes with the next collections (a cycle can take more than one
+        # pass, its owner thread a moment to end); a frozen or leaked one never does.
+        for _ in range(20):
+            gc.collect()
+            out["engines_alive"] = sum(e() is not None for e in engines)
+            if not out["engines_alive"]:
+                break
+            time.sleep(0.1)
 
         class Cycle:
             pass
