@@ -186,18 +186,27 @@ def test_a_head_size_that_cannot_be_quantized_is_a_400_naming_the_option(server)
 
 
 def test_a_gguf_cache_type_the_heads_cannot_take_is_a_400_naming_the_option(server):
-    # llama.cpp's quantized cache types store blocks of 32 values; the tiny model's heads of
-    # 16 cannot hold them, and the context fails to open: that was a 500 (model_load_failed).
+    # With flash attention (which a quantized V cache turns on) llama.cpp's quantized cache
+    # types store blocks of 32 values; the tiny model's heads of 16 cannot hold them, and the
+    # context fails to open: that was a 500 (model_load_failed).
     model = f"{PUBLISHER}/tiny-qwen2-gguf"
     with httpx.Client(base_url=server.url, timeout=120) as http:
         for options, param in (
             ({"cache_type_k": "q8_0", "cache_type_v": "q8_0"}, "cache_type_k"),
             ({"cache_type_v": "q4_0"}, "cache_type_v"),
+            ({"cache_type_k": "q8_0", "flash_attention": True}, "cache_type_k"),
         ):
             r = http.post("/api/v1/models/load", json={"model": model, **options})
             assert r.status_code == 400, r.text
             error = r.json()["error"]
             assert error["param"] == param and "multiple of 32" in error["message"]
+        # Without flash attention a quantized K cache fits heads of 16.
+        r = http.post(
+            "/api/v1/models/load",
+            json={"model": model, "identifier": "k8", "cache_type_k": "q8_0"},
+        )
+        assert r.status_code == 200, r.text
+        http.post("/api/v1/models/unload", json={"instance_id": "k8"})
         r = http.post(
             "/v1/chat/completions",
             json={"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},

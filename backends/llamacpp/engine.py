@@ -166,15 +166,15 @@ class LlamaCppEngine(Engine):
                 )
                 if kind not in (llama_cpp.GGML_TYPE_F32, llama_cpp.GGML_TYPE_F16)
             ]
-            if not quantized or "context" not in str(exc):
+            if not quantized or not flash or "context" not in str(exc):
                 raise
-            # The weights loaded; the context did not: with a quantized cache type that is
-            # the type (its blocks of 32 values must tile each attention head).
+            # The weights loaded; the context did not: with flash attention and a quantized
+            # cache type that is the type (its blocks of 32 values must tile each head).
             names = " and ".join(f"{param} {name}" for param, name in quantized)
             raise LoadOptionUnsupported(
-                f"llama.cpp cannot keep this model's KV cache as {names}: a quantized cache "
-                "type stores blocks of 32 values, so each attention head's size must be a "
-                "multiple of 32",
+                f"llama.cpp cannot keep this model's KV cache as {names} with flash attention "
+                "(which a quantized V cache needs): a quantized cache type stores blocks of 32 "
+                "values, so each attention head's size must be a multiple of 32",
                 quantized[0][0],
             ) from exc
         load_config: dict[str, Any] = {
