@@ -293,43 +293,20 @@ def test_a_chat_resumes_from_disk_after_unload_and_restart(models_root, tmp_path
         cold.stop()
 
 
-def test_a_recurrent_gguf_model_resumes_both_checkpoints_from_disk(hybrid_models, tmp_path):  # noqa: F811
-    # A recurrent state cannot be cut back: the prompt's checkpoint and the reply's are both
-    # written, and each serves the turn that holds it whole, as cold as a cold run.
+@pytest.mark.parametrize(
+    ("fmt", "name"),
+    [
+        ("gguf", "tiny-qwen35-hybrid"),
+        ("mlx", "tiny-qwen35-hybrid"),
+        ("mlx", "tiny-gemma3-sliding"),
+    ],
+)
+def test_a_model_that_keeps_checkpoints_resumes_them_from_disk(hybrid_models, tmp_path, fmt, name):  # noqa: F811
+    # Recurrent (Qwen3.5) and sliding-window (Gemma 3) layers cannot be cut back: the prompt's
+    # checkpoint and the reply's are written at the unload, and after a restart each serves
+    # the turn that holds it whole, with a cold run's reply.
     spill = {"prompt_cache_dir": tmp_path, "prompt_cache_disk_bytes": 1 << 30}
-    warm = open_hybrid(hybrid_models, "gguf", "tiny-qwen35-hybrid", **spill)
-    turn1 = warm.tokenize(CHAT.format("system", "You are terse. " * 12) + CHAT.format("user", "Hi"))
-    turn1 += warm.tokenize("<|im_start|>assistant\n")
-    tail = warm.tokenize("<|im_end|>\n" + CHAT.format("user", "And then?"))
-    rewritten = turn1 + warm.tokenize("Something else.") + tail
-    try:
-        first = asyncio.run(generate(warm, turn1, 10))
-    finally:
-        warm.close()
-    assert len(files(tmp_path)) == 2
-    turn2 = turn1 + first.tokens + tail
-    again = open_hybrid(hybrid_models, "gguf", "tiny-qwen35-hybrid", **spill)
-    cold = open_hybrid(hybrid_models, "gguf", "tiny-qwen35-hybrid", prompt_cache_bytes=0)
-    try:
-        second = asyncio.run(generate(again, turn2, 10))
-        branch = asyncio.run(generate(again, rewritten, 10))
-        assert second.cached >= len(turn1) + len(first.tokens) - 1
-        # The prompt's checkpoint is taken CHECKPOINT_TAIL tokens before its end.
-        assert branch.cached >= len(turn1) - CHECKPOINT_TAIL
-        assert second.tokens == asyncio.run(generate(cold, turn2, 10)).tokens
-        assert branch.tokens == asyncio.run(generate(cold, rewritten, 10)).tokens
-    finally:
-        again.close()
-        cold.close()
-
-
-@pytest.mark.parametrize("name", ["tiny-qwen35-hybrid", "tiny-gemma3-sliding"])
-def test_an_mlx_model_that_keeps_checkpoints_resumes_them_from_disk(hybrid_models, tmp_path, name):  # noqa: F811
-    # Recurrent (Qwen3.5) and sliding-window (Gemma 3) layers: the prompt's checkpoint and the
-    # reply's are written at the unload, and after a restart each serves the turn that holds
-    # it whole, with a cold run's reply.
-    spill = {"prompt_cache_dir": tmp_path, "prompt_cache_disk_bytes": 1 << 30}
-    warm = open_hybrid(hybrid_models, "mlx", name, **spill)
+    warm = open_hybrid(hybrid_models, fmt, name, **spill)
     # Longer than the sliding window (32): the window has moved past the start.
     turn1 = warm.tokenize(CHAT.format("system", "You are terse. " * 12) + CHAT.format("user", "Hi"))
     turn1 += warm.tokenize("<|im_start|>assistant\n")
@@ -341,13 +318,19 @@ def test_an_mlx_model_that_keeps_checkpoints_resumes_them_from_disk(hybrid_model
         warm.close()
     assert len(files(tmp_path)) == 2
     turn2 = turn1 + first.tokens + tail
-    again = open_hybrid(hybrid_models, "mlx", name, **spill)
-    cold = open_hybrid(hybrid_models, "mlx", name, prompt_cache_bytes=0)
+    again = open_hybrid(hybrid_models, fmt, name, **spill)
+    cold = open_hybrid(hybrid_models, fmt, name, prompt_cache_bytes=0)
     try:
         second = asyncio.run(generate(again, turn2, 10))
         branch = asyncio.run(generate(again, rewritten, 10))
-        assert second.cached == len(turn1) + len(first.tokens)
-        assert branch.cached == len(turn1) - CHECKPOINT_TAIL
+        # The prompt's checkpoint is taken CHECKPOINT_TAIL tokens before its end. MLX reads
+        # exactly the checkpoints; llama.cpp's reply ends before its last sampled token.
+        if fmt == "mlx":
+            assert second.cached == len(turn1) + len(first.tokens)
+            assert branch.cached == len(turn1) - CHECKPOINT_TAIL
+        else:
+            assert second.cached >= len(turn1) + len(first.tokens) - 1
+            assert branch.cached >= len(turn1) - CHECKPOINT_TAIL
         assert second.tokens == asyncio.run(generate(cold, turn2, 10)).tokens
         assert branch.tokens == asyncio.run(generate(cold, rewritten, 10)).tokens
     finally:
