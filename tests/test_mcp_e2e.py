@@ -22,7 +22,8 @@ import openai
 import pytest
 
 from mlxserve.auth import TokenStore
-from mlxserve.core.mcp import Connection, ServerSpec
+from mlxserve.core.mcp import ServerSpec
+from mlxserve.core.mcp_session import Connection
 from mlxserve.errors import McpConnectionError
 from tests.conftest import GGUF_KEY, MLX_KEY, REPO, Server, free_port
 

@@ -10,7 +10,8 @@ import socket
 import httpx2
 
 from mlxserve.core import mcp
-from mlxserve.core.mcp import PinnedTransport, Requested, specs_for
+from mlxserve.core.mcp import Requested, specs_for
+from mlxserve.core.mcp_session import PinnedTransport
 from mlxserve.settings import Settings
 
 PUBLIC = "93.184.216.34"

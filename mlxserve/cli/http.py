@@ -9,9 +9,12 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+# Imported where a command talks to a server: ``serve`` needs this module's errors only, and
+# httpx brings its own command line's modules (rich, click, pygments: ≈10 MB resident).
+if TYPE_CHECKING:
+    import httpx
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1234
@@ -118,6 +121,8 @@ class Client:
         body: dict[str, Any] | None = None,
         timeout: float | None = None,
     ) -> Any:
+        import httpx
+
         try:
             response = httpx.request(
                 method,
@@ -147,6 +152,8 @@ class Client:
 
     def is_up(self) -> dict[str, Any] | None:
         """``/health`` when a server answers there, else None."""
+        import httpx
+
         try:
             response = httpx.get(self.url + "/health", headers=self._headers(), timeout=2)
         except httpx.HTTPError:
@@ -164,6 +171,8 @@ class Client:
         self, method: str, path: str, body: dict[str, Any] | None = None
     ) -> Iterator[dict[str, Any]]:
         """The JSON events of a server-sent event stream (comments and ``[DONE]`` skipped)."""
+        import httpx
+
         try:
             with httpx.stream(
                 method,

@@ -252,7 +252,8 @@ def _too_large(image: ImagePart, policy: ImagePolicy) -> InvalidRequest:
 async def _fetch(image: ImagePart, policy: ImagePolicy) -> ImagePart:
     import httpx2
 
-    from mlxserve.core.mcp import PinnedTransport, check_url
+    from mlxserve.core.mcp import check_url
+    from mlxserve.core.mcp_session import PinnedTransport
 
     assert image.url is not None
     try:

@@ -1,0 +1,85 @@
+"""What a serving process imports: libraries that only some requests or commands need stay out
+of the server's memory until one does (the MCP SDK ≈40 MB, httpx with its command line's
+rich/click/pygments ≈10 MB), and the first request that needs one still gets it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+LAZY = ("mcp", "mcp_types", "httpx", "httpx2", "rich", "pygments")
+
+
+def _run(tmp_path: Path, body: str) -> dict[str, list[str]]:
+    """Runs ``body`` in a fresh interpreter; ``report(name)`` records the lazy modules loaded
+    by then under ``name``."""
+    script = textwrap.dedent(
+        """
+        import asyncio, json, sys
+        from pathlib import Path
+
+        seen = {}
+
+        def report(name):
+            seen[name] = sorted(m for m in LAZY if m in sys.modules)
+        """
+    )
+    script += textwrap.dedent(body) + "\nprint(json.dumps(seen))\n"
+    out = subprocess.run(
+        [sys.executable, "-c", f"LAZY = {LAZY!r}\n" + script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MLXSERVE_HOME": str(tmp_path / "home")},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result: dict[str, list[str]] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_a_started_server_holds_neither_the_mcp_sdk_nor_httpx_until_a_request_needs_one(
+    tmp_path,
+):
+    seen = _run(
+        tmp_path,
+        """
+        from mlxserve.cli import build_parser, _settings
+        from mlxserve.app import create_app
+        from mlxserve.core.mcp import McpClients, ServerSpec
+
+        settings = _settings(build_parser().parse_args(["serve", "--port", "0"]))
+        app = create_app(settings)
+
+        async def started():
+            async with app.router.lifespan_context(app):
+                report("serving")
+
+        asyncio.run(started())
+        # The first MCP connection of a request is where the SDK is imported.
+        spec = ServerSpec("tools", (("type", "ephemeral_mcp"),), url="http://127.0.0.1:9/mcp")
+        connection = McpClients(settings)._new(spec)
+        report("mcp connection")
+        assert type(connection).__name__ == "Connection"
+        """,
+    )
+    assert seen["serving"] == []
+    assert {"mcp", "mcp_types", "httpx2"} <= set(seen["mcp connection"])
+
+
+def test_the_command_line_client_imports_httpx_when_it_talks_to_a_server(tmp_path):
+    seen = _run(
+        tmp_path,
+        """
+        from mlxserve.cli.http import Client
+
+        report("imported")
+        assert Client("http://127.0.0.1:9", None).is_up() is None
+        report("asked")
+        """,
+    )
+    assert "httpx" not in seen["imported"]
+    assert "httpx" in seen["asked"]
