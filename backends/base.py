@@ -8,10 +8,11 @@ enqueues work and reads results from a :class:`TokenStream`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,11 +289,79 @@ StreamItem = Token | PromptProgress | Finished
 Sampled = int | tuple[int, TokenLogprobs]
 
 
-class TokenStream:
-    """An async stream of a request's tokens, fed from the owner thread without polling."""
+class Relay:
+    """Hands stream items from engine threads to one event loop, waking the loop once per
+    batch of items rather than once per item: a wake-up is a self-pipe write and a pass of
+    the loop, and the engine thread then waits for the GIL while the loop renders what it got.
+
+    The first item put wakes the loop at once; items put before the loop has taken them ride
+    on that wake-up. Inside :meth:`hold` (an engine step's tokens for all its streams) items
+    wait and go in one wake-up when the hold ends. Items reach each stream in the order put.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[TokenStream, StreamItem | BaseException]] = []
+        self._scheduled = False
+        self._held = 0
+
+    def put(self, stream: TokenStream, item: StreamItem | BaseException) -> None:
+        """Called from an engine thread."""
+        with self._lock:
+            self._items.append((stream, item))
+            wake = not self._scheduled and not self._held
+            if wake:
+                self._scheduled = True
+        if wake:
+            self._wake()
+        elif self.loop.is_closed():
+            self._drop()
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Items put inside go to the loop together when the outermost hold ends."""
+        with self._lock:
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held -= 1
+                wake = not self._held and not self._scheduled and bool(self._items)
+                if wake:
+                    self._scheduled = True
+            if wake:
+                self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:
+            self._drop()
+
+    def _drop(self) -> None:
+        """The event loop is closed: nobody is listening any more, so the engine stops."""
+        with self._lock:
+            items, self._items = self._items, []
+        for stream, _ in items:
+            stream.cancel()
+
+    def _deliver(self) -> None:
+        """On the event loop: every waiting item into its stream's queue."""
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        for stream, item in items:
+            stream._queue.put_nowait(item)
+
+
+class TokenStream:
+    """An async stream of a request's tokens, fed from the owner thread without polling.
+    Streams sharing a :class:`Relay` (an engine's requests) share its wake-ups."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, relay: Relay | None = None) -> None:
+        self._relay = relay if relay is not None else Relay(loop)
         self._queue: asyncio.Queue[StreamItem | BaseException] = asyncio.Queue()
         self._cancel = threading.Event()
         # An error met while draining a batch, raised after that batch's items are delivered.
@@ -308,11 +377,7 @@ class TokenStream:
 
     def put(self, item: StreamItem | BaseException) -> None:
         """Called from the owner thread."""
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:
-            # The event loop is closed: nobody is listening any more.
-            self._cancel.set()
+        self._relay.put(self, item)
 
     def __aiter__(self) -> TokenStream:
         return self
@@ -413,6 +478,8 @@ class Engine(ABC):
         self.generated_tokens = 0
         # Of them, tokens sampled in a forward pass shared by a batch of requests.
         self.batched_tokens = 0
+        # The relay of the event loop requests come from (see :meth:`relayed`).
+        self._relay: Relay | None = None
         self._setup()
         self._owner = OwnerThread(f"engine:{path.name}", max_queue, pump=self)
         try:
@@ -475,7 +542,11 @@ class Engine(ABC):
 
     def submit(self, request: GenerationRequest) -> TokenStream:
         """Queue a generation; its tokens arrive on the returned stream."""
-        stream = TokenStream(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        relay = self._relay
+        if relay is None or relay.loop is not loop:
+            relay = self._relay = Relay(loop)
+        stream = TokenStream(loop, relay)
         job = Job(request, stream, self._owner.reserve())
         self._owner.call(lambda: self._start(job))
         return stream
@@ -523,6 +594,12 @@ class Engine(ABC):
                 steps.close()
             except Exception:
                 log.exception("closing a request failed on %s", self.path.name)
+
+    def relayed(self) -> contextlib.AbstractContextManager[None]:
+        """On the owner thread, around a step's tokens for all its streams: they reach the
+        event loop in one wake-up when the step's puts are done."""
+        relay = self._relay
+        return relay.hold() if relay is not None else contextlib.nullcontext()
 
     def _accept(self, job: Job, token: int, logprobs: TokenLogprobs | None = None) -> bool:
         self.generated_tokens += 1

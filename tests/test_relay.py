@@ -1,0 +1,133 @@
+"""Handing stream items from an engine thread to the event loop: one loop wake-up per batch of
+items (not one per token per stream), each stream's items in order, and a closed loop stopping
+the engine's requests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from backends.base import EngineError, Finished, Relay, Token, TokenStream
+
+
+def count_wakeups(loop: asyncio.AbstractEventLoop) -> list[Any]:
+    """The callbacks scheduled on ``loop`` from other threads (each one a self-pipe write)."""
+    calls: list[Any] = []
+    schedule = loop.call_soon_threadsafe
+
+    def counted(callback: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(callback)
+        return schedule(callback, *args, **kwargs)
+
+    loop.call_soon_threadsafe = counted  # type: ignore[method-assign,assignment]
+    return calls
+
+
+async def drain(stream: TokenStream) -> list[Any]:
+    items: list[Any] = []
+    while not items or not isinstance(items[-1], Finished):
+        items += await stream.next_batch(5)
+    return items
+
+
+def test_a_step_of_tokens_for_several_streams_wakes_the_loop_once():
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        relay = Relay(loop)
+        streams = [TokenStream(loop, relay) for _ in range(4)]
+        wakeups = count_wakeups(loop)
+
+        def engine_thread() -> None:
+            for step in range(3):
+                with relay.hold():
+                    for s in streams:
+                        s.put(Token(step))
+            with relay.hold():
+                for s in streams:
+                    s.put(Finished("length", 3))
+
+        thread = threading.Thread(target=engine_thread)
+        thread.start()
+        thread.join()
+        results = await asyncio.gather(*(drain(s) for s in streams))
+        # The loop was busy joining the thread: 16 items, one wake-up.
+        assert len(wakeups) == 1
+        for items in results:
+            assert items == [Token(0), Token(1), Token(2), Finished("length", 3)]
+
+    asyncio.run(run())
+
+
+def test_a_hold_wakes_the_loop_when_it_ends_not_at_each_put():
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        relay = Relay(loop)
+        streams = [TokenStream(loop, relay) for _ in range(3)]
+        wakeups = count_wakeups(loop)
+        for step in range(3):
+            with relay.hold():
+                for s in streams:
+                    s.put(Token(step))
+                assert len(wakeups) == step
+            assert len(wakeups) == step + 1
+            assert [await s.next_batch(5) for s in streams] == [[Token(step)]] * 3
+
+    asyncio.run(run())
+
+
+def test_items_put_before_the_loop_takes_them_share_one_wakeup():
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        stream = TokenStream(loop)
+        wakeups = count_wakeups(loop)
+        # Put while the loop is busy here: it cannot take them before they are all in.
+        for i in range(10):
+            stream.put(Token(i))
+        stream.put(Finished("length", 10))
+        assert len(wakeups) == 1
+        assert await drain(stream) == [*(Token(i) for i in range(10)), Finished("length", 10)]
+        stream.put(Token(11))
+        assert len(wakeups) == 2
+        assert await stream.next_batch(5) == [Token(11)]
+
+    asyncio.run(run())
+
+
+def test_an_error_after_tokens_comes_after_them_through_a_hold():
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        relay = Relay(loop)
+        stream = TokenStream(loop, relay)
+        with relay.hold():
+            stream.put(Token(1))
+            stream.put(EngineError("boom"))
+        await asyncio.sleep(0)
+        assert await stream.next_batch(1) == [Token(1)]
+        try:
+            await stream.next_batch(1)
+        except EngineError:
+            return
+        raise AssertionError("the error was not raised")
+
+    asyncio.run(run())
+
+
+def test_a_closed_loop_cancels_the_streams_it_held_items_for():
+    loop = asyncio.new_event_loop()
+    relay = Relay(loop)
+    streams = [TokenStream(loop, relay) for _ in range(2)]
+    loop.close()
+    with relay.hold():
+        streams[0].put(Token(1))
+        streams[1].put(Token(1))
+    assert all(s.cancelled for s in streams)
+    # Without a hold too, and with a wake-up already scheduled when the loop closed.
+    loop = asyncio.new_event_loop()
+    relay = Relay(loop)
+    stream = TokenStream(loop, relay)
+    stream.put(Token(1))
+    loop.close()
+    assert not stream.cancelled
+    stream.put(Token(2))
+    assert stream.cancelled
