@@ -95,6 +95,8 @@ class VisionPrompt:
 
 # GGUF sequences decoded in parallel, at most: each reserves a full context window of KV.
 GGUF_MAX_PARALLEL = 4
+# Sequence ids a llama.cpp context takes (its LLAMA_MAX_SEQ, llama_max_parallel_sequences()).
+GGUF_MAX_SEQUENCES = 256
 
 # llama.cpp KV-cache types a load may name: ggml type id and bits per element.
 GGML_CACHE_TYPES = {
@@ -179,6 +181,15 @@ class LoadOptions:
             v = GGML_CACHE_BITS.get(self.cache_type_v or "", plain)
             return (k + v) / 2
         return plain
+
+    def sequence_ids(self, fmt: str, recurrent: bool) -> int:
+        """Sequence ids a GGUF context keeps (0 on MLX): per parallel slot one runs a request
+        and one keeps a finished one for prefix reuse; with recurrent memory (reused only
+        whole) a third keeps its prompt checkpoint. llama.cpp gives each one a recurrent
+        state; it takes at most GGUF_MAX_SEQUENCES."""
+        if fmt != "gguf":
+            return 0
+        return min((3 if recurrent else 2) * self.slots(fmt), GGUF_MAX_SEQUENCES)
 
     def kv_windows(self, fmt: str) -> int:
         """Context windows of KV cache a model of format ``fmt`` reserves when loaded: a

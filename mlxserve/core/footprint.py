@@ -22,6 +22,8 @@ WIDTHS_PER_PATCH = 6
 # llama.cpp warms Qwen2-VL-style projectors up with a 46x46-token image ("avoid OOM on
 # warmup" in clip.cpp) and reserves its compute buffer for that size.
 GGUF_WARMUP_TOKENS = 46 * 46
+# llama.cpp keeps recurrent states in f32 whatever the KV cache's type.
+STATE_BYTES = 4
 
 
 def _int(value: Any) -> int | None:
@@ -97,13 +99,55 @@ def geometry(info: ModelInfo) -> Geometry | None:
         )
     meta = _gguf_meta(info.weights)
     arch = meta.get("general.architecture")
+    layers = _int(meta.get(f"{arch}.block_count"))
+    interval = _int(meta.get(f"{arch}.full_attention_interval"))
+    if layers and interval:
+        # Qwen3-Next / Qwen3.5: one attention layer in ``interval``, the others recurrent
+        # (llama.cpp keeps KV cells for the attention layers only).
+        layers //= interval
     return _geometry(
-        meta.get(f"{arch}.block_count"),
+        layers,
         meta.get(f"{arch}.attention.head_count"),
         meta.get(f"{arch}.attention.head_count_kv"),
         meta.get(f"{arch}.attention.key_length"),
         meta.get(f"{arch}.embedding_length"),
     )
+
+
+@dataclass(frozen=True)
+class Recurrent:
+    """A GGUF model's recurrent layers (Mamba's SSM, Gated DeltaNet): llama.cpp keeps, for
+    every sequence id of a context, one state per such layer, in f32, whatever the context
+    length."""
+
+    layers: int
+    # One sequence's state over all those layers.
+    state_bytes: int
+
+
+def recurrent(info: ModelInfo) -> Recurrent | None:
+    """The recurrent layers of a GGUF text model, from its ``ssm.*`` metadata (None: none).
+    A model that says which layers attend (``full_attention_interval``) has the others
+    recurrent; any other has every layer counted as recurrent (right for Mamba and for
+    hybrids with both in every layer, an upper bound for the rest)."""
+    if info.type != "llm" or info.format != "gguf":
+        return None
+    meta = _gguf_meta(info.weights)
+    arch = meta.get("general.architecture")
+
+    def ssm(key: str) -> int:
+        return _int(meta.get(f"{arch}.ssm.{key}")) or 0
+
+    inner, state = ssm("inner_size"), ssm("state_size")
+    blocks = _int(meta.get(f"{arch}.block_count"))
+    if not (inner and state and blocks):
+        return None
+    interval = _int(meta.get(f"{arch}.full_attention_interval"))
+    layers = blocks - blocks // interval if interval else blocks
+    # llama.cpp's per-layer sizes: the convolution's last kernel - 1 inputs over the x, B and
+    # C channels (``n_embd_r``), and the SSM state (``n_embd_s``).
+    conv = max(ssm("conv_kernel") - 1, 0) * (inner + 2 * ssm("group_count") * state)
+    return Recurrent(layers, layers * (conv + state * inner) * STATE_BYTES)
 
 
 def _encoder_bytes(pixels: int, patch: int, width: int, ffn: int, channels: int = 3) -> int:

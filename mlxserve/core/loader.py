@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from backends import open_embedding_engine, open_engine
 from backends.base import Engine, LoadOptions, LoadOptionUnsupported
 from backends.embedding import EmbeddingEngine
-from mlxserve.core import memory
+from mlxserve.core import footprint, memory
 from mlxserve.core.instance import EmbeddingInstance, Instance, Loaded, LoadRequest
 from mlxserve.core.registry import ModelInfo
 from mlxserve.core.templates import ChatTemplate, TemplateError
@@ -82,6 +82,7 @@ class ModelLoader:
                 prompt_cache=options.prompt_cache_bytes if info.format == "mlx" else 0,
                 scores=_gguf_scores(info, options, slots),
                 mask=_gguf_mask(info, options, slots),
+                sequences=options.sequence_ids(info.format, footprint.recurrent(info) is not None),
             )
             if draft is not None:
                 flash = _gguf_flash(options)

@@ -6,7 +6,8 @@ model's files by :mod:`mlxserve.core.footprint`, never from its weights):
 - **weights**: the files' size (a GGUF projector included);
 - **KV windows**: one context window of KV cache per sequence decoded at once (``slots``):
   llama.cpp reserves them all when the context is made; MLX's batch grows one per running
-  request, up to as many;
+  request, up to as many. A GGUF model with recurrent layers (Mamba, Gated DeltaNet) also
+  gets a state per sequence id of its context (``footprint.recurrent``), in this part too;
 - **prompt cache**: MLX keeps finished requests' KV beside the batch, up to
   ``prompt_cache_bytes``; llama.cpp keeps them in the windows' own cells (nothing more);
 - **draft**: a speculative-decoding draft model's weights and KV (see :func:`draft_bytes`);
@@ -67,6 +68,8 @@ class Estimate:
     context_length: int
     # Context windows ``kv_cache`` holds (sequences decoded at once).
     windows: int = 1
+    # Recurrent states ``kv_cache`` holds besides (GGUF: one per sequence id).
+    states: int = 0
     prompt_cache: int = 0
     draft: int = 0
     vision: int = 0
@@ -98,9 +101,11 @@ class Estimate:
     def describe(self) -> str:
         """The non-zero parts in words: what a refusal lists."""
         windows = "window" if self.windows == 1 else "windows"
+        states = f", {self.states} recurrent states" if self.states else ""
         words = {
             "weights": "weights",
-            "kv_cache": f"KV cache ({self.windows} {windows} of {self.context_length} tokens)",
+            "kv_cache": f"KV cache ({self.windows} {windows} of {self.context_length} tokens"
+            f"{states})",
             "prompt_cache": "prompt cache",
             "draft": "draft model",
             "vision": "vision encoder",
@@ -155,18 +160,24 @@ def estimate(
     prompt_cache: int = 0,
     scores: tuple[int, int] | None = None,
     mask: tuple[int, int] | None = None,
+    sequences: int = 0,
 ) -> Estimate:
     """What loading ``info`` with ``context_length`` needs (reads a few files: not on the loop);
     ``windows``: context windows of KV (sequences decoded at once); ``kv_bits``: bits per
     cached element when the cache is quantized; ``prompt_cache``: bytes the engine may keep
     for prefix reuse outside those windows; ``scores``: (queries, keys) of the largest
     attention-score matrix a forward pass materialises (None: fused attention keeps none);
-    ``mask``: (queries, keys) of llama.cpp's attention mask with flash attention."""
-    kv = compute = 0
+    ``mask``: (queries, keys) of llama.cpp's attention mask with flash attention;
+    ``sequences``: sequence ids of a GGUF context, each with a state of a recurrent model's."""
+    kv = compute = states = 0
+    layers = footprint.recurrent(info)
+    if layers is not None and sequences:
+        states = sequences
+        kv = layers.state_bytes * sequences
     shape = footprint.geometry(info)
     if shape is not None:
         bits = kv_bits if kv_bits is not None else (32 if kv_f32 else 16)
-        kv = shape.kv_bytes_per_token(bits) * context_length * windows
+        kv += shape.kv_bytes_per_token(bits) * context_length * windows
         if scores is not None:
             compute = shape.scores_bytes(*scores)
     if mask is not None:
@@ -176,6 +187,7 @@ def estimate(
         kv,
         context_length,
         windows=windows,
+        states=states,
         prompt_cache=prompt_cache if info.type == "llm" else 0,
         vision=footprint.vision_bytes(info),
         compute=compute,
