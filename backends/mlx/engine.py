@@ -4,81 +4,36 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from collections import deque
-from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import llguidance.hf
-import mlx.core as mx
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import (
     BatchGenerator,
     StopSequences,
-    generate_step,
-    generation_stream,
-    speculative_generate_step,
 )
 from mlx_lm.models.cache import KVCache, make_prompt_cache
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
 from backends.base import (
     CHECKPOINT_TAIL,
-    PENALTY_WINDOW,
-    DraftStats,
-    Engine,
     EngineInfo,
-    GenerationRequest,
     Job,
     LoadOptionUnsupported,
-    PromptProgress,
-    Sampled,
-    SamplingParams,
-    TokenLogprobs,
-    TokenStream,
 )
-from backends.constraint import GrammarCache, GrammarConstraint
-from backends.logprobs import ranked
+from backends.constraint import GrammarCache
 from backends.mlx import release_thread_memory
-from backends.mlx.kvquant import BITS, group_size_for, quantized_caches
+from backends.mlx.kvquant import BITS, group_size_for
 from backends.mlx.lm_adapter import hf_tokenizer
 from backends.mlx.prefill import IDLE_PREFILL_CHUNK, PrefillBudget
 from backends.mlx.prompt_cache import PromptCache
+from backends.mlx.sampling import _logprobs
+from backends.mlx.solo import SoloPaths
 from backends.mlx.spill import MLXSpill
 from backends.mlx.splice import Splice, key_shifts
 
 log = logging.getLogger("mlxserve.backends")
-
-LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
-
-
-def _greedy(logprobs: mx.array) -> mx.array:
-    return mx.argmax(logprobs, axis=-1)
-
-
-def _logprobs(rows: list[tuple[mx.array, int, int]]) -> list[TokenLogprobs]:
-    """For each (log-softmax row, sampled token, k): the token's log probability and the k
-    most likely tokens', computed for all rows in one evaluation."""
-    lps = mx.stack([row for row, _, _ in rows]).astype(mx.float32)
-    tokens = mx.array([[token] for _, token, _ in rows])
-    chosen = mx.take_along_axis(lps, tokens, axis=-1)[:, 0]
-    k = max(k for _, _, k in rows)
-    if not k:
-        mx.eval(chosen)
-        return [TokenLogprobs(float(v)) for v in cast(list[float], chosen.tolist())]
-    # A few spare candidates, so ties at the boundary still resolve by lower id.
-    m = min(k + 8, lps.shape[-1])
-    ids = mx.argpartition(-lps, m - 1, axis=-1)[:, :m]
-    values = mx.take_along_axis(lps, ids, axis=-1)
-    mx.eval(chosen, ids, values)
-    picked = cast(list[float], chosen.tolist())
-    id_rows = cast(list[list[int]], ids.tolist())
-    value_rows = cast(list[list[float]], values.tolist())
-    return [
-        TokenLogprobs(float(v), ranked(i, vs, n))
-        for v, i, vs, (_, _, n) in zip(picked, id_rows, value_rows, rows, strict=True)
-    ]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -109,30 +64,7 @@ def _decoder_kinds(decoder: dict[str, Any] | None) -> set[str]:
     return {str(decoder.get("type"))}
 
 
-def _with_history(processor: LogitsProcessor, head: mx.array) -> LogitsProcessor:
-    def process(tokens: mx.array, logits: mx.array) -> mx.array:
-        return processor(mx.concatenate([head, tokens]), logits)
-
-    return process
-
-
-def _constrain(constraint: GrammarConstraint) -> LogitsProcessor:
-    calls = 0
-
-    def process(tokens: mx.array, logits: mx.array) -> mx.array:
-        # Called once per sampled token; from the second call on, the history ends with the
-        # token sampled at the previous call (the batched and the single path alike).
-        nonlocal calls
-        if calls:
-            constraint.advance(int(tokens[-1].item()))  # type: ignore[arg-type]
-        calls += 1
-        allowed = mx.array(constraint.allowed(logits.shape[-1]))
-        return mx.where(allowed, logits, -mx.inf)
-
-    return process
-
-
-class MLXEngine(Engine):
+class MLXEngine(SoloPaths):
     """An mlx-lm model behind the backend interface."""
 
     format = "mlx"
@@ -162,60 +94,6 @@ class MLXEngine(Engine):
         if hf_tokenizer(tokenizer).get_vocab() != hf_tokenizer(self._tokenizer).get_vocab():
             raise ValueError("its vocabulary differs")
         self._drafts[path] = model
-
-    def _speculates(self, request: GenerationRequest) -> bool:
-        """Drafted requests run on their own lane; mlx-lm's speculative step feeds logits
-        processors the draft's tokens too, so a grammar or a penalty would see tokens that
-        verification then rejects: those requests decode without the draft."""
-        p = request.sampling
-        penalties = p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-        return (
-            request.draft is not None
-            and request.constraint is None
-            and not penalties
-            and self._kv_group is None
-        )
-
-    def _spec_steps(self, job: Job) -> Generator[Sampled | PromptProgress, None, None]:
-        request = job.request
-        assert request.draft is not None
-        stats = job.draft = DraftStats()
-        k = request.logprobs
-        steps = speculative_generate_step(
-            mx.array(request.prompt),
-            self._model,
-            self._drafts[request.draft],
-            num_draft_tokens=request.num_draft_tokens,
-            max_tokens=request.max_tokens,
-            sampler=self._sampler(request.sampling),
-            prefill_step_size=self.options.prefill_chunk,
-        )
-        produced = 0
-        drafted = accepted = 0
-        in_round = False
-        try:
-            for token, logprobs, from_draft in steps:
-                if not in_round:
-                    # A round: the draft proposes, verification accepts some, then the
-                    # model's own token ends it.
-                    drafted = min(request.max_tokens - produced, request.num_draft_tokens)
-                    accepted = 0
-                    stats.total += drafted
-                    in_round = True
-                if from_draft:
-                    accepted += 1
-                    stats.accepted += 1
-                else:
-                    stats.rejected += drafted - accepted
-                    in_round = False
-                produced += 1
-                if k is None:
-                    yield int(token)
-                else:
-                    yield int(token), _logprobs([(logprobs, int(token), k)])[0]
-        finally:
-            if in_round:
-                stats.ignored += drafted - accepted
 
     def _load_model(self) -> tuple[Any, Any]:
         """The model and its tokenizer (a distributed engine loads its shard instead)."""
@@ -323,12 +201,6 @@ class MLXEngine(Engine):
             }
         return config
 
-    def _fresh_cache(self) -> list[Any] | None:
-        """A new request's cache when it must not be mlx-lm's default (quantized KV)."""
-        if self._kv_group is None or self.options.kv_cache_bits is None:
-            return None
-        return quantized_caches(self._model, self._kv_group, self.options.kv_cache_bits)
-
     def tokenize(self, text: str) -> list[int]:
         return list(hf_tokenizer(self._tokenizer).encode(text, add_special_tokens=False))
 
@@ -363,88 +235,6 @@ class MLXEngine(Engine):
             prefill_batch_size=size,
             prefill_step_size=self.options.prefill_chunk,
         )
-
-    def _sampler(self, p: SamplingParams) -> Callable[[mx.array], mx.array]:
-        if p.temperature == 0:
-            # One shared function: a batch whose requests all share it samples in one call.
-            return _greedy
-        filters: list[Callable[[mx.array], mx.array]] = []
-        # A top-k as large as the vocabulary keeps every token (mlx-lm refuses such a k).
-        if 0 < p.top_k < self._vocab_size:
-            filters.append(lambda x: apply_top_k(x, p.top_k))
-        if 0 < p.top_p < 1:
-            filters.append(lambda x: apply_top_p(x, p.top_p))
-        if p.min_p > 0:
-            filters.append(lambda x: apply_min_p(x, p.min_p))
-        # A key per request, not MLX's global random state, so that a seeded request is
-        # reproducible whatever else runs.
-        seed = p.seed % (1 << 63) if p.seed is not None else random.getrandbits(62)
-        key = mx.random.key(seed)
-        inv_temp = 1.0 / p.temperature
-
-        def sample(logprobs: mx.array) -> mx.array:
-            nonlocal key
-            key, sub = mx.random.split(key)
-            for f in filters:
-                logprobs = f(logprobs)
-            return mx.random.categorical(logprobs * inv_temp, key=sub)
-
-        return sample
-
-    def _processors(self, request: GenerationRequest) -> list[LogitsProcessor]:
-        p = request.sampling
-        processors: list[LogitsProcessor] = make_logits_processors(
-            repetition_penalty=p.repeat_penalty if p.repeat_penalty != 1.0 else None,
-            repetition_context_size=PENALTY_WINDOW,
-            presence_penalty=p.presence_penalty or None,
-            presence_context_size=PENALTY_WINDOW,
-            frequency_penalty=p.frequency_penalty or None,
-            frequency_context_size=PENALTY_WINDOW,
-        )
-        if request.constraint is not None:
-            processors.append(_constrain(request.constraint))
-        return processors
-
-    def _steps(
-        self, request: GenerationRequest, stream: TokenStream
-    ) -> Generator[Sampled | PromptProgress, None, None]:
-        """The single path: a seeded request, whose draws must not depend on its neighbours
-        (and every request of a model whose cache cannot join a batch).
-
-        The prompt advances one ``prefill_chunk`` per owner-thread step, so the streams
-        beside it wait one chunk at most. The chunk does not grow when nothing else runs:
-        a seeded request's output must not depend on what ran beside it."""
-        prompt = request.prompt
-        cache = self._fresh_cache() or make_prompt_cache(self._model)
-        chunk = self.options.prefill_chunk
-        done = 0
-        while len(prompt) - done > 1:
-            n = min(chunk, len(prompt) - done - 1)
-            with mx.stream(generation_stream):
-                self._model(mx.array(prompt[done : done + n])[None], cache=cache)
-                mx.eval([c.state for c in cache])
-            mx.clear_cache()
-            done += n
-            yield PromptProgress(done, len(prompt))
-        processors = self._processors(request)
-        if processors and done:
-            # mlx-lm hands processors only the tokens it was given: put the prompt's
-            # processed part in front, so penalties see the whole history as before.
-            head = mx.array(prompt[:done])
-            processors = [_with_history(p, head) for p in processors]
-        k = request.logprobs
-        for token, logprobs in generate_step(
-            mx.array(prompt[done:]),
-            self._model,
-            max_tokens=-1,
-            sampler=self._sampler(request.sampling),
-            logits_processors=processors,
-            prompt_cache=cache,
-        ):
-            if k is None:
-                yield int(token)
-            else:
-                yield int(token), _logprobs([(logprobs, int(token), k)])[0]
 
     # --- continuous batching (owner thread) ---------------------------------------------
 

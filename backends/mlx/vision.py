@@ -29,9 +29,10 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from backends.base import EngineInfo, Job, PromptProgress, Sampled, VisionPrompt
 from backends.mlx import vlm_adapter
-from backends.mlx.engine import MLXEngine, _logprobs
+from backends.mlx.engine import MLXEngine
 from backends.mlx.prefill import IDLE_PREFILL_CHUNK
 from backends.mlx.rope_shift import shift
+from backends.mlx.sampling import _logprobs
 from backends.mlx.vision_prefill import VisionPrefill, rope_delta
 
 log = logging.getLogger("mlxserve.backends")

@@ -1,0 +1,124 @@
+"""The GGUF engine's decodes and samples: the batch it fills, each sequence's sample from its
+row (grammar, penalties, log probabilities), and the speculative round of a drafted one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from backends.base import TokenLogprobs
+from backends.llamacpp.adapter import LlamaContext
+from backends.llamacpp.draft import decode_threads
+from backends.llamacpp.kept import KeptSequences
+from backends.llamacpp.sequence import _Seq
+from backends.logprobs import penalize, token_logprobs
+
+
+class SampledDecoding(KeptSequences):
+    """Decoding and sampling on the shared context (see LlamaCppEngine._step)."""
+
+    _ctx: LlamaContext
+    _batch: Any
+    _n_vocab: int
+
+    def _take_samples(self, outputs: list[tuple[_Seq, int]]) -> None:
+        """Sample each sequence's next token from its row of the last decode."""
+        for s, i in outputs:
+            token, lp = self._sample(s, i)
+            self.batched_tokens += 1
+            if self._accept(s.job, token, lp):
+                self._finish_seq(s)
+            else:
+                s.pending = token
+
+    def _put(self, s: _Seq, token: int, logits: bool) -> int:
+        """Append ``token`` of sequence ``s`` to the batch at its next position; its index."""
+        batch = self._batch
+        i = batch.n_tokens
+        batch.token[i] = token
+        batch.pos[i] = len(s.tokens) - s.pos_shift
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = s.seq
+        batch.logits[i] = logits
+        batch.n_tokens = i + 1
+        s.tokens.append(token)
+        return i
+
+    def _decode(self) -> None:
+        rc = llama_cpp.llama_decode(self._ctx.ctx, self._batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def _sample(self, s: _Seq, i: int) -> tuple[int, TokenLogprobs | None]:
+        """Sample ``s``'s next token from row ``i`` of the last decode: grammar mask, then the
+        sequence's sampler chain (which takes the token into its penalty window)."""
+        request = s.job.request
+        constraint = request.constraint
+        logits = None
+        if constraint is not None or request.logprobs is not None:
+            logits = np.ctypeslib.as_array(
+                llama_cpp.llama_get_logits_ith(self._ctx.ctx, i), shape=(self._n_vocab,)
+            )
+        if constraint is not None and logits is not None:
+            constraint.mask_inplace(logits)
+        if logits is not None and request.logprobs is not None:
+            # The chain's penalty sampler works on its own copy: apply them here too.
+            logits = penalize(logits, s.recent, request.sampling)
+        token = s.sampler.sample(self._ctx, i)
+        if constraint is not None:
+            constraint.advance(token)
+        lp = None
+        if logits is not None and request.logprobs is not None:
+            lp = token_logprobs(logits, token, request.logprobs)
+            s.recent.append(token)
+        return token, lp
+
+    def _spec_round(self, s: _Seq) -> None:
+        """One speculative round: the draft proposes up to ``num_draft_tokens`` greedy tokens
+        after the pending one, the model evaluates them all in one decode, and its own samples
+        are taken row by row while they match the proposals. Every token is sampled from the
+        model's row for exactly the prefix it follows, through the same grammar and sampler
+        state as without a draft, so the output is the same; the cache cells past the last
+        accepted proposal are removed."""
+        assert s.draft is not None and s.pending is not None and s.job.draft is not None
+        job, stats = s.job, s.job.draft
+        request = job.request
+        # Never past max_tokens: the round yields at most k + 1 tokens.
+        k = max(0, min(request.num_draft_tokens, request.max_tokens - job.generated - 1))
+        pending, s.pending = s.pending, None
+        proposed = s.draft.propose(s.seq, [*s.tokens, pending], k) if k else []
+        stats.total += len(proposed)
+        start = len(s.tokens)
+        self._batch.n_tokens = 0
+        for token in [pending, *proposed]:
+            self._put(s, token, True)
+        with decode_threads(self._ctx.ctx):
+            self._decode()
+        accepted, done = 0, False
+        for i in range(len(proposed) + 1):
+            token, lp = self._sample(s, i)
+            # The stream's last item carries the stats: proposals not judged yet count as
+            # ignored before a token that may end the reply is taken, and are judged after.
+            stats.ignored += len(proposed) - i
+            done = self._accept(job, token, lp)
+            if done:
+                break
+            stats.ignored -= len(proposed) - i
+            if i == len(proposed):
+                s.pending = token
+                break
+            if token != proposed[i]:
+                stats.rejected += len(proposed) - i
+                s.pending = token
+                break
+            accepted += 1
+            stats.accepted += 1
+        keep = start + 1 + accepted
+        if keep < len(s.tokens):
+            llama_cpp.llama_memory_seq_rm(self._mem, s.seq, keep - s.pos_shift, -1)
+            del s.tokens[keep:]
+        if done:
+            s.pending = None
+            self._finish_seq(s)
