@@ -14,16 +14,12 @@ import pytest
 
 from mlxserve.core import downloads
 from mlxserve.core.downloads import (
-    DownloadError,
     DownloadManager,
-    DownloadSpec,
     HubModelNotFound,
     HubUnreachable,
     InsufficientDiskSpace,
-    RemoteFile,
-    parse_spec,
-    select_files,
 )
+from mlxserve.core.hubfiles import DownloadError, DownloadSpec, RemoteFile, parse_spec, select_files
 from mlxserve.core.registry import Registry
 from mlxserve.errors import InvalidRequest
 from tests.hubserver import Hub, HubServer

@@ -11,14 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from mlxserve.core.downloads import (
-    DownloadError,
-    DownloadManager,
-    DownloadSpec,
-    HubUnreachable,
-    RemoteFile,
-    quant_label,
-)
+from mlxserve.core.downloads import DownloadManager, HubUnreachable
+from mlxserve.core.hubfiles import DownloadError, DownloadSpec, RemoteFile, quant_label
 from mlxserve.core.memory import GB
 from mlxserve.errors import InvalidRequest, MlxServeError
 
