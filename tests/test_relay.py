@@ -8,7 +8,16 @@ import asyncio
 import threading
 from typing import Any
 
-from backends.base import EngineError, Finished, Relay, Token, TokenStream
+from backends.base import (
+    EngineError,
+    Finished,
+    GenerationRequest,
+    Relay,
+    SamplingParams,
+    Token,
+    TokenStream,
+)
+from tests.engine_harness import load
 
 
 def count_wakeups(loop: asyncio.AbstractEventLoop) -> list[Any]:
@@ -131,3 +140,35 @@ def test_a_closed_loop_cancels_the_streams_it_held_items_for():
     assert not stream.cancelled
     stream.put(Token(2))
     assert stream.cancelled
+
+
+def test_a_gguf_decode_step_hands_its_streams_tokens_over_in_one_wakeup(models_root):
+    engine = load(models_root, "gguf", prompt_cache_bytes=0, max_batch_size=4)
+    try:
+
+        async def run() -> list[list[Any]]:
+            loop = asyncio.get_running_loop()
+            # How many items wait at each wake-up: with the step's tokens held, all of a
+            # step's streams; item by item, one.
+            waiting: list[int] = []
+            schedule = loop.call_soon_threadsafe
+
+            def counted(callback: Any, *args: Any, **kwargs: Any) -> Any:
+                relay = getattr(callback, "__self__", None)
+                if isinstance(relay, Relay):
+                    waiting.append(len(relay._items))
+                return schedule(callback, *args, **kwargs)
+
+            loop.call_soon_threadsafe = counted  # type: ignore[method-assign,assignment]
+            requests = [
+                GenerationRequest(tuple(engine.tokenize(w)), SamplingParams(temperature=0), 12)
+                for w in ("apple", "river", "stone")
+            ]
+            results = await asyncio.gather(*(drain(engine.submit(r)) for r in requests))
+            assert max(waiting) >= len(requests)
+            return results
+
+        for items in asyncio.run(run()):
+            assert [type(i) for i in items] == [Token] * 12 + [Finished]
+    finally:
+        engine.close()

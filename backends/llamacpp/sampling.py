@@ -24,14 +24,20 @@ class SampledDecoding(KeptSequences):
     _n_vocab: int
 
     def _take_samples(self, outputs: list[tuple[_Seq, int]]) -> None:
-        """Sample each sequence's next token from its row of the last decode."""
-        for s, i in outputs:
-            token, lp = self._sample(s, i)
-            self.batched_tokens += 1
-            if self._accept(s.job, token, lp):
-                self._finish_seq(s)
-            else:
-                s.pending = token
+        """Sample each sequence's next token from its row of the last decode. The step's
+        tokens reach the event loop in one wake-up; ended sequences are put away after that
+        (keeping one may evict others to disk)."""
+        ended = []
+        with self.relayed():
+            for s, i in outputs:
+                token, lp = self._sample(s, i)
+                self.batched_tokens += 1
+                if self._accept(s.job, token, lp):
+                    ended.append(s)
+                else:
+                    s.pending = token
+        for s in ended:
+            self._finish_seq(s)
 
     def _put(self, s: _Seq, token: int, logits: bool) -> int:
         """Append ``token`` of sequence ``s`` to the batch at its next position; its index."""
@@ -97,24 +103,26 @@ class SampledDecoding(KeptSequences):
         with decode_threads(self._ctx.ctx):
             self._decode()
         accepted, done = 0, False
-        for i in range(len(proposed) + 1):
-            token, lp = self._sample(s, i)
-            # The stream's last item carries the stats: proposals not judged yet count as
-            # ignored before a token that may end the reply is taken, and are judged after.
-            stats.ignored += len(proposed) - i
-            done = self._accept(job, token, lp)
-            if done:
-                break
-            stats.ignored -= len(proposed) - i
-            if i == len(proposed):
-                s.pending = token
-                break
-            if token != proposed[i]:
-                stats.rejected += len(proposed) - i
-                s.pending = token
-                break
-            accepted += 1
-            stats.accepted += 1
+        # The accepted tokens reach the event loop in one wake-up.
+        with self.relayed():
+            for i in range(len(proposed) + 1):
+                token, lp = self._sample(s, i)
+                # The stream's last item carries the stats: proposals not judged yet count as
+                # ignored before a token that may end the reply is taken, and are judged after.
+                stats.ignored += len(proposed) - i
+                done = self._accept(job, token, lp)
+                if done:
+                    break
+                stats.ignored -= len(proposed) - i
+                if i == len(proposed):
+                    s.pending = token
+                    break
+                if token != proposed[i]:
+                    stats.rejected += len(proposed) - i
+                    s.pending = token
+                    break
+                accepted += 1
+                stats.accepted += 1
         keep = start + 1 + accepted
         if keep < len(s.tokens):
             llama_cpp.llama_memory_seq_rm(self._mem, s.seq, keep - s.pos_shift, -1)
