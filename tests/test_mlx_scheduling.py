@@ -113,6 +113,32 @@ def test_seeded_prompt_is_prefilled_one_chunk_per_step(engine, handed):
     assert sum(per_step) >= 6
 
 
+def test_drafted_prompt_is_prefilled_one_chunk_per_step(engine, handed, models_root):
+    # The tiny model drafts for itself: every proposal is accepted.
+    draft = weights(models_root, "mlx")
+    engine.call(lambda: engine.prepare_draft(draft)).result()
+    plain = request(engine, long_prompt("drafted", 6), 8)
+    drafted = replace(plain, draft=draft, num_draft_tokens=3)
+    assert len(drafted.prompt) > 6 * CHUNK
+
+    async def run():
+        together, runner = await beside_a_runner(engine, [drafted])
+        return together[0], runner, await tokens_of(engine.submit(plain))
+
+    tokens, runner, undrafted = asyncio.run(run())
+
+    assert tokens == undrafted
+    # The model's and the draft's prefill advance one chunk per step: the runner gets a
+    # token between any two chunks (mlx-lm's speculative step prefilled the whole prompt
+    # in one step, reporting no progress).
+    per_step = [
+        sum(isinstance(item, PromptProgress) for _, item in window)
+        for window in steps_seen_by(runner, handed)
+    ]
+    assert max(per_step) == 1
+    assert sum(per_step) >= 6
+
+
 def test_seeded_output_is_the_same_alone_and_beside_a_batch(engine):
     seeded = request(engine, long_prompt("again", 5), 12, temperature=0.9, seed=5)
     greedy_seeded = request(engine, long_prompt("again", 5), 12, seed=5)

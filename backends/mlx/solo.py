@@ -50,14 +50,24 @@ class SoloPaths(Sampling):
         assert request.draft is not None
         stats = job.draft = DraftStats()
         k = request.logprobs
+        draft = self._drafts[request.draft]
+        prompt = request.prompt
+        # The prompt goes through the model and the draft one chunk per owner-thread step (as
+        # on the single path), in the pieces mlx-lm's own prefill would take; its
+        # speculative step then starts from the last prompt token. Left to mlx-lm, both
+        # prefills ran in one step while every batched stream waited.
+        caches = make_prompt_cache(self._model), make_prompt_cache(draft)
+        done = 0
+        for done in self._prefill_chunks(prompt, ((self._model, caches[0]), (draft, caches[1]))):
+            yield PromptProgress(done, len(prompt))
         steps = speculative_generate_step(
-            mx.array(request.prompt),
+            mx.array(prompt[done:]),
             self._model,
-            self._drafts[request.draft],
+            draft,
             num_draft_tokens=request.num_draft_tokens,
             max_tokens=request.max_tokens,
             sampler=self._sampler(request.sampling),
-            prefill_step_size=self.options.prefill_chunk,
+            prompt_cache=caches[0] + caches[1],
         )
         produced = 0
         drafted = accepted = 0
@@ -86,6 +96,24 @@ class SoloPaths(Sampling):
             if in_round:
                 stats.ignored += drafted - accepted
 
+    def _prefill_chunks(
+        self, prompt: tuple[int, ...], models: tuple[tuple[Any, list[Any]], ...]
+    ) -> Generator[int, None, None]:
+        """Process all but the last prompt token into each (model, cache), one
+        ``prefill_chunk`` at a time; yields the positions done after each chunk, for the
+        caller to end the owner-thread step there."""
+        chunk = self.options.prefill_chunk
+        done = 0
+        while len(prompt) - done > 1:
+            n = min(chunk, len(prompt) - done - 1)
+            with mx.stream(generation_stream):
+                for model, cache in models:
+                    model(mx.array(prompt[done : done + n])[None], cache=cache)
+                    mx.eval([c.state for c in cache])
+            mx.clear_cache()
+            done += n
+            yield done
+
     def _fresh_cache(self) -> list[Any] | None:
         """A new request's cache when it must not be mlx-lm's default (quantized KV)."""
         if self._kv_group is None or self.options.kv_cache_bits is None:
@@ -103,15 +131,8 @@ class SoloPaths(Sampling):
         a seeded request's output must not depend on what ran beside it."""
         prompt = request.prompt
         cache = self._fresh_cache() or make_prompt_cache(self._model)
-        chunk = self.options.prefill_chunk
         done = 0
-        while len(prompt) - done > 1:
-            n = min(chunk, len(prompt) - done - 1)
-            with mx.stream(generation_stream):
-                self._model(mx.array(prompt[done : done + n])[None], cache=cache)
-                mx.eval([c.state for c in cache])
-            mx.clear_cache()
-            done += n
+        for done in self._prefill_chunks(prompt, ((self._model, cache),)):
             yield PromptProgress(done, len(prompt))
         processors = self._processors(request)
         if processors and done:
