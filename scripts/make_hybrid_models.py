@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import sys
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from types import ModuleType
 from typing import Any, cast
 
 import numpy as np
+from script_loader import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _SOURCE_SHA256 = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
@@ -86,16 +85,6 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 EMBED_STD, LINEAR_STD, CONV_STD = 0.02, 0.15, 0.3
 # Gemma's norms scale by (1 + weight).
 NEUTRAL_NORM = {"qwen3_5": 1.0, "gemma3_text": 0.0}
-
-
-def _tiny_qwen2() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "make_test_models", REPO_ROOT / "scripts" / "make_test_models.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_weights(config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
@@ -178,7 +167,7 @@ def write_gguf(path: Path, config: dict[str, Any], weights: dict[str, np.ndarray
     each other only."""
     import gguf
 
-    qwen2 = _tiny_qwen2()
+    qwen2 = load_script("make_test_models")
     vocab = qwen2.read_vocab(qwen2.find_vocab())
     arch = "qwen35"
     rope = config["rope_parameters"]
@@ -242,7 +231,7 @@ def generate(
     if name in GGUF_ARCHITECTURES:
         folders["gguf"] = base / f"{name}-gguf"
     result = {f: d / f"{name}-f32.gguf" if f == "gguf" else d for f, d in folders.items()}
-    qwen2 = _tiny_qwen2()
+    qwen2 = load_script("make_test_models")
     todo = [
         f for f, d in folders.items() if not qwen2.is_stamped(d, partial(_stamp, f, name, seed))
     ]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import sys
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+from script_loader import load_script
 
 GENERATOR_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -69,15 +69,8 @@ VISION_TEMPLATE = r"""
 
 
 def _base() -> ModuleType:
-    """make_test_models.py, loaded by path (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        "_mlxserve_make_test_models", Path(__file__).with_name("make_test_models.py")
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """make_test_models.py, whose sizes, vocabulary and writers the vision model shares."""
+    return load_script("make_test_models")
 
 
 def vision_vocab(base: ModuleType, vocab_path: Path | None) -> Any:

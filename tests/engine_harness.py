@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from script_loader import load_script
 
 from backends import open_engine
 from backends.base import (
@@ -21,7 +20,7 @@ from backends.base import (
     SamplingParams,
     Token,
 )
-from tests.conftest import MODELS_CACHE, PUBLISHER, REPO
+from tests.conftest import MODELS_CACHE, PUBLISHER
 
 # Models KV-cache quantization can run on: one attention head of 64 (mx.quantize needs
 # groups of 32 or 64; the shared tiny model's heads are 16 wide).
@@ -31,10 +30,8 @@ ONEHEAD_NAME = "tiny-qwen2-onehead"
 
 def onehead_models() -> dict[str, Path]:
     """The tiny Qwen2 with one head of 64, as MLX and GGUF (made once, then cached)."""
-    spec = importlib.util.spec_from_file_location("mtm_kvq", REPO / "scripts/make_test_models.py")
-    assert spec and spec.loader
-    mtm: Any = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mtm)  # its own copy: the size below stays out of the shared one
+    # Its own copy: the size below stays out of the shared one.
+    mtm = load_script("make_test_models")
     mtm.HIDDEN, mtm.INTERMEDIATE, mtm.LAYERS, mtm.HEADS, mtm.KV_HEADS = 64, 128, 2, 1, 1
     return mtm.generate(ONEHEAD_ROOT, publisher=PUBLISHER, name=ONEHEAD_NAME, seed=0)
 
@@ -110,10 +107,8 @@ NEAR_NAME = "tiny-qwen2-near2"
 
 def near_models(root: Path = MODELS_CACHE) -> dict[str, Path]:
     """The tiny Qwen2 with its last layer perturbed, as MLX and GGUF (made once, cached)."""
-    spec = importlib.util.spec_from_file_location("mtm_near", REPO / "scripts/make_test_models.py")
-    assert spec and spec.loader
-    mtm: Any = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mtm)  # its own copy: the weights below stay out of the shared one
+    # Its own copy: the weights below stay out of the shared one.
+    mtm = load_script("make_test_models")
     plain = mtm.make_weights
 
     def perturbed(seed: int, n_vocab: int) -> dict[str, np.ndarray]:

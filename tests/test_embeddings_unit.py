@@ -3,7 +3,6 @@ window, the engine's batching machinery, registry detection and the GGUF vocabul
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
 from collections.abc import Sequence
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from script_loader import load_script
 from starlette.testclient import TestClient
 
 from backends.base import LoadOptions
@@ -22,7 +22,6 @@ from mlxserve.errors import InputTooLong, InvalidRequest
 from mlxserve.protocols.embeddings import MAX_INPUTS
 from mlxserve.protocols.embeddings import EmbeddingRequest as WireRequest
 from mlxserve.settings import Settings
-from tests.conftest import REPO
 
 # --------------------------------------------------------------- request validation
 
@@ -261,11 +260,7 @@ def test_registry_types(tmp_path):
 
 
 def _converter():
-    path = REPO / "scripts" / "make_embedding_models.py"
-    spec = importlib.util.spec_from_file_location("make_embedding_models", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("make_embedding_models")
     return module
 
 

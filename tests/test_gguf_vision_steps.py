@@ -4,12 +4,12 @@ the tiny Qwen2-VL + projector (scripts/make_vision_models.py), driven at the eng
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import pytest
+from script_loader import load_script
 
 from backends import open_engine
 from backends.base import (
@@ -21,7 +21,7 @@ from backends.base import (
     SamplingParams,
     Token,
 )
-from tests.conftest import MODELS_CACHE, PUBLISHER, REPO
+from tests.conftest import MODELS_CACHE, PUBLISHER
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -32,12 +32,7 @@ BATCH = 32
 
 @pytest.fixture(scope="module")
 def model_file() -> Path:
-    spec = importlib.util.spec_from_file_location(
-        "make_vision_models", REPO / "scripts/make_vision_models.py"
-    )
-    assert spec and spec.loader
-    module: Any = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("make_vision_models")
     module.generate(VISION_ROOT, publisher=PUBLISHER)
     return next((VISION_ROOT / PUBLISHER / "tiny-qwen2-vl-gguf").glob("tiny-*.gguf"))
 

@@ -7,13 +7,13 @@ at the end of each reply."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from pathlib import Path
 
 import mlx.core as mx
 import openai
 import pytest
 from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
+from script_loader import load_script
 
 from backends import open_engine
 from backends.base import CHECKPOINT_TAIL, Engine, LoadOptions
@@ -30,12 +30,7 @@ CHAT = "<|im_start|>{}\n{}<|im_end|>\n"
 
 @pytest.fixture(scope="module")
 def hybrid_models(models_root) -> Path:
-    spec = importlib.util.spec_from_file_location(
-        "make_hybrid_models", REPO / "scripts" / "make_hybrid_models.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("make_hybrid_models")
     for name in MODELS:
         module.generate(models_root, name, PUBLISHER)
     return models_root

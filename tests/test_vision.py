@@ -7,7 +7,6 @@ import asyncio
 import base64
 import contextlib
 import http.server
-import importlib.util
 import io
 import threading
 import time
@@ -18,6 +17,7 @@ import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletionContentPartParam
+from script_loader import load_script
 
 from tests.conftest import GGUF_KEY, MLX_KEY, MODELS_CACHE, PUBLISHER, Server
 
@@ -86,12 +86,7 @@ def image_host():
 @pytest.fixture(scope="module")
 def vision_models(models_root) -> Path:
     """A models directory with the vision model and the tiny text model beside it."""
-    spec = importlib.util.spec_from_file_location(
-        "make_vision_models", Path(__file__).resolve().parents[1] / "scripts/make_vision_models.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("make_vision_models")
     module.generate(VISION_ROOT, publisher=PUBLISHER)
     for key in (MLX_KEY, GGUF_KEY):  # text models: a GGUF without a projector is one
         text = VISION_ROOT / key

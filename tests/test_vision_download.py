@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,8 +10,9 @@ import sys
 
 import httpx
 import pytest
+from script_loader import load_script
 
-from tests.conftest import MODELS_CACHE, PUBLISHER, REPO, Server
+from tests.conftest import MODELS_CACHE, PUBLISHER, Server
 from tests.hubserver import Hub, HubServer
 
 pytest.importorskip("PIL.Image")
@@ -23,12 +23,7 @@ VISION_ROOT = MODELS_CACHE.parent / "vision-models"
 
 @pytest.fixture
 def hub(monkeypatch):
-    spec = importlib.util.spec_from_file_location(
-        "make_vision_models", REPO / "scripts/make_vision_models.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("make_vision_models")
     folder = module.generate(VISION_ROOT, publisher=PUBLISHER)["gguf"]
     hub = Hub()
     hub.add_repo(HUB_REPO, folder)

@@ -4,14 +4,12 @@ and q8_0 cache types on GGUF."""
 
 from __future__ import annotations
 
-import importlib.util
-from typing import Any
-
 import httpx
 import openai
 import pytest
+from script_loader import load_script
 
-from tests.conftest import MODELS_CACHE, PUBLISHER, REPO, Server
+from tests.conftest import MODELS_CACHE, PUBLISHER, Server
 from tests.test_vision import IMG_A, IMG_B, QUESTION, N, _ask, _data_url, _together_equals_solo
 
 ROOT = MODELS_CACHE.parent / "vision-models-kvq"
@@ -27,12 +25,8 @@ LOADS = {
 
 
 def _generate() -> None:
-    spec = importlib.util.spec_from_file_location(
-        "make_vision_models_kvq", REPO / "scripts/make_vision_models.py"
-    )
-    assert spec and spec.loader
-    module: Any = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # its own copy: the sizes below stay out of the shared one
+    # Its own copy: the sizes below stay out of the shared one.
+    module = load_script("make_vision_models")
     make_base = module._base
 
     def onehead():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from script_loader import load_script
 
 from mlxserve.core.chatstore import ChatStore
 from tests.conftest import GGUF_KEY, MLX_KEY, MODELS_CACHE, PUBLISHER, REPO, Server
@@ -49,12 +50,7 @@ def _vision_models() -> Path | None:
 
     if importlib.util.find_spec("mlx_vlm") is None or importlib.util.find_spec("PIL") is None:
         return None
-    spec = importlib.util.spec_from_file_location(
-        "make_vision_models", REPO / "scripts" / "make_vision_models.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("make_vision_models")
     root = MODELS_CACHE.parent / "vision-models"
     module.generate(root, publisher=PUBLISHER)
     return root
