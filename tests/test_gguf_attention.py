@@ -1,8 +1,10 @@
-"""GGUF attention with flash attention on (a load's ``flash_attention: true`` or the
-server's ``--flash-attention``): a prompt admitted beside running
-streams leaves their numbers as they are alone, because each stream's token and each
-prompt's chunk reach llama.cpp in decodes of their own (its CPU flash-attention kernel
-computes a micro-batch of 64 queries or more another way, ≈1e-3 apart)."""
+"""GGUF: a prompt admitted beside running streams leaves their numbers as they are alone.
+
+Without flash attention (the default) a step is one ``llama_decode``: the streams' tokens and
+the prompt's chunk share the pass over the weights. With it (a load's ``flash_attention:
+true`` or the server's ``--flash-attention``) each stream's token and each prompt's chunk
+reach llama.cpp in decodes of their own, because its CPU flash-attention kernel computes a
+micro-batch of 64 queries or more another way (≈1e-3 apart)."""
 
 from __future__ import annotations
 
@@ -34,7 +36,10 @@ async def _stream(
     raise AssertionError("the stream ended without Finished")
 
 
-def test_a_long_prompt_admitted_beside_a_stream_leaves_both_as_alone(models_root):
+@pytest.mark.parametrize("flash", [True, False], ids=["flash", "default"])
+def test_a_long_prompt_admitted_beside_a_stream_leaves_both_as_alone(
+    models_root, monkeypatch, flash
+):
     short_n, long_n = 24, 8
 
     async def alone(engine, short, long):
@@ -48,13 +53,26 @@ def test_a_long_prompt_admitted_beside_a_stream_leaves_both_as_alone(models_root
         return [await first, second]
 
     results = []
+    # Each llama_decode of the run beside each other: did it hold a prompt chunk (more tokens
+    # than sequences) and another sequence's token?
+    shared: list[bool] = []
     # Each run on a fresh engine whose prompt cache keeps finished sequences: no cell is
     # freed under a running stream (a refilled hole reorders its cells, and the kernel
     # sums a sequence's values in f16 in cell order).
     for run in (alone, together):
-        engine = load(models_root, "gguf", flash_attention=True)
+        engine = load(models_root, "gguf", flash_attention=flash)
+        if run is together:
+            decode = engine._decode
+
+            def counted(engine: Engine = engine, decode=decode) -> None:
+                batch = engine._batch  # type: ignore[attr-defined]
+                seqs = {batch.seq_id[i][0] for i in range(batch.n_tokens)}
+                shared.append(len(seqs) > 1 and batch.n_tokens > len(seqs))
+                decode()
+
+            monkeypatch.setattr(engine, "_decode", counted)
         try:
-            assert engine.info.load_config["flash_attention"] is True
+            assert engine.info.load_config["flash_attention"] is flash
             short = engine.tokenize("apple tell me")
             # Over 64 tokens: a micro-batch the kernel tiles.
             long = engine.tokenize("river " + "tell me more " * 40)
@@ -62,6 +80,9 @@ def test_a_long_prompt_admitted_beside_a_stream_leaves_both_as_alone(models_root
             results.append(asyncio.run(run(engine, short, long)))
         finally:
             engine.close()
+    # The stream's token and the prompt's chunk: in decodes of their own with flash
+    # attention, in one decode without it (the step the prompt was admitted in).
+    assert any(shared) is not flash
     for solo, batched in zip(*results, strict=True):
         assert [t for t, _ in batched] == [t for t, _ in solo]
         # Matrix products of 1 and 2 rows differ in the last bits (≈3e-7), nothing more.

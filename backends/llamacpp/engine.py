@@ -94,6 +94,7 @@ class LlamaCppEngine(SampledDecoding):
         # V cache only with it.
         quantized_v = type_v not in (llama_cpp.GGML_TYPE_F32, llama_cpp.GGML_TYPE_F16)
         flash = bool(options.flash_attention) or quantized_v
+        self._flash = flash
         offload = options.offload_kv_cache_to_gpu is not False
         moe = _moe_key(self.path) if options.num_experts else None
         overrides: dict[str, bool | int | float | str] | None = None
@@ -348,20 +349,29 @@ class LlamaCppEngine(SampledDecoding):
                 job.fail(exc)
         if not self._running:
             return
-        # The running streams' tokens and each prompt's chunk go to llama.cpp in decodes of
-        # their own: its attention kernels change numerics with the number of tokens in a
-        # micro-batch (the CPU flash-attention kernel tiles from 64 queries), so a token is
+        # Without flash attention a step is one llama_decode: the running streams' tokens and
+        # the prompts' chunks share one pass over the weights, and a prompt's last row rides
+        # on the streams' output projection (a second decode paid both again, slowing the
+        # streams that run while others are admitted: the 8-stream fairness figure). With
+        # flash attention each part is decoded alone: its CPU kernel changes numerics with
+        # the number of tokens in a micro-batch (it tiles from 64 queries), so a token is
         # computed as it would be alone only if its neighbours in the micro-batch are too.
+        alone = self._flash
         decoding = [s for s in self._running if s.pending is not None and s.draft is None]
         self._batch.n_tokens = 0
+        outputs: list[tuple[_Seq, int]] = []
         for s in decoding:
             assert s.pending is not None
-            self._put(s, s.pending, True)
+            outputs.append((s, self._put(s, s.pending, True)))
             s.pending = None
-        if decoding:
+        if decoding and alone:
             self._decode()
-            self._take_samples([(s, i) for i, s in enumerate(decoding)])
+            self._take_samples(outputs)
+            outputs = []
         room = self._n_batch if decoding else self._step_tokens - self._parallel
+        chunks: list[tuple[_Seq, int]] = []
+        # Image pieces decode on their own after the shared batch (they replace its logits).
+        images: list[tuple[_Seq, Image, int]] = []
         for s in list(self._running):
             if room <= 0:
                 break
@@ -375,7 +385,10 @@ class LlamaCppEngine(SampledDecoding):
             if image is not None and image.start + image.done == done:
                 # Encoding an image is one piece that cannot be split: it takes the step's room.
                 take = min(room, image.n - image.done) if image.embd is not None else room
-                self._image_piece(s, image, room)
+                if alone:
+                    self._image_piece(s, image, room)
+                else:
+                    images.append((s, image, room))
                 room -= take
                 continue
             if image is not None:
@@ -386,19 +399,35 @@ class LlamaCppEngine(SampledDecoding):
             if not chunk:
                 continue
             room -= len(chunk)
-            self._batch.n_tokens = 0
+            if alone:
+                self._batch.n_tokens = 0
             for j, token in enumerate(chunk):
-                self._put(s, token, done + j == len(s.prompt) - 1)
-            self._decode()
-            if 0 < len(s.tokens) == self._checkpoint_at(s):
-                self._checkpoint_prompt(s)
-            if len(s.tokens) < len(s.prompt):
-                s.job.progress(len(s.tokens), len(s.prompt), s.cached)
+                last = self._put(s, token, done + j == len(s.prompt) - 1)
+            if alone:
+                self._decode()
+                self._take_samples(self._chunk_done(s, last))
             else:
-                self._take_samples([(s, len(chunk) - 1)])
+                chunks.append((s, last))
+        if not alone and self._batch.n_tokens:
+            self._decode()
+            for s, last in chunks:
+                outputs += self._chunk_done(s, last)
+            self._take_samples(outputs)
+        for s, image, limit in images:
+            self._image_piece(s, image, limit)
         # Drafted requests each take one speculative round of their own after the batch.
         for s in [s for s in self._running if s.pending is not None and s.draft is not None]:
             self._spec_round(s)
+
+    def _chunk_done(self, s: _Seq, last: int) -> list[tuple[_Seq, int]]:
+        """After the decode that took ``s``'s prompt chunk (its last row at ``last``): the
+        prompt checkpoint and progress; the row to sample once the whole prompt is in."""
+        if 0 < len(s.tokens) == self._checkpoint_at(s):
+            self._checkpoint_prompt(s)
+        if len(s.tokens) < len(s.prompt):
+            s.job.progress(len(s.tokens), len(s.prompt), s.cached)
+            return []
+        return [(s, last)]
 
     def _unload(self) -> None:
         if self._spill is not None:
