@@ -456,6 +456,11 @@ async def run(args: argparse.Namespace, base_mode: Mode) -> dict[str, Any]:
             }
             spreads: dict[str, str] = {}
             if peer in side:
+                # The same two figures for the peer server: what serving over HTTP costs any
+                # server against the in-process baseline.
+                theirs = by_n[1][peer.name]
+                figs["peer_single_decode_vs_inproc"] = theirs["decode_tps"] / inproc[0]
+                figs["peer_ttft_added_ms"] = (theirs["ttft_p50"] - inproc[1]) * 1000
                 for n in mode.concurrency:
                     name = f"vs_{peer.name}_{n}"
                     figs[name] = (
@@ -485,6 +490,8 @@ async def run(args: argparse.Namespace, base_mode: Mode) -> dict[str, Any]:
             goals = {
                 "single_decode_vs_inproc": ">= 0.97" if fmt == "mlx" else ">= 0.95",
                 "ttft_added_ms": "<= 20",
+                "peer_single_decode_vs_inproc": "reported",
+                "peer_ttft_added_ms": "reported",
                 "aggregate_8_vs_1": ">= 3" if fmt == "mlx" else ">= 2",
                 "fairness_8": "<= 1.25",
                 "peak_rss_8_vs_1": "reported",

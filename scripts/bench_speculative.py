@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-from bench_common import PUBLISHER, SIZES, Server, load_script, stream_once, unique_prompt
+from bench_common import PUBLISHER, REPO, SIZES, Server, load_script, stream_once, unique_prompt
 
 # The wide model's (hidden, intermediate, layers, heads, kv heads): heads as wide as the tiny
 # model's (16), so its heads and their grouping over the KV heads line up with the tiny ones.
@@ -89,6 +90,51 @@ def make_pairs(root: Path) -> dict[str, dict[str, Path]]:
     }
 
 
+def inproc_mlx_pair(n: int, rounds: int, k: int = 4) -> dict[str, float]:
+    """mlx-lm alone in this process on the high-acceptance pair (the server's baseline):
+    ``speculative_generate_step``'s decode tok/s ÷ ``generate_step``'s (alternating,
+    medians), and the wide model's forward over ``k + 1`` tokens (a verification) ÷ over one
+    (a plain step), medians of 5 each."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step, speculative_generate_step
+    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+    paths = make_pairs(REPO / ".cache" / "bench-models")
+    model, tokenizer = load(str(paths[WIDE_NAME]["mlx"]))[:2]
+    draft = load(str(paths[DRAFT_NAME]["mlx"]))[0]
+
+    def rate(steps: Any) -> float:
+        times = [time.perf_counter() for _, _ in zip(steps, range(n), strict=False)]
+        return (len(times) - 1) / (times[-1] - times[0])
+
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(rounds):
+        for drafted in (r % 2 == 0, r % 2 == 1):
+            prompt = mx.array(tokenizer.encode(unique_prompt(f"in{r}{int(drafted)}", 64)))
+            rates[drafted].append(
+                rate(speculative_generate_step(prompt, model, draft, num_draft_tokens=k))
+                if drafted
+                else rate(generate_step(prompt, model))
+            )
+    cache = make_prompt_cache(model)
+    model(mx.array(tokenizer.encode(unique_prompt("rows", 64)))[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    cost: dict[int, list[float]] = {1: [], k + 1: []}
+    for _ in range(5):
+        for rows in cost:
+            t0 = time.perf_counter()
+            mx.eval(model(mx.array([list(range(100, 100 + rows))]), cache=cache))
+            cost[rows].append(time.perf_counter() - t0)
+            trim_prompt_cache(cache, rows)
+    return {
+        "draft_high_acceptance_inproc_decode_vs_none": statistics.median(rates[True])
+        / statistics.median(rates[False]),
+        f"verify_{k + 1}_rows_vs_1_row_inproc": statistics.median(cost[k + 1])
+        / statistics.median(cost[1]),
+    }
+
+
 async def _drafted_vs_plain(
     client: httpx.AsyncClient, server: Server, draft: str, n: int, rounds: int, tag: str
 ) -> tuple[float, float]:
@@ -148,6 +194,8 @@ async def speculative(
                 ratio, accepted = await _drafted_vs_plain(client, server, key, n, rounds, label)
                 figs[f"draft_{label}_acceptance_decode_vs_none"] = ratio
                 figs[f"draft_{label}_acceptance_accepted_share"] = accepted
+            if fmt == "mlx":
+                figs.update(inproc_mlx_pair(n, rounds))
         finally:
             await client.post(
                 server.url + "/api/v1/models/unload", json={"instance_id": server.model}

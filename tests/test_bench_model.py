@@ -31,6 +31,9 @@ def test_model_mode_measures_listed_models_beside_the_peer_servers(models_root, 
         assert gguf["raw"][str(n)]["llama_cpp.server"]["aggregate_tps"] > 0
         assert mlx["raw"][str(n)]["mlxserve"]["aggregate_tps"] > 0
     assert mlx["figures"]["vs_mlx_lm.server_2"] > 0
+    # The peer's single stream against the same in-process baseline, beside ours.
+    assert mlx["figures"]["peer_single_decode_vs_inproc"] > 0
+    assert "peer_ttft_added_ms" in gguf["figures"]
     assert gguf["figures"]["vs_llama_cpp.server_2"] > 0
     # The in-process baselines loaded the same weights; memory is compared with them too.
     assert mlx["inproc_decode_tps"] > 0 and gguf["inproc_peak_rss"] > 0
