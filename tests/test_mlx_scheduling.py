@@ -17,10 +17,10 @@ from backends.base import (
     GenerationRequest,
     PromptProgress,
     SamplingParams,
-    StreamItem,
     Token,
     TokenStream,
 )
+from backends.stream import StreamItem
 from tests.engine_harness import load, weights
 
 CHUNK = 16
