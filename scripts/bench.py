@@ -8,6 +8,7 @@ after a warm-up, and reports medians. See docs/benchmarks.md for what each figur
     .venv/bin/python scripts/bench.py --quick          # a couple of minutes
     .venv/bin/python scripts/bench.py --formats mlx    # the full run, one format at a time
     .venv/bin/python scripts/bench.py --agent-replay   # prompt cache on an agent session
+    .venv/bin/python scripts/bench.py --rss --formats gguf  # peak RSS ÷ in process alone
     .venv/bin/python scripts/bench.py --model KEY      # any model the server lists
 
 ``--model`` runs the same figures on real weights (the models directory, LM Studio's folder,
@@ -178,8 +179,9 @@ def inproc_gguf(path: Path, prompt: str, out_tokens: int) -> tuple[float, float]
 def inproc_peak_rss(fmt: str, path: Path, streams: int, out_tokens: int, context: int) -> int:
     """Peak resident bytes of a fresh process that loads the model and generates
     ``streams`` replies of ``out_tokens`` in process (mlx-lm ``batch_generate``; llama-cpp-
-    python one after the other, in one window of the server's ``context``): what our
-    server's peak at as many streams is compared with."""
+    python one after the other, in one window of the server's ``context``, its KV cache of
+    the type our server gives the model): what our server's peak at as many streams is
+    compared with."""
     argv = [sys.executable, __file__, "--inproc-rss", fmt, str(path), str(streams)]
     argv += [str(out_tokens), str(context)]
     out = subprocess.run(argv, capture_output=True, text=True, check=True)
@@ -205,11 +207,24 @@ def _inproc_rss_child(fmt: str, path: str, streams: int, out_tokens: int, contex
             model, tokenizer, [tokenizer.encode(p) for p in prompts], max_tokens=out_tokens
         )
     else:
+        import llama_cpp
         from llama_cpp import Llama
 
+        from mlxserve.core.gguf_header import read_header
+
         threads, threads_batch = gguf_threads()
+        # The KV cache type our server gives the model: f32 for f32 weights (the loader's
+        # kv_cache_f32, so that both formats compute the same logits), else llama.cpp's f16.
+        f32 = read_header(Path(path)).metadata.get("general.file_type") == 0
+        kv = llama_cpp.GGML_TYPE_F32 if f32 else llama_cpp.GGML_TYPE_F16
         llm = Llama(
-            path, n_ctx=context, n_threads=threads, n_threads_batch=threads_batch, verbose=False
+            path,
+            n_ctx=context,
+            n_threads=threads,
+            n_threads_batch=threads_batch,
+            type_k=kv,
+            type_v=kv,
+            verbose=False,
         )
         for p in prompts:
             ids = llm.tokenize(p.encode(), add_bos=False)
@@ -575,6 +590,12 @@ def main(argv: list[str] | None = None) -> int:
         help="only the admission gaps: one, a seeded and four long prompts (mlxserve alone)",
     )
     parser.add_argument(
+        "--rss",
+        action="store_true",
+        help="only the peak-RSS figures: our server idle, loaded and at 8 streams, and in "
+        "process (mlxserve alone)",
+    )
+    parser.add_argument(
         "--agent-replay",
         action="store_true",
         help="only the agent replay: prompt-cache hits and prefill time ÷ a cold server",
@@ -630,6 +651,10 @@ def main(argv: list[str] | None = None) -> int:
         results = asyncio.run(agent_replay(args))
     elif args.logprobs:
         results = asyncio.run(logprobs_only(args, mode))
+    elif args.rss:
+        from bench_rss import rss_only
+
+        results = asyncio.run(rss_only(args, mode))
     elif args.admission:
         from bench_admission import admission_only
 
