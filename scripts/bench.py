@@ -177,14 +177,30 @@ def inproc_gguf(path: Path, prompt: str, out_tokens: int) -> tuple[float, float]
 
 
 def inproc_peak_rss(fmt: str, path: Path, streams: int, out_tokens: int, context: int) -> int:
-    """Peak resident bytes of a fresh process that loads the model and generates
-    ``streams`` replies of ``out_tokens`` in process (mlx-lm ``batch_generate``; llama-cpp-
-    python one after the other, in one window of the server's ``context``, its KV cache of
-    the type our server gives the model): what our server's peak at as many streams is
-    compared with."""
-    argv = [sys.executable, __file__, "--inproc-rss", fmt, str(path), str(streams)]
-    argv += [str(out_tokens), str(context)]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True)
+    """Peak resident bytes of a fresh bare process (scripts/bench_inproc_rss.py) that loads
+    the model and generates ``streams`` replies of ``out_tokens`` in process (mlx-lm
+    ``batch_generate``; llama-cpp-python one after the other, in one window of the server's
+    ``context``, with our server's thread counts and its KV cache type for the model: f32
+    for f32 weights, the loader's ``kv_cache_f32``): what our server's peak at as many
+    streams is compared with."""
+    job: dict[str, Any] = {
+        "format": fmt,
+        "path": str(path),
+        "prompts": [unique_prompt(f"rss{i}", 64) for i in range(streams)],
+        "tokens": out_tokens,
+        "context": context,
+    }
+    if fmt == "gguf":
+        from mlxserve.core.gguf_header import read_header
+
+        job["threads"], job["threads_batch"] = gguf_threads()
+        job["kv_f32"] = read_header(path).metadata.get("general.file_type") == 0
+    script = Path(__file__).with_name("bench_inproc_rss.py")
+    out = subprocess.run(
+        [sys.executable, str(script)], input=json.dumps(job), capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"the in-process baseline failed: {out.stderr[-2000:]}")
     return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss"])
 
 
@@ -193,47 +209,6 @@ async def loaded_context(server: Server) -> int:
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
         loaded = (await client.get("/api/v1/models/loaded")).json()["instances"]
     return int(next(i["context_length"] for i in loaded if i["id"] == server.model))
-
-
-def _inproc_rss_child(fmt: str, path: str, streams: int, out_tokens: int, context: int) -> None:
-    import resource
-
-    prompts = [unique_prompt(f"rss{i}", 64) for i in range(streams)]
-    if fmt == "mlx":
-        from mlx_lm import batch_generate, load
-
-        model, tokenizer = load(path)[:2]
-        batch_generate(
-            model, tokenizer, [tokenizer.encode(p) for p in prompts], max_tokens=out_tokens
-        )
-    else:
-        import llama_cpp
-        from llama_cpp import Llama
-
-        from mlxserve.core.gguf_header import read_header
-
-        threads, threads_batch = gguf_threads()
-        # The KV cache type our server gives the model: f32 for f32 weights (the loader's
-        # kv_cache_f32, so that both formats compute the same logits), else llama.cpp's f16.
-        f32 = read_header(Path(path)).metadata.get("general.file_type") == 0
-        kv = llama_cpp.GGML_TYPE_F32 if f32 else llama_cpp.GGML_TYPE_F16
-        llm = Llama(
-            path,
-            n_ctx=context,
-            n_threads=threads,
-            n_threads_batch=threads_batch,
-            type_k=kv,
-            type_v=kv,
-            verbose=False,
-        )
-        for p in prompts:
-            ids = llm.tokenize(p.encode(), add_bos=False)
-            for i, _ in enumerate(llm.generate(ids, temp=0.0, reset=True)):
-                if i + 1 >= out_tokens:
-                    break
-    # ru_maxrss is in KiB on Linux, in bytes on macOS.
-    scale = 1 if sys.platform == "darwin" else 1024
-    print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}))
 
 
 # ---------------------------------------------------------------- figures
@@ -629,12 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=REPO / ".cache" / "bench" / "results.json", help="JSON output"
     )
-    parser.add_argument("--inproc-rss", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.inproc_rss:
-        fmt, path, streams, tokens, context = args.inproc_rss
-        _inproc_rss_child(fmt, path, int(streams), int(tokens), int(context))
-        return 0
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     mode = QUICK if args.quick else FULL
     if args.concurrency:

@@ -1,6 +1,7 @@
 """What a serving process imports: libraries that only some requests or commands need stay out
-of the server's memory until one does (the MCP SDK ≈40 MB, httpx with its command line's
-rich/click/pygments ≈10 MB), and the first request that needs one still gets it."""
+of the server's memory until one does (the MCP SDK ≈30 MB, httpx with its command line's
+rich/click/pygments ≈5 MB, jsonschema ≈3 MB for MCP tool calls' arguments), and the first
+request that needs one still gets it (the MCP tests check the calls themselves)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-LAZY = ("mcp", "mcp_types", "httpx", "httpx2", "rich", "pygments")
+LAZY = ("mcp", "mcp_types", "httpx", "httpx2", "rich", "pygments", "jsonschema")
 
 
 def _run(tmp_path: Path, body: str) -> dict[str, list[str]]:

@@ -1,6 +1,6 @@
 """The MCP SDK side of :mod:`mlxserve.core.mcp`: one client session per server, through the
 official ``mcp`` SDK. Imported when a request first connects to an MCP server: the SDK's
-modules take ≈40 MB of a server's memory, which requests that use no MCP never need.
+modules take ≈30 MB of a server's memory, which requests that use no MCP never need.
 
 A :class:`Connection` runs its SDK session in a task of its own: the SDK's transports are
 anyio task groups, which must be left by the task that entered them, while requests that

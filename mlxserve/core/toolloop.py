@@ -16,8 +16,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-import jsonschema
-
 from mlxserve.core import generate
 from mlxserve.core.generate import Generation
 from mlxserve.core.manager import ModelManager
@@ -286,6 +284,9 @@ class ToolLoop:
 
 def _argument_problem(arguments: dict[str, Any], schema: dict[str, Any]) -> str | None:
     """Why ``arguments`` do not fit the tool's input schema, or None when they do."""
+    # Here, not at the top: only MCP tool calls are checked, and jsonschema takes ≈3 MB.
+    import jsonschema
+
     try:
         validator = jsonschema.validators.validator_for(schema)(schema)
         error = jsonschema.exceptions.best_match(validator.iter_errors(arguments))
