@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench import Mode, concurrent, inproc_peak_rss, loaded_context
+from bench import Mode, concurrent, format_mode, inproc_peak_rss, loaded_context
 from bench_common import (
     fmt_table,
     machine,
@@ -46,6 +46,7 @@ async def rss_only(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
     timings: dict[str, float] = {}
     for fmt in args.formats:
         target = found[fmt]
+        out_tokens = format_mode(mode, fmt).out_tokens
         home = Path(tempfile.mkdtemp(prefix="mlxserve-bench-"))
         ours = our_server(root, home, target.key)
         try:
@@ -57,14 +58,14 @@ async def rss_only(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
                     await stream_once(client, ours, "warm up", 4)
             loaded = ours.rss()
             with timed(timings, f"{fmt} {top} streams"), peak_rss(ours) as peak:
-                await concurrent(ours, top, mode.out_tokens, f"rss{fmt}")
+                await concurrent(ours, top, out_tokens, f"rss{fmt}")
             served = peak()
             context = await loaded_context(ours)
             kv, windows = await _kv_part(ours)
         finally:
             ours.stop()
         with timed(timings, f"{fmt} in-process peak RSS"):
-            inproc = inproc_peak_rss(fmt, target.path, top, mode.out_tokens, context)
+            inproc = inproc_peak_rss(fmt, target.path, top, out_tokens, context)
         figs = {
             "server_idle_rss_mb": idle / MB,
             "server_loaded_rss_mb": loaded / MB,
