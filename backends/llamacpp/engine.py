@@ -232,11 +232,11 @@ class LlamaCppEngine(SampledDecoding):
         self._whole_only = bool(
             llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
         )
-        # A sequence id per parallel slot runs a request, one more keeps a finished one for
-        # prefix reuse, and with whole-only memory a third keeps its prompt checkpoint (each
-        # costs such a model one more recurrent state).
-        per_slot = 3 if self._whole_only else 2
-        n_seq = min(per_slot * self._parallel, llama_cpp.llama_max_parallel_sequences())
+        # The same count the guardrail gives each of such a model's recurrent states.
+        n_seq = min(
+            options.sequence_ids("gguf", self._whole_only),
+            llama_cpp.llama_max_parallel_sequences(),
+        )
         self._n_seq = n_seq
         self._cells = options.context_length * self._parallel
         self._step_tokens = max(self._n_batch, IDLE_PREFILL_CHUNK) + self._parallel
