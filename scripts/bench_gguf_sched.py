@@ -3,7 +3,7 @@
 - time to first token of a 64-word prompt in process (llama-cpp-python's ``Llama.generate``),
   on our engine with an empty prompt cache, and on our engine whose prompt cache keeps what
   ``scripts/bench.py`` has sent before its TTFT figure (a warm-up and three ≈512-token
-  prompts): requests alternate between the engines, so load drift hits each alike;
+  prompts): requests alternate between the three, so load drift hits each alike;
 - fairness at 8 streams (parallel 4, arrivals ``--gap`` ms apart as a server's are): the
   default step (one ``llama_decode`` for the streams' tokens and the prompts' chunks) against
   separate decodes (what flash-attention loads do), rounds alternating; and per stream, how
@@ -81,48 +81,61 @@ async def _stream(engine: LlamaCppEngine, prompt: str, n: int, delay: float = 0.
     raise RuntimeError("the stream ended without Finished")
 
 
-def _inproc_ttft(path: Path, prompts: list[str]) -> list[float]:
-    from llama_cpp import Llama
+class _InProcess:
+    """llama-cpp-python's ``Llama.generate`` in this process, with the engine's threads: the
+    baseline of bench.py's ``ttft_added_ms``."""
 
-    threads, threads_batch = gguf_threads()
-    llm = Llama(
-        str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads_batch, verbose=False
-    )
-    out = []
-    for p in ["warm up", *prompts]:
-        ids = llm.tokenize(p.encode(), add_bos=False)
-        llm.reset()
+    def __init__(self, path: Path) -> None:
+        from llama_cpp import Llama
+
+        threads, threads_batch = gguf_threads()
+        self.llm = Llama(
+            str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads_batch, verbose=False
+        )
+        self.ttft("warm up")
+
+    def ttft(self, prompt: str) -> float:
+        ids = self.llm.tokenize(prompt.encode(), add_bos=False)
+        self.llm.reset()
         t0 = time.perf_counter()
-        for _ in llm.generate(ids, temp=0.0, reset=True):
-            out.append(time.perf_counter() - t0)
+        for _ in self.llm.generate(ids, temp=0.0, reset=True):
             break
-    llm.close()
-    return out[1:]
+        return time.perf_counter() - t0
 
 
 async def ttft(path: Path, n: int) -> dict[str, float]:
-    prompts = [unique_prompt(f"ttft{i}", 64) for i in range(n)]
-    inproc = _inproc_ttft(path, prompts)
+    """Requests alternate between the three, in a rotating order: load that drifts over the
+    run hits each alike."""
+    inproc = _InProcess(path)
     kept = _Probe(path, LoadOptions(context_length=CONTEXT), separate=False)
     cold = _Probe(path, LoadOptions(context_length=CONTEXT, prompt_cache_bytes=0), False)
-    runs: dict[str, list[float]] = {"kept": [], "cold": []}
+    runs: dict[str, list[float]] = {"inproc": [], "kept": [], "cold": []}
+
+    async def engine_ttft(engine: LlamaCppEngine, prompt: str) -> float:
+        times = await _stream(engine, prompt, 2)
+        return times[1] - times[0]
+
     try:
         for engine in (kept, cold):
             await _stream(engine, "warm up", 4)
         for r in range(3):
             await _stream(kept, unique_prompt(f"chunk{r}", 512 // 3), 8)
-        for i, p in enumerate(prompts):
-            order = [("kept", kept), ("cold", cold)]
-            for name, engine in order if i % 2 == 0 else reversed(order):
-                t = await _stream(engine, p, 2)
-                runs[name].append(t[1] - t[0])
+        for i in range(n):
+            prompt = unique_prompt(f"ttft{i}", 64)
+            order = ["inproc", "kept", "cold"]
+            for name in order[i % 3 :] + order[: i % 3]:
+                if name == "inproc":
+                    runs[name].append(await asyncio.to_thread(inproc.ttft, prompt))
+                else:
+                    runs[name].append(await engine_ttft(kept if name == "kept" else cold, prompt))
         cells = kept.call(kept._kept_cells).result()
     finally:
         kept.close()
         cold.close()
+        inproc.llm.close()
     ms = {k: statistics.median(v) * 1000 for k, v in runs.items()}
     return {
-        "ttft_inproc_ms": statistics.median(inproc) * 1000,
+        "ttft_inproc_ms": ms["inproc"],
         "ttft_engine_cold_ms": ms["cold"],
         "ttft_engine_kept_cells_ms": ms["kept"],
         "kept_cells": float(cells),
