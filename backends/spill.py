@@ -82,6 +82,33 @@ def open_store(
         return None
 
 
+def longest_prefix(
+    keys: Iterable[tuple[int, ...]],
+    prompt: Sequence[int],
+    have: int = 0,
+    *,
+    trimmable: bool = True,
+    min_gain: int = MIN_TOKENS,
+) -> tuple[tuple[int, ...] | None, int]:
+    """Of the entries ``keys``, the one sharing the longest prefix with ``prompt`` (never its
+    last token: sampling needs its logits) and that length, if restoring it is worth it: it
+    adds at least ``min_gain`` to the ``have`` tokens already cached, and the entry is not
+    mostly tokens the prompt does not share. Entries that cannot be cut back (``trimmable``
+    false) serve only a prompt that holds them whole."""
+    best: tuple[int, ...] | None = None
+    best_n = 0
+    limit = len(prompt) - 1
+    for key in keys:
+        n = common_prefix(key, prompt, limit)
+        if not trimmable and n < len(key):
+            continue
+        if n > best_n or (n == best_n and best is not None and len(key) < len(best)):
+            best, best_n = key, n
+    if best is None or best_n - have < min_gain or best_n * MAX_UNSHARED < len(best):
+        return None, 0
+    return best, best_n
+
+
 def _token_bytes(tokens: Sequence[int]) -> bytes:
     arr = array.array("q", tokens)
     if sys.byteorder != "little":
@@ -129,24 +156,10 @@ class SpillStore:
     # --- owner thread ---------------------------------------------------------------------
 
     def longest(self, prompt: Sequence[int], have: int = 0) -> tuple[tuple[int, ...] | None, int]:
-        """The stored entry sharing the longest prefix with ``prompt`` (never its last token:
-        sampling needs its logits) and that length, if reading it is worth it: it adds at
-        least MIN_TOKENS to the ``have`` tokens already cached, and the file is not mostly
-        tokens the prompt does not share. Entries that cannot be cut back serve only a prompt
-        that holds them whole."""
-        best: tuple[int, ...] | None = None
-        best_n = 0
-        limit = len(prompt) - 1
+        """The stored entry sharing the longest prefix with ``prompt`` and that length, if
+        reading it is worth it (see :func:`longest_prefix`)."""
         with self._lock:
-            for key in self._index:
-                n = common_prefix(key, prompt, limit)
-                if not self.trimmable and n < len(key):
-                    continue
-                if n > best_n or (n == best_n and best is not None and len(key) < len(best)):
-                    best, best_n = key, n
-        if best is None or best_n - have < MIN_TOKENS or best_n * MAX_UNSHARED < len(best):
-            return None, 0
-        return best, best_n
+            return longest_prefix(self._index, prompt, have, trimmable=self.trimmable)
 
     def read(self, key: tuple[int, ...]) -> tuple[dict[str, Any], memoryview] | None:
         """The entry's description and payload, checksum verified; None (and the file gone)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 from collections import OrderedDict, deque
 from pathlib import Path
@@ -24,6 +25,7 @@ from backends.base import (
 from backends.constraint import GrammarCache
 from backends.llamacpp import adapter
 from backends.llamacpp.draft import DraftModel
+from backends.llamacpp.hostcache import HostCache
 from backends.llamacpp.sampling import SampledDecoding
 from backends.llamacpp.sequence import _Seq
 from backends.llamacpp.spill import GGUFSpill
@@ -257,11 +259,19 @@ class LlamaCppEngine(SampledDecoding):
         bits = options.kv_element_bits("gguf")
         n_layer = llama_cpp.llama_model_n_layer(model)
         self._token_bytes = max(1, int(2 * n_layer * kv_width // n_head * bits / 8))
+        # A prompt token's weight products in attention-cell equivalents: without flash
+        # attention a token costs this plus one per cell in use (see _chunk_tokens).
+        n_embd = llama_cpp.llama_model_n_embd(model)
+        n_vocab = llama_cpp.llama_vocab_n_tokens(adapter.vocab_pointer(llm))
+        weights = llama_cpp.llama_model_n_params(model) - n_vocab * n_embd
+        self._weight_cells = max(1, weights // max(1, 2 * n_layer * n_embd))
         self._free = list(range(n_seq))
         # Finished sequences kept for prefix reuse (least recently used first): their tokens.
         self._kept: OrderedDict[int, list[int]] = OrderedDict()
         # Their position shift: cells minus positions after an image (M-RoPE).
         self._kept_shift: dict[int, int] = {}
+        # Kept sequences out of the context, so that their cells cost no attention.
+        self._host = HostCache(self._ctx.ctx, trimmable=not self._whole_only)
 
     # --- parallel sequences (owner thread) ----------------------------------------------
 
@@ -340,13 +350,22 @@ class LlamaCppEngine(SampledDecoding):
         for s in [s for s in self._running if s.job.cancelled]:
             s.job.finish("cancelled")
             self._finish_seq(s)
+        used: set[int] = set()
+        admitted = False
         while self._waiting and len(self._running) < self._parallel:
             job = self._waiting.popleft()
+            admitted = True
             try:
-                self._start_seq(job)
+                self._start_seq(job, used)
             except Exception as exc:
                 log.exception("could not start a sequence on %s", self.path.name)
                 job.fail(exc)
+        if admitted:
+            # Kept sequences the new requests do not use leave the context, so that prompt
+            # chunks and decode steps do not attend over their cells (see
+            # backends.llamacpp.hostcache).
+            for seq in [k for k in self._kept if k not in used]:
+                self._park(seq)
         if not self._running:
             return
         # Without flash attention a step is one llama_decode: the running streams' tokens and
@@ -372,6 +391,14 @@ class LlamaCppEngine(SampledDecoding):
         chunks: list[tuple[_Seq, int]] = []
         # Image pieces decode on their own after the shared batch (they replace its logits).
         images: list[tuple[_Seq, Image, int]] = []
+        # While streams decode, a step's prompt chunks cost at most what one chunk of
+        # eval_batch_size tokens costs on an empty context: without flash attention a chunk
+        # attends over every cell in use, so it gets fewer tokens as the cells grow.
+        budget: float | None = None
+        if decoding and not self._flash:
+            budget = float(self._n_batch * (self._weight_cells + self._n_batch))
+            cells = self._in_use()
+        first = True
         for s in list(self._running):
             if room <= 0:
                 break
@@ -396,8 +423,14 @@ class LlamaCppEngine(SampledDecoding):
             if done < self._checkpoint_at(s):
                 end = min(end, self._checkpoint_at(s))
             chunk = s.prompt[done : min(done + room, end)]
+            if budget is not None:
+                n = self._chunk_tokens(budget, cells, len(chunk))
+                chunk = chunk[: max(n, 1) if first else n]
+                budget -= len(chunk) * (self._weight_cells + cells + len(chunk))
+                cells += len(chunk)
             if not chunk:
                 continue
+            first = False
             room -= len(chunk)
             if alone:
                 self._batch.n_tokens = 0
@@ -429,10 +462,24 @@ class LlamaCppEngine(SampledDecoding):
             return []
         return [(s, last)]
 
+    def _in_use(self) -> int:
+        """The cells in use, estimated (shared prefixes counted per sequence): without flash
+        attention llama.cpp scores every micro-batch against all cells up to the highest."""
+        return self._kept_cells() + sum(len(s.tokens) for s in self._running)
+
+    def _chunk_tokens(self, budget: float, cells: int, want: int) -> int:
+        """How many of ``want`` prompt tokens fit a step's remaining attention ``budget`` when
+        ``cells`` cells are in use: T tokens cost T * (weights + cells + T) in cell units."""
+        base = self._weight_cells + cells
+        fit = int((math.sqrt(base * base + 4 * max(budget, 0.0)) - base) / 2)
+        return max(0, min(want, fit))
+
     def _unload(self) -> None:
         if self._spill is not None:
             for seq in list(self._kept):
                 self._spill_kept(seq)
+            while (old := self._host.oldest()) is not None:
+                self._spill.save_state(old[0], old[1].state, old[1].pos_shift)
             self._spill.close()
         if self._projector is not None:
             self._projector.close()

@@ -16,6 +16,7 @@ from llama_cpp import Llama
 from backends.base import CHECKPOINT_TAIL, DraftStats, Engine, Job, common_prefix
 from backends.llamacpp import adapter
 from backends.llamacpp.draft import DraftModel
+from backends.llamacpp.hostcache import HostCache
 from backends.llamacpp.reuse import attach, best_source, prepare_hold
 from backends.llamacpp.sequence import _Seq
 from backends.llamacpp.spill import GGUFSpill
@@ -34,6 +35,7 @@ class KeptSequences(Engine):
     _free: list[int]
     _kept: OrderedDict[int, list[int]]
     _kept_shift: dict[int, int]
+    _host: HostCache
     _whole_only: bool
     _reuse: int
     _cells: int
@@ -48,8 +50,32 @@ class KeptSequences(Engine):
         self._free.append(seq)
 
     def _evict_until(self, fits: Any, keep: int | None = None) -> None:
+        """Move kept sequences out of the context (least recently used first) until
+        ``fits()``."""
         for seq in [s for s in self._kept if s != keep]:
             if fits():
+                return
+            self._park(seq)
+
+    def _park(self, seq: int) -> None:
+        """Move kept sequence ``seq`` out of the context into host memory, freeing its cells
+        (see backends.llamacpp.hostcache)."""
+        self._host.park(seq, self._kept[seq], self._kept_shift.get(seq, 0))
+        self._drop(seq)
+
+    def _fit_budget(self, keep: int | None = None) -> None:
+        """Hold the prompt cache, in the context and in host memory, to its byte budget:
+        host entries go to disk first, then kept sequences (least recently used first)."""
+        budget = self.options.prompt_cache_bytes
+
+        def used() -> int:
+            return self._kept_cells() * self._token_bytes + self._host.bytes
+
+        while used() > budget and (old := self._host.oldest()) is not None:
+            if self._spill is not None:
+                self._spill.save_state(old[0], old[1].state, old[1].pos_shift)
+        for seq in [s for s in self._kept if s != keep]:
+            if used() <= budget:
                 return
             self._spill_kept(seq)
             self._drop(seq)
@@ -60,18 +86,28 @@ class KeptSequences(Engine):
             self._spill.save(seq, tokens, self._kept_shift.get(seq, 0))
 
     def _restore_spilled(self, job: Job) -> None:
-        """Bring back the longest spilled prefix of the prompt as a kept sequence when no kept
-        sequence shares as much of it: the search below then reuses it like the others."""
+        """Bring back the longest prefix of the prompt kept out of the context (in host
+        memory or on disk) as a kept sequence when no kept sequence shares as much of it: the
+        search below then reuses it like the others."""
         request = job.request
         prompt = request.prompt
-        if self._spill is None:
-            return
         kept = [
             n
             for t in self._kept.values()
             if (n := common_prefix(t, prompt, len(prompt) - 1)) == len(t) or not self._whole_only
         ]
-        key, _ = self._spill.store.longest(prompt, max(kept, default=0))
+        have = max(kept, default=0)
+        min_run = self._reuse if request.vision is None else 0
+        if min_run:
+            movable = {k: t for k, t in self._kept.items() if not self._kept_shift.get(k)}
+            _, shared, runs = best_source(self._kept, movable, [], list(prompt), min_run)
+            have = max(have, shared + sum(r.n for r in runs))
+        key, n = self._host.best(prompt, have, min_run)
+        from_disk = False
+        if self._spill is not None:
+            on_disk, _ = self._spill.store.longest(prompt, max(have, n))
+            if on_disk is not None:
+                key, from_disk = on_disk, True
         if key is None:
             return
         need = len(key) + len(prompt) + request.max_tokens
@@ -85,7 +121,11 @@ class KeptSequences(Engine):
         if not fits():
             return
         seq = self._free.pop()
-        pos_shift = self._spill.restore(key, seq)
+        if from_disk:
+            assert self._spill is not None
+            pos_shift = self._spill.restore(key, seq)
+        else:
+            pos_shift = self._host.restore(key, seq)
         if pos_shift is None:
             self._drop(seq)
             return
@@ -95,7 +135,9 @@ class KeptSequences(Engine):
     def _kept_cells(self) -> int:
         return sum(len(t) for t in self._kept.values())
 
-    def _start_seq(self, job: Job) -> None:
+    def _start_seq(self, job: Job, used: set[int]) -> None:
+        """Start ``job`` in a free sequence, from the kept sequence that serves most of its
+        prompt; that sequence joins ``used`` if the prompt shares at least half of it."""
         self._restore_spilled(job)
         request = job.request
         prompt = list(request.prompt)
@@ -173,6 +215,8 @@ class KeptSequences(Engine):
             state.draft = self._drafts[request.draft]
             job.draft = DraftStats()
         self._running.append(state)
+        if source is not None and source in self._kept and len(self._kept[source]) <= 2 * shared:
+            used.add(source)
         if len(prompt) * self._token_bytes <= self.options.prompt_cache_bytes:
             job.cache_written = len(prompt) - state.cached
         job.progress(shared, len(prompt), state.cached)
@@ -216,8 +260,7 @@ class KeptSequences(Engine):
     def _keep(self, seq: int, tokens: list[int], pos_shift: int) -> None:
         self._kept[seq] = tokens
         self._kept_shift[seq] = pos_shift
-        budget = self.options.prompt_cache_bytes // self._token_bytes
-        self._evict_until(lambda: self._kept_cells() <= budget, keep=seq)
+        self._fit_budget(keep=seq)
 
     def _checkpoint_at(self, s: _Seq) -> int:
         """Where the prompt checkpoint of a model whose memory cannot be cut back is taken (0:

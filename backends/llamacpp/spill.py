@@ -18,6 +18,7 @@ from typing import IO, Any
 import llama_cpp
 
 from backends.base import LoadOptions
+from backends.llamacpp.hostcache import sequence_state
 from backends.spill import SpillStore, open_store
 
 log = logging.getLogger("mlxserve.backends")
@@ -55,17 +56,18 @@ class GGUFSpill:
         the positions they take) and queue it for writing."""
         if not self.store.wants(tokens):
             return
-        size = llama_cpp.llama_state_seq_get_size(self._ctx, seq)
-        buf = (ctypes.c_uint8 * size)()
-        n = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, seq)
-        if n == 0:
-            return
-        data = memoryview(buf).cast("B")[:n]
+        state = sequence_state(self._ctx, seq)
+        if state is not None:
+            self.save_state(tokens, state, pos_shift)
+
+    def save_state(self, tokens: Sequence[int], state: memoryview, pos_shift: int = 0) -> None:
+        """Queue a sequence state already copied out of the context (see
+        :class:`~backends.llamacpp.hostcache.HostCache`) for writing."""
 
         def write(f: IO[bytes]) -> None:
-            f.write(data)
+            f.write(state)
 
-        self.store.put(tokens, {"state_bytes": n, "pos_shift": pos_shift}, write)
+        self.store.put(tokens, {"state_bytes": len(state), "pos_shift": pos_shift}, write)
 
     def restore(self, key: tuple[int, ...], seq: int) -> int | None:
         """Load the entry for ``key`` into the empty sequence ``seq``; its position shift, or

@@ -1,0 +1,172 @@
+"""GGUF admission without flash attention, where every prompt chunk and decode step attends
+over all cells of the unified KV cache up to the highest in use. The prompt cache's kept
+sequences leave the context when a request that does not use them is admitted, wait in host
+memory and come back on a hit with the output of a cold run (over the prompt cache's budget
+they go to disk); and while streams decode, an admitted prompt's chunks get fewer tokens as
+the cells in use grow, so that a step costs no more than one chunk on an empty context."""
+
+from __future__ import annotations
+
+import asyncio
+
+import llama_cpp
+import pytest
+
+from backends.base import Engine, Finished, GenerationRequest, PromptProgress, SamplingParams, Token
+from backends.llamacpp.engine import LlamaCppEngine
+from backends.spill import SUFFIX
+from tests.engine_harness import generate, load
+
+pytestmark = pytest.mark.filterwarnings("ignore:llama_token_get_attr:DeprecationWarning")
+
+SYSTEM = "<|im_start|>system\nYou are terse and exact. Answer in one line.<|im_end|>\n" * 4
+
+
+def _chat(engine: LlamaCppEngine, user: str) -> list[int]:
+    return engine.tokenize(SYSTEM + f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def _held(engine: LlamaCppEngine) -> dict[int, int]:
+    """Each context sequence holding cells: its highest position + 1."""
+
+    def read() -> dict[int, int]:
+        mem = engine._mem
+        spans = {s: llama_cpp.llama_memory_seq_pos_max(mem, s) + 1 for s in range(engine._n_seq)}
+        return {s: n for s, n in spans.items() if n > 0}
+
+    return engine.call(read).result()
+
+
+def test_kept_cells_leave_the_context_for_an_unrelated_prompt_and_a_hit_brings_them_back(
+    models_root,
+):
+    engine = load(models_root, "gguf")
+    cold = load(models_root, "gguf", prompt_cache_bytes=0)
+    assert isinstance(engine, LlamaCppEngine)
+    try:
+        one = _chat(engine, "Name a river.")
+        unrelated = engine.tokenize("Nothing in common with the chat at all, " * 12)
+        first = asyncio.run(generate(engine, one, 8))
+        kept = len(one) + len(first.tokens) - 1
+        assert sorted(_held(engine).values()) == [kept]
+        asyncio.run(generate(engine, unrelated, 4))
+        # Only the unrelated request's own cells are left in the context.
+        assert sorted(_held(engine).values()) == [len(unrelated) + 3]
+        assert len(engine._host) == 1
+        following = one + first.tokens + engine.tokenize("<|im_end|>\n<|im_start|>user\nMore")
+        again = asyncio.run(generate(engine, following, 12))
+        reference = asyncio.run(generate(cold, following, 12))
+        assert again.cached >= kept
+        assert again.tokens == reference.tokens
+        assert len(engine._host) == 1  # the unrelated request's cells, parked by the hit
+    finally:
+        engine.close()
+        cold.close()
+
+
+def test_concurrent_requests_keep_the_kept_sequences_they_use(models_root):
+    """Requests admitted in the same step each find their own conversation: what one of them
+    does not use is not taken out from under another."""
+    engine = load(models_root, "gguf", parallel=3)
+    cold = load(models_root, "gguf", prompt_cache_bytes=0)
+    try:
+        users = ["Name a river.", "Name a mountain.", "Name a city."]
+
+        async def run():
+            firsts = [await generate(engine, _chat(engine, u), 6) for u in users]
+            follows = [
+                _chat(engine, u) + f.tokens + engine.tokenize("<|im_end|>\n<|im_start|>user\nMore")
+                for u, f in zip(users, firsts, strict=True)
+            ]
+            together = await asyncio.gather(*(generate(engine, p, 8) for p in follows))
+            return follows, together, [await generate(cold, p, 8) for p in follows]
+
+        follows, together, references = asyncio.run(run())
+        for prompt, got, reference in zip(follows, together, references, strict=True):
+            assert got.cached >= len(prompt) - 12
+            assert got.tokens == reference.tokens
+    finally:
+        engine.close()
+        cold.close()
+
+
+def test_over_the_budget_parked_sequences_go_to_disk_and_still_serve(models_root, tmp_path):
+    cold = load(models_root, "gguf", prompt_cache_bytes=0)
+    assert isinstance(cold, LlamaCppEngine)
+    spill = {"prompt_cache_dir": tmp_path, "prompt_cache_disk_bytes": 1 << 30}
+    engine = load(models_root, "gguf", prompt_cache_bytes=200 * cold._token_bytes, **spill)
+    assert isinstance(engine, LlamaCppEngine) and engine._spill is not None
+    try:
+        chats = [_chat(engine, f"Question number {i} about rivers?") for i in range(3)]
+
+        async def run():
+            firsts = [await generate(engine, c, 4) for c in chats]
+            engine._spill.store.flush()
+            written = sorted(tmp_path.rglob(f"*{SUFFIX}"))
+            follow = chats[0] + firsts[0].tokens + engine.tokenize("<|im_end|>\n")
+            return written, await generate(engine, follow, 8), await generate(cold, follow, 8)
+
+        written, again, reference = asyncio.run(run())
+        # Three ≈75-token conversations in a 200-token budget: the oldest went to disk while
+        # the engine ran (not only at its unload), and its next turn is read back from there.
+        assert written
+        assert again.cached >= len(chats[0])
+        assert again.tokens == reference.tokens
+    finally:
+        engine.close()
+        cold.close()
+
+
+async def _stream(
+    engine: Engine, prompt: list[int], n: int, started: asyncio.Event | None = None
+) -> tuple[list[tuple[int, float]], list[int]]:
+    """The reply's tokens with their log probabilities, and the prompt tokens processed at
+    each progress report."""
+    request = GenerationRequest(
+        tuple(prompt), SamplingParams(temperature=0.0), n, engine.info.eos_token_ids, logprobs=0
+    )
+    out: list[tuple[int, float]] = []
+    processed: list[int] = []
+    async for item in engine.submit(request):
+        if isinstance(item, Token):
+            assert item.logprobs is not None
+            out.append((item.id, item.logprobs.logprob))
+            if started is not None and len(out) == 3:
+                started.set()
+        elif isinstance(item, PromptProgress):
+            processed.append(item.processed)
+        elif isinstance(item, Finished):
+            return out, processed
+    raise AssertionError("the stream ended without Finished")
+
+
+def test_prompt_chunks_beside_a_decoding_stream_shrink_as_cells_grow_and_stay_exact(models_root):
+    batch = 64
+    engine = load(models_root, "gguf", eval_batch_size=batch, prompt_cache_bytes=0)
+    try:
+        short = engine.tokenize("apple tell me")
+        long = engine.tokenize("river " + "tell me more " * 80)
+
+        async def run():
+            solo = [await _stream(engine, short, 48), await _stream(engine, long, 4)]
+            started = asyncio.Event()
+            first = asyncio.ensure_future(_stream(engine, short, 48, started))
+            await started.wait()
+            second = await _stream(engine, long, 4)
+            return solo, [await first, second]
+
+        solo, together = asyncio.run(run())
+    finally:
+        engine.close()
+    # The last chunk ends in the first token, not in a progress report.
+    processed = sorted({0, *together[1][1], len(long)})
+    chunks = [b - a for a, b in zip(processed, processed[1:], strict=False)]
+    # Several steps beside the stream, each chunk at most eval_batch_size and no larger than
+    # the one before (the prompt's own cells grow), the later ones smaller than the first.
+    assert len(chunks) >= 4, processed
+    assert all(c <= batch for c in chunks)
+    assert chunks == sorted(chunks, reverse=True)
+    assert chunks[-2] < chunks[0]
+    for (alone, _), (beside, _) in zip(solo, together, strict=True):
+        assert [t for t, _ in beside] == [t for t, _ in alone]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(alone, beside, strict=True)) < 1e-5
