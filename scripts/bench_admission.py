@@ -16,6 +16,7 @@ from bench_common import Server, ours_alone, stream_once, unique_prompt
 
 GOALS = {
     "admission_max_gap_ms": "<= 1 chunk + 1 step",
+    "admission_bound_ms": "1 chunk + 1 step",
     "admission_gap_vs_bound": "<= 1",
     "admission_seeded_vs_one": "<= 1.5 (one chunk too)",
     "admission_4_together_vs_one": "<= 2",

@@ -101,6 +101,9 @@ def test_over_the_budget_parked_sequences_go_to_disk_and_still_serve(models_root
 
         async def run():
             firsts = [await generate(engine, c, 4) for c in chats]
+            # A finished request is kept after its last token is handed over: a call on the
+            # owner thread runs after that, then the writes it queued are waited for.
+            await asyncio.wrap_future(engine.call(lambda: None))
             engine._spill.store.flush()
             written = sorted(tmp_path.rglob(f"*{SUFFIX}"))
             follow = chats[0] + firsts[0].tokens + engine.tokenize("<|im_end|>\n")
