@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from backends.base import SamplingParams, TokenLogprobs
+from backends.stream import DeferredLogprobs
 
 
 def ranked(ids: Iterable[int], values: Iterable[float], k: int) -> tuple[tuple[int, float], ...]:
@@ -55,3 +56,22 @@ def token_logprobs(logits: np.ndarray, token: int, k: int) -> TokenLogprobs:
             work[i] = -np.inf
         top = ranked(ids, (logits[ids] - lse).tolist(), k)
     return TokenLogprobs(float(logits[token]) - lse, top)
+
+
+class RowLogprobs(DeferredLogprobs):
+    """:func:`token_logprobs` of a logits row, computed where the token is delivered (the
+    event loop) instead of on the owner thread between two decodes (≈ 0.25 ms of a
+    152k-token row). Holds its own copy of the row until then."""
+
+    _args: tuple[np.ndarray, int, int] | None
+
+    def __init__(self, logits: np.ndarray, token: int, k: int) -> None:
+        super().__init__()
+        row = logits if logits.flags.owndata else logits.copy()
+        object.__setattr__(self, "_args", (row, token, k))
+
+    def _compute(self) -> TokenLogprobs:
+        assert self._args is not None
+        row, token, k = self._args
+        object.__setattr__(self, "_args", None)  # the row's memory goes with the result
+        return token_logprobs(row, token, k)

@@ -25,6 +25,35 @@ class TokenLogprobs:
     top: tuple[tuple[int, float], ...] = ()
 
 
+class DeferredLogprobs(TokenLogprobs):
+    """Log probabilities an engine thread leaves to be computed on the event loop, where the
+    relay delivers the token (:meth:`resolve`): the engine's next step need not wait for them.
+    Read like :class:`TokenLogprobs`; reading resolves them too."""
+
+    _value: TokenLogprobs | None
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_value", None)
+
+    def _compute(self) -> TokenLogprobs:
+        raise NotImplementedError
+
+    def resolve(self) -> TokenLogprobs:
+        value = self._value
+        if value is None:
+            value = self._compute()
+            object.__setattr__(self, "_value", value)
+        return value
+
+    @property
+    def logprob(self) -> float:
+        return self.resolve().logprob
+
+    @property
+    def top(self) -> tuple[tuple[int, float], ...]:
+        return self.resolve().top
+
+
 @dataclass(frozen=True)
 class Token:
     """One sampled token (never an end-of-generation token)."""
@@ -136,6 +165,8 @@ class Relay:
             items, self._items = self._items, []
             self._scheduled = False
         for stream, item in items:
+            if isinstance(item, Token) and isinstance(item.logprobs, DeferredLogprobs):
+                item.logprobs.resolve()
             stream._queue.put_nowait(item)
 
 

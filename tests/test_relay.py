@@ -172,3 +172,37 @@ def test_a_gguf_decode_step_hands_its_streams_tokens_over_in_one_wakeup(models_r
             assert [type(i) for i in items] == [Token] * 12 + [Finished]
     finally:
         engine.close()
+
+
+def test_gguf_log_probabilities_are_computed_on_the_event_loop_not_the_owner_thread(
+    models_root, monkeypatch
+):
+    import backends.logprobs
+
+    threads: list[str] = []
+    compute = backends.logprobs.token_logprobs
+
+    def recorded(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return compute(*args)
+
+    monkeypatch.setattr(backends.logprobs, "token_logprobs", recorded)
+    engine = load(models_root, "gguf", prompt_cache_bytes=0)
+    try:
+        request = GenerationRequest(
+            tuple(engine.tokenize("apple")), SamplingParams(temperature=0), 6, logprobs=3
+        )
+
+        async def run() -> list[Any]:
+            return await drain(engine.submit(request))
+
+        items = asyncio.run(run())
+    finally:
+        engine.close()
+    tokens = [i for i in items if isinstance(i, Token)]
+    assert len(tokens) == 6 and all(len(t.logprobs.top) == 3 for t in tokens)
+    # Greedy: the sampled token is the most likely one.
+    for t in tokens:
+        assert t.logprobs.top[0][0] == t.id
+        assert abs(t.logprobs.top[0][1] - t.logprobs.logprob) < 1e-6
+    assert threads == [threading.main_thread().name] * 6

@@ -13,7 +13,7 @@ from backends.llamacpp.adapter import LlamaContext
 from backends.llamacpp.draft import decode_threads
 from backends.llamacpp.kept import KeptSequences
 from backends.llamacpp.sequence import _Seq
-from backends.logprobs import penalize, token_logprobs
+from backends.logprobs import RowLogprobs, penalize
 
 
 class SampledDecoding(KeptSequences):
@@ -77,7 +77,7 @@ class SampledDecoding(KeptSequences):
             constraint.advance(token)
         lp = None
         if logits is not None and request.logprobs is not None:
-            lp = token_logprobs(logits, token, request.logprobs)
+            lp = RowLogprobs(logits, token, request.logprobs)
             s.recent.append(token)
         return token, lp
 
