@@ -562,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--admission",
         action="store_true",
-        help="only the admission gaps: one, a seeded and four long prompts (mlxserve alone)",
+        help="only the admission gaps: one, a seeded, a drafted and four long prompts "
+        "(mlxserve alone)",
     )
     parser.add_argument(
         "--rss",
