@@ -56,8 +56,13 @@ def test_mlx_jit_load_gets_the_prompt_cache_left_or_is_refused_in_openai_and_ant
     http.post("/api/v1/models/unload", json={"instance_id": instance["id"]})
     # Beside a loaded GGUF (without flash attention: its scores count) even the rest does not
     # fit: refused, naming what must fit.
+    # The GGUF's prompt cache (kept sequences moved to host memory) counts too, and gives way
+    # the same: it takes what its weights, windows, scores and runtime leave of the budget.
     body = {"model": GGUF_KEY, "flash_attention": False}
     assert http.post("/api/v1/models/load", json=body).status_code == 200
+    (gguf,) = http.get("/api/v1/models/loaded").json()["instances"]
+    assert 0 < gguf["memory"]["prompt_cache_bytes"] < 1 << 30
+    assert gguf["memory"]["total_bytes"] == 250_000_000
     with pytest.raises(openai.BadRequestError) as refused:
         oai.chat.completions.create(model=MLX_KEY, messages=HELLO, max_tokens=2)
     error = refused.value.body
@@ -67,7 +72,7 @@ def test_mlx_jit_load_gets_the_prompt_cache_left_or_is_refused_in_openai_and_ant
     assert (
         f"Loading '{MLX_KEY}' with a 4096-token context requires approximately 0.11 GB (50.7 "
         "MB of weights, 16.8 MB of KV cache (8 windows of 4096 tokens), 44.0 MB of tokenizer "
-        "and runtime), but only about 0.01 GB is available" in message
+        "and runtime), but only about 0.00 GB is available" in message
     )
     claude = anthropic.Anthropic(base_url=tight.url, api_key="x", max_retries=0)
     with pytest.raises(anthropic.BadRequestError) as refused_too:
@@ -151,4 +156,6 @@ def test_listings_report_what_the_guardrail_counts(http):
     assert plain["load_config"]["flash_attention"] is False
     assert plain["memory"]["compute_bytes"] == 4 * 512 * 2 * 4096 * 4
     scores = plain["memory"]["compute_bytes"]
-    assert plain["memory_bytes"] == memory["total_bytes"] - memory["compute_bytes"] + scores
+    # Both loads' prompt caches take what the rest leaves of the budget.
+    rest = memory["total_bytes"] - memory["prompt_cache_bytes"] - memory["compute_bytes"]
+    assert plain["memory_bytes"] - plain["memory"]["prompt_cache_bytes"] == rest + scores

@@ -78,8 +78,9 @@ class ModelLoader:
                 kv_f32=options.kv_cache_f32,
                 windows=slots,
                 kv_bits=options.kv_element_bits(info.format),
-                # llama.cpp keeps finished sequences in the windows' cells: nothing more.
-                prompt_cache=options.prompt_cache_bytes if info.format == "mlx" else 0,
+                # MLX keeps finished requests' KV beside the batch; llama.cpp moves the ones
+                # new requests do not use out of its windows to host memory: both up to it.
+                prompt_cache=options.prompt_cache_bytes,
                 scores=_gguf_scores(info, options, slots),
                 mask=_gguf_mask(info, options, slots),
                 sequences=options.sequence_ids(info.format, footprint.recurrent(info) is not None),

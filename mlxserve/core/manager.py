@@ -405,7 +405,7 @@ class ModelManager:
         else:
             need = await self.loader.check_fits(info, need, self._in_use(), 0, shrink=True)
         cut = need.prompt_cache < options.prompt_cache_bytes
-        if cut and info.format == "mlx" and info.type == "llm":
+        if cut and info.type == "llm":
             # What is free holds only part of the prompt cache: the engine keeps that much.
             options = replace(options, prompt_cache_bytes=need.prompt_cache)
         for victim in victims:

@@ -9,7 +9,8 @@ model's files by :mod:`mlxserve.core.footprint`, never from its weights):
   request, up to as many. A GGUF model with recurrent layers (Mamba, Gated DeltaNet) also
   gets a state per sequence id of its context (``footprint.recurrent``), in this part too;
 - **prompt cache**: MLX keeps finished requests' KV beside the batch, up to
-  ``prompt_cache_bytes``; llama.cpp keeps them in the windows' own cells (nothing more);
+  ``prompt_cache_bytes``; llama.cpp keeps those running requests use in the windows' own
+  cells and moves the others to host memory, within the same budget;
 - **draft**: a speculative-decoding draft model's weights and KV (see :func:`draft_bytes`);
 - **vision**: a vision model's encoder activations (see ``footprint.vision_bytes``);
 - **compute**: llama.cpp without flash attention (a GGUF load with ``flash_attention: false``)
