@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 # start inherit this environment); tests of those sources name temporary folders.
 os.environ.setdefault("MLXSERVE_LMSTUDIO_MODELS", "false")
 os.environ.setdefault("MLXSERVE_HF_CACHE_MODELS", "false")
-# The guardrail counts each MLX model's whole prompt-cache budget (1 GiB by default); test
+# The guardrail counts each model's whole prompt-cache budget (1 GiB by default); test
 # servers hold up to 44 tiny models at once, whose entries take a few MB each.
 os.environ.setdefault("MLXSERVE_PROMPT_CACHE_BYTES", str(64 << 20))
 MODELS_CACHE = Path(os.environ.get("MLXSERVE_TEST_MODELS_DIR", REPO / ".cache" / "test-models"))

@@ -259,7 +259,7 @@ def test_guardrail_refuses_a_load_that_does_not_fit(strict):
             assert error["code"] == "insufficient_system_resources" and error["param"] == "model"
             assert "insufficient system resources" in error["message"]
             assert "MB of weights" in error["message"]
-            assert "0.01 GB is available" in error["message"]
+            assert "0.00 GB is available" in error["message"]  # the prompt cache took the rest
             assert "guardrail" in error["message"]
         assert set(loaded(http).values()) == {GGUF_KEY}
 
