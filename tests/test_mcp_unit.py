@@ -10,16 +10,14 @@ from types import SimpleNamespace
 import pytest
 
 from mlxserve.core.mcp import (
-    CallOutcome,
-    McpTool,
     Requested,
-    ServerSpec,
     Toolset,
     check_url,
     config_spec,
     load_config,
     specs_for,
 )
+from mlxserve.core.mcp_spec import CallOutcome, McpTool, ServerSpec
 from mlxserve.core.toolloop import ToolLoop, ToolResult, _Call, with_tools
 from mlxserve.core.types import CoreRequest, Done, SamplingParams, Usage
 from mlxserve.errors import InvalidRequest, PermissionDenied

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from backends.base import EngineError, Token, TokenStream
-from mlxserve.core.mcp import CallOutcome, McpTool, ServerSpec, Toolset, check_url
+from mlxserve.core.mcp import Toolset, check_url
 from mlxserve.core.mcp_session import Connection
+from mlxserve.core.mcp_spec import CallOutcome, McpTool, ServerSpec
 from mlxserve.core.toolloop import ToolLoop, _Call, with_tools
 from mlxserve.core.types import CoreRequest, SamplingParams
 from mlxserve.errors import InvalidRequest, McpConnectionError

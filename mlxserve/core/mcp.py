@@ -14,11 +14,12 @@ import json
 import logging
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
+from mlxserve.core.mcp_spec import McpTool, ServerSpec
 from mlxserve.errors import InvalidRequest, McpConnectionError, PermissionDenied
 from mlxserve.settings import Settings
 
@@ -26,56 +27,6 @@ if TYPE_CHECKING:
     from mlxserve.core.mcp_session import Connection
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServerSpec:
-    """How to reach one MCP server, and what a request may use of it."""
-
-    label: str
-    # LM Studio's ``provider_info`` for the server's calls.
-    provider_info: tuple[tuple[str, str], ...]
-    url: str | None = None
-    headers: tuple[tuple[str, str], ...] = ()
-    command: str | None = None
-    args: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] | None = None
-    allowed_tools: frozenset[str] | None = None
-    # The address the URL's host was checked at: connections go there, never to what a
-    # second lookup answers (DNS rebinding). None: the host is allow-listed by name.
-    pinned: str | None = None
-
-    @property
-    def provider(self) -> dict[str, str]:
-        return dict(self.provider_info)
-
-    def endpoint(self) -> ServerSpec:
-        """The spec without its per-request tool filter (what a kept-alive session is for)."""
-        return replace(self, allowed_tools=None)
-
-
-@dataclass(frozen=True)
-class McpTool:
-    server: ServerSpec
-    name: str
-    description: str | None
-    input_schema: dict[str, Any]
-    annotations: dict[str, Any] | None = None
-
-    def function(self) -> dict[str, Any]:
-        """The tool as a core function definition (what chat templates render)."""
-        schema = dict(self.input_schema or {"type": "object", "properties": {}})
-        # Closed unless the server says otherwise (SDK servers leave it out): a forced call
-        # could otherwise run on with invented arguments until it runs out of tokens.
-        if schema.get("type") == "object" and "additionalProperties" not in schema:
-            schema["additionalProperties"] = False
-        return {"name": self.name, "description": self.description or "", "parameters": schema}
-
-
-@dataclass(frozen=True)
-class CallOutcome:
-    output: str
-    is_error: bool
 
 
 def check_url(

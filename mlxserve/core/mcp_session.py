@@ -23,7 +23,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, TextContent
 
-from mlxserve.core.mcp import CallOutcome, McpTool, ServerSpec
+from mlxserve.core.mcp_spec import CallOutcome, McpTool, ServerSpec
 from mlxserve.errors import McpConnectionError
 
 log = logging.getLogger(__name__)
