@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -84,6 +85,50 @@ async def generate(
             result.reason = item.reason
             result.written = item.cache_written
             return result
+    raise AssertionError("the stream ended without Finished")
+
+
+# A running stream's room (see ``scored``): it is certainly still decoding when another
+# request is admitted, however late the event loop is to submit it (the owner thread decodes
+# on without it).
+RUNNING = 2000
+
+
+async def scored(
+    engine: Engine,
+    prompt: list[int],
+    n: int,
+    started: asyncio.Event | None = None,
+    until: asyncio.Event | None = None,
+) -> tuple[list[tuple[int, float]], list[int]]:
+    """The reply's first ``n`` tokens with their log probabilities, and the prompt tokens
+    processed at each progress report. With ``until``, the request runs on (no stop token,
+    ``RUNNING`` tokens of room) and is cancelled once ``until`` is set."""
+    running = until is not None
+    request = GenerationRequest(
+        tuple(prompt),
+        SamplingParams(temperature=0.0),
+        RUNNING if running else n,
+        () if running else engine.info.eos_token_ids,
+        logprobs=0,
+    )
+    stream = engine.submit(request)
+    out: list[tuple[int, float]] = []
+    processed: list[int] = []
+    async for item in stream:
+        if isinstance(item, Token):
+            assert item.logprobs is not None
+            out.append((item.id, item.logprobs.logprob))
+            if started is not None and len(out) == 3:
+                started.set()
+            if until is not None and until.is_set() and len(out) >= n:
+                stream.cancel()
+        elif isinstance(item, PromptProgress):
+            processed.append(item.processed)
+        elif isinstance(item, Finished):
+            # Cancelled, so it decoded beside the other request from start to end.
+            assert not running or item.reason == "cancelled", item
+            return out[:n], processed
     raise AssertionError("the stream ended without Finished")
 
 

@@ -12,10 +12,9 @@ import asyncio
 import llama_cpp
 import pytest
 
-from backends.base import Engine, Finished, GenerationRequest, PromptProgress, SamplingParams, Token
 from backends.llamacpp.engine import LlamaCppEngine
 from backends.spill import SUFFIX
-from tests.engine_harness import generate, load
+from tests.engine_harness import generate, load, scored
 
 pytestmark = pytest.mark.filterwarnings("ignore:llama_token_get_attr:DeprecationWarning")
 
@@ -120,29 +119,6 @@ def test_over_the_budget_parked_sequences_go_to_disk_and_still_serve(models_root
         cold.close()
 
 
-async def _stream(
-    engine: Engine, prompt: list[int], n: int, started: asyncio.Event | None = None
-) -> tuple[list[tuple[int, float]], list[int]]:
-    """The reply's tokens with their log probabilities, and the prompt tokens processed at
-    each progress report."""
-    request = GenerationRequest(
-        tuple(prompt), SamplingParams(temperature=0.0), n, engine.info.eos_token_ids, logprobs=0
-    )
-    out: list[tuple[int, float]] = []
-    processed: list[int] = []
-    async for item in engine.submit(request):
-        if isinstance(item, Token):
-            assert item.logprobs is not None
-            out.append((item.id, item.logprobs.logprob))
-            if started is not None and len(out) == 3:
-                started.set()
-        elif isinstance(item, PromptProgress):
-            processed.append(item.processed)
-        elif isinstance(item, Finished):
-            return out, processed
-    raise AssertionError("the stream ended without Finished")
-
-
 def test_prompt_chunks_beside_a_decoding_stream_shrink_as_cells_grow_and_stay_exact(models_root):
     batch = 64
     engine = load(models_root, "gguf", eval_batch_size=batch, prompt_cache_bytes=0)
@@ -151,11 +127,12 @@ def test_prompt_chunks_beside_a_decoding_stream_shrink_as_cells_grow_and_stay_ex
         long = engine.tokenize("river " + "tell me more " * 80)
 
         async def run():
-            solo = [await _stream(engine, short, 48), await _stream(engine, long, 4)]
-            started = asyncio.Event()
-            first = asyncio.ensure_future(_stream(engine, short, 48, started))
+            solo = [await scored(engine, short, 48), await scored(engine, long, 4)]
+            started, done = asyncio.Event(), asyncio.Event()
+            first = asyncio.ensure_future(scored(engine, short, 48, started, done))
             await started.wait()
-            second = await _stream(engine, long, 4)
+            second = await scored(engine, long, 4)
+            done.set()
             return solo, [await first, second]
 
         solo, together = asyncio.run(run())

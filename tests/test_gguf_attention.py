@@ -12,28 +12,10 @@ import asyncio
 
 import pytest
 
-from backends.base import Engine, Finished, GenerationRequest, SamplingParams, Token
-from tests.engine_harness import load
+from backends.base import Engine
+from tests.engine_harness import load, scored
 
 pytestmark = pytest.mark.filterwarnings("ignore:llama_token_get_attr:DeprecationWarning")
-
-
-async def _stream(
-    engine: Engine, prompt: list[int], n: int, started: asyncio.Event | None = None
-) -> list[tuple[int, float]]:
-    request = GenerationRequest(
-        tuple(prompt), SamplingParams(temperature=0.0), n, engine.info.eos_token_ids, logprobs=0
-    )
-    out: list[tuple[int, float]] = []
-    async for item in engine.submit(request):
-        if isinstance(item, Token):
-            assert item.logprobs is not None
-            out.append((item.id, item.logprobs.logprob))
-            if started is not None and len(out) == 3:
-                started.set()
-        elif isinstance(item, Finished):
-            return out
-    raise AssertionError("the stream ended without Finished")
 
 
 @pytest.mark.parametrize("flash", [True, False], ids=["flash", "default"])
@@ -43,14 +25,15 @@ def test_a_long_prompt_admitted_beside_a_stream_leaves_both_as_alone(
     short_n, long_n = 24, 8
 
     async def alone(engine, short, long):
-        return [await _stream(engine, short, short_n), await _stream(engine, long, long_n)]
+        return [(await scored(engine, short, short_n))[0], (await scored(engine, long, long_n))[0]]
 
     async def together(engine, short, long):
-        started = asyncio.Event()
-        first = asyncio.ensure_future(_stream(engine, short, short_n, started))
+        started, done = asyncio.Event(), asyncio.Event()
+        first = asyncio.ensure_future(scored(engine, short, short_n, started, done))
         await started.wait()
-        second = await _stream(engine, long, long_n)
-        return [await first, second]
+        second, _ = await scored(engine, long, long_n)
+        done.set()
+        return [(await first)[0], second]
 
     results = []
     # Each llama_decode of the run beside each other: did it hold a prompt chunk (more tokens
