@@ -164,7 +164,13 @@ def test_a_gguf_decode_step_hands_its_streams_tokens_over_in_one_wakeup(models_r
                 GenerationRequest(tuple(engine.tokenize(w)), SamplingParams(temperature=0), 12)
                 for w in ("apple", "river", "stone")
             ]
-            results = await asyncio.gather(*(drain(engine.submit(r)) for r in requests))
+            # The owner thread waits until all three are queued: they then start in one step
+            # however late the event loop is between the submissions.
+            gate = threading.Event()
+            engine.call(lambda: gate.wait(60))
+            streams = [engine.submit(r) for r in requests]
+            gate.set()
+            results = await asyncio.gather(*(drain(s) for s in streams))
             assert max(waiting) >= len(requests)
             return results
 
