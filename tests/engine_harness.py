@@ -109,7 +109,7 @@ async def scored(
         tuple(prompt),
         SamplingParams(temperature=0.0),
         RUNNING if running else n,
-        () if running else engine.info.eos_token_ids,
+        frozenset() if running else engine.info.eos_token_ids,
         logprobs=0,
     )
     stream = engine.submit(request)
