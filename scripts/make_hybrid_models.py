@@ -1,17 +1,19 @@
 #!/usr/bin/env python
-"""Generate tiny seeded-random MLX models whose caches cannot be trimmed, for tests.
+"""Generate tiny seeded-random MLX models with unusual caches, for tests.
 
-Two real mlx-lm architectures, shrunk, with the tiny Qwen2's vocabulary, tokenizer and ChatML
+Real mlx-lm architectures, shrunk, with the tiny Qwen2's vocabulary, tokenizer and ChatML
 template (scripts/make_test_models.py):
 
 - ``tiny-qwen35-hybrid``: ``qwen3_5`` (Qwen3.5's text model), Gated DeltaNet linear-attention
   layers (a recurrent state: mlx-lm ``ArraysCache``) alternating with full-attention layers;
 - ``tiny-gemma3-sliding``: ``gemma3_text``, 32-token sliding-window layers (mlx-lm
-  ``RotatingKVCache``) alternating with global layers.
+  ``RotatingKVCache``) alternating with global layers;
+- ``tiny-gemma4-kvshared``: ``gemma4_text`` whose last two layers reuse earlier layers' keys
+  and values (KV-shared), so its cache list is shorter than its layers.
 
-Neither cache can be rolled back to an earlier position once its window has moved or its state
-has absorbed a token. Layout (LM Studio): ``<out>/<publisher>/<name>-mlx/``, and for the
-Qwen3.5 one also ``<name>-gguf/<name>-f32.gguf`` (llama.cpp's ``qwen35``). Output is
+The first two caches cannot be rolled back to an earlier position once the window has moved or
+the state has absorbed a token. Layout (LM Studio): ``<out>/<publisher>/<name>-mlx/``, and for
+the Qwen3.5 one also ``<name>-gguf/<name>-f32.gguf`` (llama.cpp's ``qwen35``). Output is
 deterministic and idempotent: an existing, stamped output is kept.
 """
 
@@ -34,6 +36,8 @@ _SOURCE_SHA256 = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 STAMP_FILE = ".mlxserve-test-model.json"
 CONTEXT = 4096
 SLIDING_WINDOW = 32
+# Wider than the tests' prompts and replies: speculative decoding needs caches it can trim.
+KV_SHARED_WINDOW = 512
 
 # Config shapes of the real checkpoints (Qwen3.5's text config, Gemma 3's), scaled down.
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -79,12 +83,31 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "max_position_embeddings": CONTEXT,
         "tie_word_embeddings": True,
     },
+    "tiny-gemma4-kvshared": {
+        "architectures": ["Gemma4ForCausalLM"],
+        "model_type": "gemma4_text",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+        "num_kv_shared_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "global_head_dim": 16,
+        "hidden_size_per_layer_input": 0,
+        "use_double_wide_mlp": False,
+        "sliding_window": KV_SHARED_WINDOW,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": CONTEXT,
+        "tie_word_embeddings": True,
+    },
 }
 # As in make_test_models.py: a scale at which attention and MLP outputs matter next to the
 # embeddings, so that outputs depend on the whole context.
 EMBED_STD, LINEAR_STD, CONV_STD = 0.02, 0.15, 0.3
 # Gemma's norms scale by (1 + weight).
-NEUTRAL_NORM = {"qwen3_5": 1.0, "gemma3_text": 0.0}
+NEUTRAL_NORM = {"qwen3_5": 1.0, "gemma3_text": 0.0, "gemma4_text": 1.0}
 
 
 def make_weights(config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
@@ -107,7 +130,7 @@ def make_weights(config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
             out[name] = np.log(rng.uniform(1, 16, shape)).astype(np.float32)
         elif name.endswith("dt_bias"):
             out[name] = np.ones(shape, np.float32)
-        elif leaf.endswith("norm") or leaf.endswith("layernorm"):
+        elif leaf.endswith("norm") or leaf.endswith("layernorm") or name.endswith("layer_scalar"):
             out[name] = np.full(shape, neutral, np.float32)
         else:
             std = EMBED_STD if "embed_tokens" in name else LINEAR_STD

@@ -5,6 +5,7 @@ mlx-lm's speculative step."""
 from __future__ import annotations
 
 from collections.abc import Generator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,18 +58,26 @@ class SoloPaths(Sampling):
         # speculative step then starts from the last prompt token. Left to mlx-lm, both
         # prefills ran in one step while every batched stream waited.
         caches = make_prompt_cache(self._model), make_prompt_cache(draft)
-        done = 0
-        for done in self._prefill_chunks(prompt, ((self._model, caches[0]), (draft, caches[1]))):
-            yield PromptProgress(done, len(prompt))
-        steps = speculative_generate_step(
-            mx.array(prompt[done:]),
-            self._model,
-            draft,
+        spec = partial(
+            speculative_generate_step,
+            model=self._model,
+            draft_model=draft,
             num_draft_tokens=request.num_draft_tokens,
             max_tokens=request.max_tokens,
             sampler=self._sampler(request.sampling),
-            prompt_cache=caches[0] + caches[1],
         )
+        if len(caches[0]) != len(self._model.layers):
+            # mlx-lm splits a given cache list at len(model.layers): wrong for models with
+            # fewer caches than layers (KV-shared layers: Gemma 3n, Gemma 4), so mlx-lm makes
+            # its own caches and prefills in one step. (The draft's list is the remainder,
+            # right whatever its length.)
+            steps = spec(mx.array(prompt), prefill_step_size=self.options.prefill_chunk)
+        else:
+            done = 0
+            models = ((self._model, caches[0]), (draft, caches[1]))
+            for done in self._prefill_chunks(prompt, models):
+                yield PromptProgress(done, len(prompt))
+            steps = spec(mx.array(prompt[done:]), prompt_cache=caches[0] + caches[1])
         produced = 0
         drafted = accepted = 0
         in_round = False
