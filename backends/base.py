@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from backends.owner import OwnerThread
 from backends.stream import (
     DraftStats,
+    EngineError,
     Finished,
     PromptProgress,
     Relay,
@@ -230,10 +231,6 @@ class EngineInfo:
     # Engines that take images as a marker in the prompt text (llama.cpp mtmd): image parts
     # are rendered as this text; None: the chat template renders image parts itself.
     image_marker: str | None = None
-
-
-class EngineError(Exception):
-    """The engine failed while generating."""
 
 
 class LoadOptionUnsupported(ValueError):

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 
+class EngineError(Exception):
+    """The engine failed while generating."""
+
+
 @dataclass(frozen=True)
 class TokenLogprobs:
     """Log probabilities from the distribution a token was sampled from: the log-softmax of
@@ -165,9 +169,16 @@ class Relay:
             items, self._items = self._items, []
             self._scheduled = False
         for stream, item in items:
+            delivered: StreamItem | BaseException = item
             if isinstance(item, Token) and isinstance(item.logprobs, DeferredLogprobs):
-                item.logprobs.resolve()
-            stream._queue.put_nowait(item)
+                try:
+                    item.logprobs.resolve()
+                except Exception as exc:
+                    # That request fails alone: the other items of this wake-up (other
+                    # streams' tokens and ends) are still delivered.
+                    stream.cancel()
+                    delivered = EngineError(f"{type(exc).__name__}: {exc}")
+            stream._queue.put_nowait(delivered)
 
 
 class TokenStream:

@@ -15,8 +15,10 @@ from backends.base import (
     Relay,
     SamplingParams,
     Token,
+    TokenLogprobs,
     TokenStream,
 )
+from backends.stream import DeferredLogprobs
 from tests.engine_harness import load
 
 
@@ -212,3 +214,39 @@ def test_gguf_log_probabilities_are_computed_on_the_event_loop_not_the_owner_thr
         assert t.logprobs.top[0][0] == t.id
         assert abs(t.logprobs.top[0][1] - t.logprobs.logprob) < 1e-6
     assert threads == [threading.main_thread().name] * 6
+
+
+class _Failing(DeferredLogprobs):
+    def _compute(self) -> TokenLogprobs:
+        raise MemoryError("no room for the row")
+
+
+def test_a_failing_deferred_logprob_fails_its_stream_alone():
+    """Computing one token's log probabilities on the loop raised: that request ends with an
+    EngineError and the other streams' items of the same wake-up still arrive."""
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        relay = Relay(loop)
+        bad, good = TokenStream(loop, relay), TokenStream(loop, relay)
+
+        def engine_thread() -> None:
+            with relay.hold():
+                bad.put(Token(1, _Failing()))
+                good.put(Token(2))
+                good.put(Finished("length", 1))
+
+        thread = threading.Thread(target=engine_thread)
+        thread.start()
+        thread.join()
+        items = await asyncio.wait_for(drain(good), 10)  # lost with the failing item before
+        assert [type(i) for i in items] == [Token, Finished]
+        try:
+            await bad.next_batch(5)
+        except EngineError as exc:
+            assert "MemoryError" in str(exc)
+        else:
+            raise AssertionError("the failing stream did not raise")
+        assert bad.cancelled
+
+    asyncio.run(run())
