@@ -63,6 +63,22 @@ def test_kept_cells_leave_the_context_for_an_unrelated_prompt_and_a_hit_brings_t
         cold.close()
 
 
+def test_with_flash_attention_kept_cells_stay_in_the_context(models_root):
+    """Flash attention skips other sequences' cells, so nothing is moved out for them."""
+    engine = load(models_root, "gguf", flash_attention=True)
+    assert isinstance(engine, LlamaCppEngine)
+    try:
+        one = _chat(engine, "Name a river.")
+        first = asyncio.run(generate(engine, one, 8))
+        unrelated = engine.tokenize("Nothing in common with the chat at all, " * 12)
+        asyncio.run(generate(engine, unrelated, 4))
+        kept = len(one) + len(first.tokens) - 1
+        assert sorted(_held(engine).values()) == sorted([kept, len(unrelated) + 3])
+        assert len(engine._host) == 0
+    finally:
+        engine.close()
+
+
 def test_concurrent_requests_keep_the_kept_sequences_they_use(models_root):
     """Requests admitted in the same step each find their own conversation: what one of them
     does not use is not taken out from under another."""

@@ -360,10 +360,11 @@ class LlamaCppEngine(SampledDecoding):
             except Exception as exc:
                 log.exception("could not start a sequence on %s", self.path.name)
                 job.fail(exc)
-        if admitted:
+        if admitted and not self._flash:
             # Kept sequences the new requests do not use leave the context, so that prompt
             # chunks and decode steps do not attend over their cells (see
-            # backends.llamacpp.hostcache).
+            # backends.llamacpp.hostcache). Flash attention skips other sequences' cells:
+            # there they stay (a copy out and back would buy nothing).
             for seq in [k for k in self._kept if k not in used]:
                 self._park(seq)
         if not self._running:
