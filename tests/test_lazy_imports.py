@@ -60,14 +60,32 @@ def test_a_started_server_holds_neither_the_mcp_sdk_nor_httpx_until_a_request_ne
                 report("serving")
 
         asyncio.run(started())
-        # The first MCP connection of a request is where the SDK is imported.
+        # An image fetched by URL pins its connection without the MCP SDK.
+        from mlxserve.core.pinning import PinnedTransport
+
+        PinnedTransport("127.0.0.1")
+        report("pinned transport")
+        # The first MCP connection of a request is where the SDK is imported, in a thread (the
+        # event loop runs on the main thread here).
+        import importlib, threading
+
+        real, on_main = importlib.import_module, []
+
+        def spy(name, *args):
+            if name == "mlxserve.core.mcp_session":
+                on_main.append(threading.current_thread() is threading.main_thread())
+            return real(name, *args)
+
+        importlib.import_module = spy
         spec = ServerSpec("tools", (("type", "ephemeral_mcp"),), url="http://127.0.0.1:9/mcp")
-        connection = McpClients(settings)._new(spec)
+        connection = asyncio.run(McpClients(settings)._new(spec))
         report("mcp connection")
         assert type(connection).__name__ == "Connection"
+        assert on_main == [False], on_main
         """,
     )
     assert seen["serving"] == []
+    assert "mcp" not in seen["pinned transport"] and "httpx2" in seen["pinned transport"]
     assert {"mcp", "mcp_types", "httpx2"} <= set(seen["mcp connection"])
 
 

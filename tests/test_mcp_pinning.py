@@ -11,7 +11,7 @@ import httpx2
 
 from mlxserve.core import mcp
 from mlxserve.core.mcp import Requested, specs_for
-from mlxserve.core.mcp_session import PinnedTransport
+from mlxserve.core.pinning import PinnedTransport
 from mlxserve.settings import Settings
 
 PUBLIC = "93.184.216.34"

@@ -253,7 +253,7 @@ async def _fetch(image: ImagePart, policy: ImagePolicy) -> ImagePart:
     import httpx2
 
     from mlxserve.core.mcp import check_url
-    from mlxserve.core.mcp_session import PinnedTransport
+    from mlxserve.core.pinning import PinnedTransport
 
     assert image.url is not None
     try:

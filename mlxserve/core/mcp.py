@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import ipaddress
 import json
 import logging
@@ -185,11 +186,14 @@ class McpClients:
     def config_path(self) -> Path:
         return self.settings.home / "mcp.json"
 
-    def _new(self, spec: ServerSpec) -> Connection:
-        from mlxserve.core.mcp_session import Connection
+    async def _new(self, spec: ServerSpec) -> Connection:
+        # The SDK's first import takes about a second: in a thread, not on the event loop
+        # where every other request's tokens would wait for it.
+        module = await asyncio.to_thread(importlib.import_module, "mlxserve.core.mcp_session")
 
         s = self.settings
-        return Connection(spec, s.mcp_connect_timeout, s.mcp_call_timeout)
+        conn: Connection = module.Connection(spec, s.mcp_connect_timeout, s.mcp_call_timeout)
+        return conn
 
     async def kept(self, spec: ServerSpec) -> Connection:
         """The kept-alive session for a configured server, started (or restarted) if needed."""
@@ -201,7 +205,7 @@ class McpClients:
                 return conn
             if conn is not None:
                 await conn.close()
-            conn = self._new(key)
+            conn = await self._new(key)
             await conn.open()
             self._kept[key] = conn
             return conn
@@ -217,7 +221,7 @@ class McpClients:
                 if spec.provider.get("type") == "plugin":
                     conn = await self.kept(spec)
                 else:
-                    conn = self._new(spec)
+                    conn = await self._new(spec)
                     ephemeral.append(conn)
                     await conn.open()
                 tools = await conn.list_tools()
