@@ -479,8 +479,7 @@ class LlamaCppEngine(SampledDecoding):
         if self._spill is not None:
             for seq in list(self._kept):
                 self._spill_kept(seq)
-            while (old := self._host.oldest()) is not None:
-                self._spill.save_state(old[0], old[1].state, old[1].pos_shift)
+            self._spill_host_until(lambda: not self._host)
             self._spill.close()
         if self._projector is not None:
             self._projector.close()

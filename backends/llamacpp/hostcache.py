@@ -21,7 +21,7 @@ from typing import Any
 
 import llama_cpp
 
-from backends.llamacpp.reuse import best_source
+from backends.llamacpp.reuse import served
 from backends.spill import longest_prefix
 
 log = logging.getLogger("mlxserve.backends")
@@ -86,7 +86,7 @@ class HostCache:
         """The entry serving most of ``prompt`` and how many tokens it serves, if that is
         more than the ``have`` tokens the context serves: its exact prefix (see
         :func:`backends.spill.longest_prefix`), and with ``min_run`` also the runs past it
-        that changed-middle reuse would move (see :func:`backends.llamacpp.reuse.best_source`)."""
+        that changed-middle reuse would move (see :func:`backends.llamacpp.reuse.served`)."""
         # Copying an entry back costs far less than computing even one token of it.
         key, n = longest_prefix(self._entries, prompt, have, trimmable=self.trimmable, min_gain=1)
         if not min_run:
@@ -95,10 +95,9 @@ class HostCache:
             if entry.pos_shift:
                 continue
             tokens = list(k)
-            _, shared, runs = best_source({0: tokens}, {0: tokens}, [], list(prompt), min_run)
-            served = shared + sum(r.n for r in runs)
-            if served > max(have, n):
-                key, n = k, served
+            gets = served({0: tokens}, {0: tokens}, list(prompt), min_run)
+            if gets > max(have, n):
+                key, n = k, gets
         return key, n
 
     def restore(self, key: tuple[int, ...], seq: int) -> int | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from backends.base import CHECKPOINT_TAIL, DraftStats, Engine, Job, common_prefi
 from backends.llamacpp import adapter
 from backends.llamacpp.draft import DraftModel
 from backends.llamacpp.hostcache import HostCache
-from backends.llamacpp.reuse import attach, best_source, prepare_hold
+from backends.llamacpp.reuse import attach, best_source, prepare_hold, served
 from backends.llamacpp.sequence import _Seq
 from backends.llamacpp.spill import GGUFSpill
 from backends.llamacpp.vision import Chunks
@@ -71,14 +71,19 @@ class KeptSequences(Engine):
         def used() -> int:
             return self._kept_cells() * self._token_bytes + self._host.bytes
 
-        while used() > budget and (old := self._host.oldest()) is not None:
-            if self._spill is not None:
-                self._spill.save_state(old[0], old[1].state, old[1].pos_shift)
+        self._spill_host_until(lambda: used() <= budget)
         for seq in [s for s in self._kept if s != keep]:
             if used() <= budget:
                 return
             self._spill_kept(seq)
             self._drop(seq)
+
+    def _spill_host_until(self, fits: Callable[[], bool]) -> None:
+        """Move host-memory entries to disk (least recently parked first; without a disk
+        cache they are dropped) until ``fits()`` or none is left."""
+        while not fits() and (old := self._host.oldest()) is not None:
+            if self._spill is not None:
+                self._spill.save_state(old[0], old[1].state, old[1].pos_shift)
 
     def _spill_kept(self, seq: int) -> None:
         tokens = self._kept[seq]
@@ -100,8 +105,7 @@ class KeptSequences(Engine):
         min_run = self._reuse if request.vision is None else 0
         if min_run:
             movable = {k: t for k, t in self._kept.items() if not self._kept_shift.get(k)}
-            _, shared, runs = best_source(self._kept, movable, [], list(prompt), min_run)
-            have = max(have, shared + sum(r.n for r in runs))
+            have = max(have, served(self._kept, movable, list(prompt), min_run))
         key, n = self._host.best(prompt, have, min_run)
         from_disk = False
         if self._spill is not None:

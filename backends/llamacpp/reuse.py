@@ -114,6 +114,15 @@ def best_source(
     return best[1:]
 
 
+def served(
+    kept: Mapping[int, list[int]], movable: Mapping[int, list[int]], prompt: list[int], min_run: int
+) -> int:
+    """How many of ``prompt``'s tokens the kept sequence that serves most of it serves: its
+    exact prefix and the runs it would move (see :func:`best_source`, nothing running)."""
+    _, shared, runs = best_source(kept, movable, [], prompt, min_run)
+    return shared + sum(r.n for r in runs)
+
+
 def prepare_hold(mem: llama_cpp.llama_memory_t, hold: int, start: int, runs: list[Run]) -> None:
     """Leave in sequence ``hold`` only the cells of ``runs``, moved to their new positions.
     The cells past ``start`` that ``hold`` shares with another sequence must not be in a run
