@@ -153,8 +153,15 @@ class LoadOptions:
     parallel: int | None = None
     # Prompt tokens processed per step while other requests decode.
     prefill_chunk: int = 512
-    # Memory the prompt cache (KV of finished requests, for prefix reuse) may keep.
+    # Memory the prompt cache (KV of finished requests, for prefix reuse) may add; 0 turns
+    # it off. MLX: its entries beside the batch. GGUF: kept requests parked in host memory
+    # (those kept in the context's own cells, which llama.cpp reserved at load, are bounded
+    # by the context, not by this).
     prompt_cache_bytes: int = 1 << 30
+    # GGUF: the guardrail's cut of that host memory when less is free (None: not cut). A cut
+    # to 0 parks nothing in host memory but, unlike ``prompt_cache_bytes`` 0, still keeps
+    # requests in the context's cells for reuse.
+    host_cache_bytes: int | None = None
     # Where prompt-cache entries are spilled to disk (``<home>/prompt-cache``; None: never)
     # and how many bytes all models' files there may take together.
     prompt_cache_dir: Path | None = None

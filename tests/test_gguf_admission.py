@@ -105,11 +105,35 @@ def test_concurrent_requests_keep_the_kept_sequences_they_use(models_root):
         cold.close()
 
 
+@pytest.mark.parametrize("budget", [{"host_cache_bytes": 0}, {"prompt_cache_bytes": 1}])
+def test_the_budget_bounds_host_memory_only_and_kept_cells_still_serve(models_root, budget):
+    """The prompt cache's budget (or the guardrail's cut of it, even to nothing) bounds only
+    the host memory it adds: a request kept in the context's cells, which llama.cpp reserved
+    at load, is reused however small the budget; only parking it has nowhere to go."""
+    engine = load(models_root, "gguf", **budget)
+    cold = load(models_root, "gguf", prompt_cache_bytes=0)
+    assert isinstance(engine, LlamaCppEngine)
+    try:
+        one = _chat(engine, "Name a river.")
+        first = asyncio.run(generate(engine, one, 8))
+        following = one + first.tokens + engine.tokenize("<|im_end|>\n<|im_start|>user\nMore")
+        again = asyncio.run(generate(engine, following, 12))
+        assert again.cached >= len(one) + len(first.tokens) - 1
+        assert again.tokens == asyncio.run(generate(cold, following, 12)).tokens
+        unrelated = engine.tokenize("Nothing in common with the chat at all, " * 12)
+        asyncio.run(generate(engine, unrelated, 4))
+        assert sorted(_held(engine).values()) == [len(unrelated) + 3]
+        assert len(engine._host) == 0 and engine._host.bytes == 0
+    finally:
+        engine.close()
+        cold.close()
+
+
 def test_over_the_budget_parked_sequences_go_to_disk_and_still_serve(models_root, tmp_path):
     cold = load(models_root, "gguf", prompt_cache_bytes=0)
-    assert isinstance(cold, LlamaCppEngine)
     spill = {"prompt_cache_dir": tmp_path, "prompt_cache_disk_bytes": 1 << 30}
-    engine = load(models_root, "gguf", prompt_cache_bytes=200 * cold._token_bytes, **spill)
+    # A host budget smaller than any conversation: each one parked goes on to disk.
+    engine = load(models_root, "gguf", prompt_cache_bytes=1, **spill)
     assert isinstance(engine, LlamaCppEngine) and engine._spill is not None
     try:
         chats = [_chat(engine, f"Question number {i} about rivers?") for i in range(3)]
@@ -125,8 +149,8 @@ def test_over_the_budget_parked_sequences_go_to_disk_and_still_serve(models_root
             return written, await generate(engine, follow, 8), await generate(cold, follow, 8)
 
         written, again, reference = asyncio.run(run())
-        # Three ≈75-token conversations in a 200-token budget: the oldest went to disk while
-        # the engine ran (not only at its unload), and its next turn is read back from there.
+        # The first conversation went to disk while the engine ran (not only at its unload),
+        # and its next turn is read back from there.
         assert written
         assert again.cached >= len(chats[0])
         assert again.tokens == reference.tokens

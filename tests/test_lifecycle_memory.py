@@ -7,6 +7,7 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -272,8 +273,9 @@ def test_the_prompt_cache_gives_way_to_what_is_free_and_nothing_else_does():
         memory.fit("pub/m", need, 5_500_000_000, shrink=False)
 
 
-def test_an_mlx_load_gets_the_prompt_cache_that_fits_beside_it(registry, tmp_path):
-    info = registry.get(MLX_KEY)
+@pytest.mark.parametrize("key", [MLX_KEY, GGUF_KEY])
+def test_a_load_gets_the_prompt_cache_that_fits_beside_it(registry, tmp_path, key):
+    info = registry.get(key)
     settings = Settings(
         home=tmp_path, guardrail_memory_gb=0.25, prompt_cache_bytes=1 << 30, max_batch_size=8
     )
@@ -284,13 +286,20 @@ def test_an_mlx_load_gets_the_prompt_cache_that_fits_beside_it(registry, tmp_pat
         try:
             assert isinstance(instance, Instance) and instance.memory is not None
             need = instance.memory
-            rest = need.weights + need.kv_cache + need.runtime
+            rest = need.total - need.prompt_cache
             assert 0 < need.prompt_cache == 250_000_000 - rest < 1 << 30
             assert instance.memory_bytes == 250_000_000
-            # The engine keeps no more than what was counted.
-            engine = instance.engine
-            assert engine.options.prompt_cache_bytes == need.prompt_cache
-            budget = engine.call(lambda: engine._prompt_cache.budget).result()  # type: ignore[attr-defined]
+            # The engine keeps no more than what was counted: MLX its whole prompt cache; a
+            # GGUF model the host memory it parks kept requests in (those it keeps in the
+            # context's cells are counted as KV, and the cut leaves them alone).
+            engine: Any = instance.engine
+            if key == MLX_KEY:
+                assert engine.options.prompt_cache_bytes == need.prompt_cache
+                budget = engine.call(lambda: engine._prompt_cache.budget).result()
+            else:
+                assert engine.options.host_cache_bytes == need.prompt_cache
+                assert engine.options.prompt_cache_bytes == 1 << 30
+                budget = engine.call(engine._host_budget).result()
             assert budget == need.prompt_cache
         finally:
             await manager.close()

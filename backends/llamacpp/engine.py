@@ -254,16 +254,12 @@ class LlamaCppEngine(SampledDecoding):
         # Changed-middle reuse moves KV cells; recurrent memory cannot (exact prefixes only).
         self._reuse = self.options.cache_reuse if llama_cpp.llama_memory_can_shift(self._mem) else 0
         self._batch = llama_cpp.llama_batch_init(self._step_tokens, 0, 1)
-        n_head = max(1, llama_cpp.llama_model_n_head(model))
-        kv_width = llama_cpp.llama_model_n_embd(model) * llama_cpp.llama_model_n_head_kv(model)
-        bits = options.kv_element_bits("gguf")
-        n_layer = llama_cpp.llama_model_n_layer(model)
-        self._token_bytes = max(1, int(2 * n_layer * kv_width // n_head * bits / 8))
         # A prompt token's weight products in attention-cell equivalents: without flash
         # attention a token costs this plus one per cell in use (see _chunk_tokens).
         n_embd = llama_cpp.llama_model_n_embd(model)
         n_vocab = llama_cpp.llama_vocab_n_tokens(adapter.vocab_pointer(llm))
         weights = llama_cpp.llama_model_n_params(model) - n_vocab * n_embd
+        n_layer = llama_cpp.llama_model_n_layer(model)
         self._weight_cells = max(1, weights // max(1, 2 * n_layer * n_embd))
         self._free = list(range(n_seq))
         # Finished sequences kept for prefix reuse (least recently used first): their tokens.

@@ -39,7 +39,6 @@ class KeptSequences(Engine):
     _whole_only: bool
     _reuse: int
     _cells: int
-    _token_bytes: int
 
     def _drop(self, seq: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
@@ -59,24 +58,22 @@ class KeptSequences(Engine):
 
     def _park(self, seq: int) -> None:
         """Move kept sequence ``seq`` out of the context into host memory, freeing its cells
-        (see backends.llamacpp.hostcache)."""
-        self._host.park(seq, self._kept[seq], self._kept_shift.get(seq, 0))
-        self._drop(seq)
-
-    def _fit_budget(self, keep: int | None = None) -> None:
-        """Hold the prompt cache, in the context and in host memory, to its byte budget:
-        host entries go to disk first, then kept sequences (least recently used first)."""
-        budget = self.options.prompt_cache_bytes
-
-        def used() -> int:
-            return self._kept_cells() * self._token_bytes + self._host.bytes
-
-        self._spill_host_until(lambda: used() <= budget)
-        for seq in [s for s in self._kept if s != keep]:
-            if used() <= budget:
-                return
+        (see backends.llamacpp.hostcache); over the host budget the least recently parked
+        entries go to disk."""
+        budget = self._host_budget()
+        if budget:
+            self._host.park(seq, self._kept[seq], self._kept_shift.get(seq, 0))
+        else:
             self._spill_kept(seq)
-            self._drop(seq)
+        self._drop(seq)
+        self._spill_host_until(lambda: self._host.bytes <= budget)
+
+    def _host_budget(self) -> int:
+        """The host memory parked sequences may take: the prompt cache's budget, or the
+        guardrail's cut of it. Kept sequences in the context take none beyond the cells
+        llama.cpp reserved at load, so the budget does not bound them."""
+        cut = self.options.host_cache_bytes
+        return self.options.prompt_cache_bytes if cut is None else cut
 
     def _spill_host_until(self, fits: Callable[[], bool]) -> None:
         """Move host-memory entries to disk (least recently parked first; without a disk
@@ -221,7 +218,7 @@ class KeptSequences(Engine):
         self._running.append(state)
         if source is not None and source in self._kept and len(self._kept[source]) <= 2 * shared:
             used.add(source)
-        if len(prompt) * self._token_bytes <= self.options.prompt_cache_bytes:
+        if self.options.prompt_cache_bytes:
             job.cache_written = len(prompt) - state.cached
         job.progress(shared, len(prompt), state.cached)
 
@@ -251,8 +248,7 @@ class KeptSequences(Engine):
         if s.draft is not None:
             s.draft.drop(s.seq)
         tokens = s.tokens
-        size = len(tokens) * self._token_bytes
-        if not tokens or size > self.options.prompt_cache_bytes:
+        if not tokens or not self.options.prompt_cache_bytes:
             self._drop(s.seq)
             return
         # A kept sequence this one extends is covered by it, unless it cannot be cut back.
@@ -264,7 +260,6 @@ class KeptSequences(Engine):
     def _keep(self, seq: int, tokens: list[int], pos_shift: int) -> None:
         self._kept[seq] = tokens
         self._kept_shift[seq] = pos_shift
-        self._fit_budget(keep=seq)
 
     def _checkpoint_at(self, s: _Seq) -> int:
         """Where the prompt checkpoint of a model whose memory cannot be cut back is taken (0:
@@ -278,7 +273,7 @@ class KeptSequences(Engine):
         """Keep a copy of ``s`` as it is at its prompt checkpoint. The copy shares the KV
         cells; llama.cpp copies the recurrent state to a cell of its own when ``s`` next
         writes to it."""
-        if len(s.tokens) * self._token_bytes > self.options.prompt_cache_bytes:
+        if not self.options.prompt_cache_bytes:
             return
         if any(t == s.tokens for t in self._kept.values()):
             return

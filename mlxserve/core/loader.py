@@ -79,7 +79,8 @@ class ModelLoader:
                 windows=slots,
                 kv_bits=options.kv_element_bits(info.format),
                 # MLX keeps finished requests' KV beside the batch; llama.cpp moves the ones
-                # new requests do not use out of its windows to host memory: both up to it.
+                # new requests do not use out of its windows to host memory: both up to it
+                # (what GGUF keeps in its windows' cells is counted with them).
                 prompt_cache=options.prompt_cache_bytes,
                 scores=_gguf_scores(info, options, slots),
                 mask=_gguf_mask(info, options, slots),

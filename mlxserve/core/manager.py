@@ -405,7 +405,11 @@ class ModelManager:
         else:
             need = await self.loader.check_fits(info, need, self._in_use(), 0, shrink=True)
         cut = need.prompt_cache < options.prompt_cache_bytes
-        if cut and info.type == "llm":
+        if cut and info.type == "llm" and info.format == "gguf":
+            # What is free holds only part of the prompt cache's host memory: the engine parks
+            # that much (requests kept in its context's cells cost nothing more and stay).
+            options = replace(options, host_cache_bytes=need.prompt_cache)
+        elif cut and info.type == "llm":
             # What is free holds only part of the prompt cache: the engine keeps that much.
             options = replace(options, prompt_cache_bytes=need.prompt_cache)
         for victim in victims:

@@ -8,9 +8,10 @@ model's files by :mod:`mlxserve.core.footprint`, never from its weights):
   llama.cpp reserves them all when the context is made; MLX's batch grows one per running
   request, up to as many. A GGUF model with recurrent layers (Mamba, Gated DeltaNet) also
   gets a state per sequence id of its context (``footprint.recurrent``), in this part too;
-- **prompt cache**: MLX keeps finished requests' KV beside the batch, up to
-  ``prompt_cache_bytes``; llama.cpp keeps those running requests use in the windows' own
-  cells and moves the others to host memory, within the same budget;
+- **prompt cache**: what keeping finished requests for reuse adds, up to
+  ``prompt_cache_bytes``: MLX keeps their KV beside the batch; llama.cpp keeps them in the
+  windows' own cells (counted above) and moves those new requests do not use to host
+  memory, which is what the budget bounds there;
 - **draft**: a speculative-decoding draft model's weights and KV (see :func:`draft_bytes`);
 - **vision**: a vision model's encoder activations (see ``footprint.vision_bytes``);
 - **compute**: llama.cpp without flash attention (a GGUF load with ``flash_attention: false``)
