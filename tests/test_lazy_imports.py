@@ -89,6 +89,38 @@ def test_a_started_server_holds_neither_the_mcp_sdk_nor_httpx_until_a_request_ne
     assert {"mcp", "mcp_types", "httpx2"} <= set(seen["mcp connection"])
 
 
+def test_the_first_tool_call_check_imports_jsonschema_in_a_thread_not_on_the_loop(tmp_path):
+    seen = _run(
+        tmp_path,
+        """
+        import threading
+
+        # Which thread first looks for jsonschema (a finder is asked only while it is not in
+        # sys.modules); the event loop runs on the main thread here.
+        on_main = []
+
+        class Spy:
+            def find_spec(self, name, path=None, target=None):
+                if name == "jsonschema":
+                    on_main.append(threading.current_thread() is threading.main_thread())
+                return None
+
+        sys.meta_path.insert(0, Spy())
+        from mlxserve.core.toolloop import _argument_problem
+
+        report("imported")
+        schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+        problem = asyncio.run(_argument_problem({"n": "seven"}, schema))
+        assert problem is not None and "integer" in problem, problem
+        assert asyncio.run(_argument_problem({"n": 7}, schema)) is None
+        report("checked")
+        assert on_main == [False], on_main
+        """,
+    )
+    assert "jsonschema" not in seen["imported"]
+    assert "jsonschema" in seen["checked"]
+
+
 def test_the_command_line_client_imports_httpx_when_it_talks_to_a_server(tmp_path):
     seen = _run(
         tmp_path,

@@ -11,6 +11,7 @@ model answer. After ``max_rounds`` rounds with calls, one last round runs with t
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -188,7 +189,7 @@ class ToolLoop:
         problem = (
             "they are not a JSON object"
             if arguments is None
-            else _argument_problem(arguments, tool.input_schema)
+            else await _argument_problem(arguments, tool.input_schema)
         )
         if problem is not None or arguments is None:
             reason = f"Invalid arguments for '{call.name}': {problem}"
@@ -282,9 +283,12 @@ class ToolLoop:
         self.gen = await generate.start(self.manager, request)
 
 
-def _argument_problem(arguments: dict[str, Any], schema: dict[str, Any]) -> str | None:
+async def _argument_problem(arguments: dict[str, Any], schema: dict[str, Any]) -> str | None:
     """Why ``arguments`` do not fit the tool's input schema, or None when they do."""
-    # Here, not at the top: only MCP tool calls are checked, and jsonschema takes ≈3 MB.
+    # Here, not at the top: only MCP tool calls are checked, and jsonschema takes ≈3 MB. Its
+    # first import takes 0.1-0.2 s: in a thread, not on the event loop where every other
+    # request's tokens would wait for it (later imports find it in sys.modules).
+    await asyncio.to_thread(importlib.import_module, "jsonschema")
     import jsonschema
 
     try:
