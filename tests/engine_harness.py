@@ -100,16 +100,20 @@ async def scored(
     n: int,
     started: asyncio.Event | None = None,
     until: asyncio.Event | None = None,
+    stop: frozenset[int] | None = None,
 ) -> tuple[list[tuple[int, float]], list[int]]:
     """The reply's first ``n`` tokens with their log probabilities, and the prompt tokens
-    processed at each progress report. With ``until``, the request runs on (no stop token,
-    ``RUNNING`` tokens of room) and is cancelled once ``until`` is set."""
+    processed at each progress report; the reply ends before a ``stop`` token (default: the
+    model's end-of-generation tokens). With ``until``, the request runs on (``RUNNING`` tokens
+    of room, no stop token) and is cancelled once ``until`` is set; what it returns still
+    ends where a stop token would have ended it."""
     running = until is not None
+    stop = engine.info.eos_token_ids if stop is None else stop
     request = GenerationRequest(
         tuple(prompt),
         SamplingParams(temperature=0.0),
         RUNNING if running else n,
-        frozenset() if running else engine.info.eos_token_ids,
+        frozenset() if running else stop,
         logprobs=0,
     )
     stream = engine.submit(request)
@@ -128,7 +132,8 @@ async def scored(
         elif isinstance(item, Finished):
             # Cancelled, so it decoded beside the other request from start to end.
             assert not running or item.reason == "cancelled", item
-            return out[:n], processed
+            end = next((i for i, (token, _) in enumerate(out) if token in stop), len(out))
+            return out[: min(n, end)], processed
     raise AssertionError("the stream ended without Finished")
 
 

@@ -70,3 +70,29 @@ def test_a_long_prompt_admitted_beside_a_stream_leaves_both_as_alone(
         assert [t for t, _ in batched] == [t for t, _ in solo]
         # Matrix products of 1 and 2 rows differ in the last bits (≈3e-7), nothing more.
         assert max(abs(a - b) for (_, a), (_, b) in zip(solo, batched, strict=True)) < 1e-5
+
+
+def test_a_running_reply_is_compared_up_to_where_a_stop_token_ends_the_alone_one(models_root):
+    """``scored`` runs a stream beside another request with no stop token (it must keep
+    decoding), so what it returns ends where the alone run, which stops there, ends."""
+    engine = load(models_root, "gguf", prompt_cache_bytes=0)
+    try:
+        prompt = engine.tokenize("apple tell me")
+
+        async def run() -> tuple[list[int], list[int], list[int]]:
+            free, _ = await scored(engine, prompt, 8, stop=frozenset())
+            tokens = [t for t, _ in free]
+            # A token of the reply that is new at its place: the alone run stops before it.
+            k = next(i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i])
+            stop = frozenset({tokens[k]})
+            alone, _ = await scored(engine, prompt, 8, stop=stop)
+            until = asyncio.Event()
+            until.set()
+            running, _ = await scored(engine, prompt, 8, until=until, stop=stop)
+            return tokens[:k], [t for t, _ in alone], [t for t, _ in running]
+
+        expected, alone, running = asyncio.run(run())
+        assert expected and alone == expected
+        assert running == expected
+    finally:
+        engine.close()
