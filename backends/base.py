@@ -398,6 +398,12 @@ class Engine(ABC):
         """Requests queued or running."""
         return self._owner.pending
 
+    @property
+    @abstractmethod
+    def prompt_cache_held_bytes(self) -> int:
+        """Bytes the prompt cache holds now beside the KV windows reserved at load (read from
+        any thread: a count the owner thread keeps)."""
+
     def close(self) -> None:
         """Stop the owner thread after the queued and running work, and free the model."""
         self._owner.close(self._unload)

@@ -74,6 +74,7 @@ async def health(request: Request) -> Response:
                     "pending": i.engine.pending,
                     "generated_tokens": i.engine.generated_tokens,
                     "batched_tokens": i.engine.batched_tokens,
+                    "prompt_cache_held_bytes": i.engine.prompt_cache_held_bytes,
                 }
                 for i in state.manager.loaded()
             ]

@@ -176,23 +176,47 @@ def print_timings(timings: dict[str, float]) -> None:
         print(f"  {part:<40} {seconds:>7.1f}")
 
 
+@dataclass
+class Peak:
+    """The peak resident memory seen, and the ``beside`` figure read when it was seen."""
+
+    rss: int
+    beside: int = 0
+
+
 @contextmanager
-def peak_rss(server: Server) -> Iterator[Callable[[], int]]:
-    """Samples the server's resident memory while the block runs; yields the peak getter."""
-    peak = [server.rss()]
+def peak_rss(server: Server, beside: Callable[[], int] | None = None) -> Iterator[Peak]:
+    """Samples the server's resident memory while the block runs (every 50 ms) and yields
+    its peak; ``beside`` (an HTTP call: at most every 0.25 s) is read again at each new peak,
+    so that it tells what that memory held at about that moment."""
+    peak = Peak(server.rss(), beside() if beside is not None else 0)
+    read = time.monotonic()
     stop = threading.Event()
 
     def poll() -> None:
+        nonlocal read
         while not stop.wait(0.05):
-            peak[0] = max(peak[0], server.rss())
+            rss = server.rss()
+            if rss <= peak.rss:
+                continue
+            peak.rss = rss
+            if beside is not None and time.monotonic() - read >= 0.25:
+                peak.beside, read = beside(), time.monotonic()
 
     t = threading.Thread(target=poll, daemon=True)
     t.start()
     try:
-        yield lambda: peak[0]
+        yield peak
     finally:
         stop.set()
         t.join()
+
+
+def prompt_cache_held(server: Server) -> int:
+    """The bytes our server's prompt cache holds now beside the model's KV windows (GGUF: kept
+    requests parked in host memory; MLX: its entries), from ``/health``."""
+    loaded = httpx.get(server.url + "/health", timeout=60).json()["loaded"]
+    return int(next(i["prompt_cache_held_bytes"] for i in loaded if i["id"] == server.model))
 
 
 @dataclass

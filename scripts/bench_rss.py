@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from bench_common import (
     our_server,
     peak_rss,
     print_timings,
+    prompt_cache_held,
     stream_once,
     targets,
     timed,
@@ -57,9 +59,10 @@ async def rss_only(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
                 async with httpx.AsyncClient(timeout=600) as client:
                     await stream_once(client, ours, "warm up", 4)
             loaded = ours.rss()
-            with timed(timings, f"{fmt} {top} streams"), peak_rss(ours) as peak:
+            held = partial(prompt_cache_held, ours)
+            with timed(timings, f"{fmt} {top} streams"), peak_rss(ours, held) as peak:
                 await concurrent(ours, top, out_tokens, f"rss{fmt}")
-            served = peak()
+            served = peak.rss
             context = await loaded_context(ours)
             kv, windows = await _kv_part(ours)
         finally:
@@ -72,6 +75,9 @@ async def rss_only(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
             f"server_peak_rss_{top}_mb": served / MB,
             "inproc_peak_rss_mb": inproc / MB,
             "peak_rss_8_vs_inproc": served / inproc,
+            # Of the peak, what the prompt cache held beside the windows.
+            "server_peak_prompt_cache_mb": peak.beside / MB,
+            "peak_rss_8_less_prompt_cache_vs_inproc": (served - peak.beside) / inproc,
             # GGUF: llama.cpp reserves (and clears) a window per parallel sequence at load;
             # the baseline decodes one reply at a time in one window.
             "kv_windows_beyond_one_mb": kv * (windows - 1) / windows / MB if fmt == "gguf" else 0,

@@ -38,6 +38,10 @@ def test_model_mode_measures_listed_models_beside_the_peer_servers(models_root, 
     # The in-process baselines loaded the same weights; memory is compared with them too.
     assert mlx["inproc_decode_tps"] > 0 and gguf["inproc_peak_rss"] > 0
     assert 0 < mlx["figures"]["peak_rss_8_vs_inproc"] < 20
+    # Of the GGUF server's peak, the earlier phases' requests parked in host memory, apart.
+    rss = gguf["figures"]
+    assert rss["peak_rss_8_prompt_cache_mb"] > 0
+    assert 0 < rss["peak_rss_8_less_prompt_cache_vs_inproc"] < rss["peak_rss_8_vs_inproc"]
     assert gguf["figures"]["second_turn_cached_tokens"] > 0
     for row in ("mlx vs_mlx_lm.server_2", "gguf vs_llama_cpp.server_2", "peak_rss_8_vs_inproc"):
         assert row in proc.stdout

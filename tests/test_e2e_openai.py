@@ -263,3 +263,13 @@ def test_bad_requests_on_a_loaded_model(server, client, model):
 def test_top_k_beyond_the_vocabulary_keeps_every_token(client, model):
     r = chat(client, model, max_tokens=4, extra_body={"top_k": 100_000}, temperature=0.7)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_health_reports_what_the_prompt_cache_holds_beside_the_kv_windows(server, client, model):
+    # Two unrelated chats: the first is kept (MLX: an entry beside the batch); on GGUF the
+    # second's admission moves it out of the context to host memory (without flash attention,
+    # the default), where it is what the prompt cache adds to the model's memory.
+    chat(client, model, [{"role": "user", "content": "Name three rivers of Europe."}], max_tokens=4)
+    chat(client, model, [{"role": "user", "content": "Count to ten in French."}], max_tokens=4)
+    assert _instance(server, model)["prompt_cache_held_bytes"] > 0

@@ -52,6 +52,8 @@ def test_kept_cells_leave_the_context_for_an_unrelated_prompt_and_a_hit_brings_t
         # Only the unrelated request's own cells are left in the context.
         assert sorted(_held(engine).values()) == [len(unrelated) + 3]
         assert len(engine._host) == 1
+        # What the prompt cache adds to the model's memory: the parked state, not kept cells.
+        assert engine.prompt_cache_held_bytes == engine._host.bytes > 0
         following = one + first.tokens + engine.tokenize("<|im_end|>\n<|im_start|>user\nMore")
         again = asyncio.run(generate(engine, following, 12))
         reference = asyncio.run(generate(cold, following, 12))

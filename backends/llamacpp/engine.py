@@ -287,6 +287,11 @@ class LlamaCppEngine(SampledDecoding):
     def _admit(self, job: Job) -> None:
         self._waiting.append(job)
 
+    @property
+    def prompt_cache_held_bytes(self) -> int:
+        # Kept sequences in the context hold cells reserved at load: only parked ones add.
+        return self._host.bytes
+
     def busy(self) -> bool:
         return bool(self._waiting or self._running)
 

@@ -310,6 +310,10 @@ class MLXEngine(SoloPaths):
     def busy(self) -> bool:
         return bool(self._solo) or bool(self._batched) or bool(self._splices) or bool(self._waiting)
 
+    @property
+    def prompt_cache_held_bytes(self) -> int:
+        return self._prompt_cache.nbytes
+
     def step(self) -> None:
         self._start_waiting()
         if self._solo:
