@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench import Mode, concurrent, format_mode, inproc_peak_rss, loaded_context
+from bench import Mode, concurrent, format_mode, loaded_context
 from bench_common import (
     fmt_table,
     machine,
@@ -25,6 +25,7 @@ from bench_common import (
     targets,
     timed,
 )
+from bench_inproc import inproc_peak_rss
 
 MB = 1_000_000
 GOALS = {"peak_rss_8_vs_inproc": "<= 1.2"}

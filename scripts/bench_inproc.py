@@ -1,0 +1,100 @@
+"""The in-process baselines scripts/bench.py compares our server with: the same model's
+decode rate and time to first token in this process (mlx-lm, llama-cpp-python), and the peak
+resident memory of a fresh bare process generating as many replies
+(scripts/bench_inproc_rss.py)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench_common import gguf_threads, unique_prompt
+
+INPROC_RUNS = 3
+
+
+def _rates(times: list[float], t0: float) -> tuple[float, float]:
+    return (len(times) - 1) / (times[-1] - times[0]), times[0] - t0
+
+
+def _medians(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+def inproc_mlx(folder: Path, prompt: str, out_tokens: int) -> tuple[float, float]:
+    """(decode tok/s, time to first token) of mlx-lm's stream_generate in this process,
+    medians of :data:`INPROC_RUNS` runs."""
+    from mlx_lm import load, stream_generate
+
+    model, tokenizer = load(str(folder))[:2]
+    ids = tokenizer.encode(prompt)
+    for _ in stream_generate(model, tokenizer, ids, max_tokens=4):
+        pass
+    runs = []
+    for _ in range(INPROC_RUNS):
+        t0 = time.perf_counter()
+        times = [
+            time.perf_counter()
+            for _ in stream_generate(model, tokenizer, ids, max_tokens=out_tokens)
+        ]
+        runs.append(_rates(times, t0))
+    return _medians(runs)
+
+
+def inproc_gguf(path: Path, prompt: str, out_tokens: int) -> tuple[float, float]:
+    """(decode tok/s, time to first token) of llama-cpp-python's Llama.generate, medians of
+    :data:`INPROC_RUNS` runs, with mlxserve's thread counts."""
+    from llama_cpp import Llama
+
+    threads, threads_batch = gguf_threads()
+    llm = Llama(
+        str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads_batch, verbose=False
+    )
+    ids = llm.tokenize(prompt.encode(), add_bos=False)
+    runs = []
+    for _ in range(INPROC_RUNS):
+        # Llama.generate keeps the prefix it shares with its previous call: without this, runs
+        # 2 and 3 would skip the prompt that every request to a server processes cold.
+        llm.reset()
+        t0 = time.perf_counter()
+        times = []
+        for _ in llm.generate(ids, temp=0.0, reset=True):
+            times.append(time.perf_counter())
+            if len(times) >= out_tokens:
+                break
+        runs.append(_rates(times, t0))
+    llm.close()
+    return _medians(runs)
+
+
+def inproc_peak_rss(fmt: str, path: Path, streams: int, out_tokens: int, context: int) -> int:
+    """Peak resident bytes of a fresh bare process (scripts/bench_inproc_rss.py) that loads
+    the model and generates ``streams`` replies of ``out_tokens`` in process (mlx-lm
+    ``batch_generate``; llama-cpp-python one after the other, in one window of the server's
+    ``context``, with our server's thread counts and its KV cache type for the model: f32
+    for f32 weights, the loader's ``kv_cache_f32``): what our server's peak at as many
+    streams is compared with."""
+    job: dict[str, Any] = {
+        "format": fmt,
+        "path": str(path),
+        "prompts": [unique_prompt(f"rss{i}", 64) for i in range(streams)],
+        "tokens": out_tokens,
+        "context": context,
+    }
+    if fmt == "gguf":
+        from mlxserve.core.gguf_header import read_header
+
+        job["threads"], job["threads_batch"] = gguf_threads()
+        job["kv_f32"] = read_header(path).metadata.get("general.file_type") == 0
+    script = Path(__file__).with_name("bench_inproc_rss.py")
+    out = subprocess.run(
+        [sys.executable, str(script)], input=json.dumps(job), capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"the in-process baseline failed: {out.stderr[-2000:]}")
+    return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss"])
