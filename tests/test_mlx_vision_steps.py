@@ -21,7 +21,8 @@ from backends.base import (
 )
 from mlxserve.core.grammar import json_schema_grammar
 from tests.engine_harness import generate
-from tests.test_vision import IMG_A, QUESTION, VL_KEY, N, vision_models  # noqa: F401 - fixture
+from tests.test_vision import vision_models  # noqa: F401 - fixture
+from tests.vision_support import IMG_A, QUESTION, VL_KEY, N
 
 pytest.importorskip("mlx_vlm")
 PIL = pytest.importorskip("PIL.Image")

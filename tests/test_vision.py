@@ -3,75 +3,41 @@ through mlx-vlm, with images in every dialect, against the engine library's own 
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
-import http.server
 import io
 import threading
-import time
 from pathlib import Path
 
 import anthropic
 import httpx
 import openai
 import pytest
-from openai.types.chat import ChatCompletionContentPartParam
 from script_loader import load_script
 
-from tests.conftest import GGUF_KEY, MLX_KEY, MODELS_CACHE, PUBLISHER, Server
+from tests.conftest import GGUF_KEY, MLX_KEY, PUBLISHER
+from tests.vision_support import (
+    IMG_A,
+    IMG_B,
+    IMG_WIDE,
+    QUESTION,
+    VISION_ROOT,
+    VL_GGUF_KEY,
+    VL_KEY,
+    VL_MODELS,
+    N,
+    _ask,
+    _data_url,
+    _Handler,
+    _image_body,
+    _Images,
+    _png,
+    _serve,
+    _status,
+    _together_equals_solo,
+)
 
 pytest.importorskip("mlx_vlm")
 PIL = pytest.importorskip("PIL.Image")
-
-VL_KEY = f"{PUBLISHER}/tiny-qwen2-vl-mlx"
-VL_GGUF_KEY = f"{PUBLISHER}/tiny-qwen2-vl-gguf"
-VL_MODELS = [VL_KEY, VL_GGUF_KEY]
-VISION_ROOT = MODELS_CACHE.parent / "vision-models"
-QUESTION = "What is in this picture?"
-N = 10
-
-
-def _png(seed: int, size: tuple[int, int] = (112, 112), fmt: str = "PNG") -> bytes:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    pixels = (rng.random((size[1], size[0], 3)) * 255).astype("uint8")
-    buf = io.BytesIO()
-    PIL.fromarray(pixels).save(buf, fmt)
-    return buf.getvalue()
-
-
-def _data_url(data: bytes, media: str = "image/png") -> str:
-    return f"data:{media};base64,{base64.b64encode(data).decode()}"
-
-
-# Sizes both engines resize alike (multiples of 28 pixels, at least 8 image tokens):
-# llama.cpp pads what mlx-vlm stretches.
-IMG_A, IMG_B = _png(1), _png(2)
-IMG_WIDE = _png(3, (224, 112))
-
-
-class _Images(http.server.ThreadingHTTPServer):
-    """A loopback image host: /a.png, /slow.png (answers after 3 s)."""
-
-    daemon_threads = True
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        if self.path == "/slow.png":
-            time.sleep(3)
-        body = IMG_A
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        with contextlib.suppress(OSError):
-            self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -98,21 +64,6 @@ def vision_models(models_root) -> Path:
 @pytest.fixture(scope="module")
 def home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("vision-home")
-
-
-def _serve(vision_models: Path, home: Path, image_host: str) -> Server:
-    import os
-
-    os.environ["MLXSERVE_IMAGE_ALLOWED_HOSTS"] = image_host.removeprefix("http://")
-    os.environ["MLXSERVE_IMAGE_FETCH_TIMEOUT"] = "1"
-    os.environ["MLXSERVE_MAX_IMAGES_PER_REQUEST"] = "3"
-    try:
-        # A 512-token window: three 448x448 images (256 tokens each) do not fit.
-        return Server(vision_models, home, "--no-auto-evict", "--context-length", "512")
-    finally:
-        for name in ("ALLOWED_HOSTS", "FETCH_TIMEOUT"):
-            os.environ.pop(f"MLXSERVE_IMAGE_{name}", None)
-        os.environ.pop("MLXSERVE_MAX_IMAGES_PER_REQUEST", None)
 
 
 @pytest.fixture(scope="module")
@@ -191,19 +142,6 @@ def reference(vision_models):
         return result.text
 
     return run
-
-
-def _ask(oai, image_url: str | None, question: str = QUESTION, model: str = VL_KEY):
-    content: list[dict] = []
-    if image_url is not None:
-        content.append({"type": "image_url", "image_url": {"url": image_url}})
-    content.append({"type": "text", "text": question})
-    return oai.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": content}],
-        max_tokens=N,
-        temperature=0,
-    )
 
 
 def test_listed_with_vision(server):
@@ -351,53 +289,6 @@ def test_concurrent_image_and_text_requests_equal_solo(server, oai, model):
         # Every token of the four run together and then one by one, images included, came
         # out of the batch's forward pass (image requests decoded beside it do not count).
         assert _batched_tokens(server, model) - before == 8 * N
-
-
-def _together_equals_solo(oai, model: str) -> None:
-    """Two image and two text requests at once each equal their own solo output."""
-
-    async def main() -> list[str]:
-        client = openai.AsyncOpenAI(base_url=str(oai.base_url), api_key="unused", max_retries=0)
-        jobs = [
-            (_data_url(IMG_A), QUESTION),
-            (None, "Tell me a story"),
-            (_data_url(IMG_B), QUESTION),
-            (None, "Hello there"),
-        ]
-
-        async def one(url: str | None, question: str) -> str:
-            content: list[ChatCompletionContentPartParam] = [{"type": "text", "text": question}]
-            if url:
-                content.insert(0, {"type": "image_url", "image_url": {"url": url}})
-            r = await client.chat.completions.create(
-                model=model,
-                messages=[{"role": "user", "content": content}],
-                max_tokens=N,
-                temperature=0,
-                extra_body={"ignore_eos": True},
-            )
-            return r.choices[0].message.content or ""
-
-        together = await asyncio.gather(*(one(*j) for j in jobs))
-        solo = [await one(*j) for j in jobs]
-        await client.close()
-        assert together == solo
-        return together
-
-    assert len(set(asyncio.run(main()))) == 4
-
-
-def _status(server, body: dict, path: str = "/v1/chat/completions") -> httpx.Response:
-    return httpx.post(server.url + path, json=body, timeout=30)
-
-
-def _image_body(url: str, model: str = VL_KEY, n: int = 1) -> dict:
-    parts = [{"type": "image_url", "image_url": {"url": url}}] * n
-    return {
-        "model": model,
-        "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "hi"}]}],
-        "max_tokens": 2,
-    }
 
 
 def test_bad_images_are_clear_4xx(server, image_host):

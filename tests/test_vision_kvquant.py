@@ -10,7 +10,7 @@ import pytest
 from script_loader import load_script
 
 from tests.conftest import MODELS_CACHE, PUBLISHER, Server
-from tests.test_vision import IMG_A, IMG_B, QUESTION, N, _ask, _data_url, _together_equals_solo
+from tests.vision_support import IMG_A, IMG_B, QUESTION, N, _ask, _data_url, _together_equals_solo
 
 ROOT = MODELS_CACHE.parent / "vision-models-kvq"
 NAME = "tiny-qwen2-vl-onehead"
