@@ -103,7 +103,7 @@ class VisionPrompt:
     image_tokens: int
 
 
-# GGUF sequences decoded in parallel, at most: each reserves a full context window of KV.
+# GGUF sequences decoded in parallel by default, at most (they share one pool of KV cells).
 GGUF_MAX_PARALLEL = 4
 # Sequence ids a llama.cpp context takes (its LLAMA_MAX_SEQ, llama_max_parallel_sequences()).
 GGUF_MAX_SEQUENCES = 256
@@ -177,6 +177,9 @@ class LoadOptions:
     draft_model: str | None = None
     cache_type_k: str | None = None
     cache_type_v: str | None = None
+    # Context windows of KV cells a GGUF context reserves for its parallel sequences (at most
+    # ``slots``): 1 is one pool they share, preempting a sequence when it runs out.
+    reserved_windows: int = 1
 
     def slots(self, fmt: str) -> int:
         """Requests a model of format ``fmt`` decodes at once."""
@@ -209,9 +212,12 @@ class LoadOptions:
         return min((3 if recurrent else 2) * self.slots(fmt), GGUF_MAX_SEQUENCES)
 
     def kv_windows(self, fmt: str) -> int:
-        """Context windows of KV cache a model of format ``fmt`` reserves when loaded: a
-        GGUF context holds one per sequence decoded in parallel; MLX grows its caches."""
-        return self.slots(fmt) if fmt == "gguf" else 1
+        """Context windows of KV cache a model of format ``fmt`` can come to hold: a GGUF
+        context reserves ``reserved_windows`` at load (one pool its parallel sequences share
+        by default, at most one per sequence); MLX's batch grows one per running sequence."""
+        if fmt != "gguf":
+            return self.slots(fmt)
+        return max(1, min(self.reserved_windows, self.slots(fmt)))
 
 
 @dataclass(frozen=True)
@@ -320,6 +326,9 @@ class Engine(ABC):
         self.generated_tokens = 0
         # Of them, tokens sampled in a forward pass shared by a batch of requests.
         self.batched_tokens = 0
+        # Times a running request was preempted to make room (GGUF: its KV cells moved to
+        # host memory while the shared pool was full; it resumed where it stopped).
+        self.preempted = 0
         # The relay of the event loop requests come from (see :meth:`relayed`).
         self._relay: Relay | None = None
         self._setup()

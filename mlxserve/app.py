@@ -75,6 +75,7 @@ async def health(request: Request) -> Response:
                     "generated_tokens": i.engine.generated_tokens,
                     "batched_tokens": i.engine.batched_tokens,
                     "prompt_cache_held_bytes": i.engine.prompt_cache_held_bytes,
+                    "preempted": i.engine.preempted,
                 }
                 for i in state.manager.loaded()
             ]

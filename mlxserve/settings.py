@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     # Prompt tokens processed per step while other requests are decoding, so that a long
     # prompt never freezes running streams for more than one chunk.
     prefill_chunk: int = Field(default=512, ge=16)
+    # Context windows of KV cache a GGUF model reserves for its parallel sequences (at most its
+    # ``parallel``): 1 is one pool of context_length cells they share (a lone request may use
+    # it all; a sequence that finds no room waits in host memory and resumes exactly).
+    kv_windows: int = Field(default=1, ge=1, le=64)
     # Memory each loaded model may keep for the prompt cache (KV of earlier requests reused
     # by a request that shares their prefix); least recently used entries go first.
     prompt_cache_bytes: int = Field(default=1 << 30, ge=0)

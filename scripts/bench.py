@@ -35,6 +35,7 @@ import httpx
 from bench_common import (
     REPO,
     SIZES,
+    WINDOW_PER_SEQUENCE,
     Server,
     fmt_table,
     machine,
@@ -316,7 +317,7 @@ async def kv_quantization(server: Server, fmt: str, mode: Mode) -> dict[str, flo
 async def run(args: argparse.Namespace, base_mode: Mode) -> dict[str, Any]:
     root, found = targets(args, base_mode.size)
     home = Path(tempfile.mkdtemp(prefix="mlxserve-bench-"))
-    ours = our_server(root, home, next(iter(found.values())).key)
+    ours = our_server(root, home, next(iter(found.values())).key, *WINDOW_PER_SEQUENCE)
     peers = peer_servers(found)
     servers = [ours] + ([] if args.skip_peers else list(peers.values()))
     timings: dict[str, float] = {}

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 from bench import Mode, admission_gap, chunk_and_step
-from bench_common import Server, ours_alone, stream_once, unique_prompt
+from bench_common import WINDOW_PER_SEQUENCE, Server, ours_alone, stream_once, unique_prompt
 
 # Each call's prompts carry a tag of their own; a one-token word, as the full run's "long":
 # the full mode's prompts (≈4k tokens with it) then fit the bench model's 4096-token context.
@@ -75,4 +75,5 @@ async def admission_only(args: argparse.Namespace, mode: Mode) -> dict[str, Any]
         mode.size,
         lambda ours, _fmt: admission(ours, mode),
         lambda k: GOALS.get(k, "reported"),
+        WINDOW_PER_SEQUENCE,
     )

@@ -308,6 +308,13 @@ def fmt_table(rows: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+# A GGUF model's KV is one pool of context_length cells by default: a ≈4k-token prompt then
+# waits for running streams to end on the 4096-token bench model instead of being admitted
+# beside them. The admission figures (and the full run, which measures them) reserve a window
+# per parallel sequence, as every run before the pool did; ``--rss`` keeps the default.
+WINDOW_PER_SEQUENCE = ("--kv-windows", "4")
+
+
 def our_server(root: Path, home: Path, model: str, *flags: str, context: int = 8192) -> Server:
     argv = [sys.executable, "-m", "mlxserve", "serve", "--port", "{port}"]
     argv += ["--models-dir", str(root), "--no-auto-evict", *flags]
@@ -320,12 +327,14 @@ async def ours_alone(
     size: str,
     measure: Callable[[Server, str], Awaitable[dict[str, float]]],
     goal: Callable[[str], str],
+    flags: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Figures of mlxserve alone (no peers), one format after the other on one server:
-    ``measure`` gives a format's figures once its model is loaded, ``goal`` each one's goal."""
+    """Figures of mlxserve alone (no peers), one format after the other on one server (started
+    with ``flags``): ``measure`` gives a format's figures once its model is loaded, ``goal``
+    each one's goal."""
     root, found = targets(args, size)
     home = Path(tempfile.mkdtemp(prefix="mlxserve-bench-"))
-    ours = our_server(root, home, next(iter(found.values())).key)
+    ours = our_server(root, home, next(iter(found.values())).key, *flags)
     results: dict[str, Any] = {"mode": size, "machine": machine(), "figures": {}}
     rows: list[tuple[str, str, str]] = []
     try:

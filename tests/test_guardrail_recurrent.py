@@ -71,9 +71,10 @@ def test_a_hybrid_gguf_load_counts_three_recurrent_states_per_parallel_slot(hybr
     assert layers is not None and shape is not None
     options = LoadOptions(context_length=1000, kv_cache_f32=True, parallel=2)
     need = asyncio.run(ModelLoader(Settings()).estimate(info, options))
-    windows = shape.kv_bytes_per_token(32) * 1000 * 2
-    assert need.kv_cache == windows + 6 * layers.state_bytes
-    assert "KV cache (2 windows of 1000 tokens, 6 recurrent states)" in need.describe()
+    # One pool of KV cells for both slots (the attention layers'), a state per sequence id.
+    pool = shape.kv_bytes_per_token(32) * 1000
+    assert need.kv_cache == pool + 6 * layers.state_bytes
+    assert "KV cache (1 window of 1000 tokens, 6 recurrent states)" in need.describe()
 
 
 def test_an_attention_only_gguf_has_no_recurrent_state(hybrid_models, models_root):  # noqa: F811

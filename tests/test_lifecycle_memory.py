@@ -52,9 +52,9 @@ def test_a_load_counts_every_parallel_window_and_the_prompt_cache(registry, key)
     loader = ModelLoader(settings)
     options = loader.options(info, LoadRequest(context_length=1000))
     need = asyncio.run(loader.estimate(info, options))
-    # Both formats reach one window per sequence decoded at once: llama.cpp reserves them
-    # all at load (at most 4 by default), MLX's batch grows to as many.
-    windows = 4 if info.format == "gguf" else 6
+    # llama.cpp reserves one pool of cells its 4 parallel sequences share (the kv_windows
+    # setting); MLX's batch grows to one window per sequence decoded at once.
+    windows = 1 if info.format == "gguf" else 6
     assert need.windows == windows
     assert need.kv_cache == windows * 1000 * KV_VALUES_PER_TOKEN * 4  # f32 weights: f32 KV
     # MLX keeps finished requests' KV beside the batch; llama.cpp moves the ones new
@@ -77,9 +77,19 @@ def test_a_load_counts_every_parallel_window_and_the_prompt_cache(registry, key)
     total = need.weights + need.kv_cache + need.prompt_cache + need.compute + need.runtime
     assert need.total == total
     parallel = loader.options(info, LoadRequest(context_length=1000, parallel=2))
+    parallel_windows = 1 if info.format == "gguf" else 2
     assert (
-        asyncio.run(loader.estimate(info, parallel)).kv_cache == 2 * 1000 * KV_VALUES_PER_TOKEN * 4
+        asyncio.run(loader.estimate(info, parallel)).kv_cache
+        == parallel_windows * 1000 * KV_VALUES_PER_TOKEN * 4
     )
+    # The setting reserves more GGUF windows, at most one per parallel sequence.
+    if info.format == "gguf":
+        wide = ModelLoader(Settings(**{**settings.model_dump(), "kv_windows": 3}))
+        for parallel_count, reserved in ((None, 3), (2, 2)):
+            request = LoadRequest(context_length=1000, parallel=parallel_count)
+            need = asyncio.run(wide.estimate(info, wide.options(info, request)))
+            assert need.windows == reserved
+            assert need.kv_cache == reserved * 1000 * KV_VALUES_PER_TOKEN * 4
 
 
 @pytest.mark.parametrize("fmt", ["mlx", "gguf"])
@@ -90,16 +100,16 @@ def test_a_draft_counts_its_weights_and_kv(registry, fmt):
     options = loader.options(main, LoadRequest(context_length=1000, draft_model=draft.key))
     plain = asyncio.run(loader.estimate(main, options))
     need = asyncio.run(loader.estimate(main, options, draft))
-    # GGUF: the draft's context mirrors the main one (a window per sequence, 16-bit KV).
+    # GGUF: the draft's context mirrors the main one (its pool of cells, 16-bit KV).
     # MLX: up to a drafted request per parallel place, each with a window of the draft's KV
     # (f32 here); their main-model KV is in the instance's windows.
-    kv = 2 * 1000 * KV_VALUES_PER_TOKEN * (2 if fmt == "gguf" else 4)
-    scores = 4 * 512 * 2 * 1000 * 4 if fmt == "gguf" else 0  # its context's attention scores
+    kv = (1000 * KV_VALUES_PER_TOKEN * 2) if fmt == "gguf" else 2 * 1000 * KV_VALUES_PER_TOKEN * 4
+    scores = 4 * 512 * 1000 * 4 if fmt == "gguf" else 0  # its context's attention scores
     assert need.draft == draft.size_bytes + kv + scores
     assert need.total == plain.total + need.draft
     if fmt == "gguf":  # with flash attention, its context's attention mask instead
         on = loader.options(main, LoadRequest(context_length=1000, flash_attention=True))
-        mask = 512 * 2 * 1000 * 6
+        mask = 512 * 1000 * 6
         assert asyncio.run(loader.estimate(main, on, draft)).draft == draft.size_bytes + kv + mask
 
 
@@ -327,4 +337,5 @@ def test_flash_attention_is_the_server_default_for_gguf_loads(registry, monkeypa
         options = ModelLoader(settings).options(info, LoadRequest(flash_attention=asked))
         assert bool(options.flash_attention) is expected
         compute = asyncio.run(ModelLoader(settings).estimate(info, options)).compute
-        assert (compute == 512 * 4 * 4096 * 6) is expected  # the mask, not the scores
+        # The mask (not the scores) against the one pool of 4096 cells.
+        assert (compute == 512 * 4096 * 6) is expected

@@ -3,8 +3,9 @@ the MLX prompt cache, draft models, tokenizer and runtime) and a refusal names t
 dialect's envelope; what it counts is what ``/api/v1/models``, ``/api/v0/models`` and
 ``mlxserve ps`` report.
 
-One server with a fixed 250 MB budget: a tiny Qwen2 GGUF loaded without flash attention (45 MB
-of weights, 8.4 MB of KV in 4 windows, 134 MB of attention scores, 51 MB of tokenizer and
+One server with a fixed 250 MB budget, reserving a GGUF window of KV per parallel sequence
+(``--kv-windows 4``; one pool by default): a tiny Qwen2 GGUF loaded without flash attention (45
+MB of weights, 8.4 MB of KV in 4 windows, 134 MB of attention scores, 51 MB of tokenizer and
 runtime) fits; the same model as MLX fits alone with its prompt cache cut from 1 GiB to what
 is left, and not beside the GGUF; nor does a second tiny model as a draft."""
 
@@ -24,6 +25,7 @@ HELLO = [{"role": "user", "content": "Hi"}]
 def tight(models_root, tmp_path_factory):
     home = tmp_path_factory.mktemp("guardrail")
     budget = ("--guardrail-memory-gb", "0.25", "--prompt-cache-bytes", str(1 << 30))
+    budget += ("--kv-windows", "4")
     srv = Server(models_root, home, *budget)
     yield srv
     srv.stop()

@@ -35,6 +35,11 @@ def decode_threads(ctx: Any) -> Iterator[None]:
         llama_cpp.llama_set_n_threads(ctx, threads, threads_batch)
 
 
+class _Full(RuntimeError):
+    """The draft's context has no free cells for a batch (its pool is as large as the model's,
+    which preempts its own sequences; the draft's held proposals can outgrow it)."""
+
+
 def _vocabulary(llm: Llama) -> list[bytes]:
     vocab = adapter.vocab_pointer(llm)
     return [llama_cpp.llama_vocab_get_text(vocab, t) or b"" for t in range(llm.n_vocab())]
@@ -93,6 +98,8 @@ class DraftModel:
                     rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
             else:
                 rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
+            if rc == 1:
+                raise _Full
             if rc != 0:
                 raise RuntimeError(f"llama_decode returned {rc} on the draft model")
 
@@ -102,17 +109,25 @@ class DraftModel:
 
     def propose(self, seq: int, context: list[int], k: int) -> list[int]:
         """The draft's ``k`` greedy tokens after ``context`` (the request's tokens so far).
-        The draft's cache keeps the prefix it shares with the last context, the rest goes."""
+        The draft's cache keeps the prefix it shares with the last context, the rest goes.
+        Fewer (none) when its context has no room: proposals never change the output."""
         held = self._held.setdefault(seq, [])
         keep = common_prefix(held, context, len(context) - 1)
         if keep < len(held):
             llama_cpp.llama_memory_seq_rm(self._mem, seq, keep, -1)
             del held[keep:]
-        self._decode(seq, context[keep:], keep)
+        try:
+            self._decode(seq, context[keep:], keep)
+        except _Full:
+            self.drop(seq)
+            return []
         held.extend(context[keep:])
         proposed = [self._argmax()]
         while len(proposed) < k:
-            self._decode(seq, proposed[-1:], len(held))
+            try:
+                self._decode(seq, proposed[-1:], len(held))
+            except _Full:
+                break
             held.append(proposed[-1])
             proposed.append(self._argmax())
         return proposed

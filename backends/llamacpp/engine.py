@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import math
 import os
@@ -26,7 +27,8 @@ from backends.constraint import GrammarCache
 from backends.llamacpp import adapter
 from backends.llamacpp.draft import DraftModel
 from backends.llamacpp.hostcache import HostCache
-from backends.llamacpp.sampling import SampledDecoding
+from backends.llamacpp.pool import PooledSequences
+from backends.llamacpp.sampling import NoRoom
 from backends.llamacpp.sequence import _Seq
 from backends.llamacpp.spill import GGUFSpill
 from backends.llamacpp.vision import DEFAULT_MAX_PIXELS, Image, Projector, find_projector
@@ -77,7 +79,7 @@ def _cache_type(name: str | None, default: int) -> int:
     return GGML_CACHE_TYPES[name]
 
 
-class LlamaCppEngine(SampledDecoding):
+class LlamaCppEngine(PooledSequences):
     """A GGUF model behind the backend interface."""
 
     format = "gguf"
@@ -226,7 +228,7 @@ class LlamaCppEngine(SampledDecoding):
 
     def _open_context(self) -> None:
         llm, options = self._llm, self.options
-        self._parallel = options.kv_windows("gguf")
+        self._parallel = options.slots("gguf")
         model = adapter.model_pointer(llm)
         # A recurrent state (Mamba, Gated DeltaNet) cannot be cut back, and llama.cpp copies a
         # sequence's whole state whatever range is asked: a kept sequence of such a model is
@@ -240,7 +242,10 @@ class LlamaCppEngine(SampledDecoding):
             llama_cpp.llama_max_parallel_sequences(),
         )
         self._n_seq = n_seq
-        self._cells = options.context_length * self._parallel
+        # One pool of cells for all sequences by default (llama-server's unified KV): llama.cpp
+        # reserves and clears every cell at creation, so each window is resident from load.
+        self._cells = options.context_length * options.kv_windows("gguf")
+        self._headroom = max(16, self._cells // 16)
         self._step_tokens = max(self._n_batch, IDLE_PREFILL_CHUNK) + self._parallel
         params = type(llm.context_params).from_buffer_copy(llm.context_params)
         params.n_ctx = self._cells
@@ -275,6 +280,11 @@ class LlamaCppEngine(SampledDecoding):
         super()._setup()
         self._waiting: deque[Job] = deque()
         self._running: list[_Seq] = []
+        # Sequences preempted for room, in admission order: they resume before new admissions.
+        self._preempted: list[_Seq] = []
+        self._marks = {}
+        self._admissions = itertools.count()
+        self._stalled = False
         # Draft models by folder, loaded into this engine for speculative decoding.
         self._drafts: dict[Path, DraftModel] = {}
 
@@ -293,11 +303,14 @@ class LlamaCppEngine(SampledDecoding):
         return self._host.bytes
 
     def busy(self) -> bool:
-        return bool(self._waiting or self._running)
+        return bool(self._waiting or self._running or self._preempted)
 
     def step(self) -> None:
         try:
-            self._step()
+            try:
+                self._step()
+            except NoRoom:
+                self._relieve()
         except Exception as exc:
             log.exception("generation failed on %s", self.path.name)
             for s in self._running:
@@ -310,7 +323,8 @@ class LlamaCppEngine(SampledDecoding):
         super().abort(exc)
         waiting, self._waiting = self._waiting, deque()
         running, self._running = self._running, []
-        for job in waiting:
+        preempted, self._preempted = self._preempted, []
+        for job in [*waiting, *(s.job for s in preempted)]:
             job.fail(exc)
         for s in running:
             s.job.fail(exc)
@@ -351,16 +365,31 @@ class LlamaCppEngine(SampledDecoding):
         for s in [s for s in self._running if s.job.cancelled]:
             s.job.finish("cancelled")
             self._finish_seq(s)
+        for s in [s for s in self._preempted if s.job.cancelled]:
+            self._preempted.remove(s)
+            s.job.finish("cancelled")
+            if s.media is not None:
+                s.media.free()
+        self._resume()
         used: set[int] = set()
         admitted = False
-        while self._waiting and len(self._running) < self._parallel:
+        while (
+            self._waiting
+            and not self._preempted
+            and not (self._stalled and self._running)
+            and len(self._running) < self._parallel
+        ):
             job = self._waiting.popleft()
-            admitted = True
             try:
-                self._start_seq(job, used)
+                if not self._start_seq(job, used):
+                    # Running sequences only grow: try again once one has finished.
+                    self._waiting.appendleft(job)
+                    self._stalled = True
+                    break
             except Exception as exc:
                 log.exception("could not start a sequence on %s", self.path.name)
                 job.fail(exc)
+            admitted = True
         if admitted and not self._flash:
             # Kept sequences the new requests do not use leave the context, so that prompt
             # chunks and decode steps do not attend over their cells (see
@@ -370,6 +399,7 @@ class LlamaCppEngine(SampledDecoding):
                 self._park(seq)
         if not self._running:
             return
+        self._make_room()
         # Without flash attention a step is one llama_decode: the running streams' tokens and
         # the prompts' chunks share one pass over the weights, and a prompt's last row rides
         # on the streams' output projection (a second decode paid both again, slowing the
@@ -390,6 +420,8 @@ class LlamaCppEngine(SampledDecoding):
             self._take_samples(outputs)
             outputs = []
         room = self._n_batch if decoding else self._step_tokens - self._parallel
+        # Prompt chunks take only free cells, leaving the drafted sequences' rounds theirs.
+        room = min(room, self._free_cells() - sum(map(self._round_cells, self._running)))
         chunks: list[tuple[_Seq, int]] = []
         # Image pieces decode on their own after the shared batch (they replace its logits).
         images: list[tuple[_Seq, Image, int]] = []

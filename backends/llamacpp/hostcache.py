@@ -21,7 +21,7 @@ from typing import Any
 
 import llama_cpp
 
-from backends.llamacpp.reuse import RunFilter, served
+from backends.llamacpp.reuse import served
 from backends.spill import longest_prefix
 
 log = logging.getLogger("mlxserve.backends")
@@ -35,6 +35,13 @@ def sequence_state(ctx: Any, seq: int) -> memoryview | None:
     if n == 0:
         return None
     return memoryview(buf).cast("B")[:n]
+
+
+def restore_state(ctx: Any, state: memoryview, seq: int) -> bool:
+    """Copy a state from :func:`sequence_state` into the empty sequence ``seq``; False if
+    llama.cpp found no room for its cells."""
+    buf = (ctypes.c_uint8 * len(state)).from_buffer(state)
+    return llama_cpp.llama_state_seq_set_data(ctx, buf, len(state), seq) != 0
 
 
 @dataclass(frozen=True)
@@ -91,15 +98,11 @@ class HostCache:
         key, n = longest_prefix(self._entries, prompt, have, trimmable=self.trimmable, min_gain=1)
         if not min_run:
             return key, n
-        # The prompt indexed once for every entry: most share no run with it.
-        wanted = list(prompt)
-        runs_filter = RunFilter(wanted, min_run)
         for k, entry in self._entries.items():
             if entry.pos_shift:
                 continue
             tokens = list(k)
-            one = {0: tokens}
-            gets = served(one, one, wanted, min_run, runs_filter)
+            gets = served({0: tokens}, {0: tokens}, list(prompt), min_run)
             if gets > max(have, n):
                 key, n = k, gets
         return key, n
@@ -108,8 +111,7 @@ class HostCache:
         """Copy the entry for ``key`` back into the empty sequence ``seq`` and forget it; its
         position shift, or None if llama.cpp found no room for its cells."""
         entry = self._remove(key)
-        buf = (ctypes.c_uint8 * len(entry.state)).from_buffer(entry.state)
-        if llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(entry.state), seq) == 0:
+        if not restore_state(self._ctx, entry.state, seq):
             log.warning("llama.cpp could not take back a parked sequence of %d tokens", len(key))
             return None
         return entry.pos_shift

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +39,35 @@ class KeptSequences(Engine):
     _whole_only: bool
     _reuse: int
     _cells: int
+    _headroom: int
+    # Admission numbers (see _Seq.order).
+    _admissions: Iterator[int]
+    # Set when a request did not fit the free cells, or llama.cpp found no room where the
+    # estimate did: waiting and preempted sequences then wait for a running one to finish.
+    _stalled: bool
 
     def _drop(self, seq: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
         for draft in self._drafts.values():
             draft.drop(seq)
-        self._kept.pop(seq, None)
+        if self._kept.pop(seq, None) is not None:
+            for s in self._running:
+                if s.source == seq:
+                    s.source = None
         self._kept_shift.pop(seq, None)
         self._free.append(seq)
+
+    def _cells_used(self) -> int:
+        """The pool's cells in use: kept sequences', running ones' (but what they share with
+        a kept one) and the moved runs still held for them."""
+        used = self._kept_cells()
+        for s in self._running:
+            used += len(s.tokens) - (s.borrowed if s.source is not None else 0)
+            used += sum(r.n for r in s.runs)
+        return used
+
+    def _free_cells(self) -> int:
+        return self._cells - self._cells_used()
 
     def _evict_until(self, fits: Any, keep: int | None = None) -> None:
         """Move kept sequences out of the context (least recently used first) until
@@ -106,17 +127,17 @@ class KeptSequences(Engine):
         key, n = self._host.best(prompt, have, min_run)
         from_disk = False
         if self._spill is not None:
-            on_disk, _ = self._spill.store.longest(prompt, max(have, n))
+            on_disk, disk_n = self._spill.store.longest(prompt, max(have, n))
             if on_disk is not None:
-                key, from_disk = on_disk, True
+                key, n, from_disk = on_disk, disk_n, True
         if key is None:
             return
-        need = len(key) + len(prompt) + request.max_tokens
-        need += sum(s.reserve for s in self._running)
+        # The entry's cells and the prompt's tokens it does not serve.
+        need = len(key) + max(0, len(prompt) - n) + self._headroom
 
         def fits() -> bool:
             # One free sequence for the entry, one for the request.
-            return need + self._kept_cells() <= self._cells and len(self._free) >= 2
+            return need <= self._free_cells() and len(self._free) >= 2
 
         self._evict_until(fits)
         if not fits():
@@ -136,9 +157,11 @@ class KeptSequences(Engine):
     def _kept_cells(self) -> int:
         return sum(len(t) for t in self._kept.values())
 
-    def _start_seq(self, job: Job, used: set[int]) -> None:
+    def _start_seq(self, job: Job, used: set[int]) -> bool:
         """Start ``job`` in a free sequence, from the kept sequence that serves most of its
-        prompt; that sequence joins ``used`` if the prompt shares at least half of it."""
+        prompt; that sequence joins ``used`` if the prompt shares at least half of it. False
+        (nothing started) while other sequences run and the prompt's uncached tokens and a
+        headroom do not fit the pool's free cells: later growth is met by preemption."""
         self._restore_spilled(job)
         request = job.request
         prompt = list(request.prompt)
@@ -159,13 +182,19 @@ class KeptSequences(Engine):
             if not shared:
                 source = None
         first_media = next((i for i, t in enumerate(prompt) if t < 0), len(prompt))
-        need = len(prompt) + request.max_tokens + sum(s.reserve for s in self._running)
-        self._evict_until(lambda: need + self._kept_cells() <= self._cells, keep=source)
+
+        def fits() -> bool:
+            # The source's cells are counted already (it is kept).
+            return len(prompt) - shared + self._headroom <= self._free_cells()
+
+        self._evict_until(fits, keep=source)
         if not self._free:
             self._evict_until(lambda: bool(self._free), keep=source)
-        if need + self._kept_cells() > self._cells or not self._free:
+        if not fits() or not self._free:
             source, shared, runs = None, 0, []
-            self._evict_until(lambda: need + self._kept_cells() <= self._cells and self._free)
+            self._evict_until(lambda: fits() and bool(self._free))
+        if self._running and not (fits() and self._free):
+            return False
         seq = self._free.pop()
         try:
             pos_shift = 0
@@ -198,6 +227,9 @@ class KeptSequences(Engine):
             self._drop(seq)
             raise
         state = _Seq(job, seq, prompt, shared, sampler, prompt[:shared], pos_shift=pos_shift)
+        state.order = next(self._admissions)
+        if source is not None and shared:
+            state.source, state.borrowed = source, shared
         if media is not None:
             if any(i.start >= shared for i in media.images):
                 state.media = media
@@ -207,6 +239,7 @@ class KeptSequences(Engine):
             # The kept sequence gives up its place in the cache and holds the moved runs.
             del self._kept[source]
             self._kept_shift.pop(source, None)
+            state.source = None
             prepare_hold(self._mem, source, shared, runs)
             state.hold, state.runs = source, deque(runs)
             state.cached += sum(r.n for r in runs)
@@ -221,6 +254,7 @@ class KeptSequences(Engine):
         if self.options.prompt_cache_bytes:
             job.cache_written = len(prompt) - state.cached
         job.progress(shared, len(prompt), state.cached)
+        return True
 
     def _attach_runs(self, s: _Seq) -> None:
         """Give ``s`` the moved runs that start where its decoding has reached."""
@@ -242,6 +276,7 @@ class KeptSequences(Engine):
 
     def _finish_seq(self, s: _Seq) -> None:
         self._running.remove(s)
+        self._stalled = False
         if s.media is not None:
             s.media.free()
         self._release_hold(s)
@@ -284,3 +319,5 @@ class KeptSequences(Engine):
         seq = self._free.pop()
         llama_cpp.llama_memory_seq_cp(self._mem, s.seq, seq, -1, -1)
         self._keep(seq, list(s.tokens), s.pos_shift)
+        if seq in self._kept:
+            s.source, s.borrowed = seq, len(s.tokens)

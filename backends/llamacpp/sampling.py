@@ -16,12 +16,20 @@ from backends.llamacpp.sequence import _Seq
 from backends.logprobs import RowLogprobs, penalize
 
 
+class NoRoom(RuntimeError):
+    """llama.cpp found no free cells for a decode's batch (``llama_decode`` returned 1): the
+    context is as it was before the call, and so are the sequences put in the batch."""
+
+
 class SampledDecoding(KeptSequences):
     """Decoding and sampling on the shared context (see LlamaCppEngine._step)."""
 
     _ctx: LlamaContext
     _batch: Any
     _n_vocab: int
+    # Each sequence put in the batch since the last decode: its tokens and pending token
+    # before, to put back if llama.cpp finds no room for the batch.
+    _marks: dict[int, tuple[_Seq, int, int | None]]
 
     def _take_samples(self, outputs: list[tuple[_Seq, int]]) -> None:
         """Sample each sequence's next token from its row of the last decode. The step's
@@ -41,6 +49,7 @@ class SampledDecoding(KeptSequences):
 
     def _put(self, s: _Seq, token: int, logits: bool) -> int:
         """Append ``token`` of sequence ``s`` to the batch at its next position; its index."""
+        self._marks.setdefault(s.seq, (s, len(s.tokens), s.pending))
         batch = self._batch
         i = batch.n_tokens
         batch.token[i] = token
@@ -54,6 +63,13 @@ class SampledDecoding(KeptSequences):
 
     def _decode(self) -> None:
         rc = llama_cpp.llama_decode(self._ctx.ctx, self._batch)
+        marks, self._marks = self._marks, {}
+        if rc == 1:
+            for s, n, pending in marks.values():
+                del s.tokens[n:]
+                s.pending = pending
+            self._batch.n_tokens = 0
+            raise NoRoom("llama.cpp found no free KV cells for the batch")
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
 
@@ -93,15 +109,16 @@ class SampledDecoding(KeptSequences):
         request = job.request
         # Never past max_tokens: the round yields at most k + 1 tokens.
         k = max(0, min(request.num_draft_tokens, request.max_tokens - job.generated - 1))
-        pending, s.pending = s.pending, None
+        pending = s.pending
         proposed = s.draft.propose(s.seq, [*s.tokens, pending], k) if k else []
-        stats.total += len(proposed)
         start = len(s.tokens)
         self._batch.n_tokens = 0
         for token in [pending, *proposed]:
             self._put(s, token, True)
         with decode_threads(self._ctx.ctx):
             self._decode()
+        s.pending = None
+        stats.total += len(proposed)
         accepted, done = 0, False
         # The accepted tokens reach the event loop in one wake-up.
         with self.relayed():

@@ -36,7 +36,11 @@ class _Seq:
     runs: deque[Run] = field(default_factory=deque)
     # The prompt's images not yet in the cache, evaluated one piece per step (see _image_piece).
     media: Chunks | None = None
-
-    @property
-    def reserve(self) -> int:
-        return len(self.prompt) + self.job.request.max_tokens
+    # Admission order: a preempted sequence resumes at its place among the running ones.
+    order: int = 0
+    # The kept sequence whose first ``borrowed`` cells this one shares (llama_memory_seq_cp),
+    # while it is kept: those cells are counted once, with it (see KeptSequences._cells_used).
+    source: int | None = None
+    borrowed: int = 0
+    # Its llama.cpp state while preempted (out of the context, see LlamaCppEngine._preempt).
+    parked: memoryview | None = None

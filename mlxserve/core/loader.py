@@ -4,6 +4,7 @@ opening the engine off the event loop, and closing it again."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import time
@@ -58,6 +59,7 @@ class ModelLoader:
             cache_type_v=request.cache_type_v if info.format == "gguf" else None,
             draft_model=request.draft_model,
             prefill_chunk=self.settings.prefill_chunk,
+            reserved_windows=self.settings.kv_windows,
             prompt_cache_bytes=self.settings.prompt_cache_bytes,
             prompt_cache_dir=self.settings.home / "prompt-cache",
             prompt_cache_disk_bytes=self.settings.prompt_cache_disk_bytes,
@@ -72,25 +74,27 @@ class ModelLoader:
 
         def work() -> memory.Estimate:
             slots = options.slots(info.format)
+            windows = options.kv_windows(info.format)
             need = memory.estimate(
                 info,
                 options.context_length,
                 kv_f32=options.kv_cache_f32,
-                windows=slots,
+                windows=windows,
                 kv_bits=options.kv_element_bits(info.format),
                 # MLX keeps finished requests' KV beside the batch; llama.cpp moves the ones
                 # new requests do not use out of its windows to host memory: both up to it
                 # (what GGUF keeps in its windows' cells is counted with them).
                 prompt_cache=options.prompt_cache_bytes,
-                scores=_gguf_scores(info, options, slots),
-                mask=_gguf_mask(info, options, slots),
+                scores=_gguf_scores(info, options, windows),
+                mask=_gguf_mask(info, options, windows),
                 sequences=options.sequence_ids(info.format, footprint.recurrent(info) is not None),
             )
             if draft is not None:
                 flash = _gguf_flash(options)
-                need = need.with_draft(
-                    memory.draft_bytes(draft, info, options.context_length, slots, flash=flash)
+                cost = memory.draft_bytes(
+                    draft, info, options.context_length, slots, windows=windows, flash=flash
                 )
+                need = need.with_draft(cost)
             return need
 
         return await asyncio.to_thread(work)
@@ -99,8 +103,13 @@ class ModelLoader:
         """What loading ``draft`` into ``instance`` adds to its memory."""
         slots = int(instance.load_config.get("parallel") or 1)
         flash = instance.load_config.get("flash_attention") is True
+        windows = min(self.settings.kv_windows, slots)
         return await asyncio.to_thread(
-            memory.draft_bytes, draft, instance.info, instance.context_length, slots, flash=flash
+            functools.partial(memory.draft_bytes, windows=windows, flash=flash),
+            draft,
+            instance.info,
+            instance.context_length,
+            slots,
         )
 
     async def check_fits(
@@ -214,23 +223,23 @@ def _gguf_flash(options: LoadOptions) -> bool:
     )
 
 
-def _gguf_scores(info: ModelInfo, options: LoadOptions, slots: int) -> tuple[int, int] | None:
+def _gguf_scores(info: ModelInfo, options: LoadOptions, windows: int) -> tuple[int, int] | None:
     """The attention-score matrix llama.cpp materialises without flash attention (a load
     with ``flash_attention: false``): a micro-batch of queries (at most 512) against every
-    cell of the windows. MLX runs fused attention on Metal."""
+    cell of the reserved windows. MLX runs fused attention on Metal."""
     if info.format != "gguf" or _gguf_flash(options):
         return None
     ubatch = min(options.eval_batch_size or options.prefill_chunk, 512)
-    return ubatch, options.context_length * slots
+    return ubatch, options.context_length * windows
 
 
-def _gguf_mask(info: ModelInfo, options: LoadOptions, slots: int) -> tuple[int, int] | None:
+def _gguf_mask(info: ModelInfo, options: LoadOptions, windows: int) -> tuple[int, int] | None:
     """The attention mask llama.cpp builds with flash attention: a micro-batch of queries (at
-    most 512) against every cell of the windows."""
+    most 512) against every cell of the reserved windows."""
     if info.format != "gguf" or not _gguf_flash(options):
         return None
     ubatch = min(options.eval_batch_size or options.prefill_chunk, 512)
-    return ubatch, options.context_length * slots
+    return ubatch, options.context_length * windows
 
 
 def _template(info: ModelInfo, engine: Engine) -> ChatTemplate:

@@ -4,8 +4,9 @@ An estimate adds up what a loaded model can come to hold, part by part (read fro
 model's files by :mod:`mlxserve.core.footprint`, never from its weights):
 
 - **weights**: the files' size (a GGUF projector included);
-- **KV windows**: one context window of KV cache per sequence decoded at once (``slots``):
-  llama.cpp reserves them all when the context is made; MLX's batch grows one per running
+- **KV windows**: GGUF: the context windows of KV cells llama.cpp reserves (and clears) when
+  the context is made, ``LoadOptions.kv_windows``: one pool its parallel sequences share by
+  default; MLX: one per sequence decoded at once (``slots``), its batch growing one per running
   request, up to as many. A GGUF model with recurrent layers (Mamba, Gated DeltaNet) also
   gets a state per sequence id of its context (``footprint.recurrent``), in this part too;
 - **prompt cache**: what keeping finished requests for reuse adds, up to
@@ -165,7 +166,8 @@ def estimate(
     sequences: int = 0,
 ) -> Estimate:
     """What loading ``info`` with ``context_length`` needs (reads a few files: not on the loop);
-    ``windows``: context windows of KV (sequences decoded at once); ``kv_bits``: bits per
+    ``windows``: context windows of KV (GGUF: those reserved; MLX: sequences decoded at
+    once); ``kv_bits``: bits per
     cached element when the cache is quantized; ``prompt_cache``: bytes the engine may keep
     for prefix reuse outside those windows; ``scores``: (queries, keys) of the largest
     attention-score matrix a forward pass materialises (None: fused attention keeps none);
@@ -198,10 +200,16 @@ def estimate(
 
 
 def draft_bytes(
-    draft: ModelInfo, main: ModelInfo, context_length: int, slots: int, *, flash: bool = True
+    draft: ModelInfo,
+    main: ModelInfo,
+    context_length: int,
+    slots: int,
+    *,
+    windows: int = 1,
+    flash: bool = True,
 ) -> int:
     """What a draft model adds to an instance of ``main``: its weights and its KV. A GGUF
-    draft context mirrors the main one (a window per parallel sequence, 16-bit KV, and
+    draft context mirrors the main one (its ``windows`` of cells, 16-bit KV, and
     attention scores when ``main`` runs without flash attention). MLX drafted requests run
     beside the batch, each in one of the instance's ``slots`` places (whose KV of ``main``
     the windows count already), each with a window of the draft's KV."""
@@ -209,7 +217,7 @@ def draft_bytes(
     kv = 0
     if shape is not None:
         if draft.format == "gguf":
-            cells = context_length * slots
+            cells = context_length * windows
             kv = shape.kv_bytes_per_token(16) * cells
             # Scores of up to 512 queries against every cell, or with flash attention its mask.
             kv += shape.scores_bytes(512, cells) if not flash else 512 * cells * MASK_BYTES

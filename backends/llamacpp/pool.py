@@ -1,0 +1,110 @@
+"""The GGUF engine's pool of KV cells: one ``context_length`` window shared by its parallel
+sequences (llama-server's unified cache) unless the load reserves more. llama-server ends
+requests when its cache runs out; here no request fails: kept sequences leave the context
+first, then the most recently admitted running sequence is preempted (its cells copied to host
+memory with ``llama_state_seq_get_data``, the bytes the prompt cache parks) and resumes from
+the same bytes when room is free, so its tokens are those it would have produced alone."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+
+from backends.llamacpp.hostcache import restore_state, sequence_state
+from backends.llamacpp.sampling import NoRoom, SampledDecoding
+from backends.llamacpp.sequence import _Seq
+
+log = logging.getLogger("mlxserve.backends")
+
+
+class PooledSequences(SampledDecoding):
+    """Room in the shared pool for the running sequences (see LlamaCppEngine._step)."""
+
+    _preempted: list[_Seq]
+
+    def _round_cells(self, s: _Seq) -> int:
+        """Cells ``s``'s next decode takes: its pending token, and a drafted one's proposals."""
+        if s.pending is None:
+            return 0
+        return 1 + (s.job.request.num_draft_tokens if s.draft is not None else 0)
+
+    def _make_room(self) -> None:
+        """Room in the pool for this step's decodes (and a prompt chunk, when a prompt is
+        being read): kept sequences leave the context first (see _park), then the most
+        recently admitted running sequences are preempted."""
+
+        def need() -> int:
+            prefill = any(len(s.tokens) < len(s.prompt) for s in self._running)
+            return sum(map(self._round_cells, self._running)) + int(prefill)
+
+        if need() <= self._free_cells():
+            return
+        self._evict_until(lambda: need() <= self._free_cells())
+        while need() > self._free_cells() and (victim := self._victim()) is not None:
+            self._preempt(victim)
+
+    def _victim(self) -> _Seq | None:
+        """The running sequence to preempt: the most recently admitted one that is simple to
+        park (not mid-image, holding no moved runs, with cells), never the last one running."""
+        if len(self._running) < 2:
+            return None
+        for s in reversed(self._running):
+            mid_image = s.media is not None and len(s.tokens) < len(s.prompt)
+            if s.tokens and s.hold is None and not mid_image:
+                return s
+        return None
+
+    def _preempt(self, s: _Seq) -> None:
+        """Copy ``s``'s cells to host memory (llama.cpp's own bytes, as the prompt cache parks
+        them) and free its sequence id; it waits to resume before any new admission."""
+        s.parked = sequence_state(self._ctx.ctx, s.seq)
+        self._running.remove(s)
+        self._drop(s.seq)
+        s.source = None
+        self.preempted += 1
+        bisect.insort(self._preempted, s, key=lambda r: r.order)
+        log.debug("preempted a sequence of %d tokens on %s", len(s.tokens), self.path.name)
+
+    def _resume(self) -> None:
+        """Preempted sequences come back, earliest admitted first, when their cells and a
+        headroom fit; the first one always does once nothing else runs."""
+        while self._preempted and not (self._stalled and self._running):
+            s = self._preempted[0]
+            need = len(s.tokens) + self._headroom
+
+            def fits(need: int = need) -> bool:
+                return need <= self._free_cells() and bool(self._free)
+
+            self._evict_until(fits)
+            if self._running and not fits():
+                return
+            seq = self._free.pop()
+            if s.parked is not None and not restore_state(self._ctx.ctx, s.parked, seq):
+                self._free.append(seq)
+                if self._kept:
+                    for kept in list(self._kept):
+                        self._park(kept)
+                    continue
+                if self._running:
+                    self._stalled = True
+                    return
+                del self._preempted[0]
+                s.job.fail(RuntimeError("llama.cpp could not take back a preempted sequence"))
+                continue
+            del self._preempted[0]
+            s.seq, s.parked = seq, None
+            bisect.insort(self._running, s, key=lambda r: r.order)
+
+    def _relieve(self) -> None:
+        """After llama.cpp found no room for a batch the estimate allowed (fragmented or
+        shared cells): kept sequences leave the context, else the most recently admitted
+        running sequence is preempted, and the preempted then wait for one to finish."""
+        if self._kept:
+            for seq in list(self._kept):
+                self._park(seq)
+            return
+        victim = self._victim()
+        if victim is None:
+            raise NoRoom("no room in the KV cache and no sequence that can wait")
+        self._preempt(victim)
+        self._stalled = True
