@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import random
 
 import llama_cpp
 import openai
 
 from backends.base import Engine
-from backends.llamacpp.reuse import Run, align
+from backends.llamacpp import hostcache, reuse
+from backends.llamacpp.reuse import Run, RunFilter, align
 from tests.conftest import GGUF_KEY, REPO
 from tests.engine_harness import generate, load
 
@@ -30,6 +32,49 @@ def test_align_finds_monotonic_runs_past_a_change():
     # Runs shorter than the minimum, and runs before the floor, are not reused.
     assert align(old, old[:10] + [7] + old[11:16] + [7], 10, 10, 8, 17) == []
     assert align(old, [900] + old[1:], 1, 50, 8, 99) == [Run(50, 50, 49)]
+
+
+def test_run_filter_never_rules_out_a_sequence_that_shares_a_run():
+    rng = random.Random(7)
+    for trial in range(300):
+        min_run = rng.choice([8, 16, 33, 64])
+        cached = [rng.randrange(50) for _ in range(rng.randrange(min_run, 400))]
+        prompt = [rng.randrange(50, 100) for _ in range(rng.randrange(min_run, 400))]
+        # No token in common: ruled out.
+        assert not RunFilter(prompt, min_run).may_share(cached, 0)
+        # A shared run of about min_run tokens at any offset of both (sometimes too short).
+        n = rng.randrange(min_run - 2, min_run + 20)
+        c, p = rng.randrange(len(cached)), rng.randrange(len(prompt))
+        piece = cached[c : c + n]
+        prompt[p : p + len(piece)] = piece
+        floor = rng.randrange(c + 1)
+        runs = align(cached, prompt, 0, floor, min_run, len(prompt))
+        may = RunFilter(prompt, min_run).may_share(cached, floor)
+        assert may or not runs, (trial, runs)
+
+
+def test_the_host_search_aligns_only_entries_that_may_share_a_run(monkeypatch):
+    # Parking needs no context here: the state is any bytes.
+    monkeypatch.setattr(hostcache, "sequence_state", lambda ctx, seq: memoryview(b"state"))
+    aligned = []
+
+    def counting(cached, *args):
+        aligned.append(len(cached))
+        return align(cached, *args)
+
+    monkeypatch.setattr(reuse, "align", counting)
+    rng = random.Random(3)
+    cache = hostcache.HostCache(None, trimmable=True)
+    for i in range(30):
+        cache.park(i, [rng.randrange(1000, 2000) for _ in range(600)], 0)
+    # One entry shares a changed middle with the prompt: everything after its first token.
+    middle = [rng.randrange(3000, 4000) for _ in range(500)]
+    cache.park(30, [5, *middle], 0)
+    prompt = [6, *middle, 7]
+    key, served = cache.best(prompt, 0, min_run=64)
+    assert key == (5, *middle) and served == len(middle)
+    # Only the entry that shares a run is aligned (all 31 were, at ≈1 ms each for a 4k prompt).
+    assert aligned == [len(key)]
 
 
 def _system(engine: Engine, header: str, tools: int = 24, topic: str = "file") -> list[int]:

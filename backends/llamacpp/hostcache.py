@@ -21,7 +21,7 @@ from typing import Any
 
 import llama_cpp
 
-from backends.llamacpp.reuse import served
+from backends.llamacpp.reuse import RunFilter, served
 from backends.spill import longest_prefix
 
 log = logging.getLogger("mlxserve.backends")
@@ -98,11 +98,15 @@ class HostCache:
         key, n = longest_prefix(self._entries, prompt, have, trimmable=self.trimmable, min_gain=1)
         if not min_run:
             return key, n
+        # The prompt indexed once for every entry: most share no run with it.
+        wanted = list(prompt)
+        runs_filter = RunFilter(wanted, min_run)
         for k, entry in self._entries.items():
             if entry.pos_shift:
                 continue
             tokens = list(k)
-            gets = served({0: tokens}, {0: tokens}, list(prompt), min_run)
+            one = {0: tokens}
+            gets = served(one, one, wanted, min_run, runs_filter)
             if gets > max(have, n):
                 key, n = k, gets
         return key, n

@@ -81,19 +81,50 @@ def align(
     return runs
 
 
+class RunFilter:
+    """Rules out, cheaply, a cached sequence that shares no run of ``min_run`` tokens with
+    ``prompt``: such a run holds whole one of the sequence's ``key``-token windows that start
+    at a multiple of ``min_run - key + 1``, and every window of the prompt is in one set. A
+    search over many cached sequences then indexes the prompt once, and aligns (see
+    :func:`align`) only the sequences that may share a run."""
+
+    def __init__(self, prompt: Sequence[int], min_run: int) -> None:
+        self._prompt = prompt
+        self._key = min(_KEY, min_run)
+        self._stride = max(1, min_run - self._key + 1)
+        self._windows: set[tuple[int, ...]] | None = None
+
+    def may_share(self, cached: Sequence[int], floor: int) -> bool:
+        """Whether ``cached[floor:]`` may share a run with the prompt (False: it does not)."""
+        key, stride = self._key, self._stride
+        if self._windows is None:
+            prompt = self._prompt
+            self._windows = {tuple(prompt[p : p + key]) for p in range(len(prompt) - key + 1)}
+        windows = self._windows
+        first = -(-floor // stride) * stride
+        return any(
+            tuple(cached[c : c + key]) in windows
+            for c in range(first, len(cached) - key + 1, stride)
+        )
+
+
 def best_source(
     kept: Mapping[int, list[int]],
     movable: Mapping[int, list[int]],
     busy: list[list[int]],
     prompt: list[int],
     min_run: int,
+    runs_filter: RunFilter | None = None,
 ) -> tuple[int | None, int, list[Run]]:
     """The kept sequence that serves most of ``prompt``: its id, the exact prefix it shares,
     and the runs of at least ``min_run`` tokens past that prefix that can be moved (only from
     ``movable`` sequences, holding no image; 0 turns moving off). ``busy`` are the token lists
     of the running sequences. A kept sequence whose runs are moved is used up by the request,
-    so runs are taken only when they are most of what it holds past the prefix."""
+    so runs are taken only when they are most of what it holds past the prefix. A search
+    calling this for many sequences passes one ``runs_filter`` of the prompt to all."""
     best: tuple[int, int | None, int, list[Run]] = (0, None, 0, [])
+    if min_run and runs_filter is None:
+        runs_filter = RunFilter(prompt, min_run)
     for seq, tokens in kept.items():
         n = common_prefix(tokens, prompt, len(prompt) - 1)
         runs: list[Run] = []
@@ -102,12 +133,14 @@ def best_source(
             # for every sequence holding it: no run starts before the last shared cell.
             others = [t for s, t in kept.items() if s != seq] + busy
             floor = max([n] + [common_prefix(t, tokens, len(tokens)) for t in others])
-            runs = align(tokens, prompt, n, floor, min_run, len(prompt) - 1)
-            # Moving runs uses up the kept sequence (its cells leave for the new request):
-            # worth it only when it keeps more tokens than that sequence loses.
-            moved = sum(r.n for r in runs)
-            if moved < len(tokens) - n - moved:
-                runs = []
+            assert runs_filter is not None
+            if runs_filter.may_share(tokens, floor):
+                runs = align(tokens, prompt, n, floor, min_run, len(prompt) - 1)
+                # Moving runs uses up the kept sequence (its cells leave for the new request):
+                # worth it only when it keeps more tokens than that sequence loses.
+                moved = sum(r.n for r in runs)
+                if moved < len(tokens) - n - moved:
+                    runs = []
         total = n + sum(r.n for r in runs)
         if total > best[0]:
             best = (total, seq, n, runs)
@@ -115,11 +148,15 @@ def best_source(
 
 
 def served(
-    kept: Mapping[int, list[int]], movable: Mapping[int, list[int]], prompt: list[int], min_run: int
+    kept: Mapping[int, list[int]],
+    movable: Mapping[int, list[int]],
+    prompt: list[int],
+    min_run: int,
+    runs_filter: RunFilter | None = None,
 ) -> int:
     """How many of ``prompt``'s tokens the kept sequence that serves most of it serves: its
     exact prefix and the runs it would move (see :func:`best_source`, nothing running)."""
-    _, shared, runs = best_source(kept, movable, [], prompt, min_run)
+    _, shared, runs = best_source(kept, movable, [], prompt, min_run, runs_filter)
     return shared + sum(r.n for r in runs)
 
 
