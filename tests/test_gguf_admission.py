@@ -12,7 +12,7 @@ import asyncio
 import llama_cpp
 import pytest
 
-from backends.llamacpp.engine import LlamaCppEngine
+from backends.llamacpp.engine import LlamaCppEngine, weight_cells
 from backends.spill import SUFFIX
 from tests.engine_harness import generate, load, scored
 
@@ -192,3 +192,12 @@ def test_prompt_chunks_beside_a_decoding_stream_shrink_as_cells_grow_and_stay_ex
     for (alone, _), (beside, _) in zip(solo, together, strict=True):
         assert [t for t, _ in beside] == [t for t, _ in alone]
         assert max(abs(a - b) for (_, a), (_, b) in zip(alone, beside, strict=True)) < 1e-5
+
+
+def test_a_cell_costs_its_multiply_adds_and_its_heads_scores():
+    # scripts/bench_step_cost.py on the bench's full model (512 wide, 8 layers of 8 heads of
+    # 64, 22.55M weights past the embeddings; f32 KV, one thread, CPU time, llama.cpp
+    # 0.3.36) fits a decode as 0.66 ms a token + 0.00054 ms a token and cell: a token's
+    # weights cost what 1,207-1,228 cells cost. Counting multiply-adds alone gave 2,753, so
+    # a 4k prompt's late chunks beside running streams got 1.5x the step the budget allows.
+    assert 1_150 <= weight_cells(22_550_000, n_layer=8, n_embd=512, n_head=8) <= 1_290

@@ -37,6 +37,11 @@ log = logging.getLogger("mlxserve.backends")
 
 # Prompt tokens evaluated per step when no sequence is decoding.
 IDLE_PREFILL_CHUNK = 2048
+# What one cell costs a token's attention per head beyond its 2 * head_dim multiply-adds,
+# in multiply-adds: without flash attention each head's f32 score is written, masked,
+# softmaxed and read back. Measured with scripts/bench_step_cost.py (llama.cpp 0.3.36 on
+# the 2-core Linux CPU: a cell costs 2.25x its multiply-adds with 64-wide heads).
+SCORE_COST = 160
 
 
 def _threads() -> tuple[int, int]:
@@ -69,6 +74,14 @@ def _moe_key(path: Path) -> str | None:
     if not experts or experts == "0":
         return None
     return f"{arch}.expert_used_count"
+
+
+def weight_cells(weights: int, n_layer: int, n_embd: int, n_head: int) -> int:
+    """A token's products with the model's ``weights`` (its parameters but the embeddings)
+    in units of what one cell in use costs it without flash attention: per layer the cell's
+    2 * ``n_embd`` multiply-adds, and per head its score (``SCORE_COST``). A prompt chunk of
+    T tokens with C cells in use then costs T * (this + C + T) units (see _chunk_tokens)."""
+    return max(1, weights // max(1, n_layer * (2 * n_embd + SCORE_COST * n_head)))
 
 
 def _cache_type(name: str | None, default: int) -> int:
@@ -259,13 +272,13 @@ class LlamaCppEngine(PooledSequences):
         # Changed-middle reuse moves KV cells; recurrent memory cannot (exact prefixes only).
         self._reuse = self.options.cache_reuse if llama_cpp.llama_memory_can_shift(self._mem) else 0
         self._batch = llama_cpp.llama_batch_init(self._step_tokens, 0, 1)
-        # A prompt token's weight products in attention-cell equivalents: without flash
-        # attention a token costs this plus one per cell in use (see _chunk_tokens).
+        # Without flash attention a prompt token costs this plus one per cell in use.
         n_embd = llama_cpp.llama_model_n_embd(model)
         n_vocab = llama_cpp.llama_vocab_n_tokens(adapter.vocab_pointer(llm))
         weights = llama_cpp.llama_model_n_params(model) - n_vocab * n_embd
         n_layer = llama_cpp.llama_model_n_layer(model)
-        self._weight_cells = max(1, weights // max(1, 2 * n_layer * n_embd))
+        n_head = llama_cpp.llama_model_n_head(model)
+        self._weight_cells = weight_cells(weights, n_layer, n_embd, n_head)
         self._free = list(range(n_seq))
         # Finished sequences kept for prefix reuse (least recently used first): their tokens.
         self._kept: OrderedDict[int, list[int]] = OrderedDict()
