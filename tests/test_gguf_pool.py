@@ -12,9 +12,12 @@ from pathlib import Path
 
 import llama_cpp
 import pytest
+from script_loader import load_script
 
-from backends.base import Finished, GenerationRequest, SamplingParams, Token
+from backends import open_engine
+from backends.base import Engine, Finished, GenerationRequest, LoadOptions, SamplingParams, Token
 from backends.llamacpp.engine import LlamaCppEngine
+from tests.conftest import PUBLISHER
 from tests.engine_harness import load, weights
 
 pytestmark = pytest.mark.filterwarnings("ignore:llama_token_get_attr:DeprecationWarning")
@@ -62,12 +65,22 @@ def _assert_solo(got: list[tuple[int, float]], solo: list[tuple[int, float]]) ->
     assert max(abs(a - b) for (_, a), (_, b) in zip(got, solo, strict=True)) < 1e-5
 
 
-def _together_and_alone(models_root, prepare=None, draft: Path | None = None):
+def _open(models_root: Path, model: str, **options: int) -> Engine:
+    if model == "tiny-qwen2":
+        return load(models_root, "gguf", context_length=CONTEXT, **options)
+    load_script("make_hybrid_models").generate(models_root, model, PUBLISHER)
+    path = models_root / PUBLISHER / f"{model}-gguf" / f"{model}-f32.gguf"
+    return open_engine("gguf", path, LoadOptions(context_length=CONTEXT, **options))  # type: ignore[arg-type]
+
+
+def _together_and_alone(
+    models_root, prepare=None, draft: Path | None = None, model: str = "tiny-qwen2"
+):
     """The three prompts decoded together on a pooled engine (after ``prepare`` on its owner
     thread; each drafted by ``draft``) and each alone on another, undrafted: (together,
     alone, preemptions)."""
-    engine = load(models_root, "gguf", context_length=CONTEXT, parallel=3)
-    solo = load(models_root, "gguf", context_length=CONTEXT, parallel=1, prompt_cache_bytes=0)
+    engine = _open(models_root, model, parallel=3)
+    solo = _open(models_root, model, parallel=1, prompt_cache_bytes=0)
     assert isinstance(engine, LlamaCppEngine) and isinstance(solo, LlamaCppEngine)
     try:
         if prepare is not None:
@@ -103,8 +116,12 @@ def test_a_load_reserves_one_window_unless_the_setting_asks_for_more(models_root
         wide.close()
 
 
-def test_requests_that_outgrow_the_pool_are_preempted_and_keep_their_solo_tokens(models_root):
-    together, alone, preempted = _together_and_alone(models_root)
+# The hybrid's recurrent state (Gated DeltaNet) travels with its cells when preempted.
+@pytest.mark.parametrize("model", ["tiny-qwen2", "tiny-qwen35-hybrid"])
+def test_requests_that_outgrow_the_pool_are_preempted_and_keep_their_solo_tokens(
+    models_root, model
+):
+    together, alone, preempted = _together_and_alone(models_root, model=model)
     for got, solo in zip(together, alone, strict=True):
         _assert_solo(got, solo)
     assert preempted >= 1
