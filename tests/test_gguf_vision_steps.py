@@ -4,6 +4,7 @@ the tiny Qwen2-VL + projector (scripts/make_vision_models.py), driven at the eng
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any, cast
 
@@ -127,6 +128,56 @@ def test_an_image_prompt_takes_one_bounded_piece_per_step(model_file):
             # Progress is reported per piece: at the image's start, and after each slice.
             processed = [e[1] for e in events[start:first] if e[0] == "image-progress"]
             assert len(set(processed)) >= 3, processed
+
+        asyncio.run(main())
+    finally:
+        engine.close()
+
+
+def _two_images(engine: Engine, seed: int) -> GenerationRequest:
+    marker = engine.info.image_marker
+    image = f"<|vision_start|>{marker}<|vision_end|>"
+    text = (
+        f"<|im_start|>user\n{image}and{image}What are these two?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    prepared = engine.prepare_vision(text, [_picture(seed), _picture(seed + 10)])
+    return GenerationRequest(
+        prepared.tokens,
+        SamplingParams(temperature=0.0),
+        6,
+        engine.info.eos_token_ids,
+        vision=prepared.payload,
+    )
+
+
+def test_image_prompts_that_do_not_fit_the_pool_together_wait_for_room(model_file):
+    """Two prompts of two images each (152 positions), each fitting the 200-cell pool alone,
+    sent at once: a sequence reading an image is not preempted, so the second waits until
+    the first's prompt has room (admitted beside it, both stopped mid-image with no free cell
+    and nothing to preempt, the engine spinning for ever). Both replies equal their solo
+    runs."""
+    engine = _open(model_file, context_length=200, parallel=2, prompt_cache_bytes=0)
+    try:
+
+        async def main() -> None:
+            solo = [
+                await _collect(engine.submit(_two_images(engine, i)), [], "solo") for i in (1, 2)
+            ]
+            requests = [_two_images(engine, i) for i in (1, 2)]
+            assert all(len(r.prompt) + r.max_tokens <= 200 for r in requests)
+            assert sum(len(r.prompt) for r in requests) > 200
+            # Both are taken in by the same step: the owner thread runs its queued calls
+            # (this one, then both admissions) before it steps.
+            gate = threading.Event()
+            engine.call(gate.wait)
+            streams = [engine.submit(r) for r in requests]
+            gate.set()
+            together = asyncio.gather(*(_collect(s, [], "together") for s in streams))
+            try:
+                assert await asyncio.wait_for(together, 60) == solo
+            finally:
+                for stream in streams:
+                    stream.cancel()
 
         asyncio.run(main())
     finally:

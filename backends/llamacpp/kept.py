@@ -69,6 +69,22 @@ class KeptSequences(Engine):
     def _free_cells(self) -> int:
         return self._cells - self._cells_used()
 
+    def _pinned(self, s: _Seq) -> bool:
+        """Whether running ``s`` cannot be preempted now: it reads an image or holds moved
+        runs (see PooledSequences._victim)."""
+        mid_image = s.media is not None and len(s.tokens) < len(s.prompt)
+        return s.hold is not None or mid_image
+
+    def _pinned_unread(self) -> int:
+        """Cells the prompts of running sequences that cannot be preempted will still take
+        (a moved run's are held already): a new request must leave them free, or both may
+        wait on each other with no cell free and nothing to preempt."""
+        return sum(
+            len(s.prompt) - len(s.tokens) - sum(r.n for r in s.runs)
+            for s in self._running
+            if self._pinned(s)
+        )
+
     def _evict_until(self, fits: Any, keep: int | None = None) -> None:
         """Move kept sequences out of the context (least recently used first) until
         ``fits()``."""
@@ -183,9 +199,11 @@ class KeptSequences(Engine):
                 source = None
         first_media = next((i for i, t in enumerate(prompt) if t < 0), len(prompt))
 
+        pinned = self._pinned_unread()
+
         def fits() -> bool:
             # The source's cells are counted already (it is kept).
-            return len(prompt) - shared + self._headroom <= self._free_cells()
+            return len(prompt) - shared + self._headroom + pinned <= self._free_cells()
 
         self._evict_until(fits, keep=source)
         if not self._free:

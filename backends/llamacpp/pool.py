@@ -49,8 +49,7 @@ class PooledSequences(SampledDecoding):
         if len(self._running) < 2:
             return None
         for s in reversed(self._running):
-            mid_image = s.media is not None and len(s.tokens) < len(s.prompt)
-            if s.tokens and s.hold is None and not mid_image:
+            if s.tokens and not self._pinned(s):
                 return s
         return None
 
