@@ -184,6 +184,65 @@ def test_image_prompts_that_do_not_fit_the_pool_together_wait_for_room(model_fil
         engine.close()
 
 
+def test_an_image_decoded_whole_waits_for_its_cells_instead_of_failing_every_stream(
+    model_file, monkeypatch
+):
+    """A model that attends to an image non-causally (Gemma 3) has llama.cpp decode it whole,
+    whatever the step's room: here the tiny Qwen2-VL is told so. Three stories fill the
+    256-cell pool while the image prompt is read; its 64 embeddings must wait until that
+    many cells are free (a story preempted for them), where a decode without room failed
+    every stream ("decoding an image failed (1)"). All four equal their solo runs."""
+    from llama_cpp import mtmd_cpp
+
+    monkeypatch.setattr(mtmd_cpp, "mtmd_decode_use_non_causal", lambda ctx, chunk: True)
+    # Non-causal attention takes a whole image in one micro-batch: 64 embeddings.
+    engine = _open(
+        model_file, context_length=256, parallel=4, eval_batch_size=64, prompt_cache_bytes=0
+    )
+    try:
+
+        def requests() -> list[GenerationRequest]:
+            story = "Story {0}: once upon a time there was a " * 5
+            stories = [_text_request(engine, story.format(i), 150) for i in (1, 2, 3)]
+            # The image after a long text: the stories hold their cells by the time it comes.
+            marker = engine.info.image_marker
+            text = (
+                f"<|im_start|>user\n{'Look at this one. ' * 8}<|vision_start|>{marker}"
+                "<|vision_end|>What?<|im_end|>\n<|im_start|>assistant\n"
+            )
+            prepared = engine.prepare_vision(text, [_picture(1)])
+            image = GenerationRequest(
+                prepared.tokens,
+                SamplingParams(temperature=0.0),
+                6,
+                engine.info.eos_token_ids,
+                vision=prepared.payload,
+            )
+            return [*stories, image]
+
+        async def main() -> None:
+            solo = [await _collect(engine.submit(r), [], "solo") for r in requests()]
+            together = requests()
+            assert sum(len(r.prompt) for r in together) + 3 * 6 > 256
+            gate = threading.Event()
+            engine.call(gate.wait)
+            streams = [engine.submit(r) for r in together]
+            gate.set()
+            try:
+                got = await asyncio.wait_for(
+                    asyncio.gather(*(_collect(s, [], "together") for s in streams)), 120
+                )
+            finally:
+                for stream in streams:
+                    stream.cancel()
+            assert got == solo
+            assert engine.preempted >= 1
+
+        asyncio.run(main())
+    finally:
+        engine.close()
+
+
 async def _run(engine: Engine, request: GenerationRequest) -> tuple[list[int], int]:
     """The reply's tokens and how many prompt tokens came from the prompt cache."""
     tokens: list[int] = []

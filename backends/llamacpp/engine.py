@@ -459,6 +459,9 @@ class LlamaCppEngine(PooledSequences):
             if image is not None and image.start + image.done == done:
                 # Encoding an image is one piece that cannot be split: it takes the step's room.
                 take = min(room, image.n - image.done) if image.embd is not None else room
+                if image.embd is not None and self._piece_cells(s) > room:
+                    # Decoded whole (non-causal attention): once its cells are free.
+                    continue
                 if alone:
                     self._image_piece(s, image, room)
                 else:

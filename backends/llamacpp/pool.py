@@ -13,6 +13,7 @@ import logging
 from backends.llamacpp.hostcache import restore_state, sequence_state
 from backends.llamacpp.sampling import NoRoom, SampledDecoding
 from backends.llamacpp.sequence import _Seq
+from backends.llamacpp.vision import Projector
 
 log = logging.getLogger("mlxserve.backends")
 
@@ -21,6 +22,7 @@ class PooledSequences(SampledDecoding):
     """Room in the shared pool for the running sequences (see LlamaCppEngine._step)."""
 
     _preempted: list[_Seq]
+    _projector: Projector | None
 
     def _round_cells(self, s: _Seq) -> int:
         """Cells ``s``'s next decode takes: its pending token, and a drafted one's proposals."""
@@ -28,14 +30,25 @@ class PooledSequences(SampledDecoding):
             return 0
         return 1 + (s.job.request.num_draft_tokens if s.draft is not None else 0)
 
+    def _piece_cells(self, s: _Seq) -> int:
+        """Cells the next piece of ``s``'s prompt needs at once: one, or the rest of an image
+        the model attends to non-causally (llama.cpp decodes it whole)."""
+        media, done = s.media, len(s.tokens)
+        if media is None or self._projector is None:
+            return 1
+        image = next((i for i in media.images if i.start + i.n > done), None)
+        if image is None or image.start + image.done != done:
+            return 1
+        return image.n - image.done if self._projector.whole(media, image) else 1
+
     def _make_room(self) -> None:
         """Room in the pool for this step's decodes (and a prompt chunk, when a prompt is
         being read): kept sequences leave the context first (see _park), then the most
         recently admitted running sequences are preempted."""
 
         def need() -> int:
-            prefill = any(len(s.tokens) < len(s.prompt) for s in self._running)
-            return sum(map(self._round_cells, self._running)) + int(prefill)
+            reading = [self._piece_cells(s) for s in self._running if len(s.tokens) < len(s.prompt)]
+            return sum(map(self._round_cells, self._running)) + max(reading, default=0)
 
         if need() <= self._free_cells():
             return

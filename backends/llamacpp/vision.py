@@ -173,6 +173,11 @@ class Projector:
         out = mtmd.mtmd_get_output_embd(self.ctx)
         image.embd = np.ctypeslib.as_array(out, shape=(image.n, width)).copy()
 
+    def whole(self, chunks: Chunks, image: Image) -> bool:
+        """Whether ``image`` is decoded whole: the model attends to it non-causally."""
+        chunk = self._mtmd.mtmd_input_chunks_get(chunks.handle, image.index)
+        return bool(self._mtmd.mtmd_decode_use_non_causal(self.ctx, chunk))
+
     def decode(
         self, lctx: Any, chunks: Chunks, image: Image, seq: int, pos_0: int, limit: int
     ) -> int:
@@ -182,7 +187,7 @@ class Projector:
         mtmd = self._mtmd
         assert image.embd is not None
         chunk = mtmd.mtmd_input_chunks_get(chunks.handle, image.index)
-        non_causal = bool(mtmd.mtmd_decode_use_non_causal(self.ctx, chunk))
+        non_causal = self.whole(chunks, image)
         n = image.n - image.done if non_causal else min(limit, image.n - image.done)
         tokens = mtmd.mtmd_input_chunk_get_tokens_image(chunk)
         mrope = bool(mtmd.mtmd_decode_use_mrope(self.ctx))
