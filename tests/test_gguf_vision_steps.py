@@ -56,6 +56,19 @@ def _picture(seed: int, size: int = 224) -> Any:
     return PIL.fromarray(pixels)
 
 
+def _vision_request(
+    engine: Engine, text: str, pictures: list[Any], max_tokens: int = 6
+) -> GenerationRequest:
+    prepared = engine.prepare_vision(text, pictures)
+    return GenerationRequest(
+        prepared.tokens,
+        SamplingParams(temperature=0.0),
+        max_tokens,
+        engine.info.eos_token_ids,
+        vision=prepared.payload,
+    )
+
+
 def _image_request(
     engine: Engine, seed: int, question: str, max_tokens: int = 6, size: int = 224
 ) -> Any:
@@ -64,14 +77,7 @@ def _image_request(
         f"<|im_start|>user\n<|vision_start|>{marker}<|vision_end|>{question}<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
-    prepared = engine.prepare_vision(text, [_picture(seed, size)])
-    return GenerationRequest(
-        prepared.tokens,
-        SamplingParams(temperature=0.0),
-        max_tokens,
-        engine.info.eos_token_ids,
-        vision=prepared.payload,
-    )
+    return _vision_request(engine, text, [_picture(seed, size)], max_tokens)
 
 
 def _text_request(engine: Engine, text: str, max_tokens: int) -> GenerationRequest:
@@ -140,14 +146,7 @@ def _two_images(engine: Engine, seed: int) -> GenerationRequest:
     text = (
         f"<|im_start|>user\n{image}and{image}What are these two?<|im_end|>\n<|im_start|>assistant\n"
     )
-    prepared = engine.prepare_vision(text, [_picture(seed), _picture(seed + 10)])
-    return GenerationRequest(
-        prepared.tokens,
-        SamplingParams(temperature=0.0),
-        6,
-        engine.info.eos_token_ids,
-        vision=prepared.payload,
-    )
+    return _vision_request(engine, text, [_picture(seed), _picture(seed + 10)])
 
 
 def test_image_prompts_that_do_not_fit_the_pool_together_wait_for_room(model_file):
@@ -210,15 +209,7 @@ def test_an_image_decoded_whole_waits_for_its_cells_instead_of_failing_every_str
                 f"<|im_start|>user\n{'Look at this one. ' * 8}<|vision_start|>{marker}"
                 "<|vision_end|>What?<|im_end|>\n<|im_start|>assistant\n"
             )
-            prepared = engine.prepare_vision(text, [_picture(1)])
-            image = GenerationRequest(
-                prepared.tokens,
-                SamplingParams(temperature=0.0),
-                6,
-                engine.info.eos_token_ids,
-                vision=prepared.payload,
-            )
-            return [*stories, image]
+            return [*stories, _vision_request(engine, text, [_picture(1)])]
 
         async def main() -> None:
             solo = [await _collect(engine.submit(r), [], "solo") for r in requests()]
@@ -268,14 +259,7 @@ def _two_turns(engine: Engine, second_image: bool) -> GenerationRequest:
         text += f"<|vision_start|>{marker}<|vision_end|>"
         pictures.append(_picture(2, 112))
     text += "And this one?<|im_end|>\n<|im_start|>assistant\n"
-    prepared = engine.prepare_vision(text, pictures)
-    return GenerationRequest(
-        prepared.tokens,
-        SamplingParams(temperature=0.0),
-        6,
-        engine.info.eos_token_ids,
-        vision=prepared.payload,
-    )
+    return _vision_request(engine, text, pictures)
 
 
 def test_a_later_image_reuses_the_cached_first_one(model_file):
