@@ -151,3 +151,41 @@ def test_drafted_requests_that_outgrow_the_pool_keep_their_tokens(models_root):
     for got, solo in zip(together, alone, strict=True):
         assert [t for t, _ in got] == [t for t, _ in solo]
     assert preempted >= 1
+
+
+def test_admission_reserves_nothing_for_the_reply(models_root):
+    """Two requests whose replies may each fill the context (as a request without
+    max_tokens does) decode together: the second is admitted while the first runs, not after
+    it (a reservation of prompt + max_tokens would have queued it)."""
+    engine = load(models_root, "gguf", context_length=CONTEXT, parallel=2)
+    assert isinstance(engine, LlamaCppEngine)
+    try:
+        first, second = _prompts(engine)[:2]
+        done: list[str] = []
+        seen_first: dict[str, int] = {}
+
+        async def run(name: str, prompt: list[int]) -> None:
+            room = CONTEXT - len(prompt) - 1
+            request = GenerationRequest(
+                tuple(prompt), SamplingParams(temperature=0.0), room, frozenset()
+            )
+            async for item in engine.submit(request):
+                if isinstance(item, Token) and name not in seen_first:
+                    seen_first[name] = len(done)
+                elif isinstance(item, Finished):
+                    assert item.reason == "length", item
+                    done.append(name)
+                    return
+
+        async def both() -> None:
+            task = asyncio.create_task(run("first", first))
+            await asyncio.sleep(0)
+            await run("second", second)
+            await task
+
+        asyncio.run(both())
+        assert sorted(done) == ["first", "second"]
+        # The second's first token came while the first was still running.
+        assert seen_first["second"] == 0
+    finally:
+        engine.close()
