@@ -17,7 +17,7 @@ from bench_common import WINDOW_PER_SEQUENCE, Server, ours_alone, stream_once, u
 
 # Each call's prompts carry a tag of their own; a one-token word, as the full run's "long":
 # the full mode's prompts (≈4k tokens with it) then fit the bench model's 4096-token context.
-TAGS = ("cat", "dog", "fox", "owl", "bee", "ant", "cow", "pig", "hen", "elk", "yak", "emu")
+TAGS = ("cat", "dog", "fox", "owl", "bee", "ant", "cow", "pig", "hen", "ape", "bug", "hog")
 
 GOALS = {
     "admission_max_gap_ms": "<= 1 chunk + 1 step",

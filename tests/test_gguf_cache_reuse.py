@@ -15,7 +15,7 @@ from backends.base import Engine
 from backends.llamacpp import hostcache, reuse
 from backends.llamacpp.reuse import Run, RunFilter, align
 from tests.conftest import GGUF_KEY, REPO
-from tests.engine_harness import generate, load
+from tests.engine_harness import generate, load, weights
 
 
 def test_align_finds_monotonic_runs_past_a_change():
@@ -233,3 +233,21 @@ def test_bench_prompts_with_different_tags_share_no_reusable_run(monkeypatch):
     assert a[1:] != b[1:]
     assert align(a, b, 1, 1, 32, len(b)) == []
     assert bench_common.unique_prompt("x", 50) == bench_common.unique_prompt("x", 50)
+
+
+def test_every_admission_tag_keeps_the_full_mode_prompt_inside_the_bench_context(
+    models_root, monkeypatch
+):
+    # The full --admission run's twelfth call ("emu": 4,823 tokens) was refused with a 400,
+    # ending the run: each tag must be one token before "w<n>", as "cat" is (4,005 tokens).
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    bench = importlib.import_module("bench")
+    tags = importlib.import_module("bench_admission").TAGS
+    context = importlib.import_module("make_test_models").CONTEXT
+    llm = llama_cpp.Llama(
+        model_path=str(weights(models_root, "gguf")), n_ctx=64, vocab_only=True, verbose=False
+    )
+    for tag in tags:
+        text = bench._tagged_prompt(f"{tag}3", bench.FULL).encode()
+        # The long prompt asks for 4 tokens after it.
+        assert len(llm.tokenize(text, add_bos=False, special=True)) + 4 <= context, tag
