@@ -201,3 +201,48 @@ def test_a_cell_costs_its_multiply_adds_and_its_heads_scores():
     # weights cost what 1,207-1,228 cells cost. Counting multiply-adds alone gave 2,753, so
     # a 4k prompt's late chunks beside running streams got 1.5x the step the budget allows.
     assert 1_150 <= weight_cells(22_550_000, n_layer=8, n_embd=512, n_head=8) <= 1_290
+
+
+def test_a_step_that_parks_kept_sequences_beside_a_stream_decodes_no_prompt_chunk(
+    models_root, monkeypatch
+):
+    engine = load(models_root, "gguf")
+    events: list[str] = []
+    park, decode = engine._park, engine._decode
+
+    def parked(seq: int) -> None:
+        events.append("park")
+        park(seq)
+
+    def decoded() -> None:
+        batch = engine._batch
+        seqs = {batch.seq_id[i][0] for i in range(batch.n_tokens)}
+        events.append("chunk" if batch.n_tokens > len(seqs) else "tokens")
+        decode()
+
+    monkeypatch.setattr(engine, "_park", parked)
+    monkeypatch.setattr(engine, "_decode", decoded)
+    try:
+        kept = _chat(engine, "pear")
+        short = engine.tokenize("apple tell me")
+        long = engine.tokenize("river " + "tell me more " * 20)
+
+        async def run():
+            started, done = asyncio.Event(), asyncio.Event()
+            first = asyncio.ensure_future(scored(engine, short, 24, started, done))
+            await started.wait()
+            # A chat that ends beside the stream and is kept in the context.
+            await generate(engine, kept, 2)
+            events.clear()
+            await scored(engine, long, 2)
+            done.set()
+            await first
+
+        asyncio.run(run())
+    finally:
+        engine.close()
+    # The kept chat was parked when the long prompt was admitted beside the stream; the
+    # copy's step decoded the stream's token alone, the prompt's chunks came after.
+    assert "park" in events, events
+    after = events[events.index("park") + 1 :]
+    assert after[0] == "tokens" and "chunk" in after, events

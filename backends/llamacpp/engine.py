@@ -386,6 +386,7 @@ class LlamaCppEngine(PooledSequences):
         self._resume()
         used: set[int] = set()
         admitted = False
+        parked: list[int] = []
         while (
             self._waiting
             and not self._preempted
@@ -408,7 +409,8 @@ class LlamaCppEngine(PooledSequences):
             # chunks and decode steps do not attend over their cells (see
             # backends.llamacpp.hostcache). Flash attention skips other sequences' cells:
             # there they stay (a copy out and back would buy nothing).
-            for seq in [k for k in self._kept if k not in used]:
+            parked = [k for k in self._kept if k not in used]
+            for seq in parked:
                 self._park(seq)
         if not self._running:
             return
@@ -435,6 +437,10 @@ class LlamaCppEngine(PooledSequences):
         room = self._n_batch if decoding else self._step_tokens - self._parallel
         # Prompt chunks take only free cells, leaving the drafted sequences' rounds theirs.
         room = min(room, self._free_cells() - sum(map(self._round_cells, self._running)))
+        if parked and decoding:
+            # The copies out took this step's time: prompt chunks wait for the next step, so
+            # that running streams never wait for a copy and a chunk in one step.
+            room = 0
         chunks: list[tuple[_Seq, int]] = []
         # Image pieces decode on their own after the shared batch (they replace its logits).
         images: list[tuple[_Seq, Image, int]] = []
