@@ -37,7 +37,13 @@ def decode_threads(ctx: Any) -> Iterator[None]:
 
 class _Full(RuntimeError):
     """The draft's context has no free cells for a batch (its pool is as large as the model's,
-    which preempts its own sequences; the draft's held proposals can outgrow it)."""
+    which preempts its own sequences; the draft's held proposals can outgrow it, and so can
+    sequences that share a prefix in the model's cells, each holding its own copy here).
+    ``done``: the tokens evaluated before it."""
+
+    def __init__(self, done: int) -> None:
+        super().__init__(f"no room after {done} tokens")
+        self.done = done
 
 
 def _vocabulary(llm: Llama) -> list[bytes]:
@@ -99,7 +105,7 @@ class DraftModel:
             else:
                 rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
             if rc == 1:
-                raise _Full
+                raise _Full(at)
             if rc != 0:
                 raise RuntimeError(f"llama_decode returned {rc} on the draft model")
 
@@ -118,8 +124,9 @@ class DraftModel:
             del held[keep:]
         try:
             self._decode(seq, context[keep:], keep)
-        except _Full:
-            self.drop(seq)
+        except _Full as full:
+            # What was evaluated stays: the next round goes on from there, not from the start.
+            held.extend(context[keep : keep + full.done])
             return []
         held.extend(context[keep:])
         proposed = [self._argmax()]
