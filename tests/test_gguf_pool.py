@@ -16,7 +16,9 @@ from script_loader import load_script
 
 from backends import open_engine
 from backends.base import Engine, Finished, GenerationRequest, LoadOptions, SamplingParams, Token
+from backends.llamacpp import pool
 from backends.llamacpp.engine import LlamaCppEngine
+from backends.llamacpp.hostcache import StateFile
 from tests.conftest import PUBLISHER
 from tests.engine_harness import load, weights
 
@@ -74,12 +76,16 @@ def _open(models_root: Path, model: str, **options: int) -> Engine:
 
 
 def _together_and_alone(
-    models_root, prepare=None, draft: Path | None = None, model: str = "tiny-qwen2"
+    models_root,
+    prepare=None,
+    draft: Path | None = None,
+    model: str = "tiny-qwen2",
+    **options: int,
 ):
     """The three prompts decoded together on a pooled engine (after ``prepare`` on its owner
-    thread; each drafted by ``draft``) and each alone on another, undrafted: (together,
-    alone, preemptions)."""
-    engine = _open(models_root, model, parallel=3)
+    thread; each drafted by ``draft``; loaded with ``options``) and each alone on another,
+    undrafted: (together, alone, preemptions)."""
+    engine = _open(models_root, model, parallel=3, **options)
     solo = _open(models_root, model, parallel=1, prompt_cache_bytes=0)
     assert isinstance(engine, LlamaCppEngine) and isinstance(solo, LlamaCppEngine)
     try:
@@ -138,6 +144,28 @@ def test_a_decode_that_finds_no_room_preempts_instead_of_failing_the_streams(mod
     for got, solo in zip(together, alone, strict=True):
         _assert_solo(got, solo)
     assert preempted >= 1
+
+
+def test_preempted_states_beyond_the_host_budget_go_to_a_file_and_resume_exactly(
+    models_root, monkeypatch
+):
+    """Preempted states share the prompt cache's host budget: with none (the guardrail's cut
+    to 0) each is written to a temporary file, not held in memory no budget counts, and the
+    replies are still their solo runs."""
+    files: list[StateFile] = []
+
+    class Recorded(StateFile):
+        def __init__(self, state: memoryview) -> None:
+            super().__init__(state)
+            files.append(self)
+
+    monkeypatch.setattr(pool, "StateFile", Recorded)
+    together, alone, preempted = _together_and_alone(models_root, host_cache_bytes=0)
+    for got, solo in zip(together, alone, strict=True):
+        _assert_solo(got, solo)
+    assert preempted >= 1
+    assert len(files) == preempted
+    assert all(f.nbytes > 0 and f._file.closed for f in files)
 
 
 def test_drafted_requests_that_outgrow_the_pool_keep_their_tokens(models_root):

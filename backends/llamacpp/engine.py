@@ -339,6 +339,8 @@ class LlamaCppEngine(PooledSequences):
         preempted, self._preempted = self._preempted, []
         for job in [*waiting, *(s.job for s in preempted)]:
             job.fail(exc)
+        for s in preempted:
+            self._release_parked(s)
         for s in running:
             s.job.fail(exc)
         for s in running:
@@ -380,6 +382,7 @@ class LlamaCppEngine(PooledSequences):
             self._finish_seq(s)
         for s in [s for s in self._preempted if s.job.cancelled]:
             self._preempted.remove(s)
+            self._release_parked(s)
             s.job.finish("cancelled")
             if s.media is not None:
                 s.media.free()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +43,26 @@ def restore_state(ctx: Any, state: memoryview, seq: int) -> bool:
     llama.cpp found no room for its cells."""
     buf = (ctypes.c_uint8 * len(state)).from_buffer(state)
     return llama_cpp.llama_state_seq_set_data(ctx, buf, len(state), seq) != 0
+
+
+class StateFile:
+    """A sequence state written to an unnamed temporary file instead of held in memory (the
+    kernel keeps it in its page cache while memory allows, and may drop it when not)."""
+
+    def __init__(self, state: memoryview) -> None:
+        # Closed by close(), when the state is taken back or its request ends.
+        self._file = tempfile.TemporaryFile(prefix="mlxserve-state-")  # noqa: SIM115
+        self._file.write(state)
+        self.nbytes = len(state)
+
+    def load(self) -> memoryview:
+        self._file.seek(0)
+        data = bytearray(self.nbytes)
+        self._file.readinto(data)
+        return memoryview(data)
+
+    def close(self) -> None:
+        self._file.close()
 
 
 @dataclass(frozen=True)

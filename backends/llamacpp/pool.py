@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import logging
 
-from backends.llamacpp.hostcache import restore_state, sequence_state
+from backends.llamacpp.hostcache import StateFile, restore_state, sequence_state
 from backends.llamacpp.sampling import NoRoom, SampledDecoding
 from backends.llamacpp.sequence import _Seq
 from backends.llamacpp.vision import Projector
@@ -68,14 +68,35 @@ class PooledSequences(SampledDecoding):
 
     def _preempt(self, s: _Seq) -> None:
         """Copy ``s``'s cells to host memory (llama.cpp's own bytes, as the prompt cache parks
-        them) and free its sequence id; it waits to resume before any new admission."""
-        s.parked = sequence_state(self._ctx.ctx, s.seq)
+        them) and free its sequence id; it waits to resume before any new admission.
+
+        Preempted states share the host budget with the prompt cache's parked sequences and
+        come first: those go to disk to make room, and a state the budget cannot hold is
+        written to a temporary file (up to ``parallel - 1`` whole contexts could otherwise
+        sit in memory that no budget or guardrail counts)."""
+        state = sequence_state(self._ctx.ctx, s.seq)
+        if state is not None:
+            room = self._host_budget() - self._preempted_bytes() - len(state)
+            if room >= 0:
+                self._spill_host_until(lambda: self._host.bytes <= room)
+                s.parked = state
+            else:
+                s.parked = StateFile(state)
         self._running.remove(s)
         self._drop(s.seq)
         s.source = None
         self.preempted += 1
         bisect.insort(self._preempted, s, key=lambda r: r.order)
         log.debug("preempted a sequence of %d tokens on %s", len(s.tokens), self.path.name)
+
+    def _preempted_bytes(self) -> int:
+        """Host memory the preempted sequences' states take (not those written to files)."""
+        return sum(len(s.parked) for s in self._preempted if isinstance(s.parked, memoryview))
+
+    def _release_parked(self, s: _Seq) -> None:
+        if isinstance(s.parked, StateFile):
+            s.parked.close()
+        s.parked = None
 
     def _resume(self) -> None:
         """Preempted sequences come back, earliest admitted first, when their cells and a
@@ -91,7 +112,8 @@ class PooledSequences(SampledDecoding):
             if self._running and not fits():
                 return
             seq = self._free.pop()
-            if s.parked is not None and not restore_state(self._ctx.ctx, s.parked, seq):
+            parked = s.parked.load() if isinstance(s.parked, StateFile) else s.parked
+            if parked is not None and not restore_state(self._ctx.ctx, parked, seq):
                 self._free.append(seq)
                 if self._kept:
                     for kept in list(self._kept):
@@ -101,10 +123,12 @@ class PooledSequences(SampledDecoding):
                     self._stalled = True
                     return
                 del self._preempted[0]
+                self._release_parked(s)
                 s.job.fail(RuntimeError("llama.cpp could not take back a preempted sequence"))
                 continue
             del self._preempted[0]
-            s.seq, s.parked = seq, None
+            self._release_parked(s)
+            s.seq = seq
             bisect.insort(self._running, s, key=lambda r: r.order)
 
     def _relieve(self) -> None:

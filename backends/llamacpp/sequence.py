@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from backends.base import PENALTY_WINDOW, Job
 from backends.llamacpp.adapter import LlamaSampler
 from backends.llamacpp.draft import DraftModel
+from backends.llamacpp.hostcache import StateFile
 from backends.llamacpp.reuse import Run
 from backends.llamacpp.vision import Chunks
 
@@ -42,5 +43,6 @@ class _Seq:
     # while it is kept: those cells are counted once, with it (see KeptSequences._cells_used).
     source: int | None = None
     borrowed: int = 0
-    # Its llama.cpp state while preempted (out of the context, see LlamaCppEngine._preempt).
-    parked: memoryview | None = None
+    # Its llama.cpp state while preempted (out of the context, see PooledSequences._preempt):
+    # in host memory, or in a file when the host budget is spent.
+    parked: memoryview | StateFile | None = None
