@@ -310,8 +310,9 @@ def fmt_table(rows: list[tuple[str, str, str]]) -> str:
 
 # A GGUF model's KV is one pool of context_length cells by default: a ≈4k-token prompt then
 # waits for running streams to end on the 4096-token bench model instead of being admitted
-# beside them. The admission figures (and the full run, which measures them) reserve a window
-# per parallel sequence, as every run before the pool did; ``--rss`` keeps the default.
+# beside them. The admission figures (``--admission``, and the full run's admission phase on a
+# server of its own) reserve a window per parallel sequence, as every run before the pool did;
+# every other figure keeps the default.
 WINDOW_PER_SEQUENCE = ("--kv-windows", "4")
 
 
