@@ -301,6 +301,18 @@ def gguf_threads() -> tuple[int, int]:
     return _threads()
 
 
+def raw_gguf(quick: bool, **params: Any) -> Any:
+    """The bench model's GGUF (quick or full) opened with llama-cpp-python alone, with a small
+    context of its own and flash attention off, for the scripts that make their own contexts
+    (``params``: Llama's threads and KV types)."""
+    from llama_cpp import Llama
+
+    path = make_model(REPO / ".cache" / "bench-models", "quick" if quick else "full")["gguf"]
+    return Llama(
+        model_path=str(path), n_ctx=256, n_batch=64, verbose=False, flash_attn=False, **params
+    )
+
+
 def fmt_table(rows: list[tuple[str, str, str]]) -> str:
     width = max(len(r[0]) for r in rows)
     lines = [f"{'figure':<{width}}  {'value':>12}  goal", "-" * (width + 30)]

@@ -22,8 +22,7 @@ import time
 from collections.abc import Callable
 
 import llama_cpp
-from bench_common import REPO, fmt_table, gguf_threads, make_model
-from llama_cpp import Llama
+from bench_common import fmt_table, gguf_threads, raw_gguf
 
 from backends.llamacpp import adapter
 
@@ -35,17 +34,8 @@ def main() -> None:
     parser.add_argument("--kept", type=int, default=12288)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    path = make_model(REPO / ".cache" / "bench-models", "quick" if args.quick else "full")["gguf"]
     threads, threads_batch = gguf_threads()
-    llm = Llama(
-        model_path=str(path),
-        n_ctx=256,
-        n_batch=64,
-        verbose=False,
-        flash_attn=False,
-        n_threads=threads,
-        n_threads_batch=threads_batch,
-    )
+    llm = raw_gguf(args.quick, n_threads=threads, n_threads_batch=threads_batch)
     params = type(llm.context_params).from_buffer_copy(llm.context_params)
     params.n_ctx = args.kept + 4 * args.chunk
     params.n_batch = params.n_ubatch = args.chunk

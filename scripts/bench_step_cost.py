@@ -22,8 +22,7 @@ import time
 
 import llama_cpp
 import numpy as np
-from bench_common import REPO, fmt_table, make_model
-from llama_cpp import Llama
+from bench_common import fmt_table, raw_gguf
 
 from backends.llamacpp import adapter
 from backends.llamacpp.engine import weight_cells
@@ -37,19 +36,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the quick model")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    path = make_model(REPO / ".cache" / "bench-models", "quick" if args.quick else "full")["gguf"]
     f32 = llama_cpp.GGML_TYPE_F32
-    llm = Llama(
-        model_path=str(path),
-        n_ctx=256,
-        n_batch=64,
-        verbose=False,
-        flash_attn=False,
-        n_threads=1,
-        n_threads_batch=1,
-        type_k=f32,
-        type_v=f32,
-    )
+    llm = raw_gguf(args.quick, n_threads=1, n_threads_batch=1, type_k=f32, type_v=f32)
     params = type(llm.context_params).from_buffer_copy(llm.context_params)
     params.n_ctx = 4096 + 512 + STREAMS * (STREAM_CELLS + 1)
     params.n_batch = params.n_ubatch = 512 + STREAMS
