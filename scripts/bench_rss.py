@@ -1,7 +1,7 @@
 """The peak-RSS figure of scripts/bench.py alone (``--rss``): our server's resident memory
 while 8 streams decode ÷ the same model generating as many replies in a fresh process, with
 what the server holds at each stage beside it (idle, the model loaded, the peak) and the KV
-its parallel windows hold beyond the in-process baseline's one window."""
+any windows it reserves beyond the in-process baseline's one hold (none by default)."""
 
 from __future__ import annotations
 
@@ -79,8 +79,8 @@ async def rss_only(args: argparse.Namespace, mode: Mode) -> dict[str, Any]:
             # Of the peak, what the prompt cache held beside the windows.
             "server_peak_prompt_cache_mb": peak.beside / MB,
             "peak_rss_8_less_prompt_cache_vs_inproc": (served - peak.beside) / inproc,
-            # GGUF: llama.cpp reserves (and clears) a window per parallel sequence at load;
-            # the baseline decodes one reply at a time in one window.
+            # GGUF: llama.cpp reserves (and clears) every window the load asks for (one pool
+            # by default, --kv-windows N for more); the baseline decodes in one window.
             "kv_windows_beyond_one_mb": kv * (windows - 1) / windows / MB if fmt == "gguf" else 0,
         }
         results["figures"][fmt] = figs
