@@ -246,3 +246,35 @@ def test_a_step_that_parks_kept_sequences_beside_a_stream_decodes_no_prompt_chun
     assert "park" in events, events
     after = events[events.index("park") + 1 :]
     assert after[0] == "tokens" and "chunk" in after, events
+
+
+@pytest.mark.parametrize("parked", [False, True], ids=["in-the-pool", "from-host-memory"])
+def test_a_next_turn_whose_history_nearly_fills_the_pool_still_reuses_it(models_root, parked):
+    """The pool keeps free, beside a new request's prompt, a headroom for the growth of the
+    sequences running beside it; a request that would run alone needs none (its prompt and
+    reply fit the context). A chat's next turn whose history nearly fills the pool reused none
+    of it when the headroom was asked for alone too: its kept history was evicted (or not
+    brought back from host memory) to make room for it."""
+    context = 256
+    engine = load(models_root, "gguf", context_length=context)
+    cold = load(models_root, "gguf", context_length=context, prompt_cache_bytes=0)
+    assert isinstance(engine, LlamaCppEngine)
+    try:
+        words = 1
+        while len(one := _chat(engine, "Name a river. " + "and " * words)) < context - 24:
+            words += 1
+        first = asyncio.run(generate(engine, one, 16))
+        kept = len(one) + len(first.tokens) - 1
+        following = one + first.tokens + engine.tokenize("<|im_end|>\n")
+        # The headroom would not fit beside the uncached tokens; the turn and its reply do.
+        assert len(following) - kept + engine._headroom > context - kept
+        assert len(following) + 2 <= context
+        if parked:
+            asyncio.run(generate(engine, engine.tokenize("Nothing in common at all."), 2))
+            assert len(engine._host) == 1
+        again = asyncio.run(generate(engine, following, 2))
+        assert again.cached >= kept
+        assert again.tokens == asyncio.run(generate(cold, following, 2)).tokens
+    finally:
+        engine.close()
+        cold.close()

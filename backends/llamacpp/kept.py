@@ -69,6 +69,13 @@ class KeptSequences(Engine):
     def _free_cells(self) -> int:
         return self._cells - self._cells_used()
 
+    def _growth_room(self) -> int:
+        """Free cells a new request must leave beside its prompt: the headroom while other
+        sequences run (growth past it is met by preemption); none when it would run alone,
+        since its prompt and reply fit the context (a chat's next turn whose history nearly
+        fills the pool then still reuses it, where the headroom would have evicted it)."""
+        return self._headroom if self._running else 0
+
     def _pinned(self, s: _Seq) -> bool:
         """Whether running ``s`` cannot be preempted now: it reads an image or holds moved
         runs (see PooledSequences._victim)."""
@@ -149,7 +156,7 @@ class KeptSequences(Engine):
         if key is None:
             return
         # The entry's cells and the prompt's tokens it does not serve.
-        need = len(key) + max(0, len(prompt) - n) + self._headroom
+        need = len(key) + max(0, len(prompt) - n) + self._growth_room()
 
         def fits() -> bool:
             # One free sequence for the entry, one for the request.
@@ -203,7 +210,7 @@ class KeptSequences(Engine):
 
         def fits() -> bool:
             # The source's cells are counted already (it is kept).
-            return len(prompt) - shared + self._headroom + pinned <= self._free_cells()
+            return len(prompt) - shared + self._growth_room() + pinned <= self._free_cells()
 
         self._evict_until(fits, keep=source)
         if not self._free:
