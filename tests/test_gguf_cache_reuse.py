@@ -251,3 +251,31 @@ def test_every_admission_tag_keeps_the_full_mode_prompt_inside_the_bench_context
         text = bench._tagged_prompt(f"{tag}3", bench.FULL).encode()
         # The long prompt asks for 4 tokens after it.
         assert len(llm.tokenize(text, add_bos=False, special=True)) + 4 <= context, tag
+
+
+def test_a_changed_header_reuses_a_history_longer_than_half_the_pool(models_root):
+    """A request needs, beside its kept source, the prompt tokens neither the exact prefix
+    nor the runs moved out of the source serve. Counted without the runs, a history longer
+    than half the pool did not fit beside itself: its source was evicted and the prompt read
+    again whole (the agent replay's prompt tokens from cache fell from 0.95 to 0.59)."""
+    context = 512
+    engine = load(models_root, "gguf", cache_reuse=32, context_length=context)
+    try:
+        body = _turn(engine, "Tell me about the rivers of the north. " * 24)
+
+        async def run():
+            first = _system(engine, "Date: day 1", tools=4) + body
+            one = await generate(engine, first, 4)
+            second = _system(engine, "Date: day 2 of x", tools=4) + body + one.tokens
+            second += _turn(engine, "More?")
+            return first, one, second, await generate(engine, second, 4)
+
+        first, one, second, again = asyncio.run(run())
+        kept = len(first) + len(one.tokens) - 1
+        # Without the moved runs the prompt would not fit beside its kept source.
+        assert len(second) > context - kept
+        assert len(second) + 4 <= context
+        assert again.cached >= len(body) - 12
+        _assert_cache_consistent(engine)
+    finally:
+        engine.close()

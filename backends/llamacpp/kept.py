@@ -209,8 +209,11 @@ class KeptSequences(Engine):
         pinned = self._pinned_unread()
 
         def fits() -> bool:
-            # The source's cells are counted already (it is kept).
-            return len(prompt) - shared + self._growth_room() + pinned <= self._free_cells()
+            # The source's cells are counted already (it is kept), the runs moved out of it
+            # too: the request adds the prompt tokens neither serves.
+            moved = sum(r.n for r in runs) if source is not None else 0
+            new = len(prompt) - shared - moved
+            return new + self._growth_room() + pinned <= self._free_cells()
 
         self._evict_until(fits, keep=source)
         if not self._free:
