@@ -35,6 +35,9 @@ class KeptSequences(Engine):
     _free: list[int]
     _kept: OrderedDict[int, list[int]]
     _kept_shift: dict[int, int]
+    # Running sequences preempted for room (see PooledSequences): their states out of the
+    # context share the host budget with parked kept sequences.
+    _preempted: list[_Seq]
     _host: HostCache
     _whole_only: bool
     _reuse: int
@@ -110,7 +113,11 @@ class KeptSequences(Engine):
         else:
             self._spill_kept(seq)
         self._drop(seq)
-        self._spill_host_until(lambda: self._host.bytes <= budget)
+        self._spill_host_until(lambda: self._host.bytes + self._preempted_bytes() <= budget)
+
+    def _preempted_bytes(self) -> int:
+        """Host memory the preempted sequences' states take (not those written to files)."""
+        return sum(len(s.parked) for s in self._preempted if isinstance(s.parked, memoryview))
 
     def _host_budget(self) -> int:
         """The host memory parked sequences may take: the prompt cache's budget, or the

@@ -21,7 +21,6 @@ log = logging.getLogger("mlxserve.backends")
 class PooledSequences(SampledDecoding):
     """Room in the shared pool for the running sequences (see LlamaCppEngine._step)."""
 
-    _preempted: list[_Seq]
     _projector: Projector | None
 
     def _round_cells(self, s: _Seq) -> int:
@@ -88,10 +87,6 @@ class PooledSequences(SampledDecoding):
         self.preempted += 1
         bisect.insort(self._preempted, s, key=lambda r: r.order)
         log.debug("preempted a sequence of %d tokens on %s", len(s.tokens), self.path.name)
-
-    def _preempted_bytes(self) -> int:
-        """Host memory the preempted sequences' states take (not those written to files)."""
-        return sum(len(s.parked) for s in self._preempted if isinstance(s.parked, memoryview))
 
     def _release_parked(self, s: _Seq) -> None:
         if isinstance(s.parked, StateFile):
