@@ -94,11 +94,12 @@ class PooledSequences(SampledDecoding):
         s.parked = None
 
     def _resume(self) -> None:
-        """Preempted sequences come back, earliest admitted first, when their cells and a
-        headroom fit; the first one always does once nothing else runs."""
+        """Preempted sequences come back, earliest admitted first, when their cells fit (with
+        the headroom while others run, as for a new request); the first one always does once
+        nothing else runs."""
         while self._preempted and not (self._stalled and self._running):
             s = self._preempted[0]
-            need = len(s.tokens) + self._headroom
+            need = len(s.tokens) + self._growth_room()
 
             def fits(need: int = need) -> bool:
                 return need <= self._free_cells() and bool(self._free)
@@ -111,8 +112,7 @@ class PooledSequences(SampledDecoding):
             if parked is not None and not restore_state(self._ctx.ctx, parked, seq):
                 self._free.append(seq)
                 if self._kept:
-                    for kept in list(self._kept):
-                        self._park(kept)
+                    self._evict_until(lambda: False)
                     continue
                 if self._running:
                     self._stalled = True
@@ -131,8 +131,7 @@ class PooledSequences(SampledDecoding):
         shared cells): kept sequences leave the context, else the most recently admitted
         running sequence is preempted, and the preempted then wait for one to finish."""
         if self._kept:
-            for seq in list(self._kept):
-                self._park(seq)
+            self._evict_until(lambda: False)
             return
         victim = self._victim()
         if victim is None:
