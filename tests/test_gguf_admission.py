@@ -8,13 +8,17 @@ the cells in use grow, so that a step costs no more than one chunk on an empty c
 from __future__ import annotations
 
 import asyncio
+import ctypes
+from typing import Any
 
 import llama_cpp
 import pytest
 
+from backends.base import Finished, GenerationRequest, SamplingParams, Token
+from backends.llamacpp.draft import SMALL_BATCH
 from backends.llamacpp.engine import LlamaCppEngine, weight_cells
 from backends.spill import SUFFIX
-from tests.engine_harness import generate, load, scored
+from tests.engine_harness import generate, load, scored, weights
 
 pytestmark = pytest.mark.filterwarnings("ignore:llama_token_get_attr:DeprecationWarning")
 
@@ -278,3 +282,83 @@ def test_a_next_turn_whose_history_nearly_fills_the_pool_still_reuses_it(models_
     finally:
         engine.close()
         cold.close()
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["new-prompt", "from-the-prompt-cache"])
+def test_a_drafted_long_prompt_reaches_its_draft_a_chunk_per_step_beside_a_stream(
+    models_root, monkeypatch, cached
+):
+    """A drafted request's draft (here the model itself) gets its prompt a chunk per step
+    under the same budget as the model's chunks, also the part the model read from the prompt
+    cache; the first speculative round evaluated the whole prompt in the draft in one step
+    while the running stream waited. Output stays the undrafted one's."""
+    batch = 64
+    cache = {} if cached else {"prompt_cache_bytes": 0}
+    engine: Any = load(models_root, "gguf", eval_batch_size=batch, **cache)
+    draft = weights(models_root, "gguf")
+    # Draft tokens evaluated in each owner-thread step.
+    steps: list[int] = []
+    try:
+        engine.call(lambda: engine.prepare_draft(draft)).result()
+        draft_ctx = ctypes.cast(next(iter(engine._drafts.values()))._ctx.ctx, ctypes.c_void_p)
+        decode, step = llama_cpp.llama_decode, engine.step
+
+        def counted(ctx: Any, batch: Any) -> int:
+            if ctypes.cast(ctx, ctypes.c_void_p).value == draft_ctx.value:
+                steps[-1] += batch.n_tokens
+            return decode(ctx, batch)
+
+        def counting() -> None:
+            steps.append(0)
+            step()
+
+        monkeypatch.setattr(llama_cpp, "llama_decode", counted)
+        monkeypatch.setattr(engine, "step", counting)
+        short = engine.tokenize("apple tell me")
+        head = engine.tokenize("river " + "tell me more " * 120)
+        long = head + engine.tokenize(" and then why?")
+
+        async def drafted(prompt: list[int]) -> tuple[list[int], int]:
+            request = GenerationRequest(
+                tuple(prompt),
+                SamplingParams(temperature=0.0),
+                12,
+                frozenset(),
+                draft=draft,
+                num_draft_tokens=4,
+            )
+            out: list[int] = []
+            async for item in engine.submit(request):
+                if isinstance(item, Token):
+                    out.append(item.id)
+                elif isinstance(item, Finished):
+                    assert item.draft is not None
+                    return out, item.draft.accepted
+            raise AssertionError("no Finished")
+
+        async def run():
+            solo = [await scored(engine, short, 24), (await generate(engine, long, 12)).tokens]
+            if cached:
+                # Only the last words are new to the model, all of it to the draft.
+                await generate(engine, head, 1)
+            started, done = asyncio.Event(), asyncio.Event()
+            first = asyncio.ensure_future(scored(engine, short, 24, started, done))
+            await started.wait()
+            steps.clear()
+            steps.append(0)
+            second, accepted = await drafted(long)
+            beside = list(steps)
+            done.set()
+            return solo, [await first, second], accepted, beside
+
+        solo, together, accepted, beside = asyncio.run(run())
+    finally:
+        monkeypatch.undo()
+        engine.close()
+    assert [t for t, _ in together[0][0]] == [t for t, _ in solo[0][0]]
+    assert together[1] == solo[1]
+    assert accepted > 0
+    # A step's catch-up chunk (at most eval_batch_size: the draft is the model), and a round
+    # that evaluates at most SMALL_BATCH + 1 tokens of context and then a proposal at a time.
+    assert max(beside) <= batch + SMALL_BATCH + 4, beside
+    assert sum(n > 0 for n in beside) >= len(long) // batch, beside

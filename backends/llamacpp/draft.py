@@ -3,7 +3,7 @@ that proposes greedy continuations, one llama.cpp sequence per drafted request."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from llama_cpp import Llama
 
 from backends.base import common_prefix
 from backends.llamacpp import adapter
+from backends.llamacpp.budget import tokens_within
 
 # Batches of at most this many tokens are decode-sized (a speculative round): evaluated on the
 # decode threads. Longer ones (a draft's first prompt) are prompt processing.
@@ -54,9 +55,23 @@ def _vocabulary(llm: Llama) -> list[bytes]:
 class DraftModel:
     """A draft model for one GGUF engine. Its context mirrors the engine's: unified KV, as
     many sequences, ``cells`` cells. Each drafted request keeps its tokens in the draft
-    sequence of the same id, so only what changed since its last round is evaluated."""
+    sequence of the same id, so only what changed since its last round is evaluated. A
+    request's prompt reaches the draft a chunk per owner-thread step (``catch_up``), priced in
+    the model's step budget; a speculative round evaluates at most ``SMALL_BATCH`` tokens of
+    context beside its proposals.
 
-    def __init__(self, path: Path, main: Llama, n_seq: int, cells: int, n_batch: int) -> None:
+    ``costs`` gives a loaded model's multiply-adds per cell in use and its weight_cells (see
+    backends.llamacpp.engine.cell_costs)."""
+
+    def __init__(
+        self,
+        path: Path,
+        main: Llama,
+        n_seq: int,
+        cells: int,
+        n_batch: int,
+        costs: Callable[[Llama], tuple[int, int]],
+    ) -> None:
         self._llm = Llama(
             model_path=str(path),
             n_ctx=256,
@@ -77,6 +92,9 @@ class DraftModel:
             params.kv_unified = True
             with adapter.quiet():
                 self._ctx = adapter.new_context(self._llm, params)
+            cell, self._weight_cells = costs(self._llm)
+            # What one of its cells costs a token, in the model's cells (the budget's unit).
+            self._price = cell / costs(main)[0]
         except BaseException:
             self._llm.close()
             raise
@@ -87,8 +105,9 @@ class DraftModel:
         # The tokens each draft sequence holds in the draft's KV cache.
         self._held: dict[int, list[int]] = {}
 
-    def _decode(self, seq: int, tokens: list[int], start: int) -> None:
-        """Evaluate ``tokens`` at positions from ``start``; logits for the last one only."""
+    def _decode(self, seq: int, tokens: list[int], start: int, logits: bool = True) -> None:
+        """Evaluate ``tokens`` at positions from ``start``; logits for the last one only (with
+        ``logits``)."""
         batch = self._batch
         for at in range(0, len(tokens), self._n_batch):
             chunk = tokens[at : at + self._n_batch]
@@ -98,7 +117,7 @@ class DraftModel:
                 batch.pos[i] = start + at + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = seq
-                batch.logits[i] = at + i == len(tokens) - 1
+                batch.logits[i] = logits and at + i == len(tokens) - 1
             if len(chunk) <= SMALL_BATCH:
                 with decode_threads(self._ctx.ctx):
                     rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
@@ -113,15 +132,62 @@ class DraftModel:
         row = llama_cpp.llama_get_logits_ith(self._ctx.ctx, -1)
         return int(np.argmax(np.ctypeslib.as_array(row, shape=(self._n_vocab,))))
 
-    def propose(self, seq: int, context: list[int], k: int) -> list[int]:
-        """The draft's ``k`` greedy tokens after ``context`` (the request's tokens so far).
-        The draft's cache keeps the prefix it shares with the last context, the rest goes.
-        Fewer (none) when its context has no room: proposals never change the output."""
+    def _trim(self, seq: int, context: list[int], limit: int) -> list[int]:
+        """``seq``'s held tokens cut to the prefix (at most ``limit``) they share with
+        ``context``; the cells past it removed."""
         held = self._held.setdefault(seq, [])
-        keep = common_prefix(held, context, len(context) - 1)
+        keep = common_prefix(held, context, limit)
         if keep < len(held):
             llama_cpp.llama_memory_seq_rm(self._mem, seq, keep, -1)
             del held[keep:]
+        return held
+
+    def behind(self, seq: int, tokens: list[int]) -> int:
+        """How many of ``tokens`` (a request's tokens in the model's cache) the draft's cache
+        of ``seq`` lacks."""
+        held = self._held.get(seq, [])
+        n = min(len(held), len(tokens))
+        if held[:n] == tokens[:n]:
+            return len(tokens) - n
+        return len(tokens) - common_prefix(held, tokens, n)
+
+    def chunk_tokens(self, budget: float, want: int) -> int:
+        """How many of ``want`` tokens the draft evaluates within ``budget`` (the model's cell
+        units, see backends.llamacpp.budget), its cells in use as they are now."""
+        base = self._weight_cells + self._in_use()
+        return tokens_within(budget / self._price, base, want)
+
+    def cost(self, n: int) -> float:
+        """What ``n`` tokens cost the draft now, in the model's cell units."""
+        return self._price * n * (self._weight_cells + self._in_use() + n)
+
+    def _in_use(self) -> int:
+        return sum(map(len, self._held.values()))
+
+    def catch_up(self, seq: int, tokens: list[int], n: int) -> bool:
+        """Evaluate the next at most ``n`` of ``tokens`` the draft's ``seq`` lacks (a prompt
+        chunk the model took, a prompt read from the prompt cache, a resumed request): False
+        when its context had no room (what was evaluated stays)."""
+        held = self._trim(seq, tokens, len(tokens))
+        todo = tokens[len(held) : len(held) + n]
+        try:
+            self._decode(seq, todo, len(held), logits=False)
+        except _Full as full:
+            held.extend(todo[: full.done])
+            return False
+        held.extend(todo)
+        return True
+
+    def propose(self, seq: int, context: list[int], k: int) -> list[int]:
+        """The draft's ``k`` greedy tokens after ``context`` (the request's tokens so far).
+        The draft's cache keeps the prefix it shares with the last context, the rest goes.
+        Fewer (none) when its context has no room, or when it lacks more than ``SMALL_BATCH``
+        tokens of the context (``catch_up`` evaluates those a chunk per step): proposals never
+        change the output."""
+        held = self._trim(seq, context, len(context) - 1)
+        keep = len(held)
+        if len(context) - keep > SMALL_BATCH + 1:
+            return []
         try:
             self._decode(seq, context[keep:], keep)
         except _Full as full:

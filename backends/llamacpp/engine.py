@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
-import math
 import os
 from collections import OrderedDict, deque
 from pathlib import Path
@@ -25,6 +24,7 @@ from backends.base import (
 )
 from backends.constraint import GrammarCache
 from backends.llamacpp import adapter
+from backends.llamacpp.budget import tokens_within
 from backends.llamacpp.draft import DraftModel
 from backends.llamacpp.hostcache import HostCache
 from backends.llamacpp.pool import PooledSequences
@@ -82,6 +82,19 @@ def weight_cells(weights: int, n_layer: int, n_embd: int, n_head: int) -> int:
     2 * ``n_embd`` multiply-adds, and per head its score (``SCORE_COST``). A prompt chunk of
     T tokens with C cells in use then costs T * (this + C + T) units (see _chunk_tokens)."""
     return max(1, weights // max(1, n_layer * (2 * n_embd + SCORE_COST * n_head)))
+
+
+def cell_costs(llm: Llama) -> tuple[int, int]:
+    """What one cell in use costs a token of ``llm`` in multiply-adds (see weight_cells), and
+    its weight_cells: a draft model's tokens are priced in its model's cells with them."""
+    model = adapter.model_pointer(llm)
+    n_embd = llama_cpp.llama_model_n_embd(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(adapter.vocab_pointer(llm))
+    weights = llama_cpp.llama_model_n_params(model) - n_vocab * n_embd
+    n_layer = llama_cpp.llama_model_n_layer(model)
+    n_head = llama_cpp.llama_model_n_head(model)
+    cell = n_layer * (2 * n_embd + SCORE_COST * n_head)
+    return cell, weight_cells(weights, n_layer, n_embd, n_head)
 
 
 def _cache_type(name: str | None, default: int) -> int:
@@ -273,12 +286,7 @@ class LlamaCppEngine(PooledSequences):
         self._reuse = self.options.cache_reuse if llama_cpp.llama_memory_can_shift(self._mem) else 0
         self._batch = llama_cpp.llama_batch_init(self._step_tokens, 0, 1)
         # Without flash attention a prompt token costs this plus one per cell in use.
-        n_embd = llama_cpp.llama_model_n_embd(model)
-        n_vocab = llama_cpp.llama_vocab_n_tokens(adapter.vocab_pointer(llm))
-        weights = llama_cpp.llama_model_n_params(model) - n_vocab * n_embd
-        n_layer = llama_cpp.llama_model_n_layer(model)
-        n_head = llama_cpp.llama_model_n_head(model)
-        self._weight_cells = weight_cells(weights, n_layer, n_embd, n_head)
+        self._weight_cells = cell_costs(llm)[1]
         self._free = list(range(n_seq))
         # Finished sequences kept for prefix reuse (least recently used first): their tokens.
         self._kept: OrderedDict[int, list[int]] = OrderedDict()
@@ -304,7 +312,7 @@ class LlamaCppEngine(PooledSequences):
     def prepare_draft(self, path: Path) -> None:
         if path not in self._drafts:
             self._drafts[path] = DraftModel(
-                path, self._llm, self._n_seq, self._cells, self._n_batch
+                path, self._llm, self._n_seq, self._cells, self._n_batch, cell_costs
             )
 
     def _admit(self, job: Job) -> None:
@@ -437,9 +445,9 @@ class LlamaCppEngine(PooledSequences):
             self._decode()
             self._take_samples(outputs)
             outputs = []
-        room = self._n_batch if decoding else self._step_tokens - self._parallel
+        cap = self._n_batch if decoding else self._step_tokens - self._parallel
         # Prompt chunks take only free cells, leaving the drafted sequences' rounds theirs.
-        room = min(room, self._free_cells() - sum(map(self._round_cells, self._running)))
+        room = min(cap, self._free_cells() - sum(map(self._round_cells, self._running)))
         if parked and decoding:
             # The copies out took this step's time: prompt chunks wait for the next step, so
             # that running streams never wait for a copy and a chunk in one step.
@@ -454,7 +462,13 @@ class LlamaCppEngine(PooledSequences):
         if decoding and not self._flash:
             budget = float(self._n_batch * (self._weight_cells + self._n_batch))
             cells = self._in_use()
-        first = True
+        # Drafts behind their requests' tokens take their chunks first, from the same budget
+        # and tokens (their own cells: the draft's context is another).
+        drafted, cost, full = self._catch_up_drafts(budget, 0 if parked and decoding else cap)
+        room = min(room, cap - drafted)
+        if budget is not None:
+            budget -= cost
+        first = not drafted
         for s in list(self._running):
             if room <= 0:
                 break
@@ -507,9 +521,11 @@ class LlamaCppEngine(PooledSequences):
             self._take_samples(outputs)
         for s, image, limit in images:
             self._image_piece(s, image, limit)
-        # Drafted requests each take one speculative round of their own after the batch.
+        # Drafted requests each take one speculative round of their own after the batch, once
+        # their draft has caught up.
         for s in [s for s in self._running if s.pending is not None and s.draft is not None]:
-            self._spec_round(s)
+            if self._ready(s, full):
+                self._spec_round(s)
 
     def _chunk_done(self, s: _Seq, last: int) -> list[tuple[_Seq, int]]:
         """After the decode that took ``s``'s prompt chunk (its last row at ``last``): the
@@ -529,9 +545,7 @@ class LlamaCppEngine(PooledSequences):
     def _chunk_tokens(self, budget: float, cells: int, want: int) -> int:
         """How many of ``want`` prompt tokens fit a step's remaining attention ``budget`` when
         ``cells`` cells are in use: T tokens cost T * (weights + cells + T) in cell units."""
-        base = self._weight_cells + cells
-        fit = int((math.sqrt(base * base + 4 * max(budget, 0.0)) - base) / 2)
-        return max(0, min(want, fit))
+        return tokens_within(budget, self._weight_cells + cells, want)
 
     def _unload(self) -> None:
         if self._spill is not None:

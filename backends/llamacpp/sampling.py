@@ -10,7 +10,7 @@ import numpy as np
 
 from backends.base import TokenLogprobs
 from backends.llamacpp.adapter import LlamaContext
-from backends.llamacpp.draft import decode_threads
+from backends.llamacpp.draft import SMALL_BATCH, decode_threads
 from backends.llamacpp.kept import KeptSequences
 from backends.llamacpp.sequence import _Seq
 from backends.logprobs import RowLogprobs, penalize
@@ -96,6 +96,39 @@ class SampledDecoding(KeptSequences):
             lp = RowLogprobs(logits, token, request.logprobs)
             s.recent.append(token)
         return token, lp
+
+    def _catch_up_drafts(self, budget: float | None, cap: int) -> tuple[int, float, set[int]]:
+        """Drafts that lack more of their requests' tokens than a round evaluates (the prompt
+        chunks the model took, a prompt read from the prompt cache, a resumed request) catch
+        up a chunk each, within the step's ``budget`` of prompt work (the model's cell units;
+        None: none) and ``cap`` tokens, so that no step runs a long prompt through the draft
+        at once while streams wait. The first chunk of a step takes at least one token, as a
+        prompt's does. Returns the tokens evaluated, their cost and the sequences whose draft
+        had no room (their round proposes nothing rather than wait)."""
+        spent, cost, full = 0, 0.0, set()
+        for s in self._running:
+            if s.draft is None or spent >= cap:
+                continue
+            behind = s.draft.behind(s.seq, s.tokens)
+            if behind <= SMALL_BATCH:
+                continue
+            n = min(behind, cap - spent)
+            if budget is not None:
+                n = s.draft.chunk_tokens(budget - cost, n)
+                n = max(n, 1) if not spent else n
+            if not n:
+                continue
+            cost += s.draft.cost(n)
+            spent += n
+            if not s.draft.catch_up(s.seq, s.tokens, n):
+                full.add(s.seq)
+        return spent, cost, full
+
+    def _ready(self, s: _Seq, full: set[int]) -> bool:
+        """Whether drafted ``s`` takes a speculative round now: its draft is within a round's
+        reach of its tokens, or had no room to catch up (then it proposes nothing)."""
+        assert s.draft is not None
+        return s.seq in full or s.draft.behind(s.seq, s.tokens) <= SMALL_BATCH
 
     def _spec_round(self, s: _Seq) -> None:
         """One speculative round: the draft proposes up to ``num_draft_tokens`` greedy tokens
