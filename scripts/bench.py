@@ -182,12 +182,14 @@ async def admission_gap(
     arriving: int = 1,
     extra: dict[str, Any] | None = None,
     tag: str = "long",
+    to_end: bool = False,
 ) -> float:
     """Longest gap between tokens of 3 running streams while ``arriving`` long prompts (sent
     together, each with ``extra`` in its body) are admitted, until the last one's first
-    token. Every word of a long prompt carries its ``tag`` (give each call its own): the
-    prompt cache's changed-middle reuse would serve a prompt that differs from an earlier
-    one in its first word only."""
+    token (``to_end``: its last, so that work the request does after its first token, as a
+    drafted one's first speculative rounds, is inside). Every word of a long prompt carries
+    its ``tag`` (give each call its own): the prompt cache's changed-middle reuse would serve
+    a prompt that differs from an earlier one in its first word only."""
     async with httpx.AsyncClient(timeout=600) as client:
         runners = [
             asyncio.create_task(
@@ -204,7 +206,7 @@ async def admission_gap(
             )
         )
         streams = await asyncio.gather(*runners)
-    window = (admitted, max(s.first or s.end for s in longs))
+    window = (admitted, max(s.end if to_end else s.first or s.end for s in longs))
     gaps = []
     for s in streams:
         inside = [t for t in s.times if window[0] <= t <= window[1] + 0.5]
