@@ -284,6 +284,48 @@ def test_a_next_turn_whose_history_nearly_fills_the_pool_still_reuses_it(models_
         cold.close()
 
 
+def _count_draft_steps(engine: Any, monkeypatch) -> list[int]:
+    """The draft tokens each owner-thread step of ``engine`` evaluates from now on (its one
+    draft model's context), appended to the list returned."""
+    steps: list[int] = []
+    draft_ctx = ctypes.cast(next(iter(engine._drafts.values()))._ctx.ctx, ctypes.c_void_p)
+    decode, step = llama_cpp.llama_decode, engine.step
+
+    def counted(ctx: Any, batch: Any) -> int:
+        if ctypes.cast(ctx, ctypes.c_void_p).value == draft_ctx.value:
+            steps[-1] += batch.n_tokens
+        return decode(ctx, batch)
+
+    def counting() -> None:
+        steps.append(0)
+        step()
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", counted)
+    monkeypatch.setattr(engine, "step", counting)
+    return steps
+
+
+async def _drafted(engine: Any, prompt: list[int], draft: Any, n: int) -> tuple[list[int], int]:
+    """``n`` greedy tokens of ``prompt`` drafted by ``draft`` (4 a round), and how many of
+    the draft's proposals were accepted."""
+    request = GenerationRequest(
+        tuple(prompt),
+        SamplingParams(temperature=0.0),
+        n,
+        frozenset(),
+        draft=draft,
+        num_draft_tokens=4,
+    )
+    out: list[int] = []
+    async for item in engine.submit(request):
+        if isinstance(item, Token):
+            out.append(item.id)
+        elif isinstance(item, Finished):
+            assert item.draft is not None
+            return out, item.draft.accepted
+    raise AssertionError("no Finished")
+
+
 @pytest.mark.parametrize("cached", [False, True], ids=["new-prompt", "from-the-prompt-cache"])
 def test_a_drafted_long_prompt_reaches_its_draft_a_chunk_per_step_beside_a_stream(
     models_root, monkeypatch, cached
@@ -296,45 +338,12 @@ def test_a_drafted_long_prompt_reaches_its_draft_a_chunk_per_step_beside_a_strea
     cache = {} if cached else {"prompt_cache_bytes": 0}
     engine: Any = load(models_root, "gguf", eval_batch_size=batch, **cache)
     draft = weights(models_root, "gguf")
-    # Draft tokens evaluated in each owner-thread step.
-    steps: list[int] = []
     try:
         engine.call(lambda: engine.prepare_draft(draft)).result()
-        draft_ctx = ctypes.cast(next(iter(engine._drafts.values()))._ctx.ctx, ctypes.c_void_p)
-        decode, step = llama_cpp.llama_decode, engine.step
-
-        def counted(ctx: Any, batch: Any) -> int:
-            if ctypes.cast(ctx, ctypes.c_void_p).value == draft_ctx.value:
-                steps[-1] += batch.n_tokens
-            return decode(ctx, batch)
-
-        def counting() -> None:
-            steps.append(0)
-            step()
-
-        monkeypatch.setattr(llama_cpp, "llama_decode", counted)
-        monkeypatch.setattr(engine, "step", counting)
+        steps = _count_draft_steps(engine, monkeypatch)
         short = engine.tokenize("apple tell me")
         head = engine.tokenize("river " + "tell me more " * 120)
         long = head + engine.tokenize(" and then why?")
-
-        async def drafted(prompt: list[int]) -> tuple[list[int], int]:
-            request = GenerationRequest(
-                tuple(prompt),
-                SamplingParams(temperature=0.0),
-                12,
-                frozenset(),
-                draft=draft,
-                num_draft_tokens=4,
-            )
-            out: list[int] = []
-            async for item in engine.submit(request):
-                if isinstance(item, Token):
-                    out.append(item.id)
-                elif isinstance(item, Finished):
-                    assert item.draft is not None
-                    return out, item.draft.accepted
-            raise AssertionError("no Finished")
 
         async def run():
             solo = [await scored(engine, short, 24), (await generate(engine, long, 12)).tokens]
@@ -346,7 +355,7 @@ def test_a_drafted_long_prompt_reaches_its_draft_a_chunk_per_step_beside_a_strea
             await started.wait()
             steps.clear()
             steps.append(0)
-            second, accepted = await drafted(long)
+            second, accepted = await _drafted(engine, long, draft, 12)
             beside = list(steps)
             done.set()
             return solo, [await first, second], accepted, beside
@@ -362,3 +371,24 @@ def test_a_drafted_long_prompt_reaches_its_draft_a_chunk_per_step_beside_a_strea
     # that evaluates at most SMALL_BATCH + 1 tokens of context and then a proposal at a time.
     assert max(beside) <= batch + SMALL_BATCH + 4, beside
     assert sum(n > 0 for n in beside) >= len(long) // batch, beside
+
+
+def test_a_drafted_reply_too_short_for_a_round_leaves_its_draft_alone(models_root, monkeypatch):
+    """A reply of at most two tokens never asks the draft for a proposal (its first token
+    ends the prompt, its second is the last a round may yield): the draft reads none of the
+    prompt, and the second token does not wait for it."""
+    engine: Any = load(models_root, "gguf", eval_batch_size=64, prompt_cache_bytes=0)
+    draft = weights(models_root, "gguf")
+    try:
+        engine.call(lambda: engine.prepare_draft(draft)).result()
+        steps = _count_draft_steps(engine, monkeypatch)
+        long = engine.tokenize("river " + "tell me more " * 60)
+        plain = asyncio.run(generate(engine, long, 2)).tokens
+        steps.clear()
+        steps.append(0)
+        got, _ = asyncio.run(_drafted(engine, long, draft, 2))
+    finally:
+        monkeypatch.undo()
+        engine.close()
+    assert got == plain
+    assert sum(steps) == 0, steps

@@ -107,7 +107,7 @@ class SampledDecoding(KeptSequences):
         had no room (their round proposes nothing rather than wait)."""
         spent, cost, full = 0, 0.0, set()
         for s in self._running:
-            if s.draft is None or spent >= cap:
+            if s.draft is None or spent >= cap or not self._proposals(s):
                 continue
             behind = s.draft.behind(s.seq, s.tokens)
             if behind <= SMALL_BATCH:
@@ -128,7 +128,17 @@ class SampledDecoding(KeptSequences):
         """Whether drafted ``s`` takes a speculative round now: its draft is within a round's
         reach of its tokens, or had no room to catch up (then it proposes nothing)."""
         assert s.draft is not None
-        return s.seq in full or s.draft.behind(s.seq, s.tokens) <= SMALL_BATCH
+        if s.seq in full or not self._proposals(s):
+            return True
+        return s.draft.behind(s.seq, s.tokens) <= SMALL_BATCH
+
+    def _proposals(self, s: _Seq) -> int:
+        """How many tokens drafted ``s``'s next round asks its draft for: never past
+        max_tokens (a round yields at most that many + 1; one reading its prompt first
+        samples its first token without the draft); 0: its draft need not catch up."""
+        request, job = s.job.request, s.job
+        room = request.max_tokens - job.generated - 1 - (s.pending is None)
+        return max(0, min(request.num_draft_tokens, room))
 
     def _spec_round(self, s: _Seq) -> None:
         """One speculative round: the draft proposes up to ``num_draft_tokens`` greedy tokens
@@ -139,9 +149,7 @@ class SampledDecoding(KeptSequences):
         accepted proposal are removed."""
         assert s.draft is not None and s.pending is not None and s.job.draft is not None
         job, stats = s.job, s.job.draft
-        request = job.request
-        # Never past max_tokens: the round yields at most k + 1 tokens.
-        k = max(0, min(request.num_draft_tokens, request.max_tokens - job.generated - 1))
+        k = self._proposals(s)
         pending = s.pending
         proposed = s.draft.propose(s.seq, [*s.tokens, pending], k) if k else []
         start = len(s.tokens)
