@@ -1,5 +1,5 @@
 """What a GGUF step costs without flash attention, in llama.cpp directly: the fit behind the
-engine's prompt-chunk budget (``backends.llamacpp.engine.weight_cells``).
+engine's prompt-chunk budget (``backends.llamacpp.engine.weight_cells``, ``budget.py``).
 
 The engine gives a step's prompt chunks beside running streams at most the cost of one
 ``eval_batch_size`` chunk on an empty context, counting T prompt tokens with C cells in use as
@@ -13,18 +13,27 @@ engine's estimate.
 
     .venv/bin/python scripts/bench_step_cost.py            # full model
     .venv/bin/python scripts/bench_step_cost.py --quick    # quick model
+
+``--schedule`` replays instead the engine's steps while a ≈4k prompt is admitted beside three
+streams (its chunks from ``tokens_within`` at each share of the budget, ``STEP_SHARE`` and a
+whole chunk), on the engine's threads and in wall time, in a context shaped like the
+admission bench's (a window per sequence), against the admission bound measured the same way:
+one ``eval_batch_size`` chunk alone on an empty context plus one decode step. It reports the
+longest and the median step of each share (medians over ``--rounds``) and the prompt's time.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import llama_cpp
 import numpy as np
-from bench_common import fmt_table, raw_gguf
+from bench_common import fmt_table, gguf_threads, raw_gguf
 
 from backends.llamacpp import adapter
+from backends.llamacpp.budget import STEP_SHARE, tokens_within
 from backends.llamacpp.engine import weight_cells
 
 STREAMS = 3
@@ -35,9 +44,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="the quick model")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--schedule", action="store_true", help="replay an admission's steps")
+    parser.add_argument(
+        "--engine-threads",
+        action="store_true",
+        help="the engine's threads and KV type (f16), timed in wall time: what a step takes",
+    )
     args = parser.parse_args()
-    f32 = llama_cpp.GGML_TYPE_F32
-    llm = raw_gguf(args.quick, n_threads=1, n_threads_batch=1, type_k=f32, type_v=f32)
+    if args.schedule:
+        schedule(args.quick, args.rounds)
+        return
+    if args.engine_threads:
+        threads, threads_batch = gguf_threads()
+        kv_type = llama_cpp.GGML_TYPE_F16
+        clock = time.perf_counter
+    else:
+        threads = threads_batch = 1
+        kv_type = llama_cpp.GGML_TYPE_F32
+        clock = time.process_time
+    llm = raw_gguf(
+        args.quick, n_threads=threads, n_threads_batch=threads_batch, type_k=kv_type, type_v=kv_type
+    )
     params = type(llm.context_params).from_buffer_copy(llm.context_params)
     params.n_ctx = 4096 + 512 + STREAMS * (STREAM_CELLS + 1)
     params.n_batch = params.n_ubatch = 512 + STREAMS
@@ -56,9 +83,9 @@ def main() -> None:
 
     def decode(n: int) -> float:
         batch.n_tokens = n
-        used = time.process_time()
+        used = clock()
         assert llama_cpp.llama_decode(ctx.ctx, batch) == 0
-        return time.process_time() - used
+        return clock() - used
 
     def fill(seq: int, n: int) -> None:
         for at in range(0, n, 512):
@@ -109,6 +136,110 @@ def main() -> None:
         ("the engine's W (weight_cells)", f"{weight_cells(weights, n_layer, n_embd, n_head)}", ""),
         ("multiply-adds alone (weights / 2 n_layer n_embd)", f"{mads}", "the estimate before"),
     ]
+    print(fmt_table(rows))
+
+
+def schedule(quick: bool, rounds: int, prompt: int = 4000, batch: int = 512) -> None:
+    threads, threads_batch = gguf_threads()
+    # The server's KV type (f16 unless a load asks for f32).
+    f16 = llama_cpp.GGML_TYPE_F16
+    llm = raw_gguf(quick, n_threads=threads, n_threads_batch=threads_batch, type_k=f16, type_v=f16)
+    params = type(llm.context_params).from_buffer_copy(llm.context_params)
+    params.n_ctx = 4 * 4096
+    params.n_batch, params.n_ubatch = 2048 + STREAMS + 1, batch
+    params.n_seq_max = STREAMS + 2
+    params.kv_unified = True
+    with adapter.quiet():
+        ctx = adapter.new_context(llm, params)
+    mem = llama_cpp.llama_get_memory(ctx.ctx)
+    model = adapter.model_pointer(llm)
+    n_embd = llama_cpp.llama_model_n_embd(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(adapter.vocab_pointer(llm))
+    w = weight_cells(
+        llama_cpp.llama_model_n_params(model) - n_vocab * n_embd,
+        llama_cpp.llama_model_n_layer(model),
+        n_embd,
+        llama_cpp.llama_model_n_head(model),
+    )
+    words = llm.tokenize(b"stone cloud music river " * 2000, add_bos=False)
+    b = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
+
+    def put(i: int, pos: int, seq: int, logits: bool) -> None:
+        b.token[i], b.pos[i], b.n_seq_id[i] = words[pos % len(words)], pos, 1
+        b.seq_id[i][0], b.logits[i] = seq, logits
+
+    def decode(n: int) -> float:
+        b.n_tokens = n
+        started = time.perf_counter()
+        assert llama_cpp.llama_decode(ctx.ctx, b) == 0
+        return (time.perf_counter() - started) * 1000
+
+    def admit(share: float) -> list[float]:
+        """One admission: each step the streams' tokens and the chunk the engine gives."""
+        steps, done, at = [], 0, STREAM_CELLS
+        cells = STREAMS * STREAM_CELLS
+        while done < prompt:
+            budget = share * batch * (w + batch)
+            n = max(1, tokens_within(budget, w + cells, min(batch, prompt - done)))
+            for s in range(STREAMS):
+                put(s, at, s + 1, True)
+            for j in range(n):
+                put(STREAMS + j, done + j, 0, j == n - 1)
+            steps.append(decode(STREAMS + n))
+            done, at, cells = done + n, at + 1, cells + n + STREAMS
+        llama_cpp.llama_memory_seq_rm(mem, 0, -1, -1)
+        for s in range(1, STREAMS + 1):
+            llama_cpp.llama_memory_seq_rm(mem, s, STREAM_CELLS, -1)
+        return steps
+
+    def bound() -> float:
+        seq = STREAMS + 1
+        for j in range(batch):
+            put(j, j, seq, j == batch - 1)
+        chunk = decode(batch)
+        put(0, batch, seq, True)
+        step = decode(1)
+        llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)
+        return chunk + step
+
+    def streams() -> None:
+        for s in range(1, STREAMS + 1):
+            for j in range(STREAM_CELLS):
+                put(j, j, s, False)
+            decode(STREAM_CELLS)
+
+    # The first use of a fresh context's buffers is slower: once of each, unmeasured.
+    bound()
+    streams()
+    admit(1.0)
+    ways = {"before (a whole chunk)": 1.0, f"now (STEP_SHARE {STEP_SHARE})": STEP_SHARE}
+    runs: dict[str, list[list[float]]] = {way: [] for way in ways}
+    bounds = []
+    for r in range(rounds):
+        # The bound on an empty context (as the bench measures it on a freshly loaded
+        # model), then each way beside the streams, in turn: the machine's speed drifts.
+        llama_cpp.llama_memory_clear(mem, True)
+        bounds.append(bound())
+        streams()
+        for way in ways if r % 2 == 0 else reversed(ways):
+            runs[way].append(admit(ways[way]))
+    llama_cpp.llama_batch_free(b)
+    ctx.close()
+    llm.close()
+    limit = statistics.median(bounds)
+    rows = [
+        (f"bound: {batch} tokens alone + one step, ms", f"{limit:.1f}", ""),
+        ("W (weight_cells)", f"{w}", ""),
+    ]
+    for way, steps in runs.items():
+        longest = statistics.median(max(s) for s in steps)
+        median = statistics.median(x for s in steps for x in s)
+        rows += [
+            (f"{way}: steps", f"{statistics.median(map(len, steps)):.0f}", ""),
+            (f"{way}: longest step / bound", f"{longest / limit:.3f}", "<= 1"),
+            (f"{way}: median step / bound", f"{median / limit:.3f}", ""),
+            (f"{way}: the prompt, ms", f"{statistics.median(map(sum, steps)):.0f}", ""),
+        ]
     print(fmt_table(rows))
 
 

@@ -15,6 +15,7 @@ import llama_cpp
 import pytest
 
 from backends.base import Finished, GenerationRequest, SamplingParams, Token
+from backends.llamacpp.budget import STEP_SHARE
 from backends.llamacpp.draft import SMALL_BATCH
 from backends.llamacpp.engine import LlamaCppEngine, weight_cells
 from backends.spill import SUFFIX
@@ -182,6 +183,7 @@ def test_prompt_chunks_beside_a_decoding_stream_shrink_as_cells_grow_and_stay_ex
             return solo, [await first, second]
 
         solo, together = asyncio.run(run())
+        w = engine._weight_cells
     finally:
         engine.close()
     # The last chunk ends in the first token, not in a progress report.
@@ -193,6 +195,9 @@ def test_prompt_chunks_beside_a_decoding_stream_shrink_as_cells_grow_and_stay_ex
     assert all(c <= batch for c in chunks)
     assert chunks == sorted(chunks, reverse=True)
     assert chunks[-2] < chunks[0]
+    # Even the first, beside the stream's few cells, is held to STEP_SHARE of a whole chunk
+    # on an empty context (a step priced at a whole one overran it by the CPU's spread).
+    assert chunks[0] * (w + chunks[0]) <= STEP_SHARE * batch * (w + batch)
     for (alone, _), (beside, _) in zip(solo, together, strict=True):
         assert [t for t, _ in beside] == [t for t, _ in alone]
         assert max(abs(a - b) for (_, a), (_, b) in zip(alone, beside, strict=True)) < 1e-5

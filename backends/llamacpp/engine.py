@@ -24,7 +24,7 @@ from backends.base import (
 )
 from backends.constraint import GrammarCache
 from backends.llamacpp import adapter
-from backends.llamacpp.budget import tokens_within
+from backends.llamacpp.budget import STEP_SHARE, tokens_within
 from backends.llamacpp.draft import DraftModel
 from backends.llamacpp.hostcache import HostCache
 from backends.llamacpp.pool import PooledSequences
@@ -455,12 +455,12 @@ class LlamaCppEngine(PooledSequences):
         chunks: list[tuple[_Seq, int]] = []
         # Image pieces decode on their own after the shared batch (they replace its logits).
         images: list[tuple[_Seq, Image, int]] = []
-        # While streams decode, a step's prompt chunks cost at most what one chunk of
-        # eval_batch_size tokens costs on an empty context: without flash attention a chunk
-        # attends over every cell in use, so it gets fewer tokens as the cells grow.
+        # While streams decode, a step's prompt chunks cost at most STEP_SHARE of one chunk of
+        # eval_batch_size tokens on an empty context: without flash attention a chunk attends
+        # over every cell in use, so it gets fewer tokens as the cells grow.
         budget: float | None = None
         if decoding and not self._flash:
-            budget = float(self._n_batch * (self._weight_cells + self._n_batch))
+            budget = STEP_SHARE * self._n_batch * (self._weight_cells + self._n_batch)
             cells = self._in_use()
         # Drafts behind their requests' tokens take their chunks first, from the same budget
         # and tokens (their own cells: the draft's context is another).
