@@ -189,11 +189,18 @@ async def admission_gap(
     token (``to_end``: its last, so that work the request does after its first token, as a
     drafted one's first speculative rounds, is inside). Every word of a long prompt carries
     its ``tag`` (give each call its own): the prompt cache's changed-middle reuse would serve
-    a prompt that differs from an earlier one in its first word only."""
+    a prompt that differs from an earlier one in its first word only. Per token (the streams
+    ask for log probabilities: see ``Stream.token_gaps``)."""
     async with httpx.AsyncClient(timeout=600) as client:
         runners = [
             asyncio.create_task(
-                stream_once(client, server, unique_prompt(f"run{i}", 32), 4 * mode.out_tokens)
+                stream_once(
+                    client,
+                    server,
+                    unique_prompt(f"run{i}", 32),
+                    4 * mode.out_tokens,
+                    {"logprobs": 0},
+                )
             )
             for i in range(3)
         ]
@@ -206,12 +213,8 @@ async def admission_gap(
             )
         )
         streams = await asyncio.gather(*runners)
-    window = (admitted, max(s.end if to_end else s.first or s.end for s in longs))
-    gaps = []
-    for s in streams:
-        inside = [t for t in s.times if window[0] <= t <= window[1] + 0.5]
-        gaps += [b - a for a, b in zip(inside, inside[1:], strict=False)]
-    return max(gaps, default=0.0)
+    end = max(s.end if to_end else s.first or s.end for s in longs) + 0.5
+    return max((gap for s in streams for gap in s.token_gaps(admitted, end)), default=0.0)
 
 
 async def chunk_and_step(server: Server, mode: Mode, chunk: int = 512) -> float:

@@ -225,9 +225,19 @@ class Stream:
     first: float | None = None
     end: float = 0.0
     times: list[float] = field(default_factory=list)
+    # Tokens each text chunk brings (from its log probabilities when asked for, else 1): a
+    # token whose text is held back (a partial UTF-8 character) comes with the next one.
+    counts: list[int] = field(default_factory=list)
     tokens: int = 0
     cached: int = 0
     chunks: int = 0
+
+    def token_gaps(self, start: float, end: float) -> list[float]:
+        """Time between text chunks arriving from ``start`` to ``end``, per token each brings:
+        a token whose text is held back (a partial UTF-8 character, frequent in the random
+        bench model's replies) arrives with the next one, whose chunk's gap is two steps."""
+        inside = [(t, n) for t, n in zip(self.times, self.counts, strict=True) if start <= t <= end]
+        return [(b - a) / n for (a, _), (b, n) in zip(inside, inside[1:], strict=False)]
 
     @property
     def ttft(self) -> float:
@@ -272,6 +282,8 @@ async def stream_once(
                 now = time.perf_counter()
                 s.first = s.first or now
                 s.times.append(now)
+                logprobs = data["choices"][0].get("logprobs") or {}
+                s.counts.append(max(1, len(logprobs.get("tokens") or ())))
                 chunks += 1
             usage = data.get("usage")
             if usage:
