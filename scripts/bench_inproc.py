@@ -10,12 +10,16 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench_common import gguf_threads, unique_prompt
+import httpx
+from bench_common import Server, gguf_threads, stream_once, unique_prompt
 
 INPROC_RUNS = 3
+# Pairs of the server's and the in-process time to first token behind ttft_added_ms.
+TTFT_PAIRS = 7
 
 
 def _rates(times: list[float], t0: float) -> tuple[float, float]:
@@ -98,3 +102,64 @@ def inproc_peak_rss(fmt: str, path: Path, streams: int, out_tokens: int, context
     if out.returncode != 0:
         raise RuntimeError(f"the in-process baseline failed: {out.stderr[-2000:]}")
     return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss"])
+
+
+def _first_token(fmt: str, path: Path) -> tuple[Callable[[str], float], Callable[[], None]]:
+    """This process's time to first token of a prompt (the model loaded once), and a close."""
+    if fmt == "mlx":
+        from mlx_lm import load, stream_generate
+
+        model, tokenizer = load(str(path))[:2]
+
+        def mlx_first(prompt: str) -> float:
+            ids = tokenizer.encode(prompt)
+            t0 = time.perf_counter()
+            next(iter(stream_generate(model, tokenizer, ids, max_tokens=1)))
+            return time.perf_counter() - t0
+
+        return mlx_first, lambda: None
+    from llama_cpp import Llama
+
+    threads, threads_batch = gguf_threads()
+    llm = Llama(
+        str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads_batch, verbose=False
+    )
+
+    def gguf_first(prompt: str) -> float:
+        ids = llm.tokenize(prompt.encode(), add_bos=False)
+        llm.reset()
+        t0 = time.perf_counter()
+        tokens = llm.generate(ids, temp=0.0, reset=True)
+        next(tokens)
+        elapsed = time.perf_counter() - t0
+        tokens.close()
+        return elapsed
+
+    return gguf_first, llm.close
+
+
+async def ttft_added(server: Server, fmt: str, path: Path) -> tuple[float, float]:
+    """What the server adds to the time to first token: the median over :data:`TTFT_PAIRS`
+    pairs of one cold request to the server (a prompt of its own, as the 1-stream rounds
+    send) and the same prompt in this process, the order alternating from pair to pair.
+    Paired, as this machine's speed drifts by up to half over seconds (a step of one shape
+    took 0.2 or 0.35 s in one run): medians taken minutes apart moved by tens of ms. Returns
+    (the median difference, the median in-process time), in seconds."""
+    first, close = _first_token(fmt, path)
+    added, alone = [], []
+    try:
+        first(unique_prompt("ttft warm", 64))
+        async with httpx.AsyncClient(timeout=600) as client:
+            for i in range(TTFT_PAIRS):
+                prompt = unique_prompt(f"ttft{i}", 64)
+                if i % 2:
+                    ours = (await stream_once(client, server, prompt, 2)).ttft
+                    theirs = first(prompt)
+                else:
+                    theirs = first(prompt)
+                    ours = (await stream_once(client, server, prompt, 2)).ttft
+                added.append(ours - theirs)
+                alone.append(theirs)
+    finally:
+        close()
+    return statistics.median(added), statistics.median(alone)
