@@ -204,12 +204,12 @@ def test_prompt_chunks_beside_a_decoding_stream_shrink_as_cells_grow_and_stay_ex
 
 
 def test_a_cell_costs_its_multiply_adds_and_its_heads_scores():
-    # scripts/bench_step_cost.py on the bench's full model (512 wide, 8 layers of 8 heads of
-    # 64, 22.55M weights past the embeddings; f32 KV, one thread, CPU time, llama.cpp
-    # 0.3.36) fits a decode as 0.66 ms a token + 0.00054 ms a token and cell: a token's
-    # weights cost what 1,207-1,228 cells cost. Counting multiply-adds alone gave 2,753, so
-    # a 4k prompt's late chunks beside running streams got 1.5x the step the budget allows.
-    assert 1_150 <= weight_cells(22_550_000, n_layer=8, n_embd=512, n_head=8) <= 1_290
+    # On the bench's full model (512 wide, 8 layers of 8 heads of 64, 22.55M weights past
+    # the embeddings) the server's own admission steps (f16 KV, both cores) held flat from a
+    # 4k prompt's first chunk to its last when a token's weights were priced as ~320 cells,
+    # and rose 1.5x with 1,223 (a one-thread f32 fit in CPU time, scripts/bench_step_cost.py);
+    # counting multiply-adds alone gave 2,753.
+    assert 300 <= weight_cells(22_550_000, n_layer=8, n_embd=512, n_head=8) <= 350
 
 
 def test_a_step_that_parks_kept_sequences_beside_a_stream_decodes_no_prompt_chunk(
