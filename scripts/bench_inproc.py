@@ -19,7 +19,7 @@ from bench_common import Server, gguf_threads, stream_once, unique_prompt
 
 INPROC_RUNS = 3
 # Pairs of the server's and the in-process time to first token behind ttft_added_ms.
-TTFT_PAIRS = 7
+TTFT_PAIRS = 15
 
 
 def _rates(times: list[float], t0: float) -> tuple[float, float]:
