@@ -397,3 +397,77 @@ def test_a_drafted_reply_too_short_for_a_round_leaves_its_draft_alone(models_roo
         engine.close()
     assert got == plain
     assert sum(steps) == 0, steps
+
+
+def test_a_drafted_stream_whose_draft_has_no_room_leaves_the_step_budget_to_prompts(models_root):
+    """A drafted request whose draft context has no room (here another draft sequence's
+    cells fill it, as copies of a prefix that the model's sequences share can) proposes
+    nothing and streams on, output unchanged; its failed catch-up must not spend the step's
+    budget: it charged the whole chunk it tried every step, so a prompt admitted beside it
+    and another stream got no chunk until the drafted reply had ended."""
+    engine: Any = load(models_root, "gguf", eval_batch_size=64, prompt_cache_bytes=0)
+    draft = weights(models_root, "gguf")
+    try:
+        engine.call(lambda: engine.prepare_draft(draft)).result()
+        model = next(iter(engine._drafts.values()))
+        # Requests take the highest free sequence ids: 0 stays the filler's.
+        assert engine._n_seq > 6
+        fill = (engine.tokenize(" tell me more") * engine._cells)[: engine._cells - 8]
+        engine.call(lambda: model._decode(0, fill, 0, logits=False)).result()
+        short = engine.tokenize("apple tell me")
+        drafted = engine.tokenize("river " + "tell me more " * 40)
+        other = engine.tokenize("ocean " + "why not " * 40)
+        plain_request = GenerationRequest(
+            tuple(drafted), SamplingParams(temperature=0.0), 40, frozenset()
+        )
+
+        async def solo() -> list[int]:
+            out: list[int] = []
+            async for item in engine.submit(plain_request):
+                if isinstance(item, Token):
+                    out.append(item.id)
+                elif isinstance(item, Finished):
+                    break
+            return out
+
+        plain = asyncio.run(solo())
+        finished: list[str] = []
+
+        async def run() -> list[int]:
+            started, done = asyncio.Event(), asyncio.Event()
+            first = asyncio.ensure_future(scored(engine, short, 24, started, done))
+            await started.wait()
+            request = GenerationRequest(
+                tuple(drafted),
+                SamplingParams(temperature=0.0),
+                40,
+                frozenset(),
+                draft=draft,
+                num_draft_tokens=4,
+            )
+            out: list[int] = []
+            admitted: asyncio.Future[Any] | None = None
+
+            async def beside() -> None:
+                await generate(engine, other, 4)
+                finished.append("beside")
+
+            async for item in engine.submit(request):
+                if isinstance(item, Token):
+                    out.append(item.id)
+                    if admitted is None:
+                        admitted = asyncio.ensure_future(beside())
+                elif isinstance(item, Finished):
+                    break
+            finished.append("drafted")
+            assert admitted is not None
+            await admitted
+            done.set()
+            await first
+            return out
+
+        got = asyncio.run(run())
+    finally:
+        engine.close()
+    assert got == plain
+    assert finished == ["beside", "drafted"]

@@ -164,19 +164,22 @@ class DraftModel:
     def _in_use(self) -> int:
         return sum(map(len, self._held.values()))
 
-    def catch_up(self, seq: int, tokens: list[int], n: int) -> bool:
+    def catch_up(self, seq: int, tokens: list[int], n: int) -> tuple[int, float]:
         """Evaluate the next at most ``n`` of ``tokens`` the draft's ``seq`` lacks (a prompt
-        chunk the model took, a prompt read from the prompt cache, a resumed request): False
-        when its context had no room (what was evaluated stays)."""
+        chunk the model took, a prompt read from the prompt cache, a resumed request): how
+        many it evaluated, fewer when its context had no room (what was evaluated stays), and
+        what they cost (see ``cost``)."""
         held = self._trim(seq, tokens, len(tokens))
         todo = tokens[len(held) : len(held) + n]
+        done = len(todo)
         try:
             self._decode(seq, todo, len(held), logits=False)
         except _Full as full:
-            held.extend(todo[: full.done])
-            return False
-        held.extend(todo)
-        return True
+            done = full.done
+        # Priced as they were evaluated, before their own cells joined the ones in use.
+        price = self.cost(done)
+        held.extend(todo[:done])
+        return done, price
 
     def propose(self, seq: int, context: list[int], k: int) -> list[int]:
         """The draft's ``k`` greedy tokens after ``context`` (the request's tokens so far).

@@ -118,9 +118,12 @@ class SampledDecoding(KeptSequences):
                 n = max(n, 1) if not spent else n
             if not n:
                 continue
-            cost += s.draft.cost(n)
-            spent += n
-            if not s.draft.catch_up(s.seq, s.tokens, n):
+            # Only what the draft evaluated is spent: a draft without room tries each step,
+            # and charging its whole chunk left no budget to any prompt, its own included.
+            done, price = s.draft.catch_up(s.seq, s.tokens, n)
+            cost += price
+            spent += done
+            if done < n:
                 full.add(s.seq)
         return spent, cost, full
 
