@@ -1,5 +1,7 @@
-"""What a GGUF step costs without flash attention, in llama.cpp directly: the fit behind the
-engine's prompt-chunk budget (``backends.llamacpp.engine.weight_cells``, ``budget.py``).
+"""What a GGUF step costs without flash attention, in llama.cpp directly: the fit the
+engine's prompt-chunk budget (``backends.llamacpp.engine.weight_cells``, ``budget.py``) was
+first priced with; its ``SCORE_COST`` is now fitted to the server's own steps on its threads
+and f16 KV, where a token's weights cost fewer cells than this one-thread fit finds.
 
 The engine gives a step's prompt chunks beside running streams at most the cost of one
 ``eval_batch_size`` chunk on an empty context, counting T prompt tokens with C cells in use as
