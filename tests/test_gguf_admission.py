@@ -19,7 +19,7 @@ from backends.llamacpp.budget import STEP_SHARE
 from backends.llamacpp.draft import SMALL_BATCH
 from backends.llamacpp.engine import LlamaCppEngine, weight_cells
 from backends.spill import SUFFIX
-from tests.engine_harness import generate, load, scored, weights
+from tests.engine_harness import RUNNING, generate, load, scored, weights
 
 pytestmark = pytest.mark.filterwarnings("ignore:llama_token_get_attr:DeprecationWarning")
 
@@ -471,3 +471,60 @@ def test_a_drafted_stream_whose_draft_has_no_room_leaves_the_step_budget_to_prom
         engine.close()
     assert got == plain
     assert finished == ["beside", "drafted"]
+
+
+def test_a_long_prompt_beside_only_drafted_streams_is_chunked_within_the_budget(
+    models_root, monkeypatch
+):
+    """The step budget holds while the only running streams are drafted ones (their tokens
+    go through speculative rounds after the batch, not in it): a long prompt admitted beside
+    them was read in one chunk of up to 2,048 tokens while they waited."""
+    batch = 64
+    engine: Any = load(models_root, "gguf", eval_batch_size=batch, prompt_cache_bytes=0)
+    draft = weights(models_root, "gguf")
+    chunks: list[int] = []
+    try:
+        engine.call(lambda: engine.prepare_draft(draft)).result()
+        decode = engine._decode
+
+        def counted() -> None:
+            b = engine._batch
+            seqs = [b.seq_id[i][0] for i in range(b.n_tokens)]
+            chunks.append(max(seqs.count(q) for q in set(seqs)) if seqs else 0)
+            decode()
+
+        long = engine.tokenize("river " + "tell me more " * 120)
+
+        async def run() -> list[int]:
+            request = GenerationRequest(
+                tuple(engine.tokenize("apple tell me")),
+                SamplingParams(temperature=0.0),
+                RUNNING,
+                frozenset(),
+                draft=draft,
+                num_draft_tokens=4,
+            )
+            stream = engine.submit(request)
+            seen, reply = 0, []
+            async for item in stream:
+                if isinstance(item, Token):
+                    seen += 1
+                    if seen == 3:
+                        monkeypatch.setattr(engine, "_decode", counted)
+                        reply = (await generate(engine, long, 4)).tokens
+                        monkeypatch.undo()
+                        stream.cancel()
+                elif isinstance(item, Finished):
+                    assert item.reason == "cancelled", item
+                    break
+            return reply
+
+        reply = asyncio.run(run())
+        plain = asyncio.run(generate(engine, long, 4)).tokens
+    finally:
+        engine.close()
+    assert reply == plain
+    # The prompt's chunks (the only decodes with more than a draft round's tokens of one
+    # sequence) within eval_batch_size each, beside the drafted stream.
+    assert len(long) > 4 * batch
+    assert max(chunks) <= batch, chunks

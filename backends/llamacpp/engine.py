@@ -438,6 +438,8 @@ class LlamaCppEngine(PooledSequences):
         # computed as it would be alone only if its neighbours in the micro-batch are too.
         alone = self._flash
         decoding = [s for s in self._running if s.pending is not None and s.draft is None]
+        # Streams wait for this step's prompt work, drafted ones too (their rounds follow it).
+        streaming = any(s.pending is not None for s in self._running)
         self._batch.n_tokens = 0
         outputs: list[tuple[_Seq, int]] = []
         for s in decoding:
@@ -448,10 +450,10 @@ class LlamaCppEngine(PooledSequences):
             self._decode()
             self._take_samples(outputs)
             outputs = []
-        cap = self._n_batch if decoding else self._step_tokens - self._parallel
+        cap = self._n_batch if streaming else self._step_tokens - self._parallel
         # Prompt chunks take only free cells, leaving the drafted sequences' rounds theirs.
         room = min(cap, self._free_cells() - sum(map(self._round_cells, self._running)))
-        if parked and decoding:
+        if parked and streaming:
             # The copies out took this step's time: prompt chunks wait for the next step, so
             # that running streams never wait for a copy and a chunk in one step.
             room = 0
@@ -462,12 +464,12 @@ class LlamaCppEngine(PooledSequences):
         # eval_batch_size tokens on an empty context: without flash attention a chunk attends
         # over every cell in use, so it gets fewer tokens as the cells grow.
         budget: float | None = None
-        if decoding and not self._flash:
+        if streaming and not self._flash:
             budget = STEP_SHARE * self._n_batch * (self._weight_cells + self._n_batch)
             cells = self._in_use()
         # Drafts behind their requests' tokens take their chunks first, from the same budget
         # and tokens (their own cells: the draft's context is another).
-        drafted, cost, full = self._catch_up_drafts(budget, 0 if parked and decoding else cap)
+        drafted, cost, full = self._catch_up_drafts(budget, 0 if parked and streaming else cap)
         room = min(room, cap - drafted)
         if budget is not None:
             budget -= cost
