@@ -313,16 +313,34 @@ def gguf_threads() -> tuple[int, int]:
     return _threads()
 
 
+def bench_gguf(quick: bool) -> Path:
+    """The bench model's GGUF file (quick or full), generated once."""
+    return make_model(REPO / ".cache" / "bench-models", "quick" if quick else "full")["gguf"]
+
+
 def raw_gguf(quick: bool, **params: Any) -> Any:
     """The bench model's GGUF (quick or full) opened with llama-cpp-python alone, with a small
     context of its own and flash attention off, for the scripts that make their own contexts
     (``params``: Llama's threads and KV types)."""
     from llama_cpp import Llama
 
-    path = make_model(REPO / ".cache" / "bench-models", "quick" if quick else "full")["gguf"]
     return Llama(
-        model_path=str(path), n_ctx=256, n_batch=64, verbose=False, flash_attn=False, **params
+        model_path=str(bench_gguf(quick)),
+        n_ctx=256,
+        n_batch=64,
+        verbose=False,
+        flash_attn=False,
+        **params,
     )
+
+
+def server_kv_f32(path: Path) -> bool:
+    """Whether mlxserve loads the GGUF at ``path`` with an f32 KV cache (asked for no cache
+    type): f32 weights get one (``mlxserve.core.loader``), as the bench models' do; else f16.
+    What an in-process baseline or a replay of the server's steps must use too."""
+    from mlxserve.core.gguf_header import read_header
+
+    return read_header(path).metadata.get("general.file_type") == 0
 
 
 def fmt_table(rows: list[tuple[str, str, str]]) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_common import Server, gguf_threads, stream_once, unique_prompt
+from bench_common import Server, gguf_threads, server_kv_f32, stream_once, unique_prompt
 
 INPROC_RUNS = 3
 # Pairs of the server's and the in-process time to first token behind ttft_added_ms.
@@ -91,10 +91,8 @@ def inproc_peak_rss(fmt: str, path: Path, streams: int, out_tokens: int, context
         "context": context,
     }
     if fmt == "gguf":
-        from mlxserve.core.gguf_header import read_header
-
         job["threads"], job["threads_batch"] = gguf_threads()
-        job["kv_f32"] = read_header(path).metadata.get("general.file_type") == 0
+        job["kv_f32"] = server_kv_f32(path)
     script = Path(__file__).with_name("bench_inproc_rss.py")
     out = subprocess.run(
         [sys.executable, str(script)], input=json.dumps(job), capture_output=True, text=True
@@ -118,11 +116,21 @@ def _first_token(fmt: str, path: Path) -> tuple[Callable[[str], float], Callable
             return time.perf_counter() - t0
 
         return mlx_first, lambda: None
+    import llama_cpp
     from llama_cpp import Llama
 
     threads, threads_batch = gguf_threads()
+    # The server's KV type: an f16 cache here made the f32 bench model's prompt cheaper in
+    # process than on the server, and the difference read as what the server adds.
+    kv = llama_cpp.GGML_TYPE_F32 if server_kv_f32(path) else llama_cpp.GGML_TYPE_F16
     llm = Llama(
-        str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads_batch, verbose=False
+        str(path),
+        n_ctx=2048,
+        n_threads=threads,
+        n_threads_batch=threads_batch,
+        type_k=kv,
+        type_v=kv,
+        verbose=False,
     )
 
     def gguf_first(prompt: str) -> float:

@@ -1,7 +1,7 @@
 """What a GGUF step costs without flash attention, in llama.cpp directly: the fit the
 engine's prompt-chunk budget (``backends.llamacpp.engine.weight_cells``, ``budget.py``) was
-first priced with; its ``SCORE_COST`` is now fitted to the server's own steps on its threads
-and f16 KV, where a token's weights cost fewer cells than this one-thread fit finds.
+first priced with; its ``SCORE_COST`` is now fitted to the server's own steps on its threads,
+where a token's weights cost fewer cells than this one-thread fit finds.
 
 The engine gives a step's prompt chunks beside running streams at most the cost of one
 ``eval_batch_size`` chunk on an empty context, counting T prompt tokens with C cells in use as
@@ -32,7 +32,7 @@ import time
 
 import llama_cpp
 import numpy as np
-from bench_common import fmt_table, gguf_threads, raw_gguf
+from bench_common import bench_gguf, fmt_table, gguf_threads, raw_gguf, server_kv_f32
 
 from backends.llamacpp import adapter
 from backends.llamacpp.budget import STEP_SHARE, tokens_within
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument(
         "--engine-threads",
         action="store_true",
-        help="the engine's threads and KV type (f16), timed in wall time: what a step takes",
+        help="the engine's threads and the KV type it gives the model, in wall time",
     )
     args = parser.parse_args()
     if args.schedule:
@@ -58,7 +58,7 @@ def main() -> None:
         return
     if args.engine_threads:
         threads, threads_batch = gguf_threads()
-        kv_type = llama_cpp.GGML_TYPE_F16
+        kv_type = _server_kv_type(args.quick)
         clock = time.perf_counter
     else:
         threads = threads_batch = 1
@@ -141,11 +141,16 @@ def main() -> None:
     print(fmt_table(rows))
 
 
+def _server_kv_type(quick: bool) -> int:
+    """The KV type the server gives the bench model (f32 for its f32 weights)."""
+    f32 = server_kv_f32(bench_gguf(quick))
+    return llama_cpp.GGML_TYPE_F32 if f32 else llama_cpp.GGML_TYPE_F16
+
+
 def schedule(quick: bool, rounds: int, prompt: int = 4000, batch: int = 512) -> None:
     threads, threads_batch = gguf_threads()
-    # The server's KV type (f16 unless a load asks for f32).
-    f16 = llama_cpp.GGML_TYPE_F16
-    llm = raw_gguf(quick, n_threads=threads, n_threads_batch=threads_batch, type_k=f16, type_v=f16)
+    kv = _server_kv_type(quick)
+    llm = raw_gguf(quick, n_threads=threads, n_threads_batch=threads_batch, type_k=kv, type_v=kv)
     params = type(llm.context_params).from_buffer_copy(llm.context_params)
     params.n_ctx = 4 * 4096
     params.n_batch, params.n_ubatch = 2048 + STREAMS + 1, batch

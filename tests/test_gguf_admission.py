@@ -205,7 +205,7 @@ def test_prompt_chunks_beside_a_decoding_stream_shrink_as_cells_grow_and_stay_ex
 
 def test_a_cell_costs_its_multiply_adds_and_its_heads_scores():
     # On the bench's full model (512 wide, 8 layers of 8 heads of 64, 22.55M weights past
-    # the embeddings) the server's own admission steps (f16 KV, both cores) held flat from a
+    # the embeddings) the server's own admission steps (f32 KV, both cores) held flat from a
     # 4k prompt's first chunk to its last when a token's weights were priced as ~320 cells,
     # and rose 1.5x with 1,223 (a one-thread f32 fit in CPU time, scripts/bench_step_cost.py);
     # counting multiply-adds alone gave 2,753.

@@ -39,11 +39,12 @@ log = logging.getLogger("mlxserve.backends")
 IDLE_PREFILL_CHUNK = 2048
 # What one cell costs a token's attention per head beyond its 2 * head_dim multiply-adds,
 # in multiply-adds: without flash attention each head's f32 score is written, masked,
-# softmaxed and read back, and on the engine's threads and f16 KV this part shares the cores
-# worse than the weight products. Measured on the server's own steps (llama.cpp 0.3.36, the
-# 2-core Linux CPU, the bench's full model): with 160 (a one-thread f32 fit in CPU time,
-# scripts/bench_step_cost.py) a 4k prompt's admission steps rose from ~250 to ~390 ms as its
-# cells grew, each priced alike; with 960 they held at 200-275 ms from first to last.
+# softmaxed and read back, and on the engine's threads (f32 KV for the f32 bench model) this
+# part shares the cores worse than the weight products. Measured on the server's own steps
+# (llama.cpp 0.3.36, the 2-core Linux CPU, the bench's full model): with 160 (a one-thread
+# f32 fit in CPU time, scripts/bench_step_cost.py) a 4k prompt's admission steps rose from
+# ~250 to ~390 ms as its cells grew, each priced alike; with 960 they held at 200-275 ms
+# from first to last.
 SCORE_COST = 960
 
 
