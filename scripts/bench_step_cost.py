@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -36,7 +37,7 @@ from bench_common import bench_gguf, fmt_table, gguf_threads, raw_gguf, server_k
 
 from backends.llamacpp import adapter
 from backends.llamacpp.budget import STEP_SHARE, tokens_within
-from backends.llamacpp.engine import weight_cells
+from backends.llamacpp.engine import cell_costs, weight_cells
 
 STREAMS = 3
 STREAM_CELLS = 160
@@ -67,14 +68,7 @@ def main() -> None:
     llm = raw_gguf(
         args.quick, n_threads=threads, n_threads_batch=threads_batch, type_k=kv_type, type_v=kv_type
     )
-    params = type(llm.context_params).from_buffer_copy(llm.context_params)
-    params.n_ctx = 4096 + 512 + STREAMS * (STREAM_CELLS + 1)
-    params.n_batch = params.n_ubatch = 512 + STREAMS
-    params.n_seq_max = STREAMS + 1
-    params.kv_unified = True
-    with adapter.quiet():
-        ctx = adapter.new_context(llm, params)
-    mem = llama_cpp.llama_get_memory(ctx.ctx)
+    ctx, mem = _context(llm, 4096 + 512 + STREAMS * (STREAM_CELLS + 1), 512 + STREAMS, STREAMS + 1)
     model = adapter.model_pointer(llm)
     words = llm.tokenize(b"stone cloud music river " * 2000, add_bos=False)
     batch = llama_cpp.llama_batch_init(512 + STREAMS, 0, 1)
@@ -147,29 +141,25 @@ def _server_kv_type(quick: bool) -> int:
     return llama_cpp.GGML_TYPE_F32 if f32 else llama_cpp.GGML_TYPE_F16
 
 
+def _context(llm: Any, n_ctx: int, n_batch: int, n_seq: int, n_ubatch: int = 0) -> Any:
+    """A context over ``llm``'s model shaped like the engine's (unified KV), and its memory."""
+    params = type(llm.context_params).from_buffer_copy(llm.context_params)
+    params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_ubatch or n_batch
+    params.n_seq_max = n_seq
+    params.kv_unified = True
+    with adapter.quiet():
+        ctx = adapter.new_context(llm, params)
+    return ctx, llama_cpp.llama_get_memory(ctx.ctx)
+
+
 def schedule(quick: bool, rounds: int, prompt: int = 4000, batch: int = 512) -> None:
     threads, threads_batch = gguf_threads()
     kv = _server_kv_type(quick)
     llm = raw_gguf(quick, n_threads=threads, n_threads_batch=threads_batch, type_k=kv, type_v=kv)
-    params = type(llm.context_params).from_buffer_copy(llm.context_params)
-    params.n_ctx = 4 * 4096
-    params.n_batch, params.n_ubatch = 2048 + STREAMS + 1, batch
-    params.n_seq_max = STREAMS + 2
-    params.kv_unified = True
-    with adapter.quiet():
-        ctx = adapter.new_context(llm, params)
-    mem = llama_cpp.llama_get_memory(ctx.ctx)
-    model = adapter.model_pointer(llm)
-    n_embd = llama_cpp.llama_model_n_embd(model)
-    n_vocab = llama_cpp.llama_vocab_n_tokens(adapter.vocab_pointer(llm))
-    w = weight_cells(
-        llama_cpp.llama_model_n_params(model) - n_vocab * n_embd,
-        llama_cpp.llama_model_n_layer(model),
-        n_embd,
-        llama_cpp.llama_model_n_head(model),
-    )
+    ctx, mem = _context(llm, 4 * 4096, 2048 + STREAMS + 1, STREAMS + 2, batch)
+    w = cell_costs(llm)[1]
     words = llm.tokenize(b"stone cloud music river " * 2000, add_bos=False)
-    b = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
+    b = llama_cpp.llama_batch_init(2048 + STREAMS + 1, 0, 1)
 
     def put(i: int, pos: int, seq: int, logits: bool) -> None:
         b.token[i], b.pos[i], b.n_seq_id[i] = words[pos % len(words)], pos, 1
