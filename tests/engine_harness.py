@@ -88,6 +88,28 @@ async def generate(
     raise AssertionError("the stream ended without Finished")
 
 
+async def drafted(
+    engine: Engine, prompt: list[int], draft: Path | None, n: int
+) -> tuple[list[int], int]:
+    """``n`` greedy tokens of ``prompt`` (no stop token) drafted by ``draft`` (4 a round; none
+    when None), and how many of the draft's proposals were accepted."""
+    request = GenerationRequest(
+        tuple(prompt),
+        SamplingParams(temperature=0.0),
+        n,
+        frozenset(),
+        draft=draft,
+        num_draft_tokens=4,
+    )
+    out: list[int] = []
+    async for item in engine.submit(request):
+        if isinstance(item, Token):
+            out.append(item.id)
+        elif isinstance(item, Finished):
+            return out, item.draft.accepted if item.draft is not None else 0
+    raise AssertionError("the stream ended without Finished")
+
+
 # A running stream's room (see ``scored``): it is certainly still decoding when another
 # request is admitted, however late the event loop is to submit it (the owner thread decodes
 # on without it).

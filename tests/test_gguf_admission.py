@@ -19,7 +19,7 @@ from backends.llamacpp.budget import STEP_SHARE
 from backends.llamacpp.draft import SMALL_BATCH
 from backends.llamacpp.engine import LlamaCppEngine, weight_cells
 from backends.spill import SUFFIX
-from tests.engine_harness import RUNNING, generate, load, scored, weights
+from tests.engine_harness import RUNNING, drafted, generate, load, scored, weights
 
 pytestmark = pytest.mark.filterwarnings("ignore:llama_token_get_attr:DeprecationWarning")
 
@@ -310,27 +310,6 @@ def _count_draft_steps(engine: Any, monkeypatch) -> list[int]:
     return steps
 
 
-async def _drafted(engine: Any, prompt: list[int], draft: Any, n: int) -> tuple[list[int], int]:
-    """``n`` greedy tokens of ``prompt`` drafted by ``draft`` (4 a round), and how many of
-    the draft's proposals were accepted."""
-    request = GenerationRequest(
-        tuple(prompt),
-        SamplingParams(temperature=0.0),
-        n,
-        frozenset(),
-        draft=draft,
-        num_draft_tokens=4,
-    )
-    out: list[int] = []
-    async for item in engine.submit(request):
-        if isinstance(item, Token):
-            out.append(item.id)
-        elif isinstance(item, Finished):
-            assert item.draft is not None
-            return out, item.draft.accepted
-    raise AssertionError("no Finished")
-
-
 @pytest.mark.parametrize("cached", [False, True], ids=["new-prompt", "from-the-prompt-cache"])
 def test_a_drafted_long_prompt_reaches_its_draft_a_chunk_per_step_beside_a_stream(
     models_root, monkeypatch, cached
@@ -360,7 +339,7 @@ def test_a_drafted_long_prompt_reaches_its_draft_a_chunk_per_step_beside_a_strea
             await started.wait()
             steps.clear()
             steps.append(0)
-            second, accepted = await _drafted(engine, long, draft, 12)
+            second, accepted = await drafted(engine, long, draft, 12)
             beside = list(steps)
             done.set()
             return solo, [await first, second], accepted, beside
@@ -391,7 +370,7 @@ def test_a_drafted_reply_too_short_for_a_round_leaves_its_draft_alone(models_roo
         plain = asyncio.run(generate(engine, long, 2)).tokens
         steps.clear()
         steps.append(0)
-        got, _ = asyncio.run(_drafted(engine, long, draft, 2))
+        got, _ = asyncio.run(drafted(engine, long, draft, 2))
     finally:
         monkeypatch.undo()
         engine.close()

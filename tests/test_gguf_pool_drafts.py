@@ -13,9 +13,8 @@ from typing import Any
 import llama_cpp
 import pytest
 
-from backends.base import Finished, GenerationRequest, SamplingParams, Token
 from backends.llamacpp.engine import LlamaCppEngine
-from tests.engine_harness import load, weights
+from tests.engine_harness import drafted, load, weights
 
 pytestmark = pytest.mark.filterwarnings("ignore:llama_token_get_attr:DeprecationWarning")
 
@@ -50,22 +49,8 @@ def _drafted_beside_a_shared_prefix(models_root, monkeypatch, windows: int):
         monkeypatch.setattr(llama_cpp, "llama_decode", counted)
         prefix = engine.tokenize("You are a helpful assistant who answers briefly. " * 15)
 
-        async def reply(prompt: list[int], n: int, drafted: bool) -> list[int]:
-            request = GenerationRequest(
-                tuple(prompt),
-                SamplingParams(temperature=0.0),
-                n,
-                frozenset(),
-                draft=draft_model if drafted else None,
-                num_draft_tokens=4,
-            )
-            out: list[int] = []
-            async for item in engine.submit(request):
-                if isinstance(item, Token):
-                    out.append(item.id)
-                elif isinstance(item, Finished):
-                    return out
-            raise AssertionError("no Finished")
+        async def reply(prompt: list[int], n: int, with_draft: bool) -> list[int]:
+            return (await drafted(engine, prompt, draft_model if with_draft else None, n))[0]
 
         async def main() -> list[list[int]]:
             # The prefix is kept in the model's cells; the three requests share it there.
