@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import re
 from typing import Any
 
 import llama_cpp
 import pytest
 
 from backends.base import Finished, GenerationRequest, SamplingParams, Token
+from backends.llamacpp import adapter
 from backends.llamacpp.budget import STEP_SHARE
 from backends.llamacpp.draft import SMALL_BATCH
 from backends.llamacpp.engine import LlamaCppEngine, weight_cells
@@ -255,6 +257,61 @@ def test_a_step_that_parks_kept_sequences_beside_a_stream_decodes_no_prompt_chun
     assert "park" in events, events
     after = events[events.index("park") + 1 :]
     assert after[0] == "tokens" and "chunk" in after, events
+
+
+def test_parking_a_long_prompt_beside_a_stream_moves_the_stream_down_and_keeps_it_exact(
+    models_root, monkeypatch
+):
+    """A stream's tokens decoded while a long prompt was read sit among and above that
+    prompt's cells. Once the prompt's kept sequence is parked, the stream moves down to the
+    lowest free cells: llama.cpp's attention span (every cell up to the highest in use, its
+    ``used_max_p1``, which the cache's debug log reports) no longer covers the parked
+    prompt, and the stream's tokens are those it decodes alone."""
+    monkeypatch.setenv("LLAMA_KV_CACHE_DEBUG", "1")
+    spans: list[int] = []
+    pattern = re.compile(rb"find_slot: stream\[0\], n = +(\d+), used = +(\d+)")
+
+    @llama_cpp.llama_log_callback
+    def log(level: int, text: bytes, user: Any) -> None:
+        if (found := pattern.search(text or b"")) is not None:
+            spans.append(int(found.group(1)))
+
+    engine = load(models_root, "gguf", eval_batch_size=64)
+    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+    moved: list[int] = []
+    relocate = engine._relocate
+
+    def relocated(freed: int) -> None:
+        moved.append(freed)
+        relocate(freed)
+
+    monkeypatch.setattr(engine, "_relocate", relocated)
+    try:
+        short = engine.tokenize("apple tell me")
+        long = engine.tokenize("river " + "tell me more " * 60)
+        unrelated = engine.tokenize("pear")
+
+        async def run():
+            solo = await scored(engine, short, 40)
+            started, done = asyncio.Event(), asyncio.Event()
+            stream = asyncio.ensure_future(scored(engine, short, 40, started, done))
+            await started.wait()
+            await generate(engine, long, 2)  # read in chunks beside the stream, then kept
+            spans.clear()
+            await generate(engine, unrelated, 2)  # parks the long prompt's sequence
+            after = list(spans)
+            done.set()
+            return solo, await stream, after
+
+        solo, beside, after = asyncio.run(run())
+    finally:
+        llama_cpp.llama_log_set(adapter.log_callback(), ctypes.c_void_p(0))
+        engine.close()
+    # The unrelated request's last decode: the span holds the stream and that request only
+    # (without the move it reached past the parked prompt's cells).
+    assert after and after[-1] < len(long) // 2, (after, len(long))
+    assert moved and moved[-1] >= len(long), moved
+    assert [t for t, _ in beside[0]] == [t for t, _ in solo[0]]
 
 
 @pytest.mark.parametrize("parked", [False, True], ids=["in-the-pool", "from-host-memory"])

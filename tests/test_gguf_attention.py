@@ -66,10 +66,15 @@ def test_a_long_prompt_admitted_beside_a_stream_leaves_both_as_alone(
     # The stream's token and the prompt's chunk: in decodes of their own with flash
     # attention, in one decode without it (the step the prompt was admitted in).
     assert any(shared) is not flash
+    # Matrix products of 1 and 2 rows differ in the last bits (≈3e-7), nothing more. With
+    # flash attention llama.cpp's CPU kernel (0.3.36's) splits one query's cells among the
+    # threads once 512 or more are in use, at bounds that follow how many are: a token
+    # decoded beside another sequence's cells sums its partial results at other bounds than
+    # alone (≈5e-5 on a 2-core machine), still far from the ≈1e-3 of a shared micro-batch.
+    tolerance = 3e-4 if flash else 1e-5
     for solo, batched in zip(*results, strict=True):
         assert [t for t, _ in batched] == [t for t, _ in solo]
-        # Matrix products of 1 and 2 rows differ in the last bits (≈3e-7), nothing more.
-        assert max(abs(a - b) for (_, a), (_, b) in zip(solo, batched, strict=True)) < 1e-5
+        assert max(abs(a - b) for (_, a), (_, b) in zip(solo, batched, strict=True)) < tolerance
 
 
 def test_a_running_reply_is_compared_up_to_where_a_stop_token_ends_the_alone_one(models_root):

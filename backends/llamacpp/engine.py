@@ -425,8 +425,11 @@ class LlamaCppEngine(PooledSequences):
             # backends.llamacpp.hostcache). Flash attention skips other sequences' cells:
             # there they stay (a copy out and back would buy nothing).
             parked = [k for k in self._kept if k not in used]
+            freed = sum(len(self._kept[k]) for k in parked)
             for seq in parked:
                 self._park(seq)
+            if parked:
+                self._relocate(freed)
         if not self._running:
             return
         self._make_room()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import bisect
 import logging
 
+import llama_cpp
+
 from backends.llamacpp.hostcache import StateFile, restore_state, sequence_state
 from backends.llamacpp.sampling import NoRoom, SampledDecoding
 from backends.llamacpp.sequence import _Seq
@@ -87,6 +89,42 @@ class PooledSequences(SampledDecoding):
         self.preempted += 1
         bisect.insort(self._preempted, s, key=lambda r: r.order)
         log.debug("preempted a sequence of %d tokens on %s", len(s.tokens), self.path.name)
+
+    def _relocate(self, freed: int) -> None:
+        """After kept sequences of ``freed`` cells left the context beside running ones, move
+        the running sequences' cells down to the lowest free ones (each copied out, then back,
+        as preemption does), when they hold at most half as many cells as were freed (copied
+        out and back, they then cost no more than the park did).
+
+        llama.cpp places a batch's tokens from its last placement onwards, so the tokens a
+        stream decoded while a long prompt was read sit among and above that prompt's cells;
+        and without flash attention every micro-batch scores all cells up to the highest one
+        in use. Once the prompt's sequence is parked its cells are free, yet the streams'
+        highest cells keep that span: each later prompt chunk and decode step would attend
+        over the parked prompt's length as if it were still there (four long prompts sent
+        together beside streams took 2.3-2.4x the stall of one). Back from the copy, a
+        sequence holds the same bytes at the same positions in the first free cells."""
+        movable = [
+            s
+            for s in self._running
+            if s.tokens and s.source is None and s.hold is None and s.media is None
+        ]
+        if not movable or 2 * sum(len(s.tokens) for s in movable) > freed:
+            return
+        states = [(s, sequence_state(self._ctx.ctx, s.seq)) for s in movable]
+        for s, _ in states:
+            llama_cpp.llama_memory_seq_rm(self._mem, s.seq, -1, -1)
+        for s, state in states:
+            if state is None or restore_state(self._ctx.ctx, state, s.seq):
+                continue
+            # No room for it back (a kept sequence in use holds the cells): it waits as a
+            # preempted sequence does, with its state in host memory.
+            log.warning("could not move a running sequence back on %s", self.path.name)
+            s.parked = state
+            self._running.remove(s)
+            self._drop(s.seq)
+            self.preempted += 1
+            bisect.insort(self._preempted, s, key=lambda r: r.order)
 
     def _release_parked(self, s: _Seq) -> None:
         if isinstance(s.parked, StateFile):
