@@ -75,7 +75,10 @@ class PooledSequences(SampledDecoding):
         come first: those go to disk to make room, and a state the budget cannot hold is
         written to a temporary file (up to ``parallel - 1`` whole contexts could otherwise
         sit in memory that no budget or guardrail counts)."""
-        state = sequence_state(self._ctx.ctx, s.seq)
+        self._wait_preempted(s, sequence_state(self._ctx.ctx, s.seq))
+
+    def _wait_preempted(self, s: _Seq, state: memoryview | None) -> None:
+        """Take running ``s`` out with its copied ``state`` (see _preempt)."""
         if state is not None:
             room = self._host_budget() - self._preempted_bytes() - len(state)
             if room >= 0:
@@ -118,13 +121,9 @@ class PooledSequences(SampledDecoding):
             if state is None or restore_state(self._ctx.ctx, state, s.seq):
                 continue
             # No room for it back (a kept sequence in use holds the cells): it waits as a
-            # preempted sequence does, with its state in host memory.
+            # preempted sequence does, its state under the same host budget.
             log.warning("could not move a running sequence back on %s", self.path.name)
-            s.parked = state
-            self._running.remove(s)
-            self._drop(s.seq)
-            self.preempted += 1
-            bisect.insort(self._preempted, s, key=lambda r: r.order)
+            self._wait_preempted(s, state)
 
     def _release_parked(self, s: _Seq) -> None:
         if isinstance(s.parked, StateFile):
